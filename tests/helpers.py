@@ -1,0 +1,55 @@
+"""Tiny models and test drafters shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from prism_spec.drafters.base import Drafter
+from prism_spec.targets.hf import Target
+
+
+def tiny_llama(vocab_size=96, hidden_size=32, layers=2, seed=0, dtype=torch.float64, max_positions=256) -> Target:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )
+    model = LlamaForCausalLM(config).to(dtype)
+    # Sharper distributions than a random init gives, so greedy paths are not near-ties.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    return Target(model, None, name=f"tiny-llama-{seed}")
+
+
+class RandomDrafter(Drafter):
+    """Proposes random logits: almost every draft is wrong."""
+
+    def __init__(self, vocab_size: int, seed: int = 0):
+        self.vocab_size = vocab_size
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def _logits(self, *shape):
+        return torch.randn(*shape, self.vocab_size, generator=self.gen)
+
+    def begin(self, prompt_ids, first_token, features):
+        return self._logits()
+
+    def extend(self, tokens, features):
+        return self._logits()
+
+    def expand(self, tokens, parent_slots, tree_mask, depth):
+        return self._logits(tokens.numel())
+
+    def end_round(self):
+        pass
