@@ -40,6 +40,9 @@ class GenerationResult:
     finish_reason: str  # "eos", "stop", "length" or "context"
     accepted: list[int] = field(default_factory=list)  # drafted tokens accepted per round
     tree_depths: list[int] = field(default_factory=list)  # deepest drafted level per round
+    # Per round: True when the last accepted node had no children in the tree, i.e. the
+    # round ended because the draft ran out, not because the target rejected a draft.
+    exhausted: list[bool] = field(default_factory=list)
     tree_sizes: list[int] = field(default_factory=list)
     prefill_s: float = 0.0
     draft_s: float = 0.0
@@ -177,6 +180,7 @@ def stream_generate(
 
         result.accepted.append(len(accepted))
         result.tree_depths.append(int(tree.depths.max()))
+        result.exhausted.append(not bool((tree.parents == path[-1]).any()))
         result.tree_sizes.append(tree.size)
         result.draft_s += t1 - t0
         result.verify_s += t2 - t1

@@ -1,0 +1,167 @@
+"""Drafter checkpoints: a folder with ``config.json`` and ``model.safetensors``.
+
+Our own layout names the architecture (``eagle``, ``prism``, ``stacked`` or ``standard``) and
+the target the drafter was trained for, so loading against another target fails clearly. The
+public EAGLE-1/2 and HASS layout (an EAGLE config.json with ``fc.*`` and ``layers.0.*`` weights
+in ``model.safetensors`` or ``pytorch_model.bin``) loads as a one-module ``eagle`` drafter.
+Writes are atomic: a crash leaves the old folder or none, never half a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..targets.hf import Target, parse_dtype
+from .base import Drafter, DrafterMismatchError
+from .feature import FeatureDrafter, FeatureDrafterConfig, FeatureDrafterModel
+from .standard import StandardDrafter
+
+FORMAT = "prism-spec/1"
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder is missing, corrupt, partial or of an unknown layout."""
+
+
+def atomic_folder_write(folder: str | os.PathLike, write) -> Path:
+    """Call ``write(tmp_folder)`` then move the result to ``folder`` in one rename."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    old = None
+    try:
+        write(tmp)
+        if folder.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+            os.replace(folder, old / "x")
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and (old / "x").exists() and not folder.exists():
+            os.replace(old / "x", folder)  # put the previous checkpoint back
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def save_feature_drafter(
+    model: FeatureDrafterModel, folder: str | os.PathLike, dtype: str | torch.dtype | None = None, extra: dict | None = None
+) -> Path:
+    """Save the trainable weights (never the target's embedding or head)."""
+    cast = parse_dtype(dtype) if dtype else None
+    state = {k: (v.to(cast) if cast else v).detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    config = {"format": FORMAT, **model.config.to_dict(), **(extra or {})}
+
+    def write(tmp: Path):
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        _write_json(tmp / CONFIG, config)
+
+    return atomic_folder_write(folder, write)
+
+
+def save_standard_drafter(drafter: StandardDrafter, target: Target, folder: str | os.PathLike) -> Path:
+    model = drafter.lm.model
+
+    def write(tmp: Path):
+        model.save_pretrained(tmp, safe_serialization=True)
+        config = json.loads((tmp / CONFIG).read_text())
+        config.update(
+            {"format": FORMAT, "architecture": "standard", "target_name": str(target.name),
+             "target_vocab_size": target.vocab_size}
+        )
+        _write_json(tmp / CONFIG, config)
+
+    return atomic_folder_write(folder, write)
+
+
+def _read_config(folder: Path) -> dict:
+    if not folder.is_dir():
+        raise CheckpointError(f"drafter checkpoint {folder} is not a folder")
+    path = folder / CONFIG
+    if not path.exists():
+        raise CheckpointError(f"{folder} has no {CONFIG}: not a drafter checkpoint")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}): corrupt checkpoint") from None
+
+
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    st, bin_ = folder / WEIGHTS, folder / "pytorch_model.bin"
+    try:
+        if st.exists():
+            return load_file(str(st))
+        if bin_.exists():
+            return torch.load(str(bin_), map_location="cpu", weights_only=True)
+    except (SafetensorError, RuntimeError, OSError, EOFError) as e:
+        raise CheckpointError(f"cannot read the weights in {folder} ({e}): corrupt or partial checkpoint") from None
+    raise CheckpointError(f"{folder} has neither {WEIGHTS} nor pytorch_model.bin")
+
+
+def _eagle_public_to_ours(config: dict, weights: dict[str, torch.Tensor], target: Target):
+    """Map the public EAGLE/HASS layout (fc.*, layers.0.*) onto a one-module drafter."""
+    ours = FeatureDrafterConfig.for_target(target, architecture="eagle")
+    ours.vocab_size = int(config.get("vocab_size", 0))
+    ours.hidden_size = int(config.get("hidden_size", 0))
+    ours.target_name = "a target of EAGLE checkpoint config " + str(config.get("_name_or_path", "(unnamed)"))
+    state = {}
+    for key, value in weights.items():
+        if key.startswith("fc."):
+            state["processing.0." + key] = value
+        elif key.startswith("layers.0.") and ".input_layernorm." not in key:
+            state["processing.0." + key] = value
+        # embed_tokens / lm_head / norm copies are the target's own: not used.
+    return ours, state
+
+
+def load_drafter(path: str | os.PathLike, target: Target) -> Drafter:
+    """Load a drafter folder for ``target``; a mismatched target raises DrafterMismatchError."""
+    folder = Path(path)
+    config = _read_config(folder)
+    arch = config.get("architecture")
+    if arch == "standard":
+        if int(config.get("target_vocab_size", config.get("vocab_size", -1))) != target.vocab_size:
+            raise DrafterMismatchError(
+                f"standard drafter {folder} was made for {config.get('target_name')} "
+                f"(vocabulary {config.get('target_vocab_size')}), not {target.name} ({target.vocab_size})"
+            )
+        _read_weights(folder)  # verify before handing to transformers
+        return StandardDrafter.from_pretrained(str(folder), dtype=target.dtype, device=str(target.device))
+    weights = _read_weights(folder)
+    if arch in ("eagle", "prism", "stacked"):
+        fields = {k: v for k, v in config.items() if k in FeatureDrafterConfig.__dataclass_fields__}
+        drafter_config, state = FeatureDrafterConfig(**fields), weights
+    elif arch is None and "fc.weight" in weights:
+        drafter_config, state = _eagle_public_to_ours(config, weights, target)
+    else:
+        raise CheckpointError(f"{folder}: unknown drafter architecture {arch!r}")
+    if drafter_config.vocab_size != target.vocab_size or drafter_config.hidden_size != target.hidden_size:
+        raise DrafterMismatchError(
+            f"drafter {folder} was trained for {drafter_config.target_name or 'another target'} (vocabulary "
+            f"{drafter_config.vocab_size}, hidden size {drafter_config.hidden_size}); the target {target.name} has "
+            f"vocabulary {target.vocab_size} and hidden size {target.hidden_size}"
+        )
+    model = FeatureDrafterModel(drafter_config, target)
+    try:
+        model.load_state_dict({k: v.to(target.dtype) for k, v in state.items()}, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"weights in {folder} do not fit its config.json: {e}") from None
+    drafter = FeatureDrafter(model)
+    drafter.check_target(target)
+    return drafter
