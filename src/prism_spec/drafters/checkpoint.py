@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from ..targets.hf import Target, parse_dtype
 from .base import Drafter, DrafterMismatchError
-from .feature import FeatureDrafter, FeatureDrafterConfig, FeatureDrafterModel
+from .feature import FeatureDrafter, FeatureDrafterConfig, FeatureDrafterModel, check_d2t
 from .standard import StandardDrafter
 
 FORMAT = "prism-spec/1"
@@ -63,9 +63,13 @@ def _write_json(path: Path, data: dict) -> None:
 def save_feature_drafter(
     model: FeatureDrafterModel, folder: str | os.PathLike, dtype: str | torch.dtype | None = None, extra: dict | None = None
 ) -> Path:
-    """Save the trainable weights (never the target's embedding or head)."""
+    """Save the trainable weights (never the target's embedding or head) and, for a reduced
+    draft vocabulary, the ``d2t`` id map. ``dtype`` casts floating tensors only."""
     cast = parse_dtype(dtype) if dtype else None
-    state = {k: (v.to(cast) if cast else v).detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {
+        k: (v.to(cast) if cast and v.is_floating_point() else v).detach().contiguous().cpu()
+        for k, v in model.state_dict().items()
+    }
     config = {"format": FORMAT, **model.config.to_dict(), **(extra or {})}
 
     def write(tmp: Path):
@@ -130,6 +134,23 @@ def _eagle_public_to_ours(config: dict, weights: dict[str, torch.Tensor], target
     return ours, state
 
 
+def _check_draft_vocab(folder: Path, config: FeatureDrafterConfig, state: dict[str, torch.Tensor]) -> None:
+    """A reduced-vocabulary drafter must carry a valid d2t map; a full-vocabulary one none."""
+    d2t = state.get("d2t")
+    if config.draft_vocab_size is None:
+        if d2t is not None:
+            raise CheckpointError(f"{folder}: the weights hold a d2t map but config.json has no draft_vocab_size")
+        return
+    if d2t is None:
+        raise CheckpointError(
+            f"{folder}: config.json sets draft_vocab_size {config.draft_vocab_size} but the weights have no d2t map"
+        )
+    try:
+        check_d2t(d2t, config.vocab_size, config.draft_vocab_size)
+    except ValueError as e:
+        raise CheckpointError(f"{folder}: corrupt draft vocabulary map d2t: {e}") from None
+
+
 def load_drafter(path: str | os.PathLike, target: Target) -> Drafter:
     """Load a drafter folder for ``target``; a mismatched target raises DrafterMismatchError."""
     folder = Path(path)
@@ -146,7 +167,11 @@ def load_drafter(path: str | os.PathLike, target: Target) -> Drafter:
     weights = _read_weights(folder)
     if arch in ("eagle", "prism", "stacked"):
         fields = {k: v for k, v in config.items() if k in FeatureDrafterConfig.__dataclass_fields__}
-        drafter_config, state = FeatureDrafterConfig(**fields), weights
+        try:
+            drafter_config = FeatureDrafterConfig(**fields)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{folder / CONFIG}: invalid drafter config ({e})") from None
+        state = weights
     elif arch is None and "fc.weight" in weights:
         drafter_config, state = _eagle_public_to_ours(config, weights, target)
     else:
@@ -157,9 +182,13 @@ def load_drafter(path: str | os.PathLike, target: Target) -> Drafter:
             f"{drafter_config.vocab_size}, hidden size {drafter_config.hidden_size}); the target {target.name} has "
             f"vocabulary {target.vocab_size} and hidden size {target.hidden_size}"
         )
+    _check_draft_vocab(folder, drafter_config, state)
     model = FeatureDrafterModel(drafter_config, target)
     try:
-        model.load_state_dict({k: v.to(target.dtype) for k, v in state.items()}, strict=True)
+        # Only floating tensors take the target's dtype: the integer d2t map stays exact.
+        model.load_state_dict(
+            {k: v.to(target.dtype) if v.is_floating_point() else v for k, v in state.items()}, strict=True
+        )
     except RuntimeError as e:
         raise CheckpointError(f"weights in {folder} do not fit its config.json: {e}") from None
     drafter = FeatureDrafter(model)

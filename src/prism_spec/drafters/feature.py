@@ -7,14 +7,27 @@ target's own family, the first without its input norm. Its input at position t i
 target's frozen LM head turns into logits. PRISM runs exactly one module per draft step:
 step 0 (the pass over newly committed tokens) always runs ``step_mapping[0]`` and writes the
 drafter's prefix KV cache; later steps run their mapped module, attending to that same cache.
+
+Reduced draft vocabulary (EAGLE-3 style, optional): with ``draft_vocab_size = N`` the drafter
+scores only N target tokens -- usually the N most frequent assistant tokens of the training
+data (:func:`build_draft_vocab`) -- through rows ``d2t`` of the frozen target head, so its
+logits are [.., N] over *draft ids*. ``d2t`` [N] (a persistent long buffer, saved with the
+weights) maps draft id i to target id ``d2t[i]`` and is sorted ascending by target id (so a
+draft id is the rank of its target id inside the draft vocabulary, and the reverse map is a
+binary search). ``FeatureDrafter.to_target_ids`` maps proposals back; the target verifies
+target ids as usual, so decoding stays lossless (a token outside the draft vocabulary is
+simply never proposed: it can still be committed as the target's bonus token).
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
@@ -34,12 +47,21 @@ class FeatureDrafterConfig:
     target_model_type: str = ""
     vocab_size: int = 0
     hidden_size: int = 0
+    # Reduced draft vocabulary: None = the target's whole vocabulary; N = only the N target
+    # tokens listed in the model's ``d2t`` buffer (see the module docstring).
+    draft_vocab_size: int | None = None
 
     def __post_init__(self):
         if self.num_modules < 1 or self.layers_per_module < 1:
             raise ValueError("num_modules and layers_per_module must be >= 1")
         if not self.step_mapping or any(not 0 <= m < self.num_modules for m in self.step_mapping):
             raise ValueError(f"step_mapping {self.step_mapping} must name modules 0..{self.num_modules - 1}")
+        if self.draft_vocab_size is not None:
+            n = self.draft_vocab_size
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"draft_vocab_size must be None or a positive integer, got {n!r}")
+            if self.vocab_size and n > self.vocab_size:
+                raise ValueError(f"draft_vocab_size {n} exceeds the target vocabulary ({self.vocab_size})")
 
     def module_for_step(self, step: int) -> int:
         return self.step_mapping[min(step, len(self.step_mapping) - 1)]
@@ -56,6 +78,114 @@ class FeatureDrafterConfig:
             hidden_size=target.hidden_size,
             **kwargs,
         )
+
+
+# --------------------------------------------------------------------------- draft vocabulary
+def check_d2t(d2t: torch.Tensor, vocab_size: int, size: int | None = None) -> None:
+    """Raise ValueError unless ``d2t`` is a valid draft -> target map: a 1-D integer tensor of
+    ``size`` entries, strictly increasing (sorted, no repeats), within [0, vocab_size)."""
+    if not isinstance(d2t, torch.Tensor) or d2t.dim() != 1:
+        raise ValueError(f"d2t must be a 1-D tensor, got {getattr(d2t, 'shape', type(d2t).__name__)}")
+    if d2t.dtype.is_floating_point or d2t.dtype.is_complex or d2t.dtype == torch.bool:
+        raise ValueError(f"d2t must hold integer token ids, got dtype {d2t.dtype}")
+    if size is not None and d2t.numel() != size:
+        raise ValueError(f"d2t has {d2t.numel()} entries, the config says draft_vocab_size {size}")
+    if d2t.numel() == 0:
+        raise ValueError("d2t is empty")
+    lo, hi = int(d2t.min()), int(d2t.max())
+    if lo == hi == -1:
+        raise ValueError("d2t is not set (all -1): call set_draft_vocab(build_draft_vocab(...)) or load weights")
+    if lo < 0 or (vocab_size and hi >= vocab_size):
+        raise ValueError(f"d2t ids must lie in [0, {vocab_size}) (the target vocabulary), found {lo}..{hi}")
+    if d2t.numel() > 1 and not bool((d2t[1:] > d2t[:-1]).all()):
+        raise ValueError("d2t must be sorted ascending without repeats")
+
+
+def draft_ids_for(target_ids: torch.Tensor, d2t: torch.Tensor) -> torch.Tensor:
+    """Target ids -> draft ids through the sorted map ``d2t``; -1 where a target id is not in
+    the draft vocabulary."""
+    d2t = d2t.to(target_ids.device)
+    idx = torch.searchsorted(d2t, target_ids.long()).clamp(max=d2t.numel() - 1)
+    return torch.where(d2t[idx] == target_ids, idx, torch.full_like(idx, -1))
+
+
+def _example_arrays(example: Any) -> tuple[np.ndarray, np.ndarray | None]:
+    """(ids, mask or None) of a TokenizedExample / train-loop Example / dict / plain id list."""
+    if isinstance(example, dict):
+        ids, mask = example["input_ids"], example.get("loss_mask")
+    elif hasattr(example, "input_ids"):
+        ids, mask = example.input_ids, getattr(example, "loss_mask", None)
+    else:
+        ids, mask = example, None
+    as_np = lambda x: x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    ids = as_np(ids).astype(np.int64).reshape(-1)
+    if mask is not None:
+        mask = as_np(mask).astype(bool).reshape(-1)
+        if mask.shape != ids.shape:
+            raise ValueError(f"loss_mask has {mask.size} entries for {ids.size} tokens")
+    return ids, mask
+
+
+def count_tokens(examples: Iterable[Any], vocab_size: int) -> torch.Tensor:
+    """Token frequencies [vocab_size] (int64) over the loss-masked (assistant) tokens of
+    tokenized ``examples`` (objects with ``input_ids`` / ``loss_mask``, dicts with those keys,
+    or plain id lists). An example without a mask counts all its tokens; if no token at all is
+    masked (e.g. only prompt-only examples), every token of every example is counted instead."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    everything = np.zeros(vocab_size, dtype=np.int64)
+    chunks, all_chunks, pending = [], [], 0
+
+    def flush():
+        nonlocal chunks, all_chunks, pending
+        for src, dst in ((chunks, counts), (all_chunks, everything)):
+            if src:
+                ids = np.concatenate(src)
+                if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+                    raise ValueError(f"token ids must lie in [0, {vocab_size}), found {ids.min()}..{ids.max()}")
+                dst += np.bincount(ids, minlength=vocab_size)
+        chunks, all_chunks, pending = [], [], 0
+
+    for example in examples:
+        ids, mask = _example_arrays(example)
+        chunks.append(ids if mask is None else ids[mask])
+        all_chunks.append(ids)
+        pending += ids.size
+        if pending >= 1 << 22:
+            flush()
+    flush()
+    return torch.from_numpy(counts if counts.any() else everything)
+
+
+def draft_vocab_from_counts(counts: torch.Tensor, size: int, include: Iterable[int] = ()) -> torch.Tensor:
+    """The ``size`` most frequent ids of ``counts`` plus every id of ``include`` (which take
+    the first places), ties broken by the lower id; returned sorted ascending (the d2t order)."""
+    counts = torch.as_tensor(counts, dtype=torch.long).flatten()
+    vocab = counts.numel()
+    include = sorted({int(i) for i in include})
+    if not 1 <= size <= vocab:
+        raise ValueError(f"draft vocabulary size {size} must be in 1..{vocab} (the target vocabulary)")
+    if include and (include[0] < 0 or include[-1] >= vocab):
+        raise ValueError(f"include ids must lie in [0, {vocab}), got {include}")
+    if len(include) > size:
+        raise ValueError(f"{len(include)} ids to include do not fit a draft vocabulary of {size}")
+    # Descending count, ascending id on ties (stable sort of the ids by -count).
+    order = torch.sort(-counts, stable=True).indices
+    keep = torch.zeros(vocab, dtype=torch.bool)
+    keep[include] = True
+    rest = order[~keep[order]][: size - len(include)]
+    keep[rest] = True
+    return keep.nonzero().flatten()
+
+
+def build_draft_vocab(
+    examples: Iterable[Any], target_vocab_size: int, size: int, include: Iterable[int] = ()
+) -> torch.Tensor:
+    """EAGLE-3's reduced vocabulary: the ``d2t`` LongTensor [size] (sorted ascending) of the
+    ``size`` most frequent loss-masked tokens of ``examples`` (see :func:`count_tokens`), always
+    containing the ids in ``include`` (pass the target's EOS ids: ``target.eos_token_ids``).
+    Ties are broken by the lower id; if fewer than ``size`` distinct tokens occur, the lowest
+    unseen ids fill the rest, so the result always has exactly ``size`` entries."""
+    return draft_vocab_from_counts(count_tokens(examples, target_vocab_size), size, include)
 
 
 def prism_config(target: Target, num_modules: int = 2, **kwargs) -> FeatureDrafterConfig:
@@ -78,7 +208,7 @@ class ProcessingModule(nn.Module):
 class FeatureDrafterModel(nn.Module):
     """The trainable part. The target's embedding and LM head are used, never stored."""
 
-    def __init__(self, config: FeatureDrafterConfig, target: Target):
+    def __init__(self, config: FeatureDrafterConfig, target: Target, d2t: torch.Tensor | None = None):
         super().__init__()
         self.config = config
         layer_config = copy.deepcopy(target.config)
@@ -95,7 +225,56 @@ class FeatureDrafterModel(nn.Module):
         # Frozen target pieces, kept out of state_dict / parameters().
         self.__dict__["target_embed"] = target.embed_tokens
         self.__dict__["target_head"] = target.lm_head
+        self.__dict__["_head_cache"] = None  # (key, weight[d2t], bias[d2t] or None)
+        if config.draft_vocab_size is None:
+            if d2t is not None:
+                raise ValueError("a d2t map needs config.draft_vocab_size")
+            self.register_buffer("d2t", None)
+        else:
+            # -1 = not set yet: call set_draft_vocab or load a state dict before using logits.
+            self.register_buffer("d2t", torch.full((config.draft_vocab_size,), -1, dtype=torch.long))
+            if d2t is not None:
+                self.set_draft_vocab(d2t)
         self.to(device=target.device, dtype=target.dtype)
+
+    def set_draft_vocab(self, d2t: torch.Tensor) -> None:
+        """Set the draft -> target id map (e.g. from :func:`build_draft_vocab`), checked."""
+        if self.d2t is None:
+            raise ValueError("this drafter has the full target vocabulary (config.draft_vocab_size is None)")
+        d2t = torch.as_tensor(d2t)
+        check_d2t(d2t, self.config.vocab_size, self.config.draft_vocab_size)
+        with torch.no_grad():
+            self.d2t.copy_(d2t.to(self.d2t.device, torch.long))
+
+    def draft_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight [N, h], bias [N] or None): the target head's rows ``d2t``, sliced once and
+        cached; recomputed when the head or ``d2t`` changes (device, dtype, storage, in-place
+        update). Without a reduced vocabulary: the head's own weight and bias."""
+        head = self.target_head
+        weight, bias = head.weight, getattr(head, "bias", None)
+        if self.d2t is None:
+            return weight, bias
+        d2t = self.d2t
+        key = (weight.device, weight.dtype, weight.data_ptr(), weight._version,
+               d2t.device, d2t.data_ptr(), d2t._version)
+        cached = self._head_cache
+        if cached is None or cached[0] != key:
+            # A plain (non-inference) tensor even when first built under inference_mode, so
+            # training can save it for backward later.
+            with torch.inference_mode(False), torch.no_grad():
+                if int(d2t.min()) < 0:
+                    raise RuntimeError(
+                        "the draft vocabulary is not set: call set_draft_vocab(build_draft_vocab(...)) "
+                        "or load the drafter's weights first"
+                    )
+                idx = d2t.to(weight.device)
+                sliced = (weight.detach()[idx].contiguous(), None if bias is None else bias.detach()[idx].contiguous())
+            self.__dict__["_head_cache"] = cached = (key, *sliced)
+        return cached[1], cached[2]
+
+    def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        """Draft ids -> target ids (identity without a reduced vocabulary)."""
+        return draft_ids if self.d2t is None else self.d2t.to(draft_ids.device)[draft_ids]
 
     def input_features(self, target_features: torch.Tensor) -> torch.Tensor:
         """Map what the target provides (last hidden state or concatenated layers) to width h."""
@@ -128,7 +307,12 @@ class FeatureDrafterModel(nn.Module):
         return x
 
     def logits(self, predicted: torch.Tensor) -> torch.Tensor:
-        return self.target_head(predicted)
+        """Logits over the draft vocabulary: the target's full vocabulary, or the ``d2t``
+        rows of its head when the vocabulary is reduced ([.., N], indexed by draft id)."""
+        if self.d2t is None:
+            return self.target_head(predicted)
+        weight, bias = self.draft_head()
+        return F.linear(predicted, weight, bias)
 
 
 @register("eagle")
@@ -146,6 +330,11 @@ class FeatureDrafter(Drafter):
         self.length = 0  # drafter prefix entries (one per committed token after the first)
         self.root_feature: torch.Tensor | None = None
         self.slot_features: list[torch.Tensor] = []
+        if model.d2t is not None:
+            check_d2t(model.d2t, self.config.vocab_size, self.config.draft_vocab_size)
+
+    def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.to_target_ids(draft_ids)
 
     def check_target(self, target: Target) -> None:
         c = self.config

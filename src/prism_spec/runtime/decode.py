@@ -151,7 +151,9 @@ def stream_generate(
         # Draft.
         t0 = time.perf_counter()
         tree_cfg = config.tree
-        room_in_context = target.max_context - root_pos
+        # Tree nodes that fit: the root and drafted tokens take positions root_pos.., and the
+        # bonus token after the deepest accepted node needs a position too (< max_context).
+        room_in_context = target.max_context - root_pos - 1
         if drafter is None:
             tree = DraftTree.root_only(root, target.device)
         else:

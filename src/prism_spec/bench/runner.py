@@ -1,0 +1,435 @@
+"""Run benchmark x method x temperature and append every run to ``runs.jsonl``.
+
+Methods are interleaved per prompt: for each prompt, every method runs once, in an order
+rotated by one position per prompt, so slow drift of the machine (thermal throttling, other
+load) spreads evenly over the methods instead of landing on whichever ran last. At T > 0 each
+(prompt, method, temperature, turn) gets its own fixed seed derived from ``--seed``, so a
+rerun or a resumed bench draws the same samples.
+
+Each run is one JSON line, appended and flushed as soon as it ends; ``--resume`` reads the
+file back (dropping a truncated last line left by a crash), skips the keys already there and
+continues. ``bench.json`` next to it records the settings (a resumed bench must use the same
+ones) and the machine.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import sys
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from ..runtime.decode import PromptError
+from ..runtime.tree import TreeConfig
+from ..targets.default import DEFAULT_TARGET
+from ..targets.hf import Target, load_target
+from .datasets import BENCHMARKS, Benchmark, conversation_prompt, load_benchmarks
+from .methods import LoadedMethod, MethodSpec, load_method, parse_methods
+
+RUNS_FILE = "runs.jsonl"
+META_FILE = "bench.json"
+
+
+class BenchError(RuntimeError):
+    """A bench that cannot start or resume as asked."""
+
+
+@dataclass
+class BenchConfig:
+    target: str = DEFAULT_TARGET
+    dtype: str = "float32"
+    device: str = "auto"
+    benches: Sequence[str] = BENCHMARKS
+    limit: int | None = None
+    methods: Sequence[str | MethodSpec] = ("vanilla",)
+    temperatures: Sequence[float] = (0.0,)
+    tree: str = "paper"
+    max_new_tokens: dict[str, int] | int | None = None  # see datasets.parse_max_new_tokens
+    out: Path = Path("runs/bench")
+    resume: bool = False
+    seed: int = 0
+    progress: bool = True
+    warmup: bool = True
+    command: str | None = None
+    threads: int | None = None  # torch.set_num_threads before loading anything
+    extra_settings: dict = field(default_factory=dict)  # recorded in bench.json (sweeps)
+
+
+# ----------------------------------------------------------------------------- keys, seeds
+def temperature_tag(t: float) -> str:
+    return f"T={float(t):g}"
+
+
+def run_key(bench: str, question_id, method: str, temperature: float) -> str:
+    return f"{bench}|{question_id}|{method}|{temperature_tag(temperature)}"
+
+
+def run_seed(base: int, bench: str, question_id, method: str, temperature: float, turn: int) -> int:
+    """A fixed seed per (prompt, method, temperature, turn), stable across processes."""
+    text = f"{base}|{bench}|{question_id}|{method}|{temperature_tag(temperature)}|{turn}"
+    return zlib.crc32(text.encode()) & 0x7FFFFFFF
+
+
+def rotated(items: Sequence, shift: int) -> list:
+    if not items:
+        return []
+    shift %= len(items)
+    return list(items[shift:]) + list(items[:shift])
+
+
+def tree_tag(tree: TreeConfig) -> str:
+    return f"{tree.total_tokens}/{tree.depth}/{tree.top_k}"
+
+
+# ----------------------------------------------------------------------------- the runs file
+def read_runs(path: str | os.PathLike, repair: bool = False) -> list[dict]:
+    """Records of a runs file. A last line cut short by a crash (no newline, or not JSON) is
+    ignored; with ``repair`` it is also cut from the file so appends start on a clean line.
+    A bad line anywhere else is an error."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    records: list[dict] = []
+    pos = good = 0  # good: bytes up to the end of the last complete record line
+    missing_newline = False
+    while pos < len(data):
+        nl = data.find(b"\n", pos)
+        line = data[pos:] if nl == -1 else data[pos:nl]
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if nl != -1 and data[nl + 1 :].strip():
+                    raise BenchError(f"{path}: a line in the middle of the file is not valid JSON") from None
+                break  # the truncated last line of an interrupted bench
+        if nl == -1:  # a complete record without its newline
+            good, missing_newline = len(data), bool(line.strip())
+            break
+        pos = good = nl + 1
+    if repair and (good != len(data) or missing_newline):
+        with open(path, "r+b") as f:
+            f.truncate(good)
+            if missing_newline:
+                f.seek(good)
+                f.write(b"\n")
+    return records
+
+
+def _append(f, record: dict) -> None:
+    f.write(json.dumps(record, separators=(",", ":")) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+# ----------------------------------------------------------------------------- machine
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: str | torch.device = "cpu") -> dict:
+    import transformers
+
+    from .. import __version__
+
+    device = torch.device(device)
+    gpu = None
+    if device.type == "cuda" and torch.cuda.is_available():
+        gpu = torch.cuda.get_device_name(device)
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": gpu,
+        "device": str(device),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "prism_spec": __version__,
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+# ----------------------------------------------------------------------------- the bench
+def _settings(cfg: BenchConfig, benches: list[Benchmark], tree: TreeConfig) -> dict:
+    return {
+        "target": cfg.target,
+        "dtype": cfg.dtype,
+        "tree": tree_tag(tree),
+        "seed": cfg.seed,
+        "max_new_tokens": {b.name: b.max_new_tokens for b in benches},
+        **cfg.extra_settings,
+    }
+
+
+def _check_resume(meta: dict, settings: dict) -> None:
+    old = meta.get("settings") or {}
+    problems = []
+    for key, value in settings.items():
+        if key not in old:
+            continue
+        if key == "max_new_tokens":
+            for b, n in value.items():
+                if b in old[key] and old[key][b] != n:
+                    problems.append(f"max_new_tokens[{b}] was {old[key][b]}, now {n}")
+        elif old[key] != value:
+            problems.append(f"{key} was {old[key]!r}, now {value!r}")
+    if problems:
+        raise BenchError("cannot resume with other settings: " + "; ".join(problems) + " (use another --out)")
+
+
+def _write_meta(path: Path, meta: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def run_one(
+    method: LoadedMethod, bench: Benchmark, question, temperature: float, seed: int, tree: TreeConfig
+) -> dict:
+    """Every turn of one question with one method; answers feed the next turn's prompt."""
+    target = method.target
+    cuda = target.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(target.device)
+        torch.cuda.reset_peak_memory_stats(target.device)
+    turns, answers, error = [], [], None
+    try:
+        for i in range(len(question.turns)):
+            prompt = conversation_prompt(target, question.turns[: i + 1], answers)
+            s = run_seed(seed, bench.name, question.question_id, method.name, temperature, i)
+            trace = method.run_turn(prompt, bench.max_new_tokens, temperature, s, tree)
+            trace["seed"] = s if temperature > 0 else None
+            turns.append(trace)
+            answers.append((trace.get("text") or "").strip())
+    except PromptError as e:
+        error = f"PromptError: {e}"
+    cuda_peak = int(torch.cuda.max_memory_allocated(target.device)) if cuda else None
+    kv = max((t["kv_peak_bytes"] for t in turns), default=0)
+    spec = method.spec
+    uses_tree = not spec.is_vanilla and not spec.is_hf
+    return {
+        "key": run_key(bench.name, question.question_id, method.name, temperature),
+        "bench": bench.name,
+        "question_id": question.question_id,
+        "category": question.category,
+        "method": method.name,
+        "kind": spec.kind,
+        "spec": spec.spec_string(),
+        "temperature": float(temperature),
+        "tree": tree_tag(spec.tree or tree) if uses_tree else None,
+        "max_new_tokens": bench.max_new_tokens,
+        "turns": [] if error else turns,
+        "weights_bytes": method.weights_bytes,
+        "kv_peak_bytes": kv,
+        "cuda_peak_bytes": cuda_peak,
+        "peak_memory_bytes": cuda_peak if cuda else method.weights_bytes + kv,
+        "peak_memory_source": "cuda.max_memory_allocated" if cuda else "weights+kv",
+        "info": method.info,
+        "error": error,
+    }
+
+
+def _warmup(methods: list[LoadedMethod], bench: Benchmark, tree: TreeConfig) -> None:
+    """One short untimed generation per method: first-call costs (allocator, kernel selection,
+    lazy imports) do not land on the first measured prompt."""
+    target = methods[0].target
+    prompt = conversation_prompt(target, bench.questions[0].turns[:1], [])
+    for m in methods:
+        try:
+            m.run_turn(prompt, min(16, bench.max_new_tokens), 0.0, 0, tree)
+        except PromptError:
+            pass
+
+
+def run_bench(
+    cfg: BenchConfig,
+    target: Target | None = None,
+    loader: Callable[[MethodSpec, Target], LoadedMethod] = load_method,
+) -> Path:
+    """Run (or continue) a bench; returns the runs file path."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs_path, meta_path = out / RUNS_FILE, out / META_FILE
+    benches = load_benchmarks(cfg.benches, cfg.limit, cfg.max_new_tokens)
+    specs = parse_methods(cfg.methods)
+    if not specs:
+        raise BenchError("no methods given")
+    temperatures = [float(t) for t in cfg.temperatures]
+    if len(set(temperatures)) != len(temperatures) or any(t < 0 for t in temperatures):
+        raise BenchError(f"temperatures must be distinct and >= 0, got {temperatures}")
+    tree = TreeConfig.parse(cfg.tree) if isinstance(cfg.tree, str) else cfg.tree
+    settings = _settings(cfg, benches, tree)
+
+    existing = runs_path.exists() and runs_path.stat().st_size > 0
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    if existing and not cfg.resume:
+        raise BenchError(f"{runs_path} already holds runs: pass --resume to continue it, or choose another --out")
+    done: set[str] = set()
+    if cfg.resume:
+        _check_resume(meta, settings)
+        previous = read_runs(runs_path, repair=True)
+        done = {r["key"] for r in previous}
+        old_specs = {r["method"]: r.get("spec") for r in previous}
+        for spec in specs:
+            if old_specs.get(spec.name, spec.spec_string()) != spec.spec_string():
+                raise BenchError(
+                    f"method {spec.name!r} was {old_specs[spec.name]!r} in this bench, now {spec.spec_string()!r}: "
+                    "give it another label or use another --out"
+                )
+
+    jobs = []  # (bench, question, temperature, method spec, position in the rotation)
+    prompt_index = 0
+    for bench in benches:
+        for question in bench.questions:
+            for temperature in temperatures:
+                for pos, spec in enumerate(rotated(specs, prompt_index)):
+                    if run_key(bench.name, question.question_id, spec.name, temperature) not in done:
+                        jobs.append((bench, question, temperature, spec, pos))
+            prompt_index += 1
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    session = {
+        "command": cfg.command or " ".join(sys.argv),
+        "started": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": machine_info(device),
+        "methods": [s.spec_string() for s in specs],
+        "benches": [b.name for b in benches],
+        "temperatures": temperatures,
+        "limit": cfg.limit,
+        "runs_skipped_as_done": len(done),
+        "runs_planned": len(jobs),
+    }
+    meta = {
+        "settings": {**meta.get("settings", {}), **settings,
+                     "max_new_tokens": {**meta.get("settings", {}).get("max_new_tokens", {}),
+                                        **settings["max_new_tokens"]}},
+        "machine": session["machine"],
+        "sessions": meta.get("sessions", []) + [session],
+    }
+    if not jobs:
+        _write_meta(meta_path, meta)
+        runs_path.touch()
+        return runs_path
+
+    if target is None:
+        target = load_target(cfg.target, dtype=cfg.dtype, device=device)
+    if target.tokenizer is None:
+        raise BenchError("benchmarks need a target with a tokenizer (prompts are chat-rendered text)")
+    needed = {spec.name for *_, spec, _ in jobs}
+    loaded = {spec.name: loader(spec, target) for spec in specs if spec.name in needed}
+    # Written once everything loaded: a bad drafter path leaves no half-started bench behind.
+    _write_meta(meta_path, meta)
+    runs_path.touch()
+    if cfg.warmup:
+        _warmup(list(loaded.values()), benches[0], tree)
+
+    progress = _progress(len(jobs), cfg.progress)
+    try:
+        with open(runs_path, "a", encoding="utf-8") as f:
+            for bench, question, temperature, spec, pos in jobs:
+                progress.set_postfix_str(f"{bench.name} #{question.question_id} {spec.name} {temperature_tag(temperature)}")
+                record = run_one(loaded[spec.name], bench, question, temperature, cfg.seed, tree)
+                record["order"] = pos
+                record["time"] = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+                _append(f, record)
+                progress.update(1)
+    finally:
+        progress.close()
+        meta["sessions"][-1]["finished"] = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+        _write_meta(meta_path, meta)
+    return runs_path
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="prism bench", unit="run", disable=not enabled, dynamic_ncols=True)
+
+
+# ----------------------------------------------------------------------------- sweeps
+def tree_sweep_specs(
+    spec: MethodSpec | str,
+    base: TreeConfig,
+    depths: Iterable[int] = (),
+    top_ks: Iterable[int] = (),
+    totals: Iterable[int] = (),
+) -> list[MethodSpec]:
+    """One drafter, one tree shape per variant: each axis varied alone around ``base``
+    (paper Fig. 8). Labels are ``NAME@TOTAL/DEPTH/TOPK``; ``extra`` records the axis."""
+    spec = MethodSpec.parse(spec) if isinstance(spec, str) else spec
+    if spec.is_vanilla or spec.is_hf:
+        raise BenchError("a tree sweep needs a drafter method (standard, eagle2, hass, prism, prism*)")
+    shapes: dict[TreeConfig, set[str]] = {base: {"base"}}
+    for d in depths:
+        shapes.setdefault(TreeConfig(d, base.top_k, base.total_tokens), set()).add("depth")
+    for k in top_ks:
+        shapes.setdefault(TreeConfig(base.depth, k, base.total_tokens), set()).add("top_k")
+    for n in totals:
+        shapes.setdefault(TreeConfig(base.depth, base.top_k, n), set()).add("total_tokens")
+    out = []
+    for shape, axes in shapes.items():
+        extra = (("tree_sweep_axes", sorted(axes)), ("tree_depth", shape.depth), ("tree_top_k", shape.top_k),
+                 ("tree_total_tokens", shape.total_tokens))
+        out.append(MethodSpec(spec.kind, spec.arg, f"{spec.name}@{tree_tag(shape)}", shape, extra))
+    return out
+
+
+def parse_scaling_drafters(items: Sequence[str], default_kind: str = "prism") -> list[MethodSpec]:
+    """``[KIND:]FRACTION=PATH`` items (paper Fig. 4): one drafter per training-data fraction."""
+    out = []
+    for item in items:
+        head, sep, path = item.partition("=")
+        if not sep or not path:
+            raise BenchError(f"bad --drafter {item!r}: use [KIND:]FRACTION=PATH, e.g. prism:25=runs/p25")
+        kind, _, frac = head.rpartition(":")
+        kind = kind or default_kind
+        try:
+            fraction = float(frac)
+        except ValueError:
+            raise BenchError(f"bad data fraction in --drafter {item!r}") from None
+        label = f"{kind}@{fraction:g}"
+        out.append(MethodSpec(kind, path, label, None, (("data_fraction", fraction),)))
+    return out
+
+
+class BatchDecodingUnavailable(NotImplementedError):
+    pass
+
+
+def run_batch_sweep(cfg: BenchConfig, batch_sizes: Sequence[int]) -> Path:
+    """Hook for the batch-size sweep (paper Fig. 7): tokens/s of each method at each batch size.
+
+    The runtime decodes one sequence at a time. Once it grows a batched entry point
+    (``prism_spec.runtime.generate_batch(target, prompts, drafter, config)`` returning one
+    GenerationResult per prompt), this runs every method at every batch size over the same
+    prompts and writes records with a ``batch_size`` field; ``report.plot_batch_sweep`` draws
+    them.
+    """
+    from .. import runtime
+
+    if not hasattr(runtime, "generate_batch"):
+        raise BatchDecodingUnavailable("batched decoding not available yet")
+    raise BatchDecodingUnavailable("batched decoding not available yet (the runtime's generate_batch is not wired here)")

