@@ -405,7 +405,6 @@ def print_report(info: dict, forward: list[dict], vanilla: dict, variants: list[
             print(f"{r['variant']:32} {r['dtype']:>8} {r['threads']:3d} {_pct(r['others_cpu']):>6} | {cells} | {seq}")
         for r in variants:
             print(f"  {r['variant']}: {r['note']}")
-    print(f"\nload_average_1min_end      {info.get('load_average_1min_end')}")
 
 
 def main(argv=None) -> int:

@@ -19,6 +19,10 @@ import torch
 
 from prism_spec import cli
 
+# Tiny models gain nothing from a second thread, and on a shared 2-core machine it makes them
+# far slower (the `one_thread` fixture lives in tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 FIELDS = {
     "prompt": str,
     "text": str,
@@ -238,6 +242,31 @@ def test_bad_drafter_specs(tiny_target, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "prism_spec.drafters.checkpoint", None)
     rc, _, err = run_cli(capsys, *GEN, "hi", "--target", tiny_target, "--drafter", tmp_path)
     assert rc == 2 and err.splitlines()[-1].startswith("error:") and "checkpoint" in err
+
+
+def test_drafter_checkpoints_from_a_path(tiny_target, tmp_path, capsys):
+    from prism_spec.drafters import FeatureDrafterConfig, FeatureDrafterModel, StandardDrafter
+    from prism_spec.drafters.checkpoint import save_feature_drafter, save_standard_drafter
+    from prism_spec.targets import load_target
+
+    target = load_target(tiny_target)
+    save_standard_drafter(StandardDrafter.from_target_layers(target, 1), target, tmp_path / "standard")
+    torch.manual_seed(0)
+    save_feature_drafter(FeatureDrafterModel(FeatureDrafterConfig.for_target(target), target), tmp_path / "eagle")
+
+    rc, out, err = run_cli(capsys, *GEN, "Hello", "--target", tiny_target, "--vanilla")
+    assert rc == 0, err
+    vanilla = json.loads(out)
+    for name, method in (("standard", "standard"), ("eagle", "eagle")):
+        rc, out, err = run_cli(capsys, *GEN, "Hello", "--target", tiny_target, "--drafter", tmp_path / name)
+        assert rc == 0, err
+        record = json.loads(out)
+        assert record["method"] == method
+        assert record["token_ids"] == vanilla["token_ids"]
+
+    (tmp_path / "empty").mkdir()
+    rc, _, err = run_cli(capsys, *GEN, "Hello", "--target", tiny_target, "--drafter", tmp_path / "empty")
+    assert rc == 2 and err.splitlines()[-1].startswith("error:") and "config.json" in err
 
 
 def test_failed_run_leaves_existing_output_untouched(tiny_target, tmp_path, capsys):

@@ -107,6 +107,11 @@ def add_target_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--dtype", type=_dtype, default="float32", help="weight dtype (default: float32)")
     group.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: cpu)")
+    group.add_argument(
+        "--threads", type=_positive_int, default=None, metavar="N",
+        help="torch CPU threads (default: torch's choice, one per core); 1 is much faster when other "
+        "processes keep the cores busy",
+    )
 
 
 def add_drafter_options(parser: argparse.ArgumentParser, default: str = "auto") -> None:
@@ -159,6 +164,10 @@ def load_target_from_args(args: argparse.Namespace):
     from .targets import DEFAULT_TARGET, load_target
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars would clutter stderr
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.target != DEFAULT_TARGET and _looks_like_path(args.target) and not Path(args.target).exists():
         raise FileNotFoundError(f"target folder {args.target!r} not found")
     return load_target(args.target, dtype=args.dtype, device=args.device)
@@ -452,12 +461,24 @@ def run_generate(args: argparse.Namespace) -> int:
 # add_<name>_parser to SUBCOMMANDS below.
 # Nothing is registered for them until they work.
 
+def add_train_parser(subparsers) -> argparse.ArgumentParser:
+    from .train.cli import add_train_parser as add
+
+    return add(subparsers)
+
+
+def add_bench_parser(subparsers) -> argparse.ArgumentParser:
+    from .bench.cli import add_bench_parser as add
+
+    return add(subparsers)
+
+
 #: Registration order is the order in `prism --help`.
 SUBCOMMANDS: list[Callable] = [
     add_demo_parser,
     add_generate_parser,
-    # add_train_parser,
-    # add_bench_parser,
+    add_train_parser,
+    add_bench_parser,
     # add_chat_parser,
     # add_serve_parser,
 ]
