@@ -71,6 +71,8 @@ def _top_p(text: str) -> float:
 def _tree_spec(text: str):
     from .runtime.tree import TreeConfig
 
+    if text == "auto":  # resolved once the drafter is loaded (runtime.autotune)
+        return text
     try:
         return TreeConfig.parse(text)
     except ValueError as exc:
@@ -128,7 +130,8 @@ def add_drafter_options(parser: argparse.ArgumentParser, default: str = "auto") 
         type=_tree_spec,
         default="cpu",
         metavar="SPEC",
-        help="draft tree: paper, serving, cpu, chain:N or TOTAL/DEPTH/TOPK (default: cpu)",
+        help="draft tree: paper, serving, cpu, chain:N, TOTAL/DEPTH/TOPK, or auto (measured on this "
+        "machine for this drafter, cached) (default: cpu)",
     )
 
 
@@ -147,15 +150,24 @@ def add_sampling_options(parser: argparse.ArgumentParser, max_new_tokens: int = 
 
 
 def generation_config(args: argparse.Namespace, stop_strings: Sequence[str] = ()):
-    from .runtime import GenerationConfig, SamplingConfig
+    from .runtime import GenerationConfig, SamplingConfig, TreeConfig
 
     return GenerationConfig(
         max_new_tokens=args.max_new_tokens,
         sampling=SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k),
-        tree=args.tree,
+        tree=TreeConfig.parse("cpu") if args.tree == "auto" else args.tree,
         stop_strings=tuple(stop_strings),
         seed=args.seed,
     )
+
+
+def resolve_tree_from_args(args: argparse.Namespace, target, resolved):
+    """The tree shape: the parsed --tree, or for ``auto`` the autotuned one (cached on disk)."""
+    if args.tree != "auto":
+        return args.tree
+    from .runtime.autotune import resolve_tree
+
+    return resolve_tree("auto", target, resolved.drafter, resolved.label, progress=_status)
 
 
 def load_target_from_args(args: argparse.Namespace):
@@ -324,12 +336,14 @@ def run_demo(args: argparse.Namespace) -> int:
     resolved = resolve_drafter(args.drafter, target)
     if resolved.drafter is None:
         raise CLIError("the demo compares vanilla and speculative decoding: pick a drafter, not --drafter none")
+    cfg.tree = resolve_tree_from_args(args, target, resolved)
     ids = target.encode_prompt(args.prompt)
 
     if args.warmup:  # one-time costs (allocator, kernels) should not land on either side
         _status("warming up ...")
         warm = generation_config(args)
         warm.max_new_tokens = min(8, cfg.max_new_tokens)
+        warm.tree = cfg.tree
         generate(target, ids, None, warm)
         generate(target, ids, resolved.drafter, warm)
     _status("vanilla decoding ...")
@@ -422,6 +436,7 @@ def run_generate(args: argparse.Namespace) -> int:
     cfg = generation_config(args, args.stop)
     target = load_target_from_args(args)
     resolved = resolve_drafter("none" if args.vanilla else args.drafter, target)
+    cfg.tree = resolve_tree_from_args(args, target, resolved)
     if resolved.drafter is not None and not resolved.trained:
         _status(f"drafter: {resolved.label} (lossless, but expect little or no speedup)")
     method = resolved.drafter.method if resolved.drafter is not None else "vanilla"

@@ -27,6 +27,9 @@ class GenerationConfig:
     stop_strings: Sequence[str] = ()
     stop_on_eos: bool = True
     seed: int | None = None
+    # Called after each verification with (tree, target logits at every node); for tracing
+    # and tree autotuning, None in normal use.
+    on_round: Callable[[DraftTree, torch.Tensor], None] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         if self.max_new_tokens <= 0:
@@ -169,6 +172,8 @@ def stream_generate(
             tree.tokens, tree.positions(root_pos), cache, tree.ancestor_mask(), feature_layers=layers
         )
         path, bonus = pick(out.logits)
+        if config.on_round is not None:
+            config.on_round(tree, out.logits)
         path_t = torch.tensor(path, device=target.device)
         keep_in_cache(cache, root_pos, path_t)
         accepted = tree.tokens[path_t[1:]].tolist()

@@ -73,6 +73,7 @@ class DraftTree:
     tokens: torch.Tensor  # [n] long, node 0 = root
     parents: torch.Tensor  # [n] long, -1 for the root; parents[i] < i
     depths: torch.Tensor  # [n] long, 0 for the root
+    scores: torch.Tensor | None = None  # [n] cumulative drafter log-probability (root 0)
 
     @property
     def size(self) -> int:
@@ -87,8 +88,10 @@ class DraftTree:
         )
 
     def ancestor_mask(self) -> torch.Tensor:
-        """[n, n] bool: entry (i, j) is True when j is i or an ancestor of i."""
-        return ancestor_mask(self.parents, self.depths)
+        """[n, n] bool: entry (i, j) is True when j is i or an ancestor of i (computed once)."""
+        if "_ancestors" not in self.__dict__:
+            self.__dict__["_ancestors"] = ancestor_mask(self.parents, self.depths)
+        return self.__dict__["_ancestors"]
 
     def positions(self, root_position: int) -> torch.Tensor:
         return self.depths + root_position
@@ -189,4 +192,5 @@ def draft_tree(drafter: "Drafter", root_token: int, root_logits: torch.Tensor, c
         tokens=torch.cat([torch.tensor([root_token], device=device), all_tokens[chosen]]),
         parents=torch.cat([torch.tensor([-1], device=device), parents]),
         depths=torch.cat([torch.zeros(1, dtype=torch.long, device=device), all_depths[chosen]]),
+        scores=torch.cat([torch.zeros(1, device=device), all_scores[chosen]]),
     )

@@ -73,21 +73,25 @@ def verify_sampling(
     child fails (or there is none) the bonus is drawn from the residual. The committed token
     at each depth is therefore distributed exactly as p, whatever the drafter proposed.
     """
-    probs = target_probs(logits, cfg).cpu()
     tokens = tree.tokens.tolist()
     children = tree.children()
     node, path = 0, [0]
     while True:
-        p = probs[node].clone()
+        # Only the nodes on the walked path need their distribution.
+        p = target_probs(logits[node], cfg).cpu()
+        mass = 1.0  # residual probability left after the rejections so far
         next_node = None
         for child in children[node]:
             x = tokens[child]
-            if torch.rand((), generator=generator, dtype=torch.float64) < p[x]:
+            px = float(p[x])
+            if float(torch.rand((), generator=generator, dtype=torch.float64)) * mass < px:
                 next_node = child
                 break
+            mass -= px
             p[x] = 0.0
-            p /= p.sum()  # > 0: a token of probability 1 is always accepted
         if next_node is None:
+            # Unnormalised residual; multinomial normalises. A token of probability 1 is
+            # always accepted, so some mass is left here.
             return path, int(torch.multinomial(p, 1, generator=generator))
         node = next_node
         path.append(node)

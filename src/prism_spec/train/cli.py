@@ -93,6 +93,9 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="compute the target's features inside the trainer (frozen target, no grad; the default)")
     feats.add_argument("--feature-cache", metavar="DIR",
                        help="offline features: capture the target's hidden states once into DIR (reused when present)")
+    p.add_argument("--capture-only", action="store_true",
+                        help="with --feature-cache: capture the target's features for the data, then stop "
+                             "(one capture can serve several drafters trained on the same data)")
     resume = p.add_mutually_exclusive_group()
     resume.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
                         help="continue an interrupted run exactly: from --output-dir/checkpoints/latest, or from "
@@ -156,12 +159,17 @@ def run_train(args: argparse.Namespace) -> int:
     if args.list_recipes:
         print(_recipes_help())
         return 0
-    from .loop import TrainingError, train
+    from .loop import TrainingError, capture_only, train
 
     try:
         config = config_from_args(args, check_files=not args.print_config)
         if args.print_config:
             print(json.dumps(config.to_dict(), indent=2))
+            return 0
+        if args.capture_only:
+            if not config.data.feature_cache:
+                raise ConfigError("--capture-only needs --feature-cache DIR")
+            capture_only(config, quiet=args.quiet)
             return 0
         final = train(config, resume=args.resume, quiet=args.quiet, overwrite=args.overwrite)
     except (ConfigError, TrainingError) as e:

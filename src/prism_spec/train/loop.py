@@ -859,3 +859,11 @@ def train(config: TrainConfig, resume: bool | str | os.PathLike | None = None, q
     starts over and deletes the old checkpoints and log.
     """
     return Trainer(config, resume=resume, quiet=quiet, overwrite=overwrite).run()
+
+
+def capture_only(config: TrainConfig, quiet: bool = False) -> Path:
+    """Capture (or verify) the offline feature cache for ``config``'s data, then stop."""
+    if not config.data.feature_cache:
+        raise ConfigError("capturing features needs data.feature_cache")
+    Trainer(config, quiet=quiet).setup()  # setup captures the train and held-out features
+    return Path(config.data.feature_cache)
