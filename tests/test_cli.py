@@ -331,3 +331,18 @@ def test_generate_on_the_default_target(tmp_path, capsys):
     assert rc == 0, err
     assert json.loads(out)["token_ids"] == spec["token_ids"]
     assert "4" in spec["text"]
+
+
+def test_chat_multi_turn_reset_and_exit(tiny_target, capsys, monkeypatch):
+    import io
+
+    # Two turns, a reset, one more turn, then /exit; the 3rd reply must equal the 1st
+    # (same conversation after /reset, greedy decoding).
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello there\nAnd again?\n/reset\nHello there\n/exit\nignored\n"))
+    code, out, err = run_cli(capsys, "chat", "--target", tiny_target, "--drafter", "layers:1", "--max-new-tokens", "6")
+    assert code == 0
+    replies = [line for line in out.splitlines() if line.strip()]
+    assert len(replies) == 3
+    assert replies[0] == replies[2]
+    assert err.count("acceptance length") == 3
+    assert "conversation cleared" in err

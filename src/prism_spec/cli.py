@@ -469,6 +469,74 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ====================================================================== prism chat
+def add_chat_parser(subparsers) -> argparse.ArgumentParser:
+    p = add_subparser(
+        subparsers,
+        "chat",
+        help="interactive multi-turn chat with streaming speculative decoding",
+        description="Chat with the target in the terminal. Replies stream as rounds commit tokens; after each "
+        "reply the acceptance length and tokens/s are shown. Commands: /reset clears the conversation, "
+        "/exit (or Ctrl-D) quits.",
+    )
+    p.add_argument("--system", default=None, help="system prompt")
+    add_target_options(p)
+    add_drafter_options(p)
+    add_sampling_options(p, max_new_tokens=512)
+    p.set_defaults(func=run_chat)
+    return p
+
+
+def run_chat(args: argparse.Namespace, stdin=None, stdout=None) -> int:
+    from .drafters.resolve import resolve_drafter
+    from .runtime import GenerationResult, PromptError, stream_generate
+
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    cfg = generation_config(args)
+    target = load_target_from_args(args)
+    resolved = resolve_drafter(args.drafter, target)
+    cfg.tree = resolve_tree_from_args(args, target, resolved)
+    _status(f"chatting with {args.target} (drafter: {resolved.label}); /reset clears, /exit quits")
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = stdin.isatty()
+    while True:
+        if interactive:
+            stdout.write("\n> ")
+            stdout.flush()
+        line = stdin.readline()
+        if not line:  # EOF
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            messages = messages[:1] if args.system else []
+            _status("(conversation cleared)")
+            continue
+        messages.append({"role": "user", "content": text})
+        ids = target.render_chat(messages)
+        streamer = TextStreamer(target, stdout)
+        try:
+            for item in stream_generate(target, ids, resolved.drafter, cfg):
+                if isinstance(item, GenerationResult):
+                    result = item
+                else:
+                    streamer(item)
+        except PromptError as exc:  # e.g. the conversation outgrew the context
+            messages.pop()
+            _status(f"error: {exc} (use /reset)")
+            continue
+        streamer.finish(result.text or "")
+        messages.append({"role": "assistant", "content": result.text or ""})
+        _status(
+            f"[{len(result.token_ids)} tokens, {result.tokens_per_second:.1f} tokens/s, "
+            f"acceptance length {result.acceptance_length:.2f}, finish: {result.finish_reason}]"
+        )
+    return 0
+
+
 # ====================================================================== other subcommands
 # `prism train`, `prism bench`, `prism chat` and `prism serve` are added here by their
 # owners: write an add_<name>_parser(subparsers) -> parser (created with add_subparser; it
@@ -492,9 +560,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
 SUBCOMMANDS: list[Callable] = [
     add_demo_parser,
     add_generate_parser,
+    add_chat_parser,
     add_train_parser,
     add_bench_parser,
-    # add_chat_parser,
     # add_serve_parser,
 ]
 
