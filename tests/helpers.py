@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+from scipy.stats import chisquare
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from prism_spec.drafters.base import Drafter
@@ -53,3 +55,43 @@ class RandomDrafter(Drafter):
 
     def end_round(self):
         pass
+
+
+def record_expand(drafter):
+    """Wrap ``drafter.expand_batch`` (one sequence) to record every call as
+    (tokens, parent_slots, depth, logits); ``del drafter.expand_batch`` undoes it."""
+    calls = []
+    original = drafter.expand_batch
+
+    def expand_batch(tokens, parent_slots, tree_mask, depth):
+        out = original(tokens, parent_slots, tree_mask, depth)
+        calls.append((tokens[0].tolist(), parent_slots[0].tolist(), depth, out[0].clone()))
+        return out
+
+    drafter.expand_batch = expand_batch
+    return calls
+
+
+def chi_square_pvalue(observed: np.ndarray, expected_p: np.ndarray, n: int) -> float:
+    """Pearson chi-square goodness of fit. A sample in a cell of probability 0 rejects the
+    hypothesis outright (p = 0); cells expected fewer than 5 times are merged into one (with
+    the smallest other cell if still < 5)."""
+    observed = np.asarray(observed, dtype=float).ravel()
+    expected = np.asarray(expected_p, dtype=float).ravel() * n
+    impossible = expected_p.ravel() <= 1e-12
+    if observed[impossible].sum() > 0:
+        return 0.0
+    observed, expected = observed[~impossible], expected[~impossible]
+    small = expected < 5
+    obs, exp = list(observed[~small]), list(expected[~small])
+    if small.any():
+        o, e = observed[small].sum(), expected[small].sum()
+        if e < 5:
+            j = int(np.argmin(exp))
+            o, e = o + obs.pop(j), e + exp.pop(j)
+        obs.append(o)
+        exp.append(e)
+    exp = np.array(exp)
+    exp *= sum(obs) / exp.sum()  # float rounding only: sums match to ~1e-12
+    assert len(obs) >= 5
+    return float(chisquare(obs, exp).pvalue)

@@ -22,7 +22,6 @@ from prism_spec.drafters import (
 )
 from prism_spec.drafters.feature import build_draft_vocab, check_d2t, count_tokens, draft_ids_for
 from prism_spec.runtime import GenerationConfig, TreeConfig, generate
-from prism_spec.runtime import decode as decode_module
 from prism_spec.train.losses import TargetDistribution, distillation_terms
 from prism_spec.train.objectives import ObjectiveConfig, compute_loss, draft_passes, pass_modules
 
@@ -143,15 +142,9 @@ def test_draft_tree_proposes_only_draft_vocabulary_ids(target, prompts, monkeypa
     d2t = odd_ids(30)
     drafter = FeatureDrafter(reduced_model(target, d2t, num_modules=2))
     trees = []
-    real = decode_module.draft_tree
-
-    def recording(*args, **kwargs):
-        tree = real(*args, **kwargs)
-        trees.append(tree)
-        return tree
-
-    monkeypatch.setattr(decode_module, "draft_tree", recording)
-    config = GenerationConfig(max_new_tokens=12, tree=TreeConfig.parse("paper"))
+    config = GenerationConfig(
+        max_new_tokens=12, tree=TreeConfig.parse("paper"), on_round=lambda tree, logits: trees.append(tree)
+    )
     for p in prompts[:3]:
         generate(target, p, drafter, config)
     drafted = torch.cat([t.tokens[1:] for t in trees])

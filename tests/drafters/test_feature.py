@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from helpers import tiny_llama
+from helpers import tiny_llama, record_expand
 from prism_spec.drafters import (
     DrafterMismatchError,
     FeatureDrafter,
@@ -71,19 +71,6 @@ def reference_logits(drafter, tokens, features, path=()):
         )[0]
         feature = out[-1]
     return model.logits(feature).float()
-
-
-def record_expand(drafter):
-    calls = []
-    original = drafter.expand
-
-    def expand(tokens, parent_slots, tree_mask, depth):
-        out = original(tokens, parent_slots, tree_mask, depth)
-        calls.append((tokens.tolist(), parent_slots.tolist(), depth, out.clone()))
-        return out
-
-    drafter.expand = expand
-    return calls
 
 
 def slot_paths(calls) -> list[list[int]]:
@@ -206,8 +193,8 @@ def test_rounds_match_reference(target, name):
         calls = record_expand(drafter)
         tree = draft_tree(drafter, int(committed[-1]), root_logits, TREE)
         drafter.end_round()
-        del drafter.expand
-        assert drafter.cache.get_seq_length() == drafter.length == inputs.numel()
+        del drafter.expand_batch
+        assert drafter.kv.cache.get_seq_length() == int(drafter.kv.lengths[0]) == inputs.numel()
         assert len(calls) == TREE.depth
         for path, row in zip(slot_paths(calls), torch.cat([out for *_, out in calls])):
             expected = reference_logits(drafter, inputs, feats, path)
@@ -221,7 +208,7 @@ def test_rounds_match_reference(target, name):
         new_feats = all_feats[-new.numel() :]
         root_logits = drafter.extend(new, new_feats)
         inputs, feats = committed[1:], all_feats
-        assert drafter.length == inputs.numel()
+        assert int(drafter.kv.lengths[0]) == inputs.numel()
         assert torch.allclose(root_logits, reference_logits(drafter, inputs, feats), atol=1e-9, rtol=0)
 
 

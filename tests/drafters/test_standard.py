@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import tiny_llama
+from helpers import tiny_llama, record_expand
 from prism_spec.drafters import DrafterMismatchError, StandardDrafter
 from prism_spec.runtime.tree import TreeConfig, draft_tree
 
@@ -23,19 +23,6 @@ def target():
 def causal_logits(lm, tokens: torch.Tensor) -> torch.Tensor:
     """Last-position logits of ``lm`` (a Target) over ``tokens`` from an empty cache."""
     return lm.forward(tokens, torch.arange(tokens.numel()), lm.new_cache()).logits[-1]
-
-
-def record_expand(drafter):
-    calls = []
-    original = drafter.expand
-
-    def expand(tokens, parent_slots, tree_mask, depth):
-        out = original(tokens, parent_slots, tree_mask, depth)
-        calls.append((tokens.tolist(), parent_slots.tolist(), depth, out.clone()))
-        return out
-
-    drafter.expand = expand
-    return calls
 
 
 def slot_paths(calls) -> list[list[int]]:
@@ -109,8 +96,8 @@ def test_rounds_match_causal_runs(target, num_layers):
         calls = record_expand(drafter)
         tree = draft_tree(drafter, int(committed[-1]), root_logits, TREE)
         drafter.end_round()
-        del drafter.expand
-        assert drafter.cache.get_seq_length() == committed.numel() == drafter.length
+        del drafter.expand_batch
+        assert drafter.kv.cache.get_seq_length() == committed.numel() == int(drafter.kv.lengths[0])
         assert len(calls) == TREE.depth
         paths = slot_paths(calls)
         logits = torch.cat([out for *_, out in calls])
@@ -118,14 +105,14 @@ def test_rounds_match_causal_runs(target, num_layers):
             seq = torch.cat([committed, torch.tensor(path)])
             assert torch.allclose(row, causal_logits(drafter.lm, seq), atol=1e-9, rtol=0)
             assert torch.allclose(row, chain_expand(drafter, path), atol=1e-9, rtol=0)
-        assert drafter.cache.get_seq_length() == committed.numel()
+        assert drafter.kv.cache.get_seq_length() == committed.numel()
         # Commit a tree path plus a bonus token, as the decode loop would.
         leaf = tree.leaf_paths()[round_]
         new = torch.cat([tree.tokens[leaf[1:]], torch.tensor([round_ + 1])])
         committed = torch.cat([committed, new])
         root_logits = drafter.extend(new, None)
         assert torch.allclose(root_logits, causal_logits(drafter.lm, committed), atol=1e-9, rtol=0)
-        assert drafter.length == committed.numel()
+        assert int(drafter.kv.lengths[0]) == committed.numel()
 
 
 def test_begin_resets(target):
@@ -134,4 +121,4 @@ def test_begin_resets(target):
     drafter.extend(torch.tensor([1, 2, 3]), None)
     again = drafter.begin(PROMPT, 7, None)
     assert torch.equal(first, again)
-    assert drafter.length == PROMPT.numel() + 1
+    assert int(drafter.kv.lengths[0]) == PROMPT.numel() + 1

@@ -6,10 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from scipy.stats import chisquare
 
 import prism_spec.runtime.decode as decode
-from helpers import tiny_llama
+from helpers import chi_square_pvalue, tiny_llama
 from prism_spec.drafters import Drafter, StandardDrafter
 from prism_spec.runtime import GenerationConfig, SamplingConfig, TreeConfig, generate
 from prism_spec.runtime.tree import DraftTree
@@ -149,31 +148,6 @@ def test_verify_sampling_bonus_never_repeats_a_rejected_child():
 
 
 # --------------------------------------------------------------------------- goodness of fit
-
-
-def chi_square_pvalue(observed: np.ndarray, expected_p: np.ndarray, n: int) -> float:
-    """Pearson chi-square goodness of fit. A sample in a cell of probability 0 rejects the
-    hypothesis outright (p = 0); cells expected fewer than 5 times are merged into one (with
-    the smallest other cell if still < 5)."""
-    observed = np.asarray(observed, dtype=float).ravel()
-    expected = np.asarray(expected_p, dtype=float).ravel() * n
-    impossible = expected_p.ravel() <= 1e-12
-    if observed[impossible].sum() > 0:
-        return 0.0
-    observed, expected = observed[~impossible], expected[~impossible]
-    small = expected < 5
-    obs, exp = list(observed[~small]), list(expected[~small])
-    if small.any():
-        o, e = observed[small].sum(), expected[small].sum()
-        if e < 5:
-            j = int(np.argmin(exp))
-            o, e = o + obs.pop(j), e + exp.pop(j)
-        obs.append(o)
-        exp.append(e)
-    exp = np.array(exp)
-    exp *= sum(obs) / exp.sum()  # float rounding only: sums match to ~1e-12
-    assert len(obs) >= 5
-    return float(chisquare(obs, exp).pvalue)
 
 
 def buggy_bonus_from_p(tree, logits, cfg, generator=None):

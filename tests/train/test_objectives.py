@@ -162,11 +162,11 @@ def inference_feature(model, ids, feats, i, j):
     drafter = FeatureDrafter(model)
     P = i - j + 2  # committed prompt t[0..P-1], first generated token t[P]
     drafter.begin(ids[:P], int(ids[P]), feats[:P])
-    feature = drafter.root_feature
+    feature = drafter.root_feature[0]  # batch row 0
     for d in range(1, j):
         tokens = ids[P + d : P + d + 1]
         drafter.expand(tokens, torch.tensor([d - 2]), torch.ones(1, d, dtype=torch.bool), d)
-        feature = drafter.slot_features[-1]
+        feature = drafter.slot_features[-1][0, 0]
     return feature
 
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
-from ..targets.hf import Target, attention_mask_4d, cache_kwarg, truncate_cache
+from ..targets.hf import RaggedCache, Target, batch_attention_mask, cache_kwarg, pad_ragged
 from .base import Drafter, DrafterMismatchError, register
 
 
@@ -319,17 +319,16 @@ class FeatureDrafterModel(nn.Module):
 @register("prism")
 @register("stacked")
 class FeatureDrafter(Drafter):
-    """Runs a FeatureDrafterModel inside the decode loop (batch 1)."""
+    """Runs a FeatureDrafterModel inside the decode loop, for a batch of sequences."""
 
     def __init__(self, model: FeatureDrafterModel):
         self.model = model.eval()
         self.config = model.config
         self.method = self.config.architecture
         self.feature_layers = tuple(self.config.input_layers) if self.config.input_layers else "last"
-        self.cache: DynamicCache | None = None
-        self.length = 0  # drafter prefix entries (one per committed token after the first)
-        self.root_feature: torch.Tensor | None = None
-        self.slot_features: list[torch.Tensor] = []
+        self.kv: RaggedCache | None = None  # one committed entry per token after the first
+        self.root_feature: torch.Tensor | None = None  # [B, h]: output at the last committed token
+        self.slot_features: list[torch.Tensor] = []  # this round's expansions, [B, k, h] each
         if model.d2t is not None:
             check_d2t(model.d2t, self.config.vocab_size, self.config.draft_vocab_size)
 
@@ -354,41 +353,50 @@ class FeatureDrafter(Drafter):
         return self.model.processing[0].fc.weight.device
 
     def _mask(self, n_new: int, tree_mask: torch.Tensor | None) -> torch.Tensor:
-        past = self.cache.get_seq_length()
-        return attention_mask_4d(past, n_new, tree_mask, self.model.processing[0].fc.weight.dtype, self._device)
+        kv = self.kv
+        dtype = self.model.processing[0].fc.weight.dtype
+        return batch_attention_mask(kv.lengths, kv.cache.get_seq_length(), n_new, tree_mask, dtype, self._device)
 
     @torch.inference_mode()
-    def begin(self, prompt_ids, first_token, features):
-        self.cache = DynamicCache()
-        self.length = 0
-        tokens = torch.cat([prompt_ids[1:], prompt_ids.new_tensor([first_token])])
-        return self.extend(tokens, features)
+    def begin_batch(self, prompts, first_tokens, features):
+        self.kv = RaggedCache(DynamicCache(), len(prompts), self._device)
+        tokens = [torch.cat([p[1:], p.new_tensor([first])]) for p, first in zip(prompts, first_tokens)]
+        return self.extend_batch(tokens, features)
 
     @torch.inference_mode()
-    def extend(self, tokens, features):
-        m = tokens.numel()
-        positions = torch.arange(self.length, self.length + m, device=self._device)[None]
-        mask = self._mask(m, None)
+    def extend_batch(self, tokens, features):
+        # Step 0 of a round: module step_mapping[0] over the newly committed tokens writes the
+        # prefix KV cache that every later step (whatever its module) attends to.
+        padded, counts = pad_ragged(tokens)
+        feats, _ = pad_ragged([f.to(self._device) for f in features])
+        m = padded.shape[1]
+        positions = self.kv.lengths[:, None] + torch.arange(m, device=self._device)
         out = self.model.step(
-            self.config.module_for_step(0), tokens[None], self.model.input_features(features)[None], positions, mask, self.cache
-        )[0]
-        self.length += m
-        self.root_feature = out[-1]
+            self.config.module_for_step(0), padded, self.model.input_features(feats), positions,
+            self._mask(m, None), self.kv.cache,
+        )
+        self.kv.commit([torch.arange(int(c), device=self._device) for c in counts])
+        self.root_feature = out[torch.arange(out.shape[0], device=self._device), counts - 1]  # [B, h]
         self.slot_features = []
-        return self.model.logits(out[-1]).float()
+        return self.model.logits(self.root_feature).float()
 
     @torch.inference_mode()
-    def expand(self, tokens, parent_slots, tree_mask, depth):
-        known = torch.stack([self.root_feature, *self.slot_features])  # slot -1 -> row 0
-        parents = known[parent_slots + 1]
-        positions = torch.full((1, tokens.numel()), self.length - 1 + depth, device=self._device)
-        mask = self._mask(tokens.numel(), tree_mask)
+    def expand_batch(self, tokens, parent_slots, tree_mask, depth):
+        batch, k = tokens.shape
+        known = torch.cat([self.root_feature[:, None], *self.slot_features], dim=1)  # slot -1 -> 0
+        index = (parent_slots + 1)[..., None].expand(batch, k, known.shape[-1])
+        parents = known.gather(1, index)
+        positions = (self.kv.lengths - 1 + depth)[:, None].expand(batch, k)
         out = self.model.step(
-            self.config.module_for_step(depth), tokens[None], parents[None], positions, mask, self.cache
-        )[0]
-        self.slot_features.extend(out.unbind(0))
+            self.config.module_for_step(depth), tokens, parents, positions, self._mask(k, tree_mask), self.kv.cache
+        )
+        self.slot_features.append(out)
         return self.model.logits(out).float()
 
+    def keep_rows(self, rows):
+        self.kv.keep_rows(rows)
+        self.root_feature = self.root_feature[rows]
+
     def end_round(self):
-        truncate_cache(self.cache, self.length)
+        self.kv.rollback()
         self.slot_features = []

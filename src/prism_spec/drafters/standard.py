@@ -7,7 +7,7 @@ import copy
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from ..targets.hf import Target, truncate_cache
+from ..targets.hf import RaggedCache, Target, pad_ragged
 from .base import Drafter, DrafterMismatchError, register
 
 
@@ -20,8 +20,7 @@ class StandardDrafter(Drafter):
 
     def __init__(self, model: PreTrainedModel, name: str = "standard"):
         self.lm = Target(model, None, name=name)
-        self.cache = None
-        self.length = 0  # committed tokens in the drafter's cache (the root included)
+        self.kv: RaggedCache | None = None  # committed tokens (the root included) per row
 
     @classmethod
     def from_target_layers(cls, target: Target, num_layers: int = 2) -> "StandardDrafter":
@@ -51,27 +50,27 @@ class StandardDrafter(Drafter):
                 f"the target {target.name} has {target.vocab_size}: they must share a tokenizer"
             )
 
-    def _run(self, tokens: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(self.length, self.length + tokens.numel(), device=self.lm.device)
-        out = self.lm.forward(tokens, positions, self.cache)
-        self.length += tokens.numel()
-        return out.logits[-1]
+    def begin_batch(self, prompts, first_tokens, features):
+        self.kv = RaggedCache(self.lm.new_cache(), len(prompts), self.lm.device)
+        return self.extend_batch([torch.cat([p, p.new_tensor([f])]) for p, f in zip(prompts, first_tokens)], None)
 
-    def begin(self, prompt_ids, first_token, features):
-        self.cache = self.lm.new_cache()
-        self.length = 0
-        return self._run(torch.cat([prompt_ids, prompt_ids.new_tensor([first_token])]))
+    def extend_batch(self, tokens, features):
+        padded, counts = pad_ragged(tokens)
+        positions = self.kv.lengths[:, None] + torch.arange(padded.shape[1], device=self.lm.device)
+        out = self.lm.forward_batch(padded, positions, self.kv.cache, None, self.kv.lengths)
+        self.kv.commit([torch.arange(int(c), device=self.lm.device) for c in counts])
+        return out.logits[torch.arange(len(tokens), device=self.lm.device), counts - 1]
 
-    def extend(self, tokens, features):
-        return self._run(tokens)
-
-    def expand(self, tokens, parent_slots, tree_mask, depth):
+    def expand_batch(self, tokens, parent_slots, tree_mask, depth):
         # Depth-d nodes sit d positions after the root, which is the last committed token.
-        positions = torch.full_like(tokens, self.length - 1 + depth)
-        return self.lm.forward(tokens, positions, self.cache, tree_mask).logits
+        positions = (self.kv.lengths - 1 + depth)[:, None].expand_as(tokens)
+        return self.lm.forward_batch(tokens, positions, self.kv.cache, tree_mask, self.kv.lengths).logits
+
+    def keep_rows(self, rows):
+        self.kv.keep_rows(rows)
 
     def end_round(self):
-        truncate_cache(self.cache, self.length)
+        self.kv.rollback()
 
 
 def _layer_index(key: str) -> int:

@@ -1,12 +1,21 @@
 """The speculative decoding runtime: trees, verification and the decode loop."""
 
-from .decode import GenerationConfig, GenerationResult, PromptError, generate, stream_generate
-from .tree import TREE_PRESETS, DraftTree, TreeConfig, ancestor_mask, chain, draft_tree
+from .decode import (
+    GenerationConfig,
+    GenerationResult,
+    PromptError,
+    generate,
+    generate_batch,
+    stream_generate,
+    stream_generate_batch,
+)
+from .tree import TREE_PRESETS, DraftTree, DraftTreeBatch, TreeConfig, ancestor_mask, chain, draft_tree, draft_tree_batch
 from .verify import SamplingConfig, target_probs, verify_greedy, verify_sampling
 
 __all__ = [
     "TREE_PRESETS",
     "DraftTree",
+    "DraftTreeBatch",
     "GenerationConfig",
     "GenerationResult",
     "PromptError",
@@ -15,6 +24,9 @@ __all__ = [
     "ancestor_mask",
     "chain",
     "draft_tree",
+    "draft_tree_batch",
+    "generate_batch",
+    "stream_generate_batch",
     "generate",
     "stream_generate",
     "target_probs",

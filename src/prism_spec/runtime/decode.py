@@ -2,7 +2,8 @@
 
 Vanilla decoding is the same loop with no drafter: every round's "tree" is only the root, so
 one target forward commits exactly one token. Everything a speedup is measured against goes
-through this one function.
+through this one function. It decodes a batch of sequences (one is the common case): each
+row has its own tree and accepted length, and the caches are ragged (``RaggedCache``).
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from ..drafters.base import Drafter
-from ..targets.hf import Target, keep_in_cache
-from .tree import DraftTree, TreeConfig, draft_tree
+from ..targets.hf import RaggedCache, Target, pad_ragged
+from .tree import DraftTree, DraftTreeBatch, TreeConfig, draft_tree_batch
 from .verify import SamplingConfig, verify_greedy, verify_sampling
 
 
@@ -77,127 +78,189 @@ def _sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
+def stream_generate_batch(
+    target: Target,
+    prompts: Sequence[Sequence[int] | torch.Tensor],
+    drafter: Drafter | None = None,
+    configs: GenerationConfig | Sequence[GenerationConfig] | None = None,
+) -> Iterator[tuple[int, list[int]] | list[GenerationResult]]:
+    """Decode several sequences together; yield ``(row, tokens)`` whenever a row commits
+    tokens, then the list of GenerationResults (prompt order).
+
+    Each row has its own tree, accepted length, sampling settings and stop conditions (one
+    GenerationConfig per row, or one for all; the tree shape comes from the first); rows that
+    finish leave the batch. Each row's output is what decoding it alone would give.
+    """
+    batch = len(prompts)
+    if batch == 0:
+        raise PromptError("no prompts")
+    if configs is None or isinstance(configs, GenerationConfig):
+        configs = [configs or GenerationConfig()] * batch
+    if len(configs) != batch:
+        raise ValueError(f"{len(configs)} generation configs for {batch} prompts")
+    device = target.device
+    prompts = [torch.as_tensor(p, dtype=torch.long).flatten().to(device) for p in prompts]
+    for i, prompt in enumerate(prompts):
+        which = "the prompt" if batch == 1 else f"prompt {i}"
+        if prompt.numel() == 0:
+            raise PromptError(f"{which} is empty")
+        if prompt.numel() >= target.max_context:
+            raise PromptError(
+                f"{which} has {prompt.numel()} tokens but the target's context holds {target.max_context}"
+            )
+    if drafter is not None:
+        drafter.check_target(target)
+        if batch > 1 and type(drafter).expand_batch is Drafter.expand_batch:
+            raise ValueError(f"{type(drafter).__name__} drafts for one sequence at a time: decode one prompt per call")
+    generators = []
+    for cfg in configs:
+        gen = None
+        if not cfg.sampling.greedy:
+            gen = torch.Generator()
+            gen.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
+        generators.append(gen)
+    tree_shape = configs[0].tree
+    features_spec = drafter.feature_layers if drafter is not None else None
+    layers = features_spec if isinstance(features_spec, tuple) else None
+
+    def pick(row: int, tree: DraftTree, logits: torch.Tensor) -> tuple[list[int], int]:
+        cfg = configs[row]
+        if cfg.sampling.greedy:
+            return verify_greedy(tree, logits)
+        return verify_sampling(tree, logits, cfg.sampling, generators[row])
+
+    def drafter_features(out, i, rows):
+        if features_spec is None:
+            return None
+        return (out.layer_features if layers else out.features)[i, rows]
+
+    # Prefill: right-padded prompts, causal; padding never enters the committed region.
+    start = time.perf_counter()
+    padded, prompt_lens = pad_ragged(prompts)
+    kv = RaggedCache(target.new_cache(), batch, device)
+    positions = torch.arange(padded.shape[1], device=device).expand_as(padded)
+    out = target.forward_batch(padded, positions, kv.cache, None, kv.lengths, feature_layers=layers)
+    kv.commit([torch.arange(int(n), device=device) for n in prompt_lens])
+    roots = [pick(b, DraftTree.root_only(0, device), out.logits[b, int(n) - 1 : int(n)])[1]
+             for b, n in enumerate(prompt_lens)]
+    if drafter is not None:
+        root_logits = drafter.begin_batch(
+            prompts, roots, [drafter_features(out, b, slice(0, int(n))) for b, n in enumerate(prompt_lens)]
+        )
+    _sync(device)
+    prefill_s = time.perf_counter() - start
+    results = [GenerationResult(prompt_len=int(n), token_ids=[], finish_reason="length", prefill_s=prefill_s)
+               for n in prompt_lens]
+
+    active = list(range(batch))  # batch row i decodes sequence active[i]
+    new_tokens = [[r] for r in roots]
+    while True:
+        # Commit each row's tokens (EOS / max_new_tokens / stop strings); finished rows leave.
+        still = []
+        for i, row in enumerate(active):
+            committed, finished = _commit(target, results[row], new_tokens[i], configs[row])
+            if committed:
+                yield row, committed
+            if finished is None and int(kv.lengths[i]) + 1 >= target.max_context:
+                finished = "context"
+            if finished is None:
+                still.append(i)
+            else:
+                results[row].finish_reason = finished
+                results[row].total_s = time.perf_counter() - start
+        if not still:
+            break
+        if len(still) < len(active):
+            rows = torch.tensor(still, device=device)
+            kv.keep_rows(rows)
+            if drafter is not None:
+                drafter.keep_rows(rows)
+                root_logits = root_logits[rows]
+            active, roots = [active[i] for i in still], [roots[i] for i in still]
+
+        # Draft one tree per row.
+        t0 = time.perf_counter()
+        roots_t = torch.tensor(roots, device=device)
+        if drafter is None:
+            trees = DraftTreeBatch.roots_only(roots_t)
+        else:
+            # Tree nodes that fit: the root and drafted tokens take positions lengths.., and the
+            # bonus token after the deepest accepted node needs a position too.
+            room = target.max_context - int(kv.lengths.max()) - 1
+            shape = tree_shape
+            if shape.total_tokens > room:
+                shape = TreeConfig(min(shape.depth, room - 1), shape.top_k, room)
+            trees = draft_tree_batch(drafter, roots_t, root_logits, shape)
+            drafter.end_round()
+        _sync(device)
+        t1 = time.perf_counter()
+
+        # Verify every tree in one target forward, accept a path per row, keep its KV entries.
+        out = target.forward_batch(
+            trees.tokens, kv.lengths[:, None] + trees.depths, kv.cache, trees.ancestor_mask(), kv.lengths, layers
+        )
+        paths, new_tokens, features = [], [], []
+        for i, row in enumerate(active):
+            tree = trees.row(i)
+            path, bonus = pick(row, tree, out.logits[i])
+            if configs[row].on_round is not None:
+                configs[row].on_round(tree, out.logits[i])
+            path_t = torch.tensor(path, device=device)
+            paths.append(path_t)
+            new_tokens.append(tree.tokens[path_t[1:]].tolist() + [bonus])
+            features.append(drafter_features(out, i, path_t))
+            result = results[row]
+            result.accepted.append(len(path) - 1)
+            result.tree_depths.append(int(tree.depths.max()))
+            result.tree_sizes.append(tree.size)
+            result.exhausted.append(not bool((tree.parents == path[-1]).any()))
+        kv.commit(paths)
+        if drafter is not None:
+            root_logits = drafter.extend_batch([torch.tensor(t, device=device) for t in new_tokens], features)
+        _sync(device)
+        t2 = time.perf_counter()
+        for row in active:  # rows share the round's wall time
+            results[row].draft_s += t1 - t0
+            results[row].verify_s += t2 - t1
+        roots = [t[-1] for t in new_tokens]
+
+    if target.tokenizer is not None:
+        for result in results:
+            result.text = target.decode(result.token_ids)
+    yield results
+
+
+def _commit(target: Target, result: GenerationResult, tokens: list[int], config: GenerationConfig):
+    """Append a round's tokens to ``result``, cut at EOS / max_new_tokens / stop strings;
+    returns (the tokens committed, the finish reason or None)."""
+    finished = None
+    eos = target.eos_token_ids if config.stop_on_eos else ()
+    for i, tok in enumerate(tokens):
+        if tok in eos:
+            tokens, finished = tokens[: i + 1], "eos"
+            break
+    room = config.max_new_tokens - len(result.token_ids)
+    if len(tokens) >= room:
+        tokens, finished = tokens[:room], finished or "length"
+    result.token_ids.extend(tokens)
+    if config.stop_strings and target.tokenizer is not None and finished != "eos":
+        cut = _stop_string_cut(target, result.token_ids, len(tokens), config.stop_strings)
+        if cut is not None:
+            tokens = tokens[: len(tokens) - (len(result.token_ids) - cut)]
+            result.token_ids = result.token_ids[:cut]
+            finished = "stop"
+    return tokens, finished
+
+
 def stream_generate(
     target: Target,
     prompt_ids: Sequence[int] | torch.Tensor,
     drafter: Drafter | None = None,
     config: GenerationConfig | None = None,
 ) -> Iterator[list[int] | GenerationResult]:
-    """Yield each round's committed tokens as a list, then the final GenerationResult."""
-    config = config or GenerationConfig()
-    sampling = config.sampling
-    prompt = torch.as_tensor(prompt_ids, dtype=torch.long).flatten().to(target.device)
-    if prompt.numel() == 0:
-        raise PromptError("the prompt is empty")
-    if prompt.numel() >= target.max_context:
-        raise PromptError(
-            f"the prompt has {prompt.numel()} tokens but the target's context holds {target.max_context}"
-        )
-    if drafter is not None:
-        drafter.check_target(target)
-    generator = None
-    if not sampling.greedy:
-        generator = torch.Generator()
-        generator.manual_seed(config.seed if config.seed is not None else torch.seed())
-    eos = target.eos_token_ids if config.stop_on_eos else set()
-    features_spec = drafter.feature_layers if drafter is not None else None
-    layers = features_spec if isinstance(features_spec, tuple) else None
-
-    def pick(logits: torch.Tensor) -> tuple[list[int], int]:
-        if sampling.greedy:
-            return verify_greedy(tree, logits)
-        return verify_sampling(tree, logits, sampling, generator)
-
-    def drafter_features(out, rows):
-        if features_spec is None:
-            return None
-        return (out.layer_features if layers else out.features)[rows]
-
-    start = time.perf_counter()
-    cache = target.new_cache()
-    out = target.forward(prompt, torch.arange(prompt.numel(), device=target.device), cache, feature_layers=layers)
-    tree = DraftTree.root_only(0, target.device)  # lets `pick` sample the first token
-    _, root = pick(out.logits[-1:])
-    if drafter is not None:
-        root_logits = drafter.begin(prompt, root, drafter_features(out, slice(None)))
-    _sync(target.device)
-    result = GenerationResult(prompt_len=prompt.numel(), token_ids=[], finish_reason="length")
-    result.prefill_s = time.perf_counter() - start
-
-    new_tokens = [root]
-    root_pos = prompt.numel()  # position of the root: everything before it is in the cache
-    while True:
-        # Commit this round's tokens, cutting at EOS / max_new_tokens / stop strings.
-        finished = None
-        for i, tok in enumerate(new_tokens):
-            if tok in eos:
-                new_tokens, finished = new_tokens[: i + 1], "eos"
-                break
-        room = config.max_new_tokens - len(result.token_ids)
-        if len(new_tokens) >= room:
-            new_tokens, finished = new_tokens[:room], finished or "length"
-        result.token_ids.extend(new_tokens)
-        if config.stop_strings and target.tokenizer is not None and finished != "eos":
-            cut = _stop_string_cut(target, result.token_ids, len(new_tokens), config.stop_strings)
-            if cut is not None:
-                new_tokens = new_tokens[: len(new_tokens) - (len(result.token_ids) - cut)]
-                result.token_ids = result.token_ids[:cut]
-                finished = "stop"
-        if new_tokens:
-            yield new_tokens
-        if finished is None and root_pos + 1 >= target.max_context:
-            finished = "context"
-        if finished is not None:
-            result.finish_reason = finished
-            break
-
-        # Draft.
-        t0 = time.perf_counter()
-        tree_cfg = config.tree
-        # Tree nodes that fit: the root and drafted tokens take positions root_pos.., and the
-        # bonus token after the deepest accepted node needs a position too (< max_context).
-        room_in_context = target.max_context - root_pos - 1
-        if drafter is None:
-            tree = DraftTree.root_only(root, target.device)
-        else:
-            if tree_cfg.total_tokens > room_in_context:
-                tree_cfg = TreeConfig(min(tree_cfg.depth, room_in_context - 1), tree_cfg.top_k, room_in_context)
-            tree = draft_tree(drafter, root, root_logits, tree_cfg)
-            drafter.end_round()
-        _sync(target.device)
-        t1 = time.perf_counter()
-
-        # Verify all tree nodes in one target forward, then accept a path.
-        out = target.forward(
-            tree.tokens, tree.positions(root_pos), cache, tree.ancestor_mask(), feature_layers=layers
-        )
-        path, bonus = pick(out.logits)
-        if config.on_round is not None:
-            config.on_round(tree, out.logits)
-        path_t = torch.tensor(path, device=target.device)
-        keep_in_cache(cache, root_pos, path_t)
-        accepted = tree.tokens[path_t[1:]].tolist()
-        new_tokens = accepted + [bonus]
-        if drafter is not None:
-            root_logits = drafter.extend(
-                torch.tensor(new_tokens, device=target.device), drafter_features(out, path_t)
-            )
-        _sync(target.device)
-        t2 = time.perf_counter()
-
-        result.accepted.append(len(accepted))
-        result.tree_depths.append(int(tree.depths.max()))
-        result.exhausted.append(not bool((tree.parents == path[-1]).any()))
-        result.tree_sizes.append(tree.size)
-        result.draft_s += t1 - t0
-        result.verify_s += t2 - t1
-        root_pos += len(path)
-        root = bonus
-
-    result.total_s = time.perf_counter() - start
-    if target.tokenizer is not None:
-        result.text = target.decode(result.token_ids)
-    yield result
+    """One sequence: yield each round's committed tokens as a list, then the GenerationResult."""
+    for item in stream_generate_batch(target, [prompt_ids], drafter, config):
+        yield item[0] if isinstance(item, list) else item[1]
 
 
 def _stop_string_cut(target: Target, token_ids: list[int], n_new: int, stops: Sequence[str]) -> int | None:
@@ -229,4 +292,20 @@ def generate(
             return item
         if on_tokens is not None:
             on_tokens(item)
+    raise AssertionError("unreachable")
+
+
+def generate_batch(
+    target: Target,
+    prompts: Sequence[Sequence[int] | torch.Tensor],
+    drafter: Drafter | None = None,
+    configs: GenerationConfig | Sequence[GenerationConfig] | None = None,
+    on_tokens: Callable[[int, list[int]], None] | None = None,
+) -> list[GenerationResult]:
+    """Decode several prompts together (batched speculative decoding); results in prompt order."""
+    for item in stream_generate_batch(target, prompts, drafter, configs):
+        if isinstance(item, list):
+            return item
+        if on_tokens is not None:
+            on_tokens(*item)
     raise AssertionError("unreachable")

@@ -121,76 +121,114 @@ def ancestor_mask(parents: torch.Tensor, depths: torch.Tensor) -> torch.Tensor:
     return mask
 
 
-def draft_tree(drafter: "Drafter", root_token: int, root_logits: torch.Tensor, cfg: TreeConfig) -> DraftTree:
-    """Build an EAGLE-2 dynamic tree with ``drafter``.
+@dataclass
+class DraftTreeBatch:
+    """One tree per sequence, all of the same size: [B, n] tensors."""
 
-    ``root_logits`` is the drafter's distribution for the token after the root. Each
+    tokens: torch.Tensor
+    parents: torch.Tensor
+    depths: torch.Tensor
+    scores: torch.Tensor
+
+    @classmethod
+    def roots_only(cls, roots: torch.Tensor) -> "DraftTreeBatch":
+        zeros = torch.zeros_like(roots)[:, None]
+        return cls(roots[:, None], zeros - 1, zeros, zeros.float())
+
+    def row(self, b: int) -> DraftTree:
+        return DraftTree(self.tokens[b], self.parents[b], self.depths[b], self.scores[b])
+
+    def ancestor_mask(self) -> torch.Tensor:
+        """[B, n, n] bool, row by row as :func:`ancestor_mask`."""
+        batch, n = self.parents.shape
+        mask = torch.eye(n, dtype=torch.bool, device=self.parents.device).expand(batch, n, n).clone()
+        parent_rows = self.parents.clamp(min=0)[..., None].expand(batch, n, n)
+        for d in range(1, int(self.depths.max()) + 1):
+            level = (self.depths == d)[..., None]
+            mask = torch.where(level, mask | mask.gather(1, parent_rows), mask)
+        return mask
+
+
+def draft_tree(drafter: "Drafter", root_token: int, root_logits: torch.Tensor, cfg: TreeConfig) -> DraftTree:
+    """One sequence: :func:`draft_tree_batch` with a batch of one."""
+    roots = torch.tensor([root_token], device=root_logits.device)
+    return draft_tree_batch(drafter, roots, root_logits[None], cfg).row(0)
+
+
+def draft_tree_batch(
+    drafter: "Drafter", roots: torch.Tensor, root_logits: torch.Tensor, cfg: TreeConfig
+) -> DraftTreeBatch:
+    """Build an EAGLE-2 dynamic tree per sequence with ``drafter``.
+
+    ``root_logits`` [B, V] is the drafter's distribution for the token after each root. Each
     expansion runs the drafter once over the current frontier (top_k nodes by cumulative
     log-probability); every child proposed stays a candidate, and the best
-    ``total_tokens - 1`` candidates form the tree.
+    ``total_tokens - 1`` candidates form the tree. Every row has the same number of
+    candidates, so every tree has the same size.
     """
     device = root_logits.device
+    batch = root_logits.shape[0]
     k = min(cfg.top_k, root_logits.shape[-1])
     budget = cfg.total_tokens - 1
     if budget == 0:
-        return DraftTree.root_only(root_token, device)
+        return DraftTreeBatch.roots_only(roots)
+
+    def full(shape, value):
+        return torch.full(shape, value, dtype=torch.long, device=device)
 
     logp = torch.log_softmax(root_logits.float(), dim=-1)
-    scores, tokens = logp.topk(k)
-    tokens = drafter.to_target_ids(tokens)
-    # Candidate store, flat: token, cumulative score, parent candidate (-1 = root), depth.
-    cand_tokens, cand_scores = [tokens], [scores]
-    cand_parents = [torch.full((k,), -1, dtype=torch.long, device=device)]
-    cand_depths = [torch.ones(k, dtype=torch.long, device=device)]
+    scores, tokens = logp.topk(k, dim=-1)  # [B, k]
+    # Candidate store, flat per row: token, cumulative score, parent candidate (-1 = root),
+    # depth (the same for every row).
+    cand_tokens, cand_scores = [drafter.to_target_ids(tokens)], [scores]
+    cand_parents, cand_depths = [full((batch, k), -1)], [full((k,), 1)]
     n_cands = k
 
-    frontier = torch.arange(k, device=device)  # candidate indices of the nodes to expand
-    frontier_parent_slot = torch.full((k,), -1, dtype=torch.long, device=device)
-    slot_mask = torch.zeros(0, 0, dtype=torch.bool, device=device)  # ancestry among expanded nodes
+    frontier = torch.arange(k, device=device).expand(batch, k)  # candidates to expand
+    frontier_parent_slot = full((batch, k), -1)  # expansion slot of each frontier node's parent
+    slot_mask = torch.zeros(batch, 0, 0, dtype=torch.bool, device=device)  # ancestry among slots
     for depth in range(1, cfg.depth + 1):
-        n_slots = slot_mask.shape[0]
+        n_slots = slot_mask.shape[1]
         # Rows for the new slots: the parent's row plus the new slot itself.
-        new_rows = torch.zeros(k, n_slots + k, dtype=torch.bool, device=device)
-        has_parent = frontier_parent_slot >= 0
+        new_rows = torch.zeros(batch, k, n_slots + k, dtype=torch.bool, device=device)
         if n_slots:
-            new_rows[has_parent, :n_slots] = slot_mask[frontier_parent_slot[has_parent]]
-        new_rows[:, n_slots:] = torch.eye(k, dtype=torch.bool, device=device)
-        slot_mask = torch.cat(
-            [torch.cat([slot_mask, torch.zeros(n_slots, k, dtype=torch.bool, device=device)], 1), new_rows], 0
-        )
-        all_tokens = torch.cat(cand_tokens)
-        all_scores = torch.cat(cand_scores)
-        logits = drafter.expand(all_tokens[frontier], frontier_parent_slot, new_rows, depth)
-        child_logp, child_idx = torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)  # [k, k]
-        cum = all_scores[frontier][:, None] + child_logp
-        cand_tokens.append(drafter.to_target_ids(child_idx).flatten())
-        cand_scores.append(cum.flatten())
-        cand_parents.append(frontier.repeat_interleave(k))
-        cand_depths.append(torch.full((k * k,), depth + 1, dtype=torch.long, device=device))
-        # Slots of this step are n_slots .. n_slots + k - 1, in frontier order.
-        best = cum.flatten().topk(k).indices
+            parent_rows = slot_mask.gather(1, frontier_parent_slot.clamp(min=0)[..., None].expand(batch, k, n_slots))
+            new_rows[..., :n_slots] = parent_rows & (frontier_parent_slot >= 0)[..., None]
+        new_rows[..., n_slots:] = torch.eye(k, dtype=torch.bool, device=device)
+        padding = torch.zeros(batch, n_slots, k, dtype=torch.bool, device=device)
+        slot_mask = torch.cat([torch.cat([slot_mask, padding], 2), new_rows], 1)
+        all_tokens, all_scores = torch.cat(cand_tokens, 1), torch.cat(cand_scores, 1)
+        logits = drafter.expand_batch(all_tokens.gather(1, frontier), frontier_parent_slot, new_rows, depth)
+        child_logp, child_idx = torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)  # [B, k, k]
+        cum = all_scores.gather(1, frontier)[..., None] + child_logp
+        cand_tokens.append(drafter.to_target_ids(child_idx).flatten(1))
+        cand_scores.append(cum.flatten(1))
+        cand_parents.append(frontier.repeat_interleave(k, dim=1))
+        cand_depths.append(full((k * k,), depth + 1))
+        # This step's slots are n_slots .. n_slots + k - 1, in frontier order.
+        best = cum.flatten(1).topk(k, dim=-1).indices
         frontier_parent_slot = n_slots + best // k
         frontier = n_cands + best
         n_cands += k * k
 
-    all_tokens = torch.cat(cand_tokens)
-    all_scores = torch.cat(cand_scores)
-    all_parents = torch.cat(cand_parents)
-    all_depths = torch.cat(cand_depths)
+    all_tokens, all_scores = torch.cat(cand_tokens, 1), torch.cat(cand_scores, 1)
+    all_parents, all_depths = torch.cat(cand_parents, 1), torch.cat(cand_depths)
     # Order by score, shallower first on ties: a child never outscores its parent, so every
     # prefix of this order is ancestor-closed.
-    order = all_depths.argsort(stable=True)
-    order = order[all_scores[order].argsort(descending=True, stable=True)]
-    chosen = order[: min(budget, order.numel())]
+    by_depth = all_depths.argsort(stable=True)
+    order = by_depth[all_scores[:, by_depth].argsort(dim=1, descending=True, stable=True)]
+    chosen = order[:, : min(budget, n_cands)]
     # Parents before children: sort the chosen set by depth (stable keeps score order).
-    chosen = chosen[all_depths[chosen].argsort(stable=True)]
-    tree_index = torch.full((all_tokens.numel(),), -1, dtype=torch.long, device=device)
-    tree_index[chosen] = torch.arange(1, chosen.numel() + 1, device=device)
-    parent_cand = all_parents[chosen]
-    parents = torch.where(parent_cand >= 0, tree_index[parent_cand.clamp(min=0)], torch.zeros_like(parent_cand))
-    return DraftTree(
-        tokens=torch.cat([torch.tensor([root_token], device=device), all_tokens[chosen]]),
-        parents=torch.cat([torch.tensor([-1], device=device), parents]),
-        depths=torch.cat([torch.zeros(1, dtype=torch.long, device=device), all_depths[chosen]]),
-        scores=torch.cat([torch.zeros(1, device=device), all_scores[chosen]]),
+    chosen = chosen.gather(1, all_depths[chosen].argsort(dim=1, stable=True))
+    n = chosen.shape[1]
+    tree_index = full((batch, n_cands), -1)
+    tree_index.scatter_(1, chosen, torch.arange(1, n + 1, device=device).expand(batch, n))
+    parent_cand = all_parents.gather(1, chosen)
+    parents = torch.where(parent_cand >= 0, tree_index.gather(1, parent_cand.clamp(min=0)), 0)
+    zero = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    return DraftTreeBatch(
+        tokens=torch.cat([roots[:, None].to(device), all_tokens.gather(1, chosen)], 1),
+        parents=torch.cat([zero - 1, parents], 1),
+        depths=torch.cat([zero, all_depths[chosen]], 1),
+        scores=torch.cat([zero.float(), all_scores.gather(1, chosen)], 1),
     )

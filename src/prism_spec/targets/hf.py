@@ -44,24 +44,54 @@ class ForwardOutput:
     layer_features: torch.Tensor | None = None  # [n, len(layers) * hidden] when asked for
 
 
+def batch_attention_mask(
+    lengths: torch.Tensor | None,
+    past_len: int,
+    n_new: int,
+    tree_mask: torch.Tensor | None,
+    dtype: torch.dtype,
+    device,
+) -> torch.Tensor:
+    """Additive 4D mask [B, 1, n_new, past_len + n_new] for new tokens on top of a cache.
+
+    The cache holds a committed region followed by this round's tree entries. ``tree_mask``
+    (bool, [B, n_new, t]) says which of the last ``t`` entries (the tree entries, the new ones
+    included) each new token may see; without it the new tokens are causal among themselves.
+    In the committed region row b sees its first ``lengths[b]`` entries (rows are ragged: the
+    rest is padding); ``lengths=None`` means all of it.
+    """
+    if tree_mask is None:
+        tree_mask = torch.ones(n_new, n_new, dtype=torch.bool, device=device).tril()[None]
+    batch = tree_mask.shape[0] if lengths is None else lengths.shape[0]
+    t = tree_mask.shape[-1]
+    tree_mask = tree_mask.to(device).expand(batch, n_new, t)
+    region = past_len + n_new - t
+    if lengths is None:
+        committed = torch.ones(batch, region, dtype=torch.bool, device=device)
+    else:
+        committed = torch.arange(region, device=device)[None, :] < lengths.to(device)[:, None]
+    visible = torch.cat([committed[:, None, :].expand(batch, n_new, region), tree_mask], dim=-1)
+    mask = torch.zeros(visible.shape, dtype=dtype, device=device)
+    mask.masked_fill_(~visible, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
 def attention_mask_4d(
     past_len: int, n_new: int, tree_mask: torch.Tensor | None, dtype: torch.dtype, device
 ) -> torch.Tensor:
-    """Additive 4D mask [1, 1, n_new, past_len + n_new] for new tokens on top of a cache.
+    """One sequence: [1, 1, n_new, past_len + n_new]; ``tree_mask`` is [n_new, t] (see
+    :func:`batch_attention_mask`; the whole committed region is visible)."""
+    return batch_attention_mask(None, past_len, n_new, None if tree_mask is None else tree_mask[None], dtype, device)
 
-    ``tree_mask`` (bool, [n_new, t]) says which of the last ``t`` cache entries (the tree
-    entries written this round, the new ones included) each new token may see; everything
-    before them is the committed prefix and always visible. Without it, causal.
-    """
-    total = past_len + n_new
-    if tree_mask is None:
-        tree_mask = torch.ones(n_new, n_new, dtype=torch.bool, device=device).tril()
-    t = tree_mask.shape[1]
-    visible = torch.ones(n_new, total, dtype=torch.bool, device=device)
-    visible[:, total - t :] = tree_mask.to(device)
-    mask = torch.zeros(n_new, total, dtype=dtype, device=device)
-    mask.masked_fill_(~visible, torch.finfo(dtype).min)
-    return mask[None, None]
+
+def pad_ragged(rows: Sequence[torch.Tensor], pad_value=0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad 1-D (or [m, h]) tensors to one batch; returns (padded, lengths)."""
+    counts = torch.tensor([r.shape[0] for r in rows], device=rows[0].device)
+    width = int(counts.max())
+    padded = rows[0].new_full((len(rows), width, *rows[0].shape[1:]), pad_value)
+    for i, r in enumerate(rows):
+        padded[i, : r.shape[0]] = r
+    return padded, counts
 
 
 def cache_kwarg(module) -> str:
@@ -161,10 +191,6 @@ class Target:
     def new_cache(self) -> DynamicCache:
         return DynamicCache(config=self.config)
 
-    def build_mask(self, past_len: int, n_new: int, tree_mask: torch.Tensor | None) -> torch.Tensor:
-        return attention_mask_4d(past_len, n_new, tree_mask, self.dtype, self.device)
-
-    @torch.inference_mode()
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -173,22 +199,41 @@ class Target:
         tree_mask: torch.Tensor | None = None,
         feature_layers: Sequence[int] | None = None,
     ) -> ForwardOutput:
-        """Run new tokens (1-D) at ``positions`` on top of ``cache`` (which grows by n)."""
-        n = input_ids.shape[-1]
-        past = cache.get_seq_length()
-        mask = self.build_mask(past, n, tree_mask)
+        """One sequence: run new tokens (1-D) at ``positions`` on top of ``cache`` (which grows
+        by n); ``tree_mask`` is [n, t] (see :func:`batch_attention_mask`)."""
+        out = self.forward_batch(
+            input_ids[None], positions[None], cache, None if tree_mask is None else tree_mask[None], None, feature_layers
+        )
+        layers = None if out.layer_features is None else out.layer_features[0]
+        return ForwardOutput(out.logits[0], out.features[0], layers)
+
+    @torch.inference_mode()
+    def forward_batch(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        cache: DynamicCache,
+        tree_mask: torch.Tensor | None = None,
+        lengths: torch.Tensor | None = None,
+        feature_layers: Sequence[int] | None = None,
+    ) -> ForwardOutput:
+        """Run new tokens [B, n] at ``positions`` [B, n] on top of ``cache``; row b sees its
+        first ``lengths[b]`` committed entries and the tree entries ``tree_mask`` [B, n, t]
+        allows. Outputs are [B, n, ...]."""
+        batch, n = input_ids.shape
+        mask = batch_attention_mask(lengths, cache.get_seq_length(), n, tree_mask, self.dtype, self.device)
         out = self.decoder(
-            input_ids=input_ids.view(1, n).to(self.device),
-            position_ids=positions.view(1, n).to(self.device),
+            input_ids=input_ids.to(self.device),
+            position_ids=positions.to(self.device),
             attention_mask=mask,
             use_cache=True,
             output_hidden_states=bool(feature_layers),
             **{self._cache_kw: cache},
         )
-        hidden = out.last_hidden_state[0]
+        hidden = out.last_hidden_state
         layer_features = None
         if feature_layers:
-            layer_features = torch.cat([out.hidden_states[i][0] for i in feature_layers], dim=-1)
+            layer_features = torch.cat([out.hidden_states[i] for i in feature_layers], dim=-1)
         return ForwardOutput(self.lm_head(hidden).float(), hidden, layer_features)
 
 
@@ -200,16 +245,78 @@ def truncate_cache(cache: DynamicCache, length: int) -> None:
             layer.values = layer.values[..., :length, :]
 
 
-def keep_in_cache(cache: DynamicCache, prefix_len: int, keep: torch.Tensor) -> None:
-    """Keep the first ``prefix_len`` entries plus the tree entries at indices ``keep`` (sorted)."""
-    m = keep.numel()
-    if bool((keep == torch.arange(m, device=keep.device)).all()):  # a chain prefix: no copy
-        truncate_cache(cache, prefix_len + m)
-        return
-    index = torch.cat([torch.arange(prefix_len, device=keep.device), prefix_len + keep])
+def compact_cache(
+    cache: DynamicCache, lengths: torch.Tensor, region: int, keep: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """Per row b keep its first ``lengths[b]`` entries plus the entries ``region + keep[b]``
+    (``keep[b]`` sorted: the accepted tree nodes, or the real tokens of a padded extend), moved
+    to the front; returns the new lengths. Rows shorter than the longest are padded at the
+    end (masked out by ``batch_attention_mask``)."""
+    device = lengths.device
+    new_lengths = lengths + torch.tensor([k.numel() for k in keep], device=device)
+    # Fast path (one sequence, nothing to move): the kept entries are already contiguous.
+    if len(keep) == 1 and int(lengths[0]) == region and bool(
+        (keep[0] == torch.arange(keep[0].numel(), device=keep[0].device)).all()
+    ):
+        truncate_cache(cache, int(new_lengths[0]))
+        return new_lengths
+    width = int(new_lengths.max())
+    index = torch.zeros(len(keep), width, dtype=torch.long, device=device)
+    for b, k in enumerate(keep):
+        n = int(lengths[b])
+        index[b, :n] = torch.arange(n, device=device)
+        index[b, n : n + k.numel()] = region + k.to(device)
     for layer in cache.layers:
-        layer.keys = layer.keys.index_select(-2, index.to(layer.keys.device))
-        layer.values = layer.values.index_select(-2, index.to(layer.values.device))
+        if getattr(layer, "keys", None) is None:
+            continue
+        b, h, _, d = layer.keys.shape
+        gather = index.to(layer.keys.device)[:, None, :, None].expand(b, h, width, d)
+        layer.keys = layer.keys.gather(2, gather)
+        layer.values = layer.values.gather(2, gather)
+    return new_lengths
+
+
+def keep_in_cache(cache: DynamicCache, prefix_len: int, keep: torch.Tensor) -> None:
+    """One sequence: keep the first ``prefix_len`` entries plus the tree entries ``keep``."""
+    compact_cache(cache, torch.tensor([prefix_len], device=keep.device), prefix_len, [keep])
+
+
+def select_cache_rows(cache: DynamicCache, rows: torch.Tensor) -> None:
+    """Keep only the batch rows ``rows`` (finished sequences leave the batch)."""
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is not None:
+            layer.keys = layer.keys.index_select(0, rows.to(layer.keys.device))
+            layer.values = layer.values.index_select(0, rows.to(layer.values.device))
+
+
+class RaggedCache:
+    """A KV cache over a batch of ragged sequences.
+
+    Slots ``[0, region)`` hold the committed entries (row b: its first ``lengths[b]``, the rest
+    padding); a round's tree entries go after them, are masked per row by
+    :func:`batch_attention_mask`, and are either kept (``commit``) or dropped (``rollback``).
+    """
+
+    def __init__(self, cache: DynamicCache, batch: int, device):
+        self.cache = cache
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        self.region = 0
+
+    def commit(self, keep: Sequence[torch.Tensor]) -> None:
+        """Per row, keep the new entries at indices ``keep[b]`` (counted from ``region``)."""
+        self.lengths = compact_cache(self.cache, self.lengths, self.region, keep)
+        self.region = int(self.lengths.max())
+        truncate_cache(self.cache, self.region)
+
+    def rollback(self) -> None:
+        """Drop every entry written since the last commit."""
+        truncate_cache(self.cache, self.region)
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        select_cache_rows(self.cache, rows)
+        self.lengths = self.lengths[rows.to(self.lengths.device)]
+        self.region = int(self.lengths.max())
+        truncate_cache(self.cache, self.region)
 
 
 def load_target(
