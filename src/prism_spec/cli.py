@@ -537,6 +537,47 @@ def run_chat(args: argparse.Namespace, stdin=None, stdout=None) -> int:
     return 0
 
 
+# ====================================================================== prism serve
+def add_serve_parser(subparsers) -> argparse.ArgumentParser:
+    p = add_subparser(
+        subparsers,
+        "serve",
+        help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions) with batching",
+        description="Serve the target with speculative decoding over an OpenAI-compatible API. Concurrent "
+        "requests are decoded together in batches (each row keeps its own tree and stop conditions).",
+    )
+    add_target_options(p)
+    add_drafter_options(p)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
+    p.add_argument("--port", type=_positive_int, default=8000, help="port (default: 8000)")
+    p.add_argument("--model-name", default=None, help="model id clients send (default: the --target value)")
+    p.add_argument("--max-batch", type=_positive_int, default=8, help="most requests decoded together (default: 8)")
+    p.add_argument("--max-tokens", type=_positive_int, default=256, metavar="N",
+                   help="completion length when a request gives none (default: 256)")
+    p.set_defaults(func=run_serve)
+    return p
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .drafters.resolve import resolve_drafter
+    from .serve import BatchingEngine, create_app
+
+    target = load_target_from_args(args)
+    resolved = resolve_drafter(args.drafter, target)
+    tree = resolve_tree_from_args(args, target, resolved)
+    engine = BatchingEngine(target, resolved.drafter, max_batch=args.max_batch).start()
+    name = args.model_name or args.target
+    _status(f"serving {name} on http://{args.host}:{args.port}/v1 (drafter: {resolved.label}, "
+            f"tree {tree_label(tree)}, batches up to {engine.max_batch})")
+    try:
+        uvicorn.run(create_app(engine, name, tree, args.max_tokens), host=args.host, port=args.port, log_level="warning")
+    finally:
+        engine.stop()
+    return 0
+
+
 # ====================================================================== other subcommands
 # `prism train`, `prism bench`, `prism chat` and `prism serve` are added here by their
 # owners: write an add_<name>_parser(subparsers) -> parser (created with add_subparser; it
@@ -561,9 +602,9 @@ SUBCOMMANDS: list[Callable] = [
     add_demo_parser,
     add_generate_parser,
     add_chat_parser,
+    add_serve_parser,
     add_train_parser,
     add_bench_parser,
-    # add_serve_parser,
 ]
 
 

@@ -31,6 +31,9 @@ class GenerationConfig:
     # Called after each verification with (tree, target logits at every node); for tracing
     # and tree autotuning, None in normal use.
     on_round: Callable[[DraftTree, torch.Tensor], None] | None = field(default=None, repr=False, compare=False)
+    # Polled once per round; True ends this sequence with finish_reason "cancelled" (a server
+    # client that went away), without disturbing the other rows of its batch.
+    cancelled: Callable[[], bool] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         if self.max_new_tokens <= 0:
@@ -41,7 +44,7 @@ class GenerationConfig:
 class GenerationResult:
     prompt_len: int
     token_ids: list[int]  # generated tokens (the stop token included when it is EOS)
-    finish_reason: str  # "eos", "stop", "length" or "context"
+    finish_reason: str  # "eos", "stop", "length", "context" or "cancelled"
     accepted: list[int] = field(default_factory=list)  # drafted tokens accepted per round
     tree_depths: list[int] = field(default_factory=list)  # deepest drafted level per round
     # Per round: True when the last accepted node had no children in the tree, i.e. the
@@ -233,6 +236,8 @@ def stream_generate_batch(
 def _commit(target: Target, result: GenerationResult, tokens: list[int], config: GenerationConfig):
     """Append a round's tokens to ``result``, cut at EOS / max_new_tokens / stop strings;
     returns (the tokens committed, the finish reason or None)."""
+    if config.cancelled is not None and config.cancelled():
+        return [], "cancelled"
     finished = None
     eos = target.eos_token_ids if config.stop_on_eos else ()
     for i, tok in enumerate(tokens):

@@ -1,0 +1,163 @@
+"""The OpenAI-compatible server, driven by the official `openai` client over localhost."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+
+from helpers import tiny_chat_target
+from prism_spec.drafters import StandardDrafter
+from prism_spec.runtime import GenerationConfig, TreeConfig, generate
+from prism_spec.serve import BatchingEngine, create_app
+from prism_spec.serve.app import visible_text
+from prism_spec.targets import load_target
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+MODEL = "tiny"
+TREE = TreeConfig.parse("8/3/2")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    torch.set_num_threads(1)
+    target = load_target(tiny_chat_target(tmp_path_factory.mktemp("tiny")))
+    drafter = StandardDrafter.from_target_layers(target, 1)
+    engine = BatchingEngine(target, drafter, max_batch=8, batch_window_s=0.05).start()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = uvicorn.Config(create_app(engine, MODEL, TREE, default_max_tokens=16), host="127.0.0.1", port=port,
+                            log_level="error")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            if httpx.get(base + "/health").status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.05)
+    yield {"base": base, "target": target, "engine": engine}
+    srv.should_exit = True
+    thread.join(10)
+    engine.stop()
+
+
+def client(server):
+    return openai.OpenAI(base_url=server["base"] + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def greedy(server, messages, max_tokens):
+    target = server["target"]
+    ids = target.render_chat(messages)
+    result = generate(target, ids, None, GenerationConfig(max_new_tokens=max_tokens))
+    return target.decode(result.token_ids), result
+
+
+def test_models_and_health(server):
+    assert [m.id for m in client(server).models.list().data] == [MODEL]
+    assert httpx.get(server["base"] + "/health").json()["status"] == "ok"
+
+
+def test_chat_completion_equals_greedy(server):
+    messages = [{"role": "user", "content": "Tell me about the sea."}]
+    reply = client(server).chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
+    text, result = greedy(server, messages, 12)
+    assert reply.choices[0].message.content == text
+    assert reply.usage.completion_tokens == len(result.token_ids)
+    assert reply.usage.prompt_tokens == result.prompt_len
+    assert reply.usage.model_extra["acceptance_length"] >= 1.0
+
+
+def test_streaming_chat_and_completion(server):
+    messages = [{"role": "user", "content": "Count to ten."}]
+    stream = client(server).chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=14, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    )
+    pieces, finish, usage = [], None, None
+    for chunk in stream:
+        if chunk.usage:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            pieces.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+    text, result = greedy(server, messages, 14)
+    assert "".join(pieces) == text
+    assert finish == "length" and usage.completion_tokens == len(result.token_ids)
+    # /v1/completions streams too.
+    target = server["target"]
+    ids = target.tokenizer("Once upon a time")["input_ids"]
+    expected = target.decode(generate(target, ids, None, GenerationConfig(max_new_tokens=10)).token_ids)
+    streamed = "".join(c.choices[0].text for c in client(server).completions.create(
+        model=MODEL, prompt="Once upon a time", max_tokens=10, temperature=0, stream=True) if c.choices)
+    plain = client(server).completions.create(model=MODEL, prompt="Once upon a time", max_tokens=10, temperature=0)
+    assert streamed == plain.choices[0].text == expected
+
+
+def test_concurrent_requests_are_batched_and_lossless(server):
+    prompts = [f"Question number {i}: what is {i} plus {i}?" for i in range(8)]
+    before = server["engine"].largest_batch
+
+    def ask(p):
+        messages = [{"role": "user", "content": p}]
+        return client(server).chat.completions.create(model=MODEL, messages=messages, max_tokens=6 + len(p) % 7,
+                                                       temperature=0).choices[0].message.content
+
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(ask, prompts))
+    for p, reply in zip(prompts, replies):
+        assert reply == greedy(server, [{"role": "user", "content": p}], 6 + len(p) % 7)[0]
+    assert server["engine"].largest_batch > max(before, 1)  # requests really shared a batch
+
+
+@pytest.mark.parametrize(
+    "body, status, code",
+    [
+        ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "model_not_found"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": -3}, 400, "invalid_value"),
+        ({"model": MODEL, "messages": []}, 400, "invalid_value"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "   "}]}, 400, "empty_prompt"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "word " * 400}]}, 400, "context_length_exceeded"),
+        ({"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "invalid_value"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400, "invalid_value"),
+    ],
+)
+def test_bad_requests_get_4xx(server, body, status, code):
+    response = httpx.post(server["base"] + "/v1/chat/completions", json=body)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["code"] == code
+
+
+def test_invalid_json_is_400(server):
+    response = httpx.post(server["base"] + "/v1/chat/completions", content=b"{not json",
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json"
+
+
+def test_client_disconnect_mid_stream_leaves_server_healthy(server):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 200,
+            "temperature": 0, "stream": True}
+    with httpx.stream("POST", server["base"] + "/v1/chat/completions", json=body) as response:
+        for _ in response.iter_lines():
+            break  # hang up after the first event
+    # The server keeps serving, and the abandoned row does not hold up a new request.
+    reply = client(server).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                                   max_tokens=5, temperature=0)
+    assert reply.choices[0].message.content == greedy(server, [{"role": "user", "content": "hi"}], 5)[0]
+
+
+def test_visible_text_holds_back_partial_stop_strings():
+    assert visible_text("hello wor", ["world"], final=False) == "hello "
+    assert visible_text("hello world!", ["world"], final=False) == "hello "
+    assert visible_text("hello wor", ["world"], final=True) == "hello wor"
+    assert visible_text("abc", [], final=False) == "abc"
