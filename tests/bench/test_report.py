@@ -22,7 +22,6 @@ from prism_spec.bench.datasets import (
 from prism_spec.bench.methods import MethodError, MethodSpec, parse_methods
 from prism_spec.bench.runner import (
     RUNS_FILE,
-    BatchDecodingUnavailable,
     BenchConfig,
     BenchError,
     parse_scaling_drafters,
@@ -160,10 +159,11 @@ def test_sweep_specs():
         parse_scaling_drafters(["a"])
 
 
-def test_batch_sweep_hook_errors_until_batched_decoding_exists(tmp_path):
-    with pytest.raises(BatchDecodingUnavailable, match="batched decoding not available yet"):
-        run_batch_sweep(BenchConfig(out=tmp_path), [1, 2])
-    assert main(["batch-sweep", "--out", str(tmp_path / "b"), "--method", "vanilla"]) == 2
+def test_batch_sweep_rejects_bad_sizes_and_hf_peers(tmp_path):
+    with pytest.raises(BenchError, match="batch sizes must be >= 1"):
+        run_batch_sweep(BenchConfig(out=tmp_path), [0, 2])
+    with pytest.raises(BenchError, match="hf-"):
+        run_batch_sweep(BenchConfig(out=tmp_path, methods=["vanilla", "hf-lookup"]), [1])
 
 
 # ============================================================================ synthetic runs
@@ -512,3 +512,24 @@ def test_end_to_end_feature_drafters(tiny_target_dir, tmp_path):
     runs = json.loads((out / "results.json").read_text())["runs"]
     prism = next(r for r in runs if r["method"] == "prism")
     assert prism["info"]["drafter_config"]["num_modules"] == 2 and prism["info"]["drafter_weights_bytes"] > 0
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_end_to_end_batch_sweep(tiny_target_dir, tmp_path):
+    out = tmp_path / "sweep"
+    argv = ["batch-sweep", "--target", str(tiny_target_dir), "--dtype", "float64", "--limit", "1", "--method",
+            "vanilla", "--method", "standard=layers:1", "--max-new-tokens", "6", "--batch-sizes", "1,4",
+            "--out", str(out), "--no-progress", "--bench", "gsm8k", "--bench", "qa", "--bench", "alpaca",
+            "--bench", "humaneval"]
+    assert main(argv) == 0
+    records = [json.loads(line) for line in (out / "batch_sweep.jsonl").read_text().splitlines()]
+    assert {(r["method"], r["batch_size"]) for r in records} == {
+        ("vanilla", 1), ("vanilla", 4), ("standard", 1), ("standard", 4)}
+    by = {(r["method"], r["batch_size"]): r for r in records}
+    # 4 prompts: four batches of one, or one batch of four; the same tokens either way.
+    assert [t["batch"] for t in by[("standard", 1)]["turns"]] == [1, 1, 1, 1]
+    assert [t["batch"] for t in by[("standard", 4)]["turns"]] == [4]
+    assert sum(t["new_tokens"] for t in by[("vanilla", 1)]["turns"]) == by[("vanilla", 4)]["turns"][0]["new_tokens"]
+    table = (out / "batch_sweep.md").read_text()
+    assert "| vanilla |" in table and "B=4 tok/s" in table
+    assert (out / "batch_sweep.png").stat().st_size > 0

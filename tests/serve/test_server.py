@@ -161,3 +161,20 @@ def test_visible_text_holds_back_partial_stop_strings():
     assert visible_text("hello world!", ["world"], final=False) == "hello "
     assert visible_text("hello wor", ["world"], final=True) == "hello wor"
     assert visible_text("abc", [], final=False) == "abc"
+
+
+@pytest.mark.slow
+def test_bounded_load_16_clients(server):
+    """16 concurrent clients for 20 s: zero errors, every response equal to greedy."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "serve_load.py"
+    spec = importlib.util.spec_from_file_location("serve_load", path)
+    serve_load = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serve_load)
+    expected = {p: greedy(server, [{"role": "user", "content": p}], 8)[0] for p in serve_load.PROMPTS}
+    stats = serve_load.run_load(server["base"], expected, clients=16, seconds=20, max_tokens=8, model=MODEL)
+    assert stats["requests"] >= 16
+    assert stats["errors"] == 0, stats["error_messages"][:3]
+    assert stats["mismatches"] == 0

@@ -492,7 +492,7 @@ def plot_scaling(points: Sequence[dict], path: Path) -> Path | None:
 
 def plot_batch_sweep(runs: Sequence[dict], path: Path) -> Path | None:
     """Tokens/s against batch size per method (Fig. 7), from records with a ``batch_size``
-    field. Nothing writes those yet: see :func:`runner.run_batch_sweep`."""
+    field, written by :func:`runner.run_batch_sweep`."""
     pts = [r for r in _ok(runs) if r.get("batch_size")]
     if not pts:
         return None

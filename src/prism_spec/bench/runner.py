@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import sys
+import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -415,21 +416,96 @@ def parse_scaling_drafters(items: Sequence[str], default_kind: str = "prism") ->
     return out
 
 
-class BatchDecodingUnavailable(NotImplementedError):
-    pass
+def run_batch_sweep(
+    cfg: BenchConfig,
+    batch_sizes: Sequence[int],
+    target: Target | None = None,
+    loader: Callable[[MethodSpec, Target], LoadedMethod] = load_method,
+) -> Path:
+    """Tokens/s of each method at each batch size (paper Fig. 7), greedy.
 
-
-def run_batch_sweep(cfg: BenchConfig, batch_sizes: Sequence[int]) -> Path:
-    """Hook for the batch-size sweep (paper Fig. 7): tokens/s of each method at each batch size.
-
-    The runtime decodes one sequence at a time. Once it grows a batched entry point
-    (``prism_spec.runtime.generate_batch(target, prompts, drafter, config)`` returning one
-    GenerationResult per prompt), this runs every method at every batch size over the same
-    prompts and writes records with a ``batch_size`` field; ``report.plot_batch_sweep`` draws
-    them.
+    The first turn of every benchmark question is decoded in batches of B (the same batches
+    for every method; methods interleaved per batch). One record per (method, B) holds one
+    turn trace per batch whose ``total_s`` is the batch's wall time, so tokens/s is what the
+    batch delivered. Writes ``batch_sweep.jsonl``, ``batch_sweep.md`` and ``batch_sweep.png``.
     """
-    from .. import runtime
+    from ..runtime.decode import GenerationConfig, generate_batch
+    from .report import plot_batch_sweep
 
-    if not hasattr(runtime, "generate_batch"):
-        raise BatchDecodingUnavailable("batched decoding not available yet")
-    raise BatchDecodingUnavailable("batched decoding not available yet (the runtime's generate_batch is not wired here)")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not batch_sizes or any(b < 1 for b in batch_sizes):
+        raise BenchError(f"batch sizes must be >= 1, got {list(batch_sizes)}")
+    specs = parse_methods(cfg.methods)
+    if any(spec.is_hf for spec in specs):
+        raise BenchError("the batch sweep runs this runtime's methods; drop the hf-* peers")
+    benches = load_benchmarks(cfg.benches, cfg.limit, cfg.max_new_tokens)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    if target is None:
+        target = load_target(cfg.target, dtype=cfg.dtype, device=device)
+    jobs = [(conversation_prompt(target, q.turns[:1], []), b.max_new_tokens) for b in benches for q in b.questions]
+    if not jobs:
+        raise BenchError("no prompts: check --bench and --limit")
+    loaded = {spec.name: loader(spec, target) for spec in specs}
+    tree = TreeConfig.parse(cfg.tree) if isinstance(cfg.tree, str) else cfg.tree
+    turns: dict[tuple[str, int], list[dict]] = {(s.name, b): [] for s in specs for b in batch_sizes}
+    total = sum(len(range(0, len(jobs), b)) for b in batch_sizes) * len(specs)
+    progress = _progress(total, cfg.progress)
+    try:
+        for size in batch_sizes:
+            for start in range(0, len(jobs), size):
+                chunk = jobs[start : start + size]
+                for spec in rotated(specs, start // size):
+                    method = loaded[spec.name]
+                    configs = [GenerationConfig(max_new_tokens=n, tree=spec.tree or tree) for _, n in chunk]
+                    t0 = time.perf_counter()
+                    results = generate_batch(target, [ids for ids, _ in chunk], method.drafter, configs)
+                    wall = time.perf_counter() - t0
+                    turns[(spec.name, size)].append({
+                        "batch": len(chunk),
+                        "new_tokens": sum(len(r.token_ids) for r in results),
+                        "accepted": [a for r in results for a in r.accepted],
+                        "exhausted": [e for r in results for e in r.exhausted],
+                        "rounds": sum(r.rounds for r in results),
+                        "accepted_total": sum(sum(r.accepted) for r in results),
+                        "draft_s": max(r.draft_s for r in results),
+                        "total_s": wall,
+                    })
+                    progress.update(1)
+    finally:
+        progress.close()
+    records = [{"method": name, "batch_size": size, "bench": "all", "turns": t} for (name, size), t in turns.items()]
+    with open(out / "batch_sweep.jsonl", "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+    (out / "batch_sweep.md").write_text(batch_sweep_table(records, cfg, device))
+    plot_batch_sweep(records, out / "batch_sweep.png")
+    return out / "batch_sweep.jsonl"
+
+
+def batch_sweep_table(records: list[dict], cfg: BenchConfig, device) -> str:
+    from . import metrics as M
+
+    sizes = sorted({r["batch_size"] for r in records})
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    tps = {(r["method"], r["batch_size"]): M.tokens_per_second(r["turns"]) for r in records}
+    al = {(r["method"], r["batch_size"]): M.acceptance_length(r["turns"]) for r in records}
+    vanilla = next((m for m in methods if m == "vanilla"), None)
+    lines = [
+        f"Batch-size sweep, {cfg.target}, greedy, tree {cfg.tree}, {machine_info(device).get('cpu', '')}, "
+        f"{_dt.date.today()}",
+        "",
+        "| method | " + " | ".join(f"B={b} tok/s | AL | x" for b in sizes) + " |",
+        "|---|" + "---|---|---|" * len(sizes),
+    ]
+    for m in methods:
+        cells = []
+        for b in sizes:
+            speed = tps[(m, b)] or 0.0
+            ratio = speed / tps[(vanilla, b)] if vanilla and tps.get((vanilla, b)) else None
+            cells += [f"{speed:.1f}", f"{al[(m, b)]:.2f}" if al[(m, b)] else "N/A",
+                      f"{ratio:.2f}x" if ratio else "N/A"]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -3,12 +3,11 @@
 Accepted specs:
 
 ``auto``
-    The best drafter available for the target. Today that is an *untrained stand-in*: the
-    target's own first ``STAND_IN_LAYERS`` layers (fewer for targets with at most that many
-    layers) plus its final norm and head, which is lossless but usually too weak to give a
-    speedup. Once a trained PRISM drafter is
-    packaged with prism-spec, :func:`packaged_drafter_path` returns its folder and ``auto``
-    loads it instead (see ``PACKAGED_DRAFTERS``).
+    The best drafter available for the target: the trained PRISM drafter packaged with
+    prism-spec for it (``PACKAGED_DRAFTERS``, today the default target), else an *untrained
+    stand-in*: the target's own first ``STAND_IN_LAYERS`` layers (fewer for targets with at
+    most that many layers) plus its final norm and head, lossless but usually too weak to give
+    a speedup.
 ``layers:N``
     ``StandardDrafter.from_target_layers(target, N)``.
 ``none`` / ``vanilla``
@@ -29,10 +28,9 @@ from .standard import StandardDrafter
 #: Depth of the untrained stand-in that ``auto`` falls back to.
 STAND_IN_LAYERS = 4
 
-#: Hook for ``auto``: target name -> folder of a packaged, trained drafter checkpoint,
-#: relative to the ``prism_spec`` package (e.g. ``"assets/drafters/smollm2-135m-prism"``).
-#: Empty until a trained PRISM drafter ships with the package.
-PACKAGED_DRAFTERS: dict[str, str] = {}
+#: ``auto``: target name -> folder of a packaged, trained drafter checkpoint, relative to the
+#: ``prism_spec`` package. How it was trained: results/smollm2-135m/ (reproduce.sh, training log).
+PACKAGED_DRAFTERS: dict[str, str] = {"smollm2-135m": "assets/drafters/smollm2-135m-prism"}
 
 NONE_SPECS = ("none", "vanilla")
 
@@ -96,13 +94,6 @@ def _stand_in(target, n: int) -> ResolvedDrafter:
 
 
 def _load_checkpoint(path: Path, target) -> Drafter:
-    try:
-        from .checkpoint import load_drafter  # written separately; imported lazily
-    except ModuleNotFoundError as exc:
-        if exc.name != f"{__package__}.checkpoint":
-            raise
-        raise DrafterSpecError(
-            f"cannot load drafter checkpoint {str(path)!r}: checkpoint loading "
-            "(prism_spec.drafters.checkpoint) is not available in this version of prism-spec"
-        ) from None
+    from .checkpoint import load_drafter  # imported lazily: loads safetensors and the registry
+
     return load_drafter(str(path), target)
