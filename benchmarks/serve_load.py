@@ -15,21 +15,18 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
-import socket
 import statistics
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
 import openai
 import torch
-import uvicorn
 
 from prism_spec.drafters.resolve import resolve_drafter
 from prism_spec.runtime import GenerationConfig, TreeConfig, generate
-from prism_spec.serve import BatchingEngine, create_app
+from prism_spec.serve import BatchingEngine, create_app, serve_in_thread
 from prism_spec.targets import load_target
 
 PROMPTS = [
@@ -46,20 +43,7 @@ PROMPTS = [
 
 def start_server(target, drafter, tree, max_batch, max_tokens):
     engine = BatchingEngine(target, drafter, max_batch=max_batch, batch_window_s=0.02).start()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, "model", tree, max_tokens), host="127.0.0.1",
-                                           port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(400):
-        try:
-            if httpx.get(base + "/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.05)
+    server, thread, base = serve_in_thread(create_app(engine, "model", tree, max_tokens))
     return engine, server, thread, base
 
 

@@ -130,3 +130,34 @@ def tiny_chat_target(folder) -> str:
         model.lm_head.weight.mul_(8.0)
     model.save_pretrained(folder)
     return str(folder)
+
+
+class NoisyDrafter(Drafter):
+    """Wraps a drafter and adds seeded Gaussian noise to every logit it returns: its trees mix
+    the inner drafter's good guesses with random tokens."""
+
+    def __init__(self, inner, scale: float, seed: int = 0):
+        self.inner, self.scale = inner, scale
+        self.gen = torch.Generator().manual_seed(seed)
+        self.feature_layers = inner.feature_layers
+
+    def _noisy(self, logits):
+        return logits + self.scale * torch.randn(logits.shape, generator=self.gen, dtype=torch.float64).to(logits)
+
+    def begin(self, prompt_ids, first_token, features):
+        return self._noisy(self.inner.begin(prompt_ids, first_token, features))
+
+    def extend(self, tokens, features):
+        return self._noisy(self.inner.extend(tokens, features))
+
+    def expand(self, tokens, parent_slots, tree_mask, depth):
+        return self._noisy(self.inner.expand(tokens, parent_slots, tree_mask, depth))
+
+    def end_round(self):
+        self.inner.end_round()
+
+    def to_target_ids(self, ids):
+        return self.inner.to_target_ids(ids)
+
+    def check_target(self, target):
+        self.inner.check_target(target)

@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 import torch
 
-from helpers import RandomDrafter, tiny_llama
+from helpers import NoisyDrafter, RandomDrafter, tiny_llama
 from prism_spec.drafters import (
     Drafter,
     DrafterMismatchError,
@@ -36,33 +36,6 @@ SHAPES = {
     "small": TreeConfig(depth=3, top_k=3, total_tokens=10),
     "paper": TreeConfig.parse("paper"),
 }
-
-
-class NoisyDrafter(Drafter):
-    """Wraps a drafter and adds seeded Gaussian noise to every logit it returns."""
-
-    def __init__(self, inner: Drafter, scale: float, seed: int = 0):
-        self.inner, self.scale = inner, scale
-        self.gen = torch.Generator().manual_seed(seed)
-        self.feature_layers = inner.feature_layers
-
-    def _noisy(self, logits):
-        return logits + self.scale * torch.randn(logits.shape, generator=self.gen, dtype=torch.float64).to(logits)
-
-    def begin(self, prompt_ids, first_token, features):
-        return self._noisy(self.inner.begin(prompt_ids, first_token, features))
-
-    def extend(self, tokens, features):
-        return self._noisy(self.inner.extend(tokens, features))
-
-    def expand(self, tokens, parent_slots, tree_mask, depth):
-        return self._noisy(self.inner.expand(tokens, parent_slots, tree_mask, depth))
-
-    def end_round(self):
-        self.inner.end_round()
-
-    def check_target(self, target):
-        self.inner.check_target(target)
 
 
 def feature_drafter(target, seed=0, **config):

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import prism_spec.runtime.decode as decode
-from helpers import chi_square_pvalue, tiny_llama
-from prism_spec.drafters import Drafter, StandardDrafter
+from helpers import NoisyDrafter, chi_square_pvalue, tiny_llama
+from prism_spec.drafters import StandardDrafter
 from prism_spec.runtime import GenerationConfig, SamplingConfig, TreeConfig, generate
 from prism_spec.runtime.tree import DraftTree
 from prism_spec.runtime.verify import target_probs, verify_greedy, verify_sampling
@@ -249,37 +249,6 @@ V = 8
 PROMPT = [1, 5, 2, 7, 3]
 N_SAMPLES = 2000
 DIST_TREE = TreeConfig(depth=1, top_k=3, total_tokens=6)
-
-
-class NoisyDrafter(Drafter):
-    """Wraps a drafter and adds seeded Gaussian noise to every logit it returns: its trees mix
-    the inner drafter's good guesses with random tokens."""
-
-    def __init__(self, inner, scale: float, seed: int = 0):
-        self.inner, self.scale = inner, scale
-        self.gen = torch.Generator().manual_seed(seed)
-        self.feature_layers = inner.feature_layers
-
-    def _noisy(self, logits):
-        return logits + self.scale * torch.randn(logits.shape, generator=self.gen, dtype=torch.float64).to(logits)
-
-    def begin(self, prompt_ids, first_token, features):
-        return self._noisy(self.inner.begin(prompt_ids, first_token, features))
-
-    def extend(self, tokens, features):
-        return self._noisy(self.inner.extend(tokens, features))
-
-    def expand(self, tokens, parent_slots, tree_mask, depth):
-        return self._noisy(self.inner.expand(tokens, parent_slots, tree_mask, depth))
-
-    def end_round(self):
-        self.inner.end_round()
-
-    def to_target_ids(self, ids):
-        return self.inner.to_target_ids(ids)
-
-    def check_target(self, target):
-        self.inner.check_target(target)
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -14,7 +11,7 @@ import torch
 from helpers import tiny_chat_target
 from prism_spec.drafters import StandardDrafter
 from prism_spec.runtime import GenerationConfig, TreeConfig, generate
-from prism_spec.serve import BatchingEngine, create_app
+from prism_spec.serve import BatchingEngine, create_app, serve_in_thread
 from prism_spec.serve.app import visible_text
 from prism_spec.targets import load_target
 
@@ -31,21 +28,7 @@ def server(tmp_path_factory):
     target = load_target(tiny_chat_target(tmp_path_factory.mktemp("tiny")))
     drafter = StandardDrafter.from_target_layers(target, 1)
     engine = BatchingEngine(target, drafter, max_batch=8, batch_window_s=0.05).start()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = uvicorn.Config(create_app(engine, MODEL, TREE, default_max_tokens=16), host="127.0.0.1", port=port,
-                            log_level="error")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            if httpx.get(base + "/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.05)
+    srv, thread, base = serve_in_thread(create_app(engine, MODEL, TREE, default_max_tokens=16))
     yield {"base": base, "target": target, "engine": engine}
     srv.should_exit = True
     thread.join(10)

@@ -231,3 +231,32 @@ def _usage(result: GenerationResult) -> dict:
     n = len(result.token_ids)
     return {"prompt_tokens": result.prompt_len, "completion_tokens": n, "total_tokens": result.prompt_len + n,
             "acceptance_length": round(result.acceptance_length, 4)}
+
+
+def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0, timeout_s: float = 20.0):
+    """Start uvicorn for ``app`` on a background thread (port 0: a free one); returns
+    (server, thread, base_url). Stop with ``server.should_exit = True; thread.join()``.
+    For tests, load tests and notebooks."""
+    import socket
+    import threading
+
+    import httpx
+    import uvicorn
+
+    if port == 0:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, name="prism-serve", daemon=True)
+    thread.start()
+    base = f"http://{host}:{port}"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                return server, thread, base
+        except httpx.TransportError:
+            time.sleep(0.05)
+    server.should_exit = True
+    raise RuntimeError(f"the server did not come up on {base} within {timeout_s:g} s")
