@@ -199,15 +199,14 @@ def test_missing_target_and_output_folder(tmp_path, capsys):
     assert rc == 2 and err.startswith("error:") and "no-dir" in err
 
 
-def test_bad_drafter_specs(tiny_target, tmp_path, capsys, monkeypatch):
+def test_bad_drafter_specs(tiny_target, tmp_path, capsys):
     rc, _, err = run_cli(capsys, *GEN, "hi", "--target", tiny_target, "--drafter", "layers:9")
     assert rc == 2 and err.startswith("error:") and "layers:9" in err
     rc, _, err = run_cli(capsys, *GEN, "hi", "--target", tiny_target, "--drafter", tmp_path / "missing-ckpt")
     assert rc == 2 and err.splitlines()[-1].startswith("error:") and "not found" in err
-    # An existing path needs the checkpoint loader; without it the error says so.
-    monkeypatch.setitem(sys.modules, "prism_spec.drafters.checkpoint", None)
+    # An existing folder that is not a drafter checkpoint.
     rc, _, err = run_cli(capsys, *GEN, "hi", "--target", tiny_target, "--drafter", tmp_path)
-    assert rc == 2 and err.splitlines()[-1].startswith("error:") and "checkpoint" in err
+    assert rc == 2 and err.splitlines()[-1].startswith("error:") and "not a drafter checkpoint" in err
 
 
 def test_drafter_checkpoints_from_a_path(tiny_target, tmp_path, capsys):
