@@ -1,0 +1,150 @@
+"""Drafter checkpoints: round trips, the public EAGLE layout, bad and mismatched folders."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from helpers import tiny_llama
+from prism_spec.drafters import (
+    CheckpointError,
+    DrafterMismatchError,
+    FeatureDrafter,
+    FeatureDrafterConfig,
+    FeatureDrafterModel,
+    StandardDrafter,
+    load_drafter,
+    prism_config,
+    save_feature_drafter,
+    save_standard_drafter,
+)
+from prism_spec.drafters.checkpoint import atomic_folder_write
+from prism_spec.runtime import GenerationConfig, TreeConfig, generate
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+PROMPT = torch.tensor([3, 14, 15, 9, 2, 6, 5, 35])
+CFG = GenerationConfig(max_new_tokens=12, tree=TreeConfig.parse("10/3/3"))
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_llama(layers=3, seed=1)
+
+
+def first_round_logits(drafter, target):
+    out = target.forward(PROMPT, torch.arange(PROMPT.numel()), target.new_cache())
+    return drafter.begin(PROMPT, int(out.logits[-1].argmax()), out.features)
+
+
+CONFIGS = {
+    "eagle": lambda t: FeatureDrafterConfig.for_target(t, architecture="eagle"),
+    "prism": lambda t: prism_config(t),
+    "prism3-star": lambda t: prism_config(t, num_modules=3, input_layers=[1, 2, 3]),
+    "stacked": lambda t: FeatureDrafterConfig.for_target(t, architecture="stacked", layers_per_module=2),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_feature_drafter_round_trip(target, tmp_path, name):
+    torch.manual_seed(0)
+    model = FeatureDrafterModel(CONFIGS[name](target), target)
+    save_feature_drafter(model, tmp_path / "d")
+    config = json.loads((tmp_path / "d" / "config.json").read_text())
+    assert config["architecture"] == model.config.architecture and config["vocab_size"] == target.vocab_size
+    assert config["hidden_size"] == target.hidden_size and config["step_mapping"] == model.config.step_mapping
+    loaded = load_drafter(tmp_path / "d", target)
+    assert loaded.config == model.config
+    if model.config.input_layers:  # begin() wants the layer features; compare via generate
+        assert generate(target, PROMPT, loaded, CFG).token_ids == generate(target, PROMPT, None, CFG).token_ids
+    else:
+        assert torch.equal(first_round_logits(loaded, target), first_round_logits(FeatureDrafter(model), target))
+
+
+def test_standard_drafter_round_trip(target, tmp_path):
+    drafter = StandardDrafter.from_target_layers(target, 2)
+    save_standard_drafter(drafter, target, tmp_path / "s")
+    loaded = load_drafter(tmp_path / "s", target)
+    assert isinstance(loaded, StandardDrafter)
+    assert torch.equal(loaded.begin(PROMPT, 7, None), drafter.begin(PROMPT, 7, None))
+
+
+@pytest.mark.parametrize("weights_file", ["model.safetensors", "pytorch_model.bin"])
+def test_public_eagle_layout_loads(target, tmp_path, weights_file):
+    """The EAGLE-1/2 / HASS release layout: an EAGLE config.json and fc.* / layers.0.* weights
+    (plus an embed_tokens copy and no input norm), in safetensors or a torch pickle."""
+    torch.manual_seed(0)
+    ours = FeatureDrafterModel(FeatureDrafterConfig.for_target(target, architecture="eagle"), target)
+    state = {k.replace("processing.0.", ""): v.clone() for k, v in ours.state_dict().items()}
+    state["embed_tokens.weight"] = target.embed_tokens.weight.detach().clone()
+    folder = tmp_path / "eagle-public"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": target.hidden_size,
+        "vocab_size": target.vocab_size, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "num_hidden_layers": 1, "bias": True,
+    }))
+    if weights_file.endswith(".bin"):
+        torch.save(state, folder / weights_file)
+    else:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(folder / weights_file))
+    loaded = load_drafter(folder, target)
+    assert loaded.config.architecture == "eagle" and loaded.config.num_modules == 1
+    assert torch.equal(first_round_logits(loaded, target), first_round_logits(FeatureDrafter(ours), target))
+    assert generate(target, PROMPT, loaded, CFG).token_ids == generate(target, PROMPT, None, CFG).token_ids
+
+
+def test_mismatched_target_is_refused(target, tmp_path):
+    save_feature_drafter(FeatureDrafterModel(prism_config(target), target), tmp_path / "d")
+    save_standard_drafter(StandardDrafter.from_target_layers(target, 1), target, tmp_path / "s")
+    other_vocab = tiny_llama(vocab_size=64, layers=2)
+    other_width = tiny_llama(hidden_size=48, layers=2)
+    for folder in ("d", "s"):
+        with pytest.raises(DrafterMismatchError, match="vocabulary"):
+            load_drafter(tmp_path / folder, other_vocab)
+    with pytest.raises(DrafterMismatchError, match="hidden size"):
+        load_drafter(tmp_path / "d", other_width)
+
+
+def test_bad_folders_give_clear_errors(target, tmp_path):
+    with pytest.raises(CheckpointError, match="not a folder"):
+        load_drafter(tmp_path / "missing", target)
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_drafter(tmp_path, target)
+    save_feature_drafter(FeatureDrafterModel(prism_config(target), target), tmp_path / "d")
+    weights = (tmp_path / "d" / "model.safetensors").read_bytes()
+    (tmp_path / "d" / "model.safetensors").write_bytes(weights[: len(weights) // 2])  # partial copy
+    with pytest.raises(CheckpointError, match="corrupt or partial"):
+        load_drafter(tmp_path / "d", target)
+    (tmp_path / "d" / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="neither model.safetensors"):
+        load_drafter(tmp_path / "d", target)
+    (tmp_path / "d" / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_drafter(tmp_path / "d", target)
+    save_feature_drafter(FeatureDrafterModel(prism_config(target), target), tmp_path / "e")
+    config = json.loads((tmp_path / "e" / "config.json").read_text())
+    (tmp_path / "e" / "config.json").write_text(json.dumps({**config, "architecture": "medusa"}))
+    with pytest.raises(CheckpointError, match="unknown drafter architecture"):
+        load_drafter(tmp_path / "e", target)
+    (tmp_path / "e" / "config.json").write_text(json.dumps({**config, "num_modules": 3, "step_mapping": [0, 1, 2]}))
+    with pytest.raises(CheckpointError, match="do not fit its config.json"):
+        load_drafter(tmp_path / "e", target)
+
+
+def test_failed_write_keeps_the_previous_checkpoint(target, tmp_path):
+    model = FeatureDrafterModel(prism_config(target), target)
+    save_feature_drafter(model, tmp_path / "d")
+    before = (tmp_path / "d" / "model.safetensors").read_bytes()
+
+    def crash(folder):
+        (folder / "model.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt  # killed mid-write
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_folder_write(tmp_path / "d", crash)
+    assert (tmp_path / "d" / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # no temp folders left behind
+    load_drafter(tmp_path / "d", target)
