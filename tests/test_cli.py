@@ -282,7 +282,8 @@ def test_demo_on_the_default_target(capsys):
     rc, out, err = run_cli(capsys, "demo", "--max-new-tokens", 32)
     assert rc == 0, err
     assert "identical    yes" in out
-    assert "untrained stand-in: the target's first 4 layers" in out
+    # `auto` loads the PRISM drafter packaged for the default target.
+    assert "packaged prism drafter (smollm2-135m-prism)" in out
 
 
 @pytest.mark.slow
