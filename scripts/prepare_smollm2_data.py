@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 from pathlib import Path
 
 from prism_spec.targets import load_target
@@ -47,6 +48,8 @@ def main(argv=None):
         chosen = sample(firsts, min(args.per_file, len(firsts)), seed=args.seed)
         counts[path.name] = len(chosen)
         prompts.extend(chosen)
+    # A seeded shuffle: an interrupted run (it resumes) still holds a balanced mix of sources.
+    random.Random(args.seed).shuffle(prompts)
     print(json.dumps(counts, indent=1), f"\n{len(prompts)} prompts", flush=True)
     target = load_target(args.target)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,8 @@ from prism_spec.drafters import (
     prism_config,
     save_feature_drafter,
 )
-from prism_spec.drafters.feature import build_draft_vocab, check_d2t, count_tokens, draft_ids_for
+from prism_spec.drafters.feature import check_d2t, draft_ids_for
+from prism_spec.train.vocab import build_draft_vocab, count_tokens
 from prism_spec.runtime import GenerationConfig, TreeConfig, generate
 from prism_spec.train.losses import TargetDistribution, distillation_terms
 from prism_spec.train.objectives import ObjectiveConfig, compute_loss, draft_passes, pass_modules

@@ -10,7 +10,7 @@ drafter's prefix KV cache; later steps run their mapped module, attending to tha
 
 Reduced draft vocabulary (EAGLE-3 style, optional): with ``draft_vocab_size = N`` the drafter
 scores only N target tokens -- usually the N most frequent assistant tokens of the training
-data (:func:`build_draft_vocab`) -- through rows ``d2t`` of the frozen target head, so its
+data (``prism_spec.train.vocab.build_draft_vocab``) -- through rows ``d2t`` of the frozen target head, so its
 logits are [.., N] over *draft ids*. ``d2t`` [N] (a persistent long buffer, saved with the
 weights) maps draft id i to target id ``d2t[i]`` and is sorted ascending by target id (so a
 draft id is the rank of its target id inside the draft vocabulary, and the reverse map is a
@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -109,85 +107,6 @@ def draft_ids_for(target_ids: torch.Tensor, d2t: torch.Tensor) -> torch.Tensor:
     return torch.where(d2t[idx] == target_ids, idx, torch.full_like(idx, -1))
 
 
-def _example_arrays(example: Any) -> tuple[np.ndarray, np.ndarray | None]:
-    """(ids, mask or None) of a TokenizedExample / train-loop Example / dict / plain id list."""
-    if isinstance(example, dict):
-        ids, mask = example["input_ids"], example.get("loss_mask")
-    elif hasattr(example, "input_ids"):
-        ids, mask = example.input_ids, getattr(example, "loss_mask", None)
-    else:
-        ids, mask = example, None
-    as_np = lambda x: x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-    ids = as_np(ids).astype(np.int64).reshape(-1)
-    if mask is not None:
-        mask = as_np(mask).astype(bool).reshape(-1)
-        if mask.shape != ids.shape:
-            raise ValueError(f"loss_mask has {mask.size} entries for {ids.size} tokens")
-    return ids, mask
-
-
-def count_tokens(examples: Iterable[Any], vocab_size: int) -> torch.Tensor:
-    """Token frequencies [vocab_size] (int64) over the loss-masked (assistant) tokens of
-    tokenized ``examples`` (objects with ``input_ids`` / ``loss_mask``, dicts with those keys,
-    or plain id lists). An example without a mask counts all its tokens; if no token at all is
-    masked (e.g. only prompt-only examples), every token of every example is counted instead."""
-    counts = np.zeros(vocab_size, dtype=np.int64)
-    everything = np.zeros(vocab_size, dtype=np.int64)
-    chunks, all_chunks, pending = [], [], 0
-
-    def flush():
-        nonlocal chunks, all_chunks, pending
-        for src, dst in ((chunks, counts), (all_chunks, everything)):
-            if src:
-                ids = np.concatenate(src)
-                if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-                    raise ValueError(f"token ids must lie in [0, {vocab_size}), found {ids.min()}..{ids.max()}")
-                dst += np.bincount(ids, minlength=vocab_size)
-        chunks, all_chunks, pending = [], [], 0
-
-    for example in examples:
-        ids, mask = _example_arrays(example)
-        chunks.append(ids if mask is None else ids[mask])
-        all_chunks.append(ids)
-        pending += ids.size
-        if pending >= 1 << 22:
-            flush()
-    flush()
-    return torch.from_numpy(counts if counts.any() else everything)
-
-
-def draft_vocab_from_counts(counts: torch.Tensor, size: int, include: Iterable[int] = ()) -> torch.Tensor:
-    """The ``size`` most frequent ids of ``counts`` plus every id of ``include`` (which take
-    the first places), ties broken by the lower id; returned sorted ascending (the d2t order)."""
-    counts = torch.as_tensor(counts, dtype=torch.long).flatten()
-    vocab = counts.numel()
-    include = sorted({int(i) for i in include})
-    if not 1 <= size <= vocab:
-        raise ValueError(f"draft vocabulary size {size} must be in 1..{vocab} (the target vocabulary)")
-    if include and (include[0] < 0 or include[-1] >= vocab):
-        raise ValueError(f"include ids must lie in [0, {vocab}), got {include}")
-    if len(include) > size:
-        raise ValueError(f"{len(include)} ids to include do not fit a draft vocabulary of {size}")
-    # Descending count, ascending id on ties (stable sort of the ids by -count).
-    order = torch.sort(-counts, stable=True).indices
-    keep = torch.zeros(vocab, dtype=torch.bool)
-    keep[include] = True
-    rest = order[~keep[order]][: size - len(include)]
-    keep[rest] = True
-    return keep.nonzero().flatten()
-
-
-def build_draft_vocab(
-    examples: Iterable[Any], target_vocab_size: int, size: int, include: Iterable[int] = ()
-) -> torch.Tensor:
-    """EAGLE-3's reduced vocabulary: the ``d2t`` LongTensor [size] (sorted ascending) of the
-    ``size`` most frequent loss-masked tokens of ``examples`` (see :func:`count_tokens`), always
-    containing the ids in ``include`` (pass the target's EOS ids: ``target.eos_token_ids``).
-    Ties are broken by the lower id; if fewer than ``size`` distinct tokens occur, the lowest
-    unseen ids fill the rest, so the result always has exactly ``size`` entries."""
-    return draft_vocab_from_counts(count_tokens(examples, target_vocab_size), size, include)
-
-
 def prism_config(target: Target, num_modules: int = 2, **kwargs) -> FeatureDrafterConfig:
     """PRISM's main shape: step 0 -> module 0, step j -> module min(j, M-1)."""
     return FeatureDrafterConfig.for_target(
@@ -238,7 +157,7 @@ class FeatureDrafterModel(nn.Module):
         self.to(device=target.device, dtype=target.dtype)
 
     def set_draft_vocab(self, d2t: torch.Tensor) -> None:
-        """Set the draft -> target id map (e.g. from :func:`build_draft_vocab`), checked."""
+        """Set the draft -> target id map (e.g. from ``prism_spec.train.vocab.build_draft_vocab``), checked."""
         if self.d2t is None:
             raise ValueError("this drafter has the full target vocabulary (config.draft_vocab_size is None)")
         d2t = torch.as_tensor(d2t)

@@ -41,11 +41,12 @@ from accelerate.utils import DistributedType
 from torch import nn
 
 from ..drafters.checkpoint import save_feature_drafter, save_standard_drafter
-from ..drafters.feature import FeatureDrafterConfig, FeatureDrafterModel, build_draft_vocab
+from ..drafters.feature import FeatureDrafterConfig, FeatureDrafterModel
 from ..drafters.standard import StandardDrafter
 from ..targets.default import DEFAULT_TARGET, default_target_path
 from ..targets.hf import Target, default_feature_layers, parse_dtype
 from .config import ConfigError, StageConfig, TrainConfig, stage_total_steps
+from .vocab import build_draft_vocab
 
 #: Test hook: ``PRISM_TRAIN_KILL_AFTER_CHECKPOINT=k`` SIGKILLs the process right after the
 #: checkpoint of global optimizer step ``k`` is in place (simulates a crash / preemption).
