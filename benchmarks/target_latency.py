@@ -32,6 +32,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from prism_spec.bench.runner import _cpu_name
 import transformers
 
 from prism_spec.runtime import GenerationConfig, generate
@@ -360,16 +362,6 @@ def machine_info() -> dict:
         "torch_threads": torch.get_num_threads(),
         "load_average_1min_start": loadavg(),
     }
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def print_report(info: dict, forward: list[dict], vanilla: dict, variants: list[dict], args) -> None:
