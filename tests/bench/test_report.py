@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import tiny_chat_target
 import torch
 
 from prism_spec.bench import report as R
@@ -408,25 +409,8 @@ def test_interleaving_resume_and_seeds(tmp_path):
 # ============================================================================ end to end
 @pytest.fixture(scope="module")
 def tiny_target_dir(tmp_path_factory):
-    """A tiny random Llama with the default target's tokenizer (vocab = tokenizer length)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from prism_spec.targets import default_target_path
-
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tok = AutoTokenizer.from_pretrained(default_target_path())
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=4096, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():  # sharper distributions: greedy paths are not near-ties
-        model.lm_head.weight.mul_(8.0)
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    """A tiny random Llama with the default target's tokenizer (long context: CNN/DM prompts)."""
+    return tiny_chat_target(tmp_path_factory.mktemp("tiny-llama"), max_positions=4096)
 
 
 @pytest.mark.usefixtures("one_thread")

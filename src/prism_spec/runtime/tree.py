@@ -136,10 +136,18 @@ class DraftTreeBatch:
         return cls(roots[:, None], zeros - 1, zeros, zeros.float())
 
     def row(self, b: int) -> DraftTree:
-        return DraftTree(self.tokens[b], self.parents[b], self.depths[b], self.scores[b])
+        tree = DraftTree(self.tokens[b], self.parents[b], self.depths[b], self.scores[b])
+        if "_ancestors" in self.__dict__:  # computed once for the verify forward: share it
+            tree.__dict__["_ancestors"] = self.__dict__["_ancestors"][b]
+        return tree
 
     def ancestor_mask(self) -> torch.Tensor:
-        """[B, n, n] bool, row by row as :func:`ancestor_mask`."""
+        """[B, n, n] bool, row by row as :func:`ancestor_mask` (computed once)."""
+        if "_ancestors" not in self.__dict__:
+            self.__dict__["_ancestors"] = self._ancestor_mask()
+        return self.__dict__["_ancestors"]
+
+    def _ancestor_mask(self) -> torch.Tensor:
         batch, n = self.parents.shape
         mask = torch.eye(n, dtype=torch.bool, device=self.parents.device).expand(batch, n, n).clone()
         parent_rows = self.parents.clamp(min=0)[..., None].expand(batch, n, n)
