@@ -1,53 +1,100 @@
 #!/usr/bin/env bash
-# Trained drafters for the default target (SmolLM2-135M-Instruct) and their benchmark, on CPU.
-# Every drafter sees the same data (a seeded 2400-conversation sample of ../shared/data/train,
-# the answers given in the data, not regenerated) and the same number of optimizer steps.
+# Trained drafters for the default target (SmolLM2-135M-Instruct) and their benchmarks, on CPU.
 #
-#   bash results/smollm2-135m/reproduce.sh features   # capture the target's features once
-#   bash results/smollm2-135m/reproduce.sh prism|hass|eagle2   # one drafter (~30 min, 1 thread)
-#   bash results/smollm2-135m/reproduce.sh bench       # the table, summary and figures
+# Data: prompts from ../shared/data/train answered by the target itself (greedy, bf16), so the
+# drafters learn the target's own distribution. The answered file is committed
+# (data/smollm2-regenerated.jsonl); `regen` rebuilds or extends it (resumable, shuffled order:
+# the first N lines are a balanced sample of all 21 training files).
+# Every drafter sees the same data and the same number of optimizer steps ($STEPS).
+#
+#   bash results/smollm2-135m/reproduce.sh regen            # answer the prompts (~1.3 s/reply, 2 cores)
+#   bash results/smollm2-135m/reproduce.sh features         # capture the target's features once
+#   bash results/smollm2-135m/reproduce.sh eagle2|hass|prism|prism3|prism-star|stacked2|standard
+#   bash results/smollm2-135m/reproduce.sh scaling [25|50]  # HASS and PRISM on 25 % and 50 % of the data
+#   bash results/smollm2-135m/reproduce.sh bench|bench-cpu  # the tables, summary and figures
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-DATA_DIR=${DATA_DIR:-../shared/data/train}
 RUNS=${RUNS:-runs/smollm2-135m}
 OUT=results/smollm2-135m
-# Every training file that carries answers (ShareGPT first turns and Arena-Hard are prompt-only).
-FILES=(code_alpaca_2k.json fastchat_dummy_conversation.json gpteacher_codegen.json gpteacher_roleplay.json
-       gsm8k_train.jsonl math_test.jsonl mbpp.jsonl nq_open_efficientqa_dev.jsonl nq_open_efficientqa_test.jsonl
-       self_instruct_seed_tasks.jsonl self_instruct_user_oriented_instructions.jsonl svamp.json
-       t0_subset/cnn_dailymail_3_0_0_news_summary.jsonl t0_subset/kilt_tasks_hotpotqa_straighforward_qa.jsonl
-       t0_subset/samsum_Summarize_.jsonl t0_subset/sciq_Direct_Question_Closed_Book_.jsonl
-       t0_subset/xsum_summarize_DOC.jsonl)
-COMMON=(--target smollm2-135m --data "${FILES[@]/#/$DATA_DIR/}" --max-length 384 --batch-size 8
+DATA=$OUT/data/smollm2-regenerated.jsonl
+N_EXAMPLES=${N_EXAMPLES:-1200}   # answered conversations used (train + 48 held out)
+STEPS=${STEPS:-320}              # optimizer steps per drafter (PRISM: 3/4 warmup + 1/4 tuning)
+LR=2e-4                          # short-budget learning rate (the paper's 3e-5 is for tens of epochs)
+WARMUP=$((STEPS * 3 / 4))
+COMMON=(--target smollm2-135m --data "$DATA" --max-length 384 --batch-size 8
         --mixed-precision bf16 --save-dtype bf16 --feature-cache "$RUNS/features"
-        --set data.max_examples=2400 --set data.holdout=64 --set drafter.draft_vocab_size=16384
+        --set data.max_examples=$N_EXAMPLES --set data.holdout=48 --set drafter.draft_vocab_size=16384
         --checkpoint-every 50 --eval-every 100 --log-every 10)
-STEPS=400          # optimizer steps per drafter (PRISM: 300 warmup + 100 tuning)
-LR=2e-4            # short-budget learning rate (the paper's 3e-5 is for tens of epochs)
+STAR=(--feature-cache "$RUNS/features-star")   # PRISM* also needs low/middle/high layer features
+DRAFTERS=(--method eagle2=$OUT/drafters/eagle2 --method hass=$OUT/drafters/hass --method prism=$OUT/drafters/prism)
 
 finish() {  # keep the 16-bit drafter and its training log under results/
-  local name=$1
+  local name=$1 run=${2:-$1}
   rm -rf "$OUT/drafters/$name" && mkdir -p "$OUT/drafters"
-  cp -r "$RUNS/$name/drafter" "$OUT/drafters/$name"
-  cp "$RUNS/$name/train_log.jsonl" "$RUNS/$name/train_config.json" "$OUT/drafters/$name/"
+  cp -r "$RUNS/$run/drafter" "$OUT/drafters/$name"
+  cp "$RUNS/$run/train_log.jsonl" "$RUNS/$run/train_config.json" "$OUT/drafters/$name/"
+}
+
+train_prism() {  # name, extra args...
+  local name=$1; shift
+  python -m prism_spec.train "${COMMON[@]}" --output-dir "$RUNS/$name" "$@" \
+    --set stages.warmup.steps=$WARMUP --set stages.warmup.lr=$LR \
+    --set stages.tuning.steps=$((STEPS - WARMUP)) --set stages.tuning.lr=2e-5 --resume
 }
 
 case "${1:-}" in
+  regen)
+    python scripts/prepare_smollm2_data.py --out "$DATA" --dtype bfloat16 ;;
   features)
-    python -m prism_spec.train --recipe eagle2 "${COMMON[@]}" --output-dir "$RUNS/features-job" --capture-only ;;
-  prism)
-    python -m prism_spec.train --recipe prism "${COMMON[@]}" --output-dir "$RUNS/prism" \
-      --set stages.warmup.steps=300 --set stages.warmup.lr=$LR \
-      --set stages.tuning.steps=$((STEPS - 300)) --set stages.tuning.lr=2e-5 --resume
-    finish prism ;;
-  hass)
-    python -m prism_spec.train --recipe hass "${COMMON[@]}" --output-dir "$RUNS/hass" \
-      --set stages.hass.steps=$STEPS --set stages.hass.lr=$LR --resume
-    finish hass ;;
+    python -m prism_spec.train --recipe eagle2 "${COMMON[@]}" --output-dir "$RUNS/features-job" --capture-only
+    python -m prism_spec.train --recipe 'prism*' "${COMMON[@]}" "${STAR[@]}" --output-dir "$RUNS/features-star-job" \
+      --capture-only ;;
   eagle2)
     python -m prism_spec.train --recipe eagle2 "${COMMON[@]}" --output-dir "$RUNS/eagle2" \
       --set stages.eagle.steps=$STEPS --set stages.eagle.lr=$LR --resume
     finish eagle2 ;;
+  hass)
+    python -m prism_spec.train --recipe hass "${COMMON[@]}" --output-dir "$RUNS/hass" \
+      --set stages.hass.steps=$STEPS --set stages.hass.lr=$LR --resume
+    finish hass ;;
+  stacked2)
+    python -m prism_spec.train --recipe stacked2 "${COMMON[@]}" --output-dir "$RUNS/stacked2" \
+      --set stages.hass2.steps=$STEPS --set stages.hass2.lr=$LR --resume
+    finish stacked2 ;;
+  prism)
+    train_prism prism --recipe prism
+    finish prism ;;
+  prism3)
+    train_prism prism3 --recipe prism --set drafter.num_modules=3 --set drafter.step_mapping=0,1,2
+    finish prism3 ;;
+  prism-star)
+    train_prism prism-star --recipe 'prism*' "${STAR[@]}"
+    finish prism-star ;;
+  standard)  # the target's first 2 layers + its LM head, distilled (full vocabulary, no features)
+    python -m prism_spec.train --recipe standard "${COMMON[@]}" --set drafter.draft_vocab_size=null \
+      --output-dir "$RUNS/standard" --set stages.distill.steps=$STEPS --set stages.distill.lr=1e-4 --resume
+    finish standard ;;
+  scaling)  # same epochs on less data: 25 % / 50 % of the examples, 25 % / 50 % of the steps
+    for pct in ${2:-25 50}; do
+      n=$((N_EXAMPLES * pct / 100)); s=$((STEPS * pct / 100))
+      python -m prism_spec.train --recipe hass "${COMMON[@]}" --set data.max_examples=$n \
+        --output-dir "$RUNS/hass-$pct" --set stages.hass.steps=$s --set stages.hass.lr=$LR --resume
+      finish "scaling/hass-$pct" "hass-$pct"
+      STEPS=$s WARMUP=$((s * 3 / 4)) train_prism "prism-$pct" --recipe prism --set data.max_examples=$n
+      finish "scaling/prism-$pct" "prism-$pct"
+    done ;;
+  bench)  # acceptance length, six benchmarks, T=0 and T=1, the paper's tree
+    prism bench --method vanilla --method standard=$OUT/drafters/standard "${DRAFTERS[@]}" \
+      --method prism-star=$OUT/drafters/prism-star --method prism3=$OUT/drafters/prism3 \
+      --method stacked2=$OUT/drafters/stacked2 \
+      --temperature 0 --temperature 1 --tree paper --limit "${LIMIT:-3}" --max-new-tokens 64 --threads 2 \
+      --out "$OUT/bench-paper-tree" ;;
+  bench-cpu)  # speed on this CPU: bf16 target (vanilla too), tree tuned for the CPU
+    prism bench --method vanilla --method prism=$OUT/drafters/prism \
+      --method hass=$OUT/drafters/hass --method eagle2=$OUT/drafters/eagle2 \
+      --dtype bfloat16 --temperature 0 --tree "${TREE:-cpu}" --limit "${LIMIT:-3}" --max-new-tokens 64 \
+      --threads 2 --out "$OUT/bench-cpu-tree" ;;
   *)
-    echo "usage: $0 features|prism|hass|eagle2|bench" >&2; exit 2 ;;
+    echo "usage: $0 regen|features|eagle2|hass|prism|prism3|prism-star|stacked2|standard|scaling|bench|bench-cpu" >&2
+    exit 2 ;;
 esac

@@ -416,3 +416,18 @@ def test_sampling_is_reproducible_with_a_seed(target, prompts):
     assert runs[0].token_ids == runs[1].token_ids
     assert runs[0].token_ids != runs[2].token_ids
     assert all(len(r.token_ids) == MAX_NEW for r in runs)
+
+
+def test_round_phases_are_labelled_for_the_profiler(target):
+    # benchmarks/profile_round.py reads these labels: one tree, one verify, one acceptance,
+    # one cache commit and one drafter catch-up per round, `depth` drafter steps per tree.
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = GenerationConfig(max_new_tokens=12, tree=TreeConfig(total_tokens=6, depth=3, top_k=2))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        result = generate(target, list(range(5, 15)), RandomDrafter(target.vocab_size, seed=3), cfg)
+    counts = {e.key: e.count for e in prof.key_averages()}
+    rounds = result.rounds
+    for label in ("draft_tree", "verify_forward", "accept", "cache_commit", "drafter_extend"):
+        assert counts.get(label) == rounds, label
+    assert counts.get("drafter_expand") == 3 * rounds

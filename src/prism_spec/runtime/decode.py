@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import torch
+from torch.profiler import record_function
 
 from ..drafters.base import Drafter
 from ..targets.hf import RaggedCache, Target, pad_ragged
@@ -193,33 +194,38 @@ def stream_generate_batch(
             shape = tree_shape
             if shape.total_tokens > room:
                 shape = TreeConfig(min(shape.depth, room - 1), shape.top_k, room)
-            trees = draft_tree_batch(drafter, roots_t, root_logits, shape)
-            drafter.end_round()
+            with record_function("draft_tree"):
+                trees = draft_tree_batch(drafter, roots_t, root_logits, shape)
+                drafter.end_round()
         _sync(device)
         t1 = time.perf_counter()
 
         # Verify every tree in one target forward, accept a path per row, keep its KV entries.
-        out = target.forward_batch(
-            trees.tokens, kv.lengths[:, None] + trees.depths, kv.cache, trees.ancestor_mask(), kv.lengths, layers
-        )
+        with record_function("verify_forward"):
+            out = target.forward_batch(
+                trees.tokens, kv.lengths[:, None] + trees.depths, kv.cache, trees.ancestor_mask(), kv.lengths, layers
+            )
         paths, new_tokens, features = [], [], []
-        for i, row in enumerate(active):
-            tree = trees.row(i)
-            path, bonus = pick(row, tree, out.logits[i])
-            if configs[row].on_round is not None:
-                configs[row].on_round(tree, out.logits[i])
-            path_t = torch.tensor(path, device=device)
-            paths.append(path_t)
-            new_tokens.append(tree.tokens[path_t[1:]].tolist() + [bonus])
-            features.append(drafter_features(out, i, path_t))
-            result = results[row]
-            result.accepted.append(len(path) - 1)
-            result.tree_depths.append(int(tree.depths.max()))
-            result.tree_sizes.append(tree.size)
-            result.exhausted.append(not bool((tree.parents == path[-1]).any()))
-        kv.commit(paths)
+        with record_function("accept"):
+            for i, row in enumerate(active):
+                tree = trees.row(i)
+                path, bonus = pick(row, tree, out.logits[i])
+                if configs[row].on_round is not None:
+                    configs[row].on_round(tree, out.logits[i])
+                path_t = torch.tensor(path, device=device)
+                paths.append(path_t)
+                new_tokens.append(tree.tokens[path_t[1:]].tolist() + [bonus])
+                features.append(drafter_features(out, i, path_t))
+                result = results[row]
+                result.accepted.append(len(path) - 1)
+                result.tree_depths.append(int(tree.depths.max()))
+                result.tree_sizes.append(tree.size)
+                result.exhausted.append(not bool((tree.parents == path[-1]).any()))
+        with record_function("cache_commit"):
+            kv.commit(paths)
         if drafter is not None:
-            root_logits = drafter.extend_batch([torch.tensor(t, device=device) for t in new_tokens], features)
+            with record_function("drafter_extend"):
+                root_logits = drafter.extend_batch([torch.tensor(t, device=device) for t in new_tokens], features)
         _sync(device)
         t2 = time.perf_counter()
         for row in active:  # rows share the round's wall time

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from torch.profiler import record_function
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..drafters.base import Drafter
@@ -206,7 +207,8 @@ def draft_tree_batch(
         padding = torch.zeros(batch, n_slots, k, dtype=torch.bool, device=device)
         slot_mask = torch.cat([torch.cat([slot_mask, padding], 2), new_rows], 1)
         all_tokens, all_scores = torch.cat(cand_tokens, 1), torch.cat(cand_scores, 1)
-        logits = drafter.expand_batch(all_tokens.gather(1, frontier), frontier_parent_slot, new_rows, depth)
+        with record_function("drafter_expand"):
+            logits = drafter.expand_batch(all_tokens.gather(1, frontier), frontier_parent_slot, new_rows, depth)
         child_logp, child_idx = torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)  # [B, k, k]
         cum = all_scores.gather(1, frontier)[..., None] + child_logp
         cand_tokens.append(drafter.to_target_ids(child_idx).flatten(1))

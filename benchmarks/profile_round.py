@@ -1,0 +1,131 @@
+"""Where a decode round's time goes: drafting per step, tree building, verify, acceptance,
+cache compaction and the drafter's catch-up, for vanilla and speculative decoding (batch 1).
+
+    python benchmarks/profile_round.py [--drafter auto] [--dtype float32] [--tree cpu] \
+        [--prompts 4] [--max-new-tokens 64] [--threads 2] [--json out.json]
+
+The decode loop labels its phases with ``torch.profiler.record_function`` (free when no
+profiler runs); this script runs ``torch.profiler`` over whole generations and reports each
+label's time per round. The profiler itself slows every op a little, so the tokens/s and the
+speedup come from a second, unprofiled pass over the same prompts (ratios within one run).
+Run it on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from prism_spec.bench.datasets import conversation_prompt, load_benchmark
+from prism_spec.bench.runner import _cpu_name
+from prism_spec.drafters.resolve import resolve_drafter
+from prism_spec.runtime import GenerationConfig, TreeConfig, generate
+from prism_spec.targets import load_target
+
+# Labels set in runtime/decode.py and runtime/tree.py; "drafter_expand" runs inside "draft_tree".
+LABELS = ("draft_tree", "drafter_expand", "verify_forward", "accept", "cache_commit", "drafter_extend")
+
+
+def chat_prompts(target, count: int) -> list[list[int]]:
+    questions = load_benchmark("mt_bench").questions[:count]
+    return [conversation_prompt(target, q.turns[:1], []) for q in questions]
+
+
+def run(target, drafter, prompts, cfg):
+    results = [generate(target, p, drafter, cfg) for p in prompts]
+    tokens = sum(len(r.token_ids) for r in results)
+    rounds = sum(r.rounds for r in results)
+    accepted = sum(sum(r.accepted) for r in results)
+    return results, tokens, rounds, accepted
+
+
+def profile_method(target, drafter, prompts, cfg) -> dict:
+    run(target, drafter, prompts[:1], cfg)  # warm-up
+    start = time.perf_counter()
+    _, tokens, rounds, accepted = run(target, drafter, prompts, cfg)
+    wall = time.perf_counter() - start
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        pstart = time.perf_counter()
+        presults, *_ = run(target, drafter, prompts, cfg)
+        pwall = time.perf_counter() - pstart - sum(r.prefill_s for r in presults)  # rounds only
+    events = {e.key: e for e in prof.key_averages()}
+    ms = {label: events[label].cpu_time_total / 1e3 / rounds if label in events else 0.0 for label in LABELS}
+    phases = {
+        "draft: drafter steps": ms["drafter_expand"],
+        "draft: tree building": ms["draft_tree"] - ms["drafter_expand"],
+        "verify: target forward": ms["verify_forward"],
+        "accept (sampling / argmax)": ms["accept"],
+        "cache compaction": ms["cache_commit"],
+        "drafter catch-up (extend)": ms["drafter_extend"],
+    }
+    round_ms = pwall * 1e3 / rounds
+    phases["other (loop, commit, stop checks, profiler)"] = round_ms - sum(phases.values())
+    ops = sorted(
+        (e for e in prof.key_averages() if e.key.startswith("aten::")), key=lambda e: e.self_cpu_time_total, reverse=True
+    )
+    return {
+        "tokens": tokens,
+        "rounds": rounds,
+        "acceptance_length": (accepted + rounds) / rounds,
+        "tokens_per_s": tokens / wall,
+        "profiled_round_ms": round_ms,
+        "phases_ms_per_round": phases,
+        "expand_calls_per_round": (events["drafter_expand"].count / rounds) if "drafter_expand" in events else 0.0,
+        "top_ops_self_ms_per_round": {e.key: e.self_cpu_time_total / 1e3 / rounds for e in ops[:8]},
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", default="smollm2-135m")
+    parser.add_argument("--drafter", default="auto")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--tree", default="cpu")
+    parser.add_argument("--prompts", type=int, default=4, help="first-turn MT-bench questions")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", help="write the numbers here")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    target = load_target(args.target, dtype=args.dtype)
+    drafter = resolve_drafter(args.drafter, target).drafter
+    prompts = chat_prompts(target, args.prompts)
+    tree = TreeConfig.parse(args.tree)
+    vanilla = profile_method(target, None, prompts, GenerationConfig(max_new_tokens=args.max_new_tokens))
+    spec = profile_method(target, drafter, prompts, GenerationConfig(max_new_tokens=args.max_new_tokens, tree=tree))
+
+    print(f"\n{args.target} ({args.dtype}), drafter {args.drafter}, tree {args.tree} ({tree.total_tokens}/"
+          f"{tree.depth}/{tree.top_k}), {args.prompts} MT-bench prompts x {args.max_new_tokens} tokens, "
+          f"{args.threads} threads, {_cpu_name()}, {datetime.date.today()}\n")
+    print("| phase | vanilla ms/round | speculative ms/round |\n|---|--:|--:|")
+    for phase in spec["phases_ms_per_round"]:
+        print(f"| {phase} | {vanilla['phases_ms_per_round'][phase]:.2f} | {spec['phases_ms_per_round'][phase]:.2f} |")
+    print(f"| **round (profiled)** | {vanilla['profiled_round_ms']:.2f} | {spec['profiled_round_ms']:.2f} |")
+    print(f"\ndrafter steps per round: {spec['expand_calls_per_round']:.1f}; acceptance length "
+          f"{spec['acceptance_length']:.2f}")
+    speedup = spec["tokens_per_s"] / vanilla["tokens_per_s"]
+    print(f"unprofiled: vanilla {vanilla['tokens_per_s']:.1f} tok/s, speculative {spec['tokens_per_s']:.1f} tok/s, "
+          f"speedup {speedup:.2f}x")
+    print("\nheaviest ops in the speculative run (self ms per round):")
+    for op, value in spec["top_ops_self_ms_per_round"].items():
+        print(f"  {op:32s} {value:7.2f}")
+    if args.json:
+        record = {
+            "settings": vars(args), "machine": {"cpu": _cpu_name(), "platform": platform.platform(),
+                                                "torch": torch.__version__},
+            "date": str(datetime.date.today()), "vanilla": vanilla, "speculative": spec, "speedup": speedup,
+        }
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(record, indent=1))
+
+
+if __name__ == "__main__":
+    main()
