@@ -11,7 +11,7 @@
 #   bash results/smollm2-135m/reproduce.sh features         # capture the target's features once
 #   bash results/smollm2-135m/reproduce.sh eagle2|hass|prism|prism3|prism-star|stacked2|standard
 #   bash results/smollm2-135m/reproduce.sh scaling [25|50]  # HASS and PRISM on 25 % and 50 % of the data
-#   bash results/smollm2-135m/reproduce.sh bench|bench-cpu  # the tables, summary and figures
+#   bash results/smollm2-135m/reproduce.sh bench|bench-ablations|bench-cpu  # the tables, summary and figures
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUNS=${RUNS:-runs/smollm2-135m}
@@ -30,7 +30,7 @@ DRAFTERS=(--method eagle2=$OUT/drafters/eagle2 --method hass=$OUT/drafters/hass 
 
 finish() {  # keep the 16-bit drafter and its training log under results/
   local name=$1 run=${2:-$1}
-  rm -rf "$OUT/drafters/$name" && mkdir -p "$OUT/drafters"
+  rm -rf "$OUT/drafters/$name" && mkdir -p "$(dirname "$OUT/drafters/$name")"
   cp -r "$RUNS/$run/drafter" "$OUT/drafters/$name"
   cp "$RUNS/$run/train_log.jsonl" "$RUNS/$run/train_config.json" "$OUT/drafters/$name/"
 }
@@ -85,16 +85,22 @@ case "${1:-}" in
     done ;;
   bench)  # acceptance length, six benchmarks, T=0 and T=1, the paper's tree
     prism bench --method vanilla --method standard=$OUT/drafters/standard "${DRAFTERS[@]}" \
-      --method prism-star=$OUT/drafters/prism-star --method prism3=$OUT/drafters/prism3 \
-      --method stacked2=$OUT/drafters/stacked2 \
-      --temperature 0 --temperature 1 --tree paper --limit "${LIMIT:-3}" --max-new-tokens 64 --threads 2 \
-      --out "$OUT/bench-paper-tree" ;;
+      --method 'prism*@prism-star'=$OUT/drafters/prism-star \
+      --temperature 0 --temperature 1 --tree paper --limit "${LIMIT:-2}" --max-new-tokens 64 --threads 2 \
+      --dtype bfloat16 --out "$OUT/bench-paper-tree" ;;
+  bench-ablations)  # T=0 only: M=3, stacking and the data-scaling drafters against PRISM and HASS
+    prism bench --method vanilla --method prism=$OUT/drafters/prism --method hass=$OUT/drafters/hass \
+      --method prism@prism3=$OUT/drafters/prism3 --method stacked@stacked2=$OUT/drafters/stacked2 \
+      --method hass@hass-25=$OUT/drafters/scaling/hass-25 --method hass@hass-50=$OUT/drafters/scaling/hass-50 \
+      --method prism@prism-25=$OUT/drafters/scaling/prism-25 --method prism@prism-50=$OUT/drafters/scaling/prism-50 \
+      --temperature 0 --tree paper --limit "${LIMIT:-2}" --max-new-tokens 64 --threads 2 \
+      --dtype bfloat16 --out "$OUT/bench-ablations" ;;
   bench-cpu)  # speed on this CPU: bf16 target (vanilla too), tree tuned for the CPU
     prism bench --method vanilla --method prism=$OUT/drafters/prism \
       --method hass=$OUT/drafters/hass --method eagle2=$OUT/drafters/eagle2 \
       --dtype bfloat16 --temperature 0 --tree "${TREE:-cpu}" --limit "${LIMIT:-3}" --max-new-tokens 64 \
       --threads 2 --out "$OUT/bench-cpu-tree" ;;
   *)
-    echo "usage: $0 regen|features|eagle2|hass|prism|prism3|prism-star|stacked2|standard|scaling|bench|bench-cpu" >&2
+    echo "usage: $0 regen|features|eagle2|hass|prism|prism3|prism-star|stacked2|standard|scaling|bench|bench-ablations|bench-cpu" >&2
     exit 2 ;;
 esac

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+import warnings
 
 import pytest
 from helpers import tiny_chat_target
@@ -471,6 +472,7 @@ def test_end_to_end_feature_drafters(tiny_target_dir, tmp_path):
         "eagle": FeatureDrafterConfig.for_target(target, architecture="eagle"),
         "prism": prism_config(target, num_modules=2),
         "prism_multi": prism_config(target, num_modules=2, input_layers=[1, 2]),
+        "stacked": FeatureDrafterConfig.for_target(target, architecture="stacked", layers_per_module=2),
     }
     dirs = {}
     for name, cfg in configs.items():
@@ -482,6 +484,11 @@ def test_end_to_end_feature_drafters(tiny_target_dir, tmp_path):
         load_method(f"prism={dirs['prism_multi']}", target)
     with pytest.raises(MethodError):
         load_method(f"prism={tmp_path / 'missing'}", target)
+    with pytest.warns(UserWarning, match="architecture"):
+        load_method(f"hass={dirs['stacked']}", target)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_method(f"stacked={dirs['stacked']}", target)  # the stacked kind expects it
 
     out = tmp_path / "feat"
     argv = ["--target", str(tiny_target_dir), "--dtype", "float64", "--limit", "1", "--bench", "qa", "--bench",

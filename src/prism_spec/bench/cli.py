@@ -30,7 +30,7 @@ DESCRIPTION = (
 
 METHOD_HELP = (
     "KIND[@LABEL][=ARG], repeatable: vanilla | standard=DIR|layers:N | eagle2=DIR | hass=DIR | prism=DIR | "
-    "prism*=DIR | hf-assisted=DIR|layers:N | hf-lookup[=N]"
+    "prism*=DIR | stacked=DIR | hf-assisted=DIR|layers:N | hf-lookup[=N]"
 )
 
 

@@ -63,6 +63,7 @@ KINDS: dict[str, KindInfo] = {
     "hass": KindInfo(True, "feature", "eagle", "HASS drafter folder"),
     "prism": KindInfo(True, "feature", "prism", "PRISM drafter folder"),
     "prism*": KindInfo(True, "feature", "prism", "PRISM drafter folder with multi-layer input"),
+    "stacked": KindInfo(True, "feature", "stacked", "stacked-layer HASS drafter folder (HASS-2 / HASS-3)"),
     "hf-assisted": KindInfo(True, "hf", None, "transformers assistant_model: drafter folder or layers:N"),
     "hf-lookup": KindInfo(False, "hf", None, "transformers prompt lookup (N candidate tokens, default 10)"),
 }
