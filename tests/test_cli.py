@@ -108,6 +108,17 @@ def test_generate_args_and_file_match_vanilla(tiny_target, tmp_path, capsys):
         assert s["finish_reason"] == v["finish_reason"]
 
 
+def test_generate_with_static_cache_matches(tiny_target, tmp_path, capsys):
+    outs = {}
+    for flag in ((), ("--static-cache",)):
+        out = tmp_path / f"out{len(flag)}.jsonl"
+        rc, _, err = run_cli(capsys, *GEN, "Hello there!", "--target", tiny_target, "--drafter", "layers:1", *flag,
+                             "-o", out)
+        assert rc == 0, err
+        outs[flag] = [r["token_ids"] for r in read_jsonl(out)]
+    assert outs[()] == outs[("--static-cache",)]
+
+
 def test_generate_to_stdout_and_stdin(tiny_target, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO('{"prompt": "from stdin"}\n'))
     rc, out, err = run_cli(capsys, *GEN, "first", "--stdin", "--no-chat", "--target", tiny_target, "--vanilla")

@@ -114,6 +114,14 @@ def add_target_options(parser: argparse.ArgumentParser) -> None:
         help="torch CPU threads (default: torch's choice, one per core); 1 is much faster when other "
         "processes keep the cores busy",
     )
+    group.add_argument(
+        "--static-cache", action="store_true",
+        help="preallocated KV cache written in place (fixed addresses; needed by --compile)",
+    )
+    group.add_argument(
+        "--compile", action="store_true",
+        help="torch.compile decode and verify forwards (CUDA graphs on GPUs); implies --static-cache",
+    )
 
 
 def add_drafter_options(parser: argparse.ArgumentParser, default: str = "auto") -> None:
@@ -158,6 +166,7 @@ def generation_config(args: argparse.Namespace, stop_strings: Sequence[str] = ()
         tree=TreeConfig.parse("cpu") if args.tree == "auto" else args.tree,
         stop_strings=tuple(stop_strings),
         seed=args.seed,
+        static_cache=getattr(args, "static_cache", False) or getattr(args, "compile", False),
     )
 
 
@@ -182,7 +191,10 @@ def load_target_from_args(args: argparse.Namespace):
         torch.set_num_threads(args.threads)
     if args.target != DEFAULT_TARGET and _looks_like_path(args.target) and not Path(args.target).exists():
         raise FileNotFoundError(f"target folder {args.target!r} not found")
-    return load_target(args.target, dtype=args.dtype, device=args.device)
+    target = load_target(args.target, dtype=args.dtype, device=args.device)
+    if getattr(args, "compile", False):
+        target.compile_decoder()
+    return target
 
 
 def _looks_like_path(name: str) -> bool:
@@ -572,7 +584,8 @@ def run_serve(args: argparse.Namespace) -> int:
     _status(f"serving {name} on http://{args.host}:{args.port}/v1 (drafter: {resolved.label}, "
             f"tree {tree_label(tree)}, batches up to {engine.max_batch})")
     try:
-        uvicorn.run(create_app(engine, name, tree, args.max_tokens), host=args.host, port=args.port, log_level="warning")
+        app = create_app(engine, name, tree, args.max_tokens, static_cache=args.static_cache or args.compile)
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:
         engine.stop()
     return 0

@@ -24,6 +24,7 @@ from prism_spec.runtime import (
     SamplingConfig,
     TreeConfig,
     generate,
+    generate_batch,
     stream_generate,
 )
 from prism_spec.targets import default_feature_layers
@@ -431,3 +432,55 @@ def test_round_phases_are_labelled_for_the_profiler(target):
     for label in ("draft_tree", "verify_forward", "accept", "cache_commit", "drafter_extend"):
         assert counts.get(label) == rounds, label
     assert counts.get("drafter_expand") == 3 * rounds
+
+
+# --------------------------------------------------------------------------- static KV cache
+
+
+@pytest.mark.parametrize("shape", ["chain4", "small", "paper"])
+@pytest.mark.parametrize("drafter_name", [None, "noisy-target", "prism-3-modules"])
+def test_static_cache_equals_vanilla(target, prompts, vanilla, drafter_name, shape):
+    drafter = DRAFTERS[drafter_name](target) if drafter_name else None
+    config = GenerationConfig(max_new_tokens=MAX_NEW, tree=SHAPES[shape], static_cache=True)
+    moved = False
+    for prompt, expected in zip(prompts[::3], vanilla[::3]):
+        result = generate(target, prompt, drafter, config)
+        assert result.token_ids == expected, f"prompt of {len(prompt)} tokens diverged"
+        moved |= any(a > 0 for a in result.accepted)
+    if drafter_name == "noisy-target":
+        assert moved  # accepted tree nodes were copied down inside the buffer
+
+
+def test_static_cache_batch_with_rows_leaving(target, prompts, vanilla):
+    # Ragged rows that finish at different lengths: the buffers shrink to the rows still running.
+    drafter = DRAFTERS["standard-2-layers"](target)
+    picked = [0, 5, 11, 19]
+    configs = [GenerationConfig(max_new_tokens=n, tree=SHAPES["small"], static_cache=True) for n in (5, MAX_NEW, 9, 17)]
+    results = generate_batch(target, [prompts[i] for i in picked], drafter, configs)
+    for i, cfg, result in zip(picked, configs, results):
+        assert result.token_ids == vanilla[i][: cfg.max_new_tokens]
+    assert any(a > 0 for r in results for a in r.accepted)
+
+
+def test_static_cache_stops_at_the_context(short_target):
+    # The buffer never exceeds the model's context: generation ends with "context", as without it.
+    prompt = list(range(20))
+    for static in (False, True):
+        cfg = GenerationConfig(max_new_tokens=50, tree=SHAPES["small"], static_cache=static)
+        result = generate(short_target, prompt, StandardDrafter.from_target_layers(short_target, 2), cfg)
+        assert result.finish_reason == "context"
+        if static:
+            assert result.token_ids == expected
+        expected = result.token_ids
+
+
+@pytest.mark.slow
+def test_compiled_decoder_equals_vanilla(prompts, vanilla):
+    # torch.compile's graph capture through transformers on a static cache (the CUDA-graph
+    # path on GPUs); the eager backend keeps this CPU test about tracing, not code generation.
+    target = tiny_llama(layers=4, seed=0)
+    target.compile_decoder(backend="eager")
+    config = GenerationConfig(max_new_tokens=MAX_NEW, tree=SHAPES["small"], static_cache=True)
+    drafter = DRAFTERS["noisy-target"](target)
+    for prompt, expected in zip(prompts[::5], vanilla[::5]):
+        assert generate(target, prompt, drafter, config).token_ids == expected

@@ -58,6 +58,10 @@ def _add_common(p: argparse.ArgumentParser, sub: bool) -> None:
     g.add_argument("--resume", action="store_true", default=d(False), help="continue the bench in --out, skipping finished runs")
     g.add_argument("--seed", type=int, default=d(0), help="base seed for sampled runs (default 0)")
     g.add_argument("--threads", type=int, default=d(None), help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--static-cache", action="store_true", default=d(False),
+                   help="preallocated target KV cache written in place (see prism generate --help)")
+    g.add_argument("--compile", action="store_true", default=d(False),
+                   help="torch.compile the target's decode/verify forwards (CUDA graphs on GPUs); implies --static-cache")
     g.add_argument("--no-progress", action="store_true", default=d(False), help="no progress bar")
     g.add_argument("--no-warmup", action="store_true", default=d(False), help="skip the untimed warm-up generation per method")
 
@@ -145,6 +149,8 @@ def _config(args, methods, command: str, **extra):
         warmup=not args.no_warmup,
         command=command,
         threads=args.threads,
+        static_cache=bool(args.static_cache or args.compile),
+        compile=bool(args.compile),
         extra_settings=extra,
     )
 

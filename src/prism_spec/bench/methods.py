@@ -169,6 +169,7 @@ class LoadedMethod:
     drafter: Drafter | None = None
     weights_bytes: int = 0
     info: dict = field(default_factory=dict)  # recorded with each run
+    static_cache: bool = False  # see GenerationConfig.static_cache
     _hf_model: object = None
     _hf_assistant_gc: object = None
 
@@ -201,7 +202,8 @@ class LoadedMethod:
             return self._run_hf(prompt_ids, max_new_tokens, temperature, seed)
         tree = self.spec.tree or tree
         cfg = GenerationConfig(
-            max_new_tokens=max_new_tokens, sampling=SamplingConfig(temperature=temperature), tree=tree, seed=seed
+            max_new_tokens=max_new_tokens, sampling=SamplingConfig(temperature=temperature), tree=tree, seed=seed,
+            static_cache=self.static_cache,
         )
         r = generate(self.target, prompt_ids, self.drafter, cfg)
         return {

@@ -60,6 +60,8 @@ class BenchConfig:
     warmup: bool = True
     command: str | None = None
     threads: int | None = None  # torch.set_num_threads before loading anything
+    static_cache: bool = False  # GenerationConfig.static_cache for every method
+    compile: bool = False  # Target.compile_decoder() before the runs
     extra_settings: dict = field(default_factory=dict)  # recorded in bench.json (sweeps)
 
 
@@ -179,6 +181,8 @@ def _settings(cfg: BenchConfig, benches: list[Benchmark], tree: TreeConfig) -> d
         "tree": tree_tag(tree),
         "seed": cfg.seed,
         "max_new_tokens": {b.name: b.max_new_tokens for b in benches},
+        **({"static_cache": True} if cfg.static_cache else {}),
+        **({"compile": True} if cfg.compile else {}),
         **cfg.extra_settings,
     }
 
@@ -337,10 +341,14 @@ def run_bench(
 
     if target is None:
         target = load_target(cfg.target, dtype=cfg.dtype, device=device)
+        if cfg.compile:
+            target.compile_decoder()
     if target.tokenizer is None:
         raise BenchError("benchmarks need a target with a tokenizer (prompts are chat-rendered text)")
     needed = {spec.name for *_, spec, _ in jobs}
     loaded = {spec.name: loader(spec, target) for spec in specs if spec.name in needed}
+    for method in loaded.values():
+        method.static_cache = cfg.static_cache
     # Written once everything loaded: a bad drafter path leaves no half-started bench behind.
     _write_meta(meta_path, meta)
     runs_path.touch()

@@ -16,9 +16,12 @@ import torch
 from torch.profiler import record_function
 
 from ..drafters.base import Drafter
-from ..targets.hf import RaggedCache, Target, pad_ragged
+from ..targets.hf import RaggedCache, StaticKV, Target, pad_ragged
 from .tree import DraftTree, DraftTreeBatch, TreeConfig, draft_tree_batch
 from .verify import SamplingConfig, verify_greedy, verify_sampling
+
+
+STATIC_CACHE_STEP = 256  # static KV caches are sized in multiples of this
 
 
 @dataclass
@@ -35,6 +38,9 @@ class GenerationConfig:
     # Polled once per round; True ends this sequence with finish_reason "cancelled" (a server
     # client that went away), without disturbing the other rows of its batch.
     cancelled: Callable[[], bool] | None = field(default=None, repr=False, compare=False)
+    # Preallocate the target's KV cache (transformers StaticCache, written in place) instead of
+    # growing it: fixed addresses for CUDA graphs / torch.compile, no per-step copy of the cache.
+    static_cache: bool = False
 
     def __post_init__(self):
         if self.max_new_tokens <= 0:
@@ -141,7 +147,12 @@ def stream_generate_batch(
     # Prefill: right-padded prompts, causal; padding never enters the committed region.
     start = time.perf_counter()
     padded, prompt_lens = pad_ragged(prompts)
-    kv = RaggedCache(target.new_cache(), batch, device)
+    if configs[0].static_cache:
+        longest = int(prompt_lens.max()) + max(c.max_new_tokens for c in configs) + tree_shape.total_tokens + 1
+        # Rounded up, so a compiled decoder sees few distinct cache sizes.
+        kv = StaticKV(target, batch, min(-(-longest // STATIC_CACHE_STEP) * STATIC_CACHE_STEP, target.max_context))
+    else:
+        kv = RaggedCache(target.new_cache(), batch, device, capacity=target.max_context)
     positions = torch.arange(padded.shape[1], device=device).expand_as(padded)
     out = target.forward_batch(padded, positions, kv.cache, None, kv.lengths, feature_layers=layers)
     kv.commit([torch.arange(int(n), device=device) for n in prompt_lens])
@@ -165,7 +176,7 @@ def stream_generate_batch(
             committed, finished = _commit(target, results[row], new_tokens[i], configs[row])
             if committed:
                 yield row, committed
-            if finished is None and int(kv.lengths[i]) + 1 >= target.max_context:
+            if finished is None and int(kv.lengths[i]) + 1 >= kv.capacity:
                 finished = "context"
             if finished is None:
                 still.append(i)
@@ -190,7 +201,7 @@ def stream_generate_batch(
         else:
             # Tree nodes that fit: the root and drafted tokens take positions lengths.., and the
             # bonus token after the deepest accepted node needs a position too.
-            room = target.max_context - int(kv.lengths.max()) - 1
+            room = kv.capacity - int(kv.lengths.max()) - 1
             shape = tree_shape
             if shape.total_tokens > room:
                 shape = TreeConfig(min(shape.depth, room - 1), shape.top_k, room)

@@ -90,6 +90,7 @@ def create_app(
     model_name: str,
     tree: TreeConfig,
     default_max_tokens: int = 256,
+    static_cache: bool = False,
 ) -> FastAPI:
     app = FastAPI(title="prism-spec", description="Lossless speculative decoding, OpenAI-compatible API")
     target = engine.target
@@ -133,6 +134,7 @@ def create_app(
             tree=tree,
             stop_strings=tuple(stops),
             seed=body.seed,
+            static_cache=static_cache,
         )
         return config, stops
 

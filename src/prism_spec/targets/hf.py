@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel, StaticCache
 
 from .default import DEFAULT_TARGET, default_target_path
 
@@ -105,6 +105,10 @@ def default_feature_layers(num_layers: int) -> tuple[int, int, int]:
     return (min(3, num_layers), num_layers // 2 + 1, max(num_layers - 2, 1))
 
 
+#: Forwards over at most this many new tokens use the compiled decoder (decode and verify, not prefill).
+COMPILED_MAX_TOKENS = 128
+
+
 class Target:
     """A causal LM plus its tokenizer, batch size 1, driven through transformers' public API."""
 
@@ -117,8 +121,18 @@ class Target:
         self.lm_head = model.get_output_embeddings()
         self.embed_tokens = model.get_input_embeddings()
         self._cache_kw = cache_kwarg(self.decoder)
+        self._compiled_decoder = None  # see compile_decoder()
         for p in self.model.parameters():
             p.requires_grad_(False)
+
+    def compile_decoder(self, mode: str | None = None, backend: str = "inductor") -> None:
+        """Run small forwards on a static KV cache (decode steps, tree verification) through
+        ``torch.compile``; on CUDA the default mode is ``reduce-overhead`` (CUDA graphs).
+        Prefill and dynamic-cache forwards stay eager. Each new (tokens, cache size) shape
+        compiles once: keep the tree size fixed and let the static cache round its size up."""
+        if mode is None and self.device.type == "cuda":
+            mode = "reduce-overhead"
+        self._compiled_decoder = torch.compile(self.decoder, mode=mode, backend=backend, dynamic=False)
 
     # ----------------------------------------------------------------- facts
     @property
@@ -221,8 +235,16 @@ class Target:
         first ``lengths[b]`` committed entries and the tree entries ``tree_mask`` [B, n, t]
         allows. Outputs are [B, n, ...]."""
         batch, n = input_ids.shape
-        mask = batch_attention_mask(lengths, cache.get_seq_length(), n, tree_mask, self.dtype, self.device)
-        out = self.decoder(
+        mask = batch_attention_mask(lengths, int(cache.get_seq_length()), n, tree_mask, self.dtype, self.device)
+        if isinstance(cache, StaticCache):  # keys span the whole buffer; the unwritten tail stays hidden
+            width = int(cache.get_max_length())
+            if mask.shape[-1] > width:
+                raise ValueError(f"static KV cache of {width} entries cannot take {mask.shape[-1]}")
+            mask = torch.nn.functional.pad(mask, (0, width - mask.shape[-1]), value=torch.finfo(self.dtype).min)
+        decoder = self.decoder
+        if self._compiled_decoder is not None and isinstance(cache, StaticCache) and n <= COMPILED_MAX_TOKENS:
+            decoder = self._compiled_decoder
+        out = decoder(
             input_ids=input_ids.to(self.device),
             position_ids=positions.to(self.device),
             attention_mask=mask,
@@ -297,10 +319,11 @@ class RaggedCache:
     :func:`batch_attention_mask`, and are either kept (``commit``) or dropped (``rollback``).
     """
 
-    def __init__(self, cache: DynamicCache, batch: int, device):
+    def __init__(self, cache: DynamicCache, batch: int, device, capacity: int | None = None):
         self.cache = cache
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
         self.region = 0
+        self.capacity = capacity  # most entries it can hold (None: the model's context)
 
     def commit(self, keep: Sequence[torch.Tensor]) -> None:
         """Per row, keep the new entries at indices ``keep[b]`` (counted from ``region``)."""
@@ -317,6 +340,62 @@ class RaggedCache:
         self.lengths = self.lengths[rows.to(self.lengths.device)]
         self.region = int(self.lengths.max())
         truncate_cache(self.cache, self.region)
+
+
+class StaticKV:
+    """:class:`RaggedCache`'s contract on a preallocated transformers ``StaticCache``.
+
+    The key/value buffers never move or grow: a forward writes its entries in place after the
+    current region, acceptance copies the kept tree entries down inside the buffer, and
+    dropping entries only resets the write position. Fixed tensor addresses are what CUDA
+    graphs and ``torch.compile`` need, and no per-step ``torch.cat`` of the whole cache is
+    paid. Entries past a row's length are stale and hidden by the attention mask.
+    """
+
+    def __init__(self, target: "Target", batch: int, capacity: int):
+        self.cache = StaticCache(config=target.config, max_cache_len=capacity)
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=target.device)
+        self.region = 0
+        self.capacity = capacity
+
+    def _layers(self):
+        return [layer for layer in self.cache.layers if getattr(layer, "keys", None) is not None]
+
+    def _set_write_position(self, n: int) -> None:
+        for layer in self.cache.layers:
+            if not hasattr(layer, "cumulative_length"):
+                raise RuntimeError("this transformers version's StaticCache has no write position to reset")
+            layer.cumulative_length.fill_(n)
+
+    @torch.inference_mode()  # the buffers were made under inference mode; in-place needs it too
+    def commit(self, keep: Sequence[torch.Tensor]) -> None:
+        device = self.lengths.device
+        counts = torch.tensor([k.numel() for k in keep], device=device)
+        rows = torch.repeat_interleave(torch.arange(len(keep), device=device), counts)
+        src = self.region + torch.cat([k.to(device) for k in keep])
+        dst = torch.cat([self.lengths[b] + torch.arange(k.numel(), device=device) for b, k in enumerate(keep)])
+        moved = src != dst  # a chain's accepted nodes are already in place
+        if bool(moved.any()):
+            rows, src, dst = rows[moved], src[moved], dst[moved]
+            for layer in self._layers():
+                layer.keys[rows, :, dst] = layer.keys[rows, :, src]
+                layer.values[rows, :, dst] = layer.values[rows, :, src]
+        self.lengths = self.lengths + counts
+        self.region = int(self.lengths.max())
+        self._set_write_position(self.region)
+
+    def rollback(self) -> None:
+        self._set_write_position(self.region)
+
+    @torch.inference_mode()
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        # New, smaller buffers: a compiled graph sees new addresses (it re-captures once).
+        for layer in self._layers():
+            layer.keys = layer.keys.index_select(0, rows.to(layer.keys.device))
+            layer.values = layer.values.index_select(0, rows.to(layer.values.device))
+        self.lengths = self.lengths[rows.to(self.lengths.device)]
+        self.region = int(self.lengths.max())
+        self._set_write_position(self.region)
 
 
 def load_target(
