@@ -91,20 +91,28 @@ def main(argv=None):
     parser.add_argument("--prompts", type=int, default=4, help="first-turn MT-bench questions")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--static-cache", action="store_true", help="preallocated KV cache (both methods)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile decode/verify forwards (implies --static-cache)")
     parser.add_argument("--json", help="write the numbers here")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     target = load_target(args.target, dtype=args.dtype)
+    if args.compile:
+        target.compile_decoder()
+    static = args.static_cache or args.compile
     drafter = resolve_drafter(args.drafter, target).drafter
     prompts = chat_prompts(target, args.prompts)
     tree = TreeConfig.parse(args.tree)
-    vanilla = profile_method(target, None, prompts, GenerationConfig(max_new_tokens=args.max_new_tokens))
-    spec = profile_method(target, drafter, prompts, GenerationConfig(max_new_tokens=args.max_new_tokens, tree=tree))
+    vanilla = profile_method(target, None, prompts, GenerationConfig(max_new_tokens=args.max_new_tokens,
+                                                                      static_cache=static))
+    spec = profile_method(target, drafter, prompts, GenerationConfig(max_new_tokens=args.max_new_tokens, tree=tree,
+                                                                      static_cache=static))
 
     print(f"\n{args.target} ({args.dtype}), drafter {args.drafter}, tree {args.tree} ({tree.total_tokens}/"
           f"{tree.depth}/{tree.top_k}), {args.prompts} MT-bench prompts x {args.max_new_tokens} tokens, "
-          f"{args.threads} threads, {_cpu_name()}, {datetime.date.today()}\n")
+          f"{args.threads} threads, {'static' if static else 'dynamic'} KV cache{', compiled' if args.compile else ''}, "
+          f"{_cpu_name()}, {datetime.date.today()}\n")
     print("| phase | vanilla ms/round | speculative ms/round |\n|---|--:|--:|")
     for phase in spec["phases_ms_per_round"]:
         print(f"| {phase} | {vanilla['phases_ms_per_round'][phase]:.2f} | {spec['phases_ms_per_round'][phase]:.2f} |")

@@ -524,3 +524,18 @@ def test_end_to_end_batch_sweep(tiny_target_dir, tmp_path):
     table = (out / "batch_sweep.md").read_text()
     assert "| vanilla |" in table and "B=4 tok/s" in table
     assert (out / "batch_sweep.png").stat().st_size > 0
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_bench_tree_auto_tunes_each_drafter(tiny_target_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PRISM_SPEC_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "auto"
+    argv = ["--target", str(tiny_target_dir), "--dtype", "float64", "--limit", "1", "--bench", "qa",
+            "--method", "vanilla", "--method", "standard=layers:1", "--max-new-tokens", "6", "--tree", "auto",
+            "--out", str(out), "--no-progress", "--no-warmup"]
+    assert main(argv) == 0
+    runs = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+    (spec_run,) = [r for r in runs if r["method"] == "standard"]
+    assert spec_run["tree"] is not None and spec_run["tree"] != "auto"  # the tuned shape is recorded
+    assert json.loads((out / "bench.json").read_text())["settings"]["tree"] == "auto"
+    assert (tmp_path / "cache" / "autotune.json").exists()

@@ -51,7 +51,8 @@ def _add_common(p: argparse.ArgumentParser, sub: bool) -> None:
     g.add_argument("--method", action="append", default=d(None), metavar="SPEC", help=METHOD_HELP)
     g.add_argument("--temperature", action="append", type=float, default=d(None), metavar="T",
                    help="repeatable (default 0 = greedy); T > 0 samples with a fixed seed per (prompt, method)")
-    g.add_argument("--tree", default=d("paper"), help="tree shape: paper, serving, cpu, chain:N or TOTAL/DEPTH/TOP_K (default paper)")
+    g.add_argument("--tree", default=d("paper"), help="tree shape: paper, serving, cpu, chain:N, TOTAL/DEPTH/TOP_K, or auto (tuned per drafter on "
+                   "this machine, cached; see docs/performance.md) (default paper)")
     g.add_argument("--max-new-tokens", action="append", default=d(None), metavar="N|BENCH=N",
                    help="per turn; N for every benchmark or BENCH=N for one, repeatable (default: paper, 512 and mt_bench 1024)")
     g.add_argument("--out", default=d(None), help="output folder (default runs/bench-DATE)")
@@ -126,7 +127,8 @@ def _config(args, methods, command: str, **extra):
     from ..runtime.tree import TreeConfig
 
     try:
-        TreeConfig.parse(args.tree)
+        if args.tree != "auto":
+            TreeConfig.parse(args.tree)
     except ValueError as e:
         raise BenchmarkError(str(e)) from None
     out = args.out or f"runs/bench-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"

@@ -14,6 +14,8 @@ ones) and the machine.
 
 from __future__ import annotations
 
+import dataclasses
+
 import datetime as _dt
 import json
 import os
@@ -283,8 +285,11 @@ def run_bench(
     temperatures = [float(t) for t in cfg.temperatures]
     if len(set(temperatures)) != len(temperatures) or any(t < 0 for t in temperatures):
         raise BenchError(f"temperatures must be distinct and >= 0, got {temperatures}")
-    tree = TreeConfig.parse(cfg.tree) if isinstance(cfg.tree, str) else cfg.tree
+    auto_tree = cfg.tree == "auto"  # tuned per drafter once the methods are loaded
+    tree = TreeConfig.parse("cpu" if auto_tree else cfg.tree) if isinstance(cfg.tree, str) else cfg.tree
     settings = _settings(cfg, benches, tree)
+    if auto_tree:
+        settings["tree"] = "auto"
 
     existing = runs_path.exists() and runs_path.stat().st_size > 0
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
@@ -349,6 +354,11 @@ def run_bench(
     loaded = {spec.name: loader(spec, target) for spec in specs if spec.name in needed}
     for method in loaded.values():
         method.static_cache = cfg.static_cache
+        if auto_tree and method.drafter is not None and method.spec.tree is None and not method.spec.is_hf:
+            from ..runtime.autotune import resolve_tree
+
+            chosen = resolve_tree("auto", target, method.drafter, method.spec.spec_string(), progress=print)
+            method.spec = dataclasses.replace(method.spec, tree=chosen)
     # Written once everything loaded: a bad drafter path leaves no half-started bench behind.
     _write_meta(meta_path, meta)
     runs_path.touch()
@@ -456,6 +466,8 @@ def run_batch_sweep(
     jobs = [(conversation_prompt(target, q.turns[:1], []), b.max_new_tokens) for b in benches for q in b.questions]
     if not jobs:
         raise BenchError("no prompts: check --bench and --limit")
+    if cfg.tree == "auto":
+        raise BenchError("the batch-size sweep needs a fixed --tree (auto tunes batch-1 decoding)")
     loaded = {spec.name: loader(spec, target) for spec in specs}
     tree = TreeConfig.parse(cfg.tree) if isinstance(cfg.tree, str) else cfg.tree
     turns: dict[tuple[str, int], list[dict]] = {(s.name, b): [] for s in specs for b in batch_sizes}
