@@ -7,11 +7,12 @@
 # the first N lines are a balanced sample of all 21 training files).
 # Every drafter sees the same data and the same number of optimizer steps ($STEPS).
 #
-#   bash results/smollm2-135m/reproduce.sh regen            # answer the prompts (~1.3 s/reply, 2 cores)
+#   bash results/smollm2-135m/reproduce.sh regen            # answer the prompts (~1.8 s/reply at batch 16 on 2 cores)
 #   bash results/smollm2-135m/reproduce.sh features         # capture the target's features once
 #   bash results/smollm2-135m/reproduce.sh eagle2|hass|prism|prism3|prism-star|stacked2|standard
 #   bash results/smollm2-135m/reproduce.sh scaling [25|50]  # HASS and PRISM on 25 % and 50 % of the data
 #   bash results/smollm2-135m/reproduce.sh bench|bench-ablations|bench-cpu  # the tables, summary and figures
+#   bash results/smollm2-135m/reproduce.sh profile         # per-phase time of a decode round
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUNS=${RUNS:-runs/smollm2-135m}
@@ -78,9 +79,10 @@ case "${1:-}" in
     for pct in ${2:-25 50}; do
       n=$((N_EXAMPLES * pct / 100)); s=$((STEPS * pct / 100))
       python -m prism_spec.train --recipe hass "${COMMON[@]}" --set data.max_examples=$n \
-        --output-dir "$RUNS/hass-$pct" --set stages.hass.steps=$s --set stages.hass.lr=$LR --resume
+        --feature-cache "$RUNS/features-$pct" --output-dir "$RUNS/hass-$pct" --set stages.hass.steps=$s --set stages.hass.lr=$LR --resume
       finish "scaling/hass-$pct" "hass-$pct"
-      STEPS=$s WARMUP=$((s * 3 / 4)) train_prism "prism-$pct" --recipe prism --set data.max_examples=$n
+      STEPS=$s WARMUP=$((s * 3 / 4)) train_prism "prism-$pct" --recipe prism --set data.max_examples=$n \
+        --feature-cache "$RUNS/features-$pct"
       finish "scaling/prism-$pct" "prism-$pct"
     done ;;
   bench)  # acceptance length, six benchmarks, T=0 and T=1, the paper's tree
@@ -95,12 +97,15 @@ case "${1:-}" in
       --method prism@prism-25=$OUT/drafters/scaling/prism-25 --method prism@prism-50=$OUT/drafters/scaling/prism-50 \
       --temperature 0 --tree paper --limit "${LIMIT:-2}" --max-new-tokens 64 --threads 2 \
       --dtype bfloat16 --out "$OUT/bench-ablations" ;;
-  bench-cpu)  # speed on this CPU: bf16 target (vanilla too), tree tuned for the CPU
-    prism bench --method vanilla --method prism=$OUT/drafters/prism \
-      --method hass=$OUT/drafters/hass --method eagle2=$OUT/drafters/eagle2 \
-      --dtype bfloat16 --temperature 0 --tree "${TREE:-cpu}" --limit "${LIMIT:-3}" --max-new-tokens 64 \
+  bench-cpu)  # speed on this CPU: bf16 target (vanilla too), each drafter's tree tuned here (--tree auto)
+    prism bench --method vanilla --method standard=$OUT/drafters/standard "${DRAFTERS[@]}" \
+      --method 'prism*@prism-star'=$OUT/drafters/prism-star \
+      --dtype bfloat16 --temperature 0 --tree "${TREE:-auto}" --limit "${LIMIT:-2}" --max-new-tokens 64 \
       --threads 2 --out "$OUT/bench-cpu-tree" ;;
+  profile)  # where a round's time goes (PRISM, bf16, cpu tree)
+    python benchmarks/profile_round.py --dtype bfloat16 --tree cpu --prompts 4 --max-new-tokens 64 --threads 2 \
+      --drafter $OUT/drafters/prism --json results/cpu/profile_round_bf16.json ;;
   *)
-    echo "usage: $0 regen|features|eagle2|hass|prism|prism3|prism-star|stacked2|standard|scaling|bench|bench-ablations|bench-cpu" >&2
+    echo "usage: $0 regen|features|eagle2|hass|prism|prism3|prism-star|stacked2|standard|scaling|bench|bench-ablations|bench-cpu|profile" >&2
     exit 2 ;;
 esac
