@@ -11,7 +11,7 @@
 #   bash results/smollm2-135m/reproduce.sh features         # capture the target's features once
 #   bash results/smollm2-135m/reproduce.sh eagle2|hass|prism|prism3|prism-star|stacked2|standard
 #   bash results/smollm2-135m/reproduce.sh scaling [25|50]  # HASS and PRISM on 25 % and 50 % of the data
-#   bash results/smollm2-135m/reproduce.sh bench|bench-ablations|bench-cpu  # the tables, summary and figures
+#   bash results/smollm2-135m/reproduce.sh bench|bench-fp32|bench-ablations|bench-cpu  # tables, summaries, figures
 #   bash results/smollm2-135m/reproduce.sh profile         # per-phase time of a decode round
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -88,24 +88,28 @@ case "${1:-}" in
   bench)  # acceptance length, six benchmarks, T=0 and T=1, the paper's tree
     prism bench --method vanilla --method standard=$OUT/drafters/standard "${DRAFTERS[@]}" \
       --method 'prism*@prism-star'=$OUT/drafters/prism-star \
-      --temperature 0 --temperature 1 --tree paper --limit "${LIMIT:-2}" --max-new-tokens 64 --threads 2 \
+      --temperature 0 --temperature 1 --tree paper --limit "${LIMIT:-1}" --max-new-tokens 64 --threads "${THREADS:-2}" \
       --dtype bfloat16 --out "$OUT/bench-paper-tree" ;;
-  bench-ablations)  # T=0 only: M=3, stacking and the data-scaling drafters against PRISM and HASS
-    prism bench --method vanilla --method prism=$OUT/drafters/prism --method hass=$OUT/drafters/hass \
-      --method prism@prism3=$OUT/drafters/prism3 --method stacked@stacked2=$OUT/drafters/stacked2 \
+  bench-fp32)  # T=0 in float32: acceptance length and the token-for-token check against vanilla greedy
+    prism bench --method vanilla --method standard=$OUT/drafters/standard "${DRAFTERS[@]}" \
+      --method 'prism*@prism-star'=$OUT/drafters/prism-star \
+      --temperature 0 --tree paper --limit "${LIMIT:-1}" --max-new-tokens 64 --threads "${THREADS:-2}" \
+      --dtype float32 --out "$OUT/bench-paper-tree-fp32" ;;
+  bench-ablations)  # T=0 only (deterministic: PRISM and HASS rows are those of `bench`): M=3, stacking, data scaling
+    prism bench --method prism@prism3=$OUT/drafters/prism3 --method stacked@stacked2=$OUT/drafters/stacked2 \
       --method hass@hass-25=$OUT/drafters/scaling/hass-25 --method hass@hass-50=$OUT/drafters/scaling/hass-50 \
       --method prism@prism-25=$OUT/drafters/scaling/prism-25 --method prism@prism-50=$OUT/drafters/scaling/prism-50 \
-      --temperature 0 --tree paper --limit "${LIMIT:-2}" --max-new-tokens 64 --threads 2 \
+      --temperature 0 --tree paper --limit "${LIMIT:-1}" --max-new-tokens 64 --threads "${THREADS:-2}" \
       --dtype bfloat16 --out "$OUT/bench-ablations" ;;
   bench-cpu)  # speed on this CPU: bf16 target (vanilla too), each drafter's tree tuned here (--tree auto)
     prism bench --method vanilla --method standard=$OUT/drafters/standard "${DRAFTERS[@]}" \
       --method 'prism*@prism-star'=$OUT/drafters/prism-star \
-      --dtype bfloat16 --temperature 0 --tree "${TREE:-auto}" --limit "${LIMIT:-2}" --max-new-tokens 64 \
+      --dtype bfloat16 --temperature 0 --tree "${TREE:-auto}" --limit "${LIMIT:-1}" --max-new-tokens 64 \
       --threads 2 --out "$OUT/bench-cpu-tree" ;;
   profile)  # where a round's time goes (PRISM, bf16, cpu tree)
     python benchmarks/profile_round.py --dtype bfloat16 --tree cpu --prompts 4 --max-new-tokens 64 --threads 2 \
       --drafter $OUT/drafters/prism --json results/cpu/profile_round_bf16.json ;;
   *)
-    echo "usage: $0 regen|features|eagle2|hass|prism|prism3|prism-star|stacked2|standard|scaling|bench|bench-ablations|bench-cpu|profile" >&2
+    echo "usage: $0 regen|features|eagle2|hass|prism|prism3|prism-star|stacked2|standard|scaling|bench|bench-fp32|bench-ablations|bench-cpu|profile" >&2
     exit 2 ;;
 esac
