@@ -357,7 +357,8 @@ def run_bench(
         if auto_tree and method.drafter is not None and method.spec.tree is None and not method.spec.is_hf:
             from ..runtime.autotune import resolve_tree
 
-            chosen = resolve_tree("auto", target, method.drafter, method.spec.spec_string(), progress=print)
+            say = print if cfg.progress else (lambda *_: None)
+            chosen = resolve_tree("auto", target, method.drafter, method.spec.spec_string(), progress=say)
             method.spec = dataclasses.replace(method.spec, tree=chosen)
     # Written once everything loaded: a bad drafter path leaves no half-started bench behind.
     _write_meta(meta_path, meta)
