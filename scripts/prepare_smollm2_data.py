@@ -33,12 +33,19 @@ def main(argv=None):
     parser.add_argument("--target", default="smollm2-135m")
     parser.add_argument("--per-file", type=int, default=150, help="prompts sampled from each training file")
     parser.add_argument("--max-prompt-tokens", type=int, default=768)
+    parser.add_argument("--max-prompt-chars", type=int, default=None,
+                        help="drop prompts longer than this many characters before sampling")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="bfloat16",
                         help="target dtype for generation (bf16 is ~1.5x faster than fp32 at batch 16 on CPUs with AMX)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (a GPU when there is one)")
     args = parser.parse_args(argv)
+    if args.device == "auto":
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
 
     files = sorted(p for p in Path(args.data_dir).rglob("*") if p.suffix in (".json", ".jsonl"))
     if not files:
@@ -47,13 +54,15 @@ def main(argv=None):
     for path in files:
         conversations, _ = load_training_mix([str(path)])
         firsts = [c for c in (first_user_turn(conv) for conv in conversations) if c]
+        if args.max_prompt_chars:
+            firsts = [c for c in firsts if sum(len(m["content"]) for m in c) < args.max_prompt_chars]
         chosen = sample(firsts, min(args.per_file, len(firsts)), seed=args.seed)
         counts[path.name] = len(chosen)
         prompts.extend(chosen)
     # A seeded shuffle: an interrupted run (it resumes) still holds a balanced mix of sources.
     random.Random(args.seed).shuffle(prompts)
     print(json.dumps(counts, indent=1), f"\n{len(prompts)} prompts", flush=True)
-    target = load_target(args.target, dtype=args.dtype)
+    target = load_target(args.target, dtype=args.dtype, device=args.device)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     regenerate_responses(
         target, prompts, args.out, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,

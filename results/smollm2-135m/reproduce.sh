@@ -13,6 +13,10 @@
 #   bash results/smollm2-135m/reproduce.sh scaling [25|50]  # HASS and PRISM on 25 % and 50 % of the data
 #   bash results/smollm2-135m/reproduce.sh bench|bench-fp32|bench-ablations|bench-cpu  # tables, summaries, figures
 #   bash results/smollm2-135m/reproduce.sh profile         # per-phase time of a decode round
+# Third session, on a GPU (see results/gpu-h200/README.md), then benchmarked on the CPU:
+#   bash results/smollm2-135m/reproduce.sh regen-gpu       # 13,006 prompts, batch 384 (H200: ~48 replies/s)
+#   bash results/smollm2-135m/reproduce.sh prism-gpu       # PRISM on both answer files (H200: < 150 s)
+#   bash results/smollm2-135m/reproduce.sh bench-gpu-prism # CPU: fp32 paper-tree AL and bf16 speed with --tree auto
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUNS=${RUNS:-runs/smollm2-135m}
@@ -109,7 +113,27 @@ case "${1:-}" in
   profile)  # where a round's time goes (PRISM, bf16, cpu tree)
     python benchmarks/profile_round.py --dtype bfloat16 --tree cpu --prompts 4 --max-new-tokens 64 --threads 2 \
       --drafter $OUT/drafters/prism --json results/cpu/profile_round_bf16.json ;;
+  regen-gpu)  # the committed file holds the first 3,456 answers (shortest prompts first; a 100 s limit)
+    python scripts/prepare_smollm2_data.py --out "$OUT/data/smollm2-regenerated-gpu.jsonl" --per-file 900 --seed 1 \
+      --max-prompt-chars 3000 --batch-size 384 --dtype bfloat16 ;;
+  prism-gpu)
+    python -m prism_spec.train --recipe prism --target smollm2-135m --online \
+      --data "$OUT/data/smollm2-regenerated-gpu.jsonl" "$DATA" --output-dir "$RUNS/prism-gpu" \
+      --max-length 384 --batch-size 32 --mixed-precision bf16 --save-dtype bf16 \
+      --set drafter.draft_vocab_size=16384 --set data.holdout=200 \
+      --set stages.warmup.steps=700 --set stages.warmup.lr=2e-4 --set stages.tuning.steps=200 --set stages.tuning.lr=2e-5 \
+      --checkpoint-every 0 --eval-every 300 --log-every 25 --resume
+    finish prism-gpu ;;
+  bench-gpu-prism)  # prism-gpu's weights are the packaged drafter's (not committed twice)
+    [ -f "$OUT/drafters/prism-gpu/model.safetensors" ] || \
+      cp src/prism_spec/assets/drafters/smollm2-135m-prism/model.safetensors "$OUT/drafters/prism-gpu/"
+    prism bench --method vanilla --method prism@prism-gpu=$OUT/drafters/prism-gpu --method prism=$OUT/drafters/prism \
+      --temperature 0 --tree paper --limit "${LIMIT:-1}" --max-new-tokens 64 --threads 2 --dtype float32 \
+      --out "$OUT/bench-paper-tree-fp32-gpu-prism"
+    prism bench --method vanilla --method eagle2=$OUT/drafters/eagle2 --method prism=$OUT/drafters/prism \
+      --method prism@prism-gpu=$OUT/drafters/prism-gpu --dtype bfloat16 --temperature 0 --tree auto \
+      --limit "${LIMIT:-1}" --max-new-tokens 64 --threads 2 --out "$OUT/bench-cpu-gpu-trained" ;;
   *)
-    echo "usage: $0 regen|features|eagle2|hass|prism|prism3|prism-star|stacked2|standard|scaling|bench|bench-fp32|bench-ablations|bench-cpu|profile" >&2
+    echo "usage: $0 regen|features|eagle2|hass|prism|prism3|prism-star|stacked2|standard|scaling|bench|bench-fp32|bench-ablations|bench-cpu|profile|regen-gpu|prism-gpu|bench-gpu-prism" >&2
     exit 2 ;;
 esac

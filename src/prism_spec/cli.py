@@ -122,6 +122,11 @@ def add_target_options(parser: argparse.ArgumentParser) -> None:
         "--compile", action="store_true",
         help="torch.compile decode and verify forwards (CUDA graphs on GPUs); implies --static-cache",
     )
+    group.add_argument(
+        "--cuda-graphs", action="store_true",
+        help="replay decode and verify forwards as captured CUDA graphs (no compile step; CUDA "
+        "devices only); implies --static-cache",
+    )
 
 
 def add_drafter_options(parser: argparse.ArgumentParser, default: str = "auto") -> None:
@@ -166,7 +171,7 @@ def generation_config(args: argparse.Namespace, stop_strings: Sequence[str] = ()
         tree=TreeConfig.parse("cpu") if args.tree == "auto" else args.tree,
         stop_strings=tuple(stop_strings),
         seed=args.seed,
-        static_cache=getattr(args, "static_cache", False) or getattr(args, "compile", False),
+        static_cache=any(getattr(args, flag, False) for flag in ("static_cache", "compile", "cuda_graphs")),
     )
 
 
@@ -194,6 +199,8 @@ def load_target_from_args(args: argparse.Namespace):
     target = load_target(args.target, dtype=args.dtype, device=args.device)
     if getattr(args, "compile", False):
         target.compile_decoder()
+    if getattr(args, "cuda_graphs", False):
+        target.use_cuda_graphs()
     return target
 
 
@@ -584,7 +591,7 @@ def run_serve(args: argparse.Namespace) -> int:
     _status(f"serving {name} on http://{args.host}:{args.port}/v1 (drafter: {resolved.label}, "
             f"tree {tree_label(tree)}, batches up to {engine.max_batch})")
     try:
-        app = create_app(engine, name, tree, args.max_tokens, static_cache=args.static_cache or args.compile)
+        app = create_app(engine, name, tree, args.max_tokens, static_cache=args.static_cache or args.compile or args.cuda_graphs)
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:
         engine.stop()

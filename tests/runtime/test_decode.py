@@ -484,3 +484,52 @@ def test_compiled_decoder_equals_vanilla(prompts, vanilla):
     drafter = DRAFTERS["noisy-target"](target)
     for prompt, expected in zip(prompts[::5], vanilla[::5]):
         assert generate(target, prompt, drafter, config).token_ids == expected
+
+
+# --------------------------------------------------------------------------- CUDA graphs
+
+
+def test_cuda_graphs_need_a_cuda_target(target):
+    with pytest.raises(ValueError, match="CUDA"):
+        target.use_cuda_graphs()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("drafter_name", [None, "noisy-target", "prism-3-modules"])
+def test_cuda_graphs_equal_vanilla_on_gpu(prompts, drafter_name):
+    # float64 on the GPU: replayed graphs must give vanilla greedy's tokens exactly, also when
+    # a batch shrinks (new cache buffers, so new graphs) and the cache size changes.
+    gpu = tiny_llama(seed=1)
+    gpu.model.to("cuda")
+    drafter = DRAFTERS[drafter_name](gpu) if drafter_name else None
+    picked = prompts[::4]
+    expected = [generate(gpu, p, None, GenerationConfig(max_new_tokens=MAX_NEW)).token_ids for p in picked]
+    gpu.use_cuda_graphs()
+    for shape in ("chain4", "paper"):
+        config = GenerationConfig(max_new_tokens=MAX_NEW, tree=SHAPES[shape], static_cache=True)
+        for prompt, want in zip(picked, expected):
+            assert generate(gpu, prompt, drafter, config).token_ids == want
+    if drafter is None or type(drafter).expand_batch is not Drafter.expand_batch:
+        configs = [GenerationConfig(max_new_tokens=n, tree=SHAPES["small"], static_cache=True) for n in (5, MAX_NEW, 9)]
+        results = generate_batch(gpu, picked[:3], drafter, configs)
+        assert [r.token_ids for r in results] == [w[: c.max_new_tokens] for w, c in zip(expected, configs)]
+    assert gpu._graphed_decoder.captures > 0 and not gpu._graphed_decoder.uncapturable
+
+
+def test_reused_static_caches_give_the_same_tokens(target, prompts, vanilla):
+    # CUDA graphs reuse a finished generation's static cache (same addresses, write position
+    # reset, stale entries left in place): the next generations must not see the old entries.
+    drafter = DRAFTERS["noisy-target"](target)
+    config = GenerationConfig(max_new_tokens=MAX_NEW, tree=SHAPES["small"], static_cache=True)
+    target.reuse_static_caches = True
+    try:
+        first = generate(target, prompts[19], drafter, config)
+        (kept,) = target._free_static_caches.values()
+        address = kept.layers[0].keys.data_ptr()
+        for i in (19, 3, 19, 12):
+            assert generate(target, prompts[i], drafter, config).token_ids == vanilla[i]
+        assert first.token_ids == vanilla[19]
+        assert any(c.layers[0].keys.data_ptr() == address for c in target._free_static_caches.values())
+    finally:
+        target.reuse_static_caches = False
+        target._free_static_caches.clear()

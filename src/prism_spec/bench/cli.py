@@ -63,6 +63,8 @@ def _add_common(p: argparse.ArgumentParser, sub: bool) -> None:
                    help="preallocated target KV cache written in place (see prism generate --help)")
     g.add_argument("--compile", action="store_true", default=d(False),
                    help="torch.compile the target's decode/verify forwards (CUDA graphs on GPUs); implies --static-cache")
+    g.add_argument("--cuda-graphs", action="store_true", default=d(False),
+                   help="replay the target's decode/verify forwards as captured CUDA graphs (CUDA only); implies --static-cache")
     g.add_argument("--no-progress", action="store_true", default=d(False), help="no progress bar")
     g.add_argument("--no-warmup", action="store_true", default=d(False), help="skip the untimed warm-up generation per method")
 
@@ -151,8 +153,9 @@ def _config(args, methods, command: str, **extra):
         warmup=not args.no_warmup,
         command=command,
         threads=args.threads,
-        static_cache=bool(args.static_cache or args.compile),
+        static_cache=bool(args.static_cache or args.compile or args.cuda_graphs),
         compile=bool(args.compile),
+        cuda_graphs=bool(args.cuda_graphs),
         extra_settings=extra,
     )
 

@@ -64,6 +64,7 @@ class BenchConfig:
     threads: int | None = None  # torch.set_num_threads before loading anything
     static_cache: bool = False  # GenerationConfig.static_cache for every method
     compile: bool = False  # Target.compile_decoder() before the runs
+    cuda_graphs: bool = False  # Target.use_cuda_graphs() before the runs
     extra_settings: dict = field(default_factory=dict)  # recorded in bench.json (sweeps)
 
 
@@ -185,6 +186,7 @@ def _settings(cfg: BenchConfig, benches: list[Benchmark], tree: TreeConfig) -> d
         "max_new_tokens": {b.name: b.max_new_tokens for b in benches},
         **({"static_cache": True} if cfg.static_cache else {}),
         **({"compile": True} if cfg.compile else {}),
+        **({"cuda_graphs": True} if cfg.cuda_graphs else {}),
         **cfg.extra_settings,
     }
 
@@ -348,6 +350,8 @@ def run_bench(
         target = load_target(cfg.target, dtype=cfg.dtype, device=device)
         if cfg.compile:
             target.compile_decoder()
+        if cfg.cuda_graphs:
+            target.use_cuda_graphs()
     if target.tokenizer is None:
         raise BenchError("benchmarks need a target with a tokenizer (prompts are chat-rendered text)")
     needed = {spec.name for *_, spec, _ in jobs}

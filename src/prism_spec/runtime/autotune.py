@@ -71,12 +71,19 @@ class AutotuneReport:
         return d
 
 
-def _timed(fn, repeats: int) -> float:
+def _timed(fn, repeats: int, device=None) -> float:
+    """Median seconds of ``fn()``; on a GPU each sample waits for the queued kernels."""
+    def sync():
+        if device is not None and torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+
     fn()  # warm-up
     samples = []
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         samples.append(time.perf_counter() - t0)
     return statistics.median(samples)
 
@@ -98,7 +105,7 @@ def measure_verify_latency(target, ns=TOTALS, prefix_len: int = 300, repeats: in
             target.forward(tokens, positions, cache)
             truncate_cache(cache, prefix_len)
 
-        out[n] = _timed(run, repeats)
+        out[n] = _timed(run, repeats, target.device)
     return out
 
 
@@ -116,7 +123,7 @@ def measure_draft_cost(target, drafter, top_ks=TOP_KS, repeats: int = 5) -> tupl
         drafter.extend(tokens3, None if feats is None else feats[-3:-1])
         drafter.end_round()
 
-    extend_s = _timed(extend, repeats)
+    extend_s = _timed(extend, repeats, target.device)
     expand = {}
     for k in top_ks:
         tokens = prompt[:k].clone()
@@ -127,7 +134,7 @@ def measure_draft_cost(target, drafter, top_ks=TOP_KS, repeats: int = 5) -> tupl
             drafter.expand(tokens, parents, mask, 1)
             drafter.end_round()
 
-        expand[k] = _timed(run, repeats)
+        expand[k] = _timed(run, repeats, target.device)
     return extend_s, expand
 
 

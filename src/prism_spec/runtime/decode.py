@@ -244,6 +244,7 @@ def stream_generate_batch(
             results[row].verify_s += t2 - t1
         roots = [t[-1] for t in new_tokens]
 
+    kv.release()
     if target.tokenizer is not None:
         for result in results:
             result.text = target.decode(result.token_ids)

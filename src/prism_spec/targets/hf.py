@@ -122,6 +122,11 @@ class Target:
         self.embed_tokens = model.get_input_embeddings()
         self._cache_kw = cache_kwarg(self.decoder)
         self._compiled_decoder = None  # see compile_decoder()
+        self._graphed_decoder = None  # see use_cuda_graphs()
+        # Keep finished generations' static caches for the next one of the same size (on with
+        # CUDA graphs: a reused cache keeps its buffer addresses, so its graphs replay as they are).
+        self.reuse_static_caches = False
+        self._free_static_caches: dict[tuple[int, int], StaticCache] = {}
         for p in self.model.parameters():
             p.requires_grad_(False)
 
@@ -133,6 +138,47 @@ class Target:
         if mode is None and self.device.type == "cuda":
             mode = "reduce-overhead"
         self._compiled_decoder = torch.compile(self.decoder, mode=mode, backend=backend, dynamic=False)
+
+    def use_cuda_graphs(self, enabled: bool = True) -> None:
+        """Replay small forwards on a static KV cache (decode steps, tree verification) as
+        captured CUDA graphs (:mod:`prism_spec.targets.graphs`): no compile step, one capture per
+        shape. Needs a CUDA target; prefill and dynamic-cache forwards stay eager.
+        ``enabled=False`` goes back to eager forwards (and frees the graphs)."""
+        if not enabled:
+            self._graphed_decoder = None
+            self.reuse_static_caches = False
+            self._free_static_caches.clear()
+            return
+        if self.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA target; this one is on {self.device}")
+        from .graphs import CudaGraphDecoder
+
+        self._graphed_decoder = CudaGraphDecoder(self.decoder, self._cache_kw)
+        self.reuse_static_caches = True
+
+    def acquire_static_cache(self, batch: int, capacity: int) -> StaticCache:
+        """A StaticCache for ``batch`` rows of ``capacity`` entries. With
+        ``reuse_static_caches`` (CUDA graphs turn it on), a released one of the same size is
+        reused (write positions reset), so its captured graphs replay instead of being captured
+        again for every generation. One generation at a time per Target, then."""
+        cache = self._free_static_caches.pop((batch, capacity), None)
+        if cache is None:
+            return StaticCache(config=self.config, max_cache_len=capacity)
+        with torch.inference_mode():
+            for layer in cache.layers:
+                if getattr(layer, "keys", None) is not None:
+                    layer.cumulative_length.zero_()  # stale entries stay, hidden by the mask
+        return cache
+
+    def release_static_cache(self, cache: StaticCache, batch: int, capacity: int) -> None:
+        """Hand back a cache from :meth:`acquire_static_cache` once its generation is over."""
+        if not self.reuse_static_caches:
+            return
+        layers = [layer for layer in cache.layers if getattr(layer, "keys", None) is not None]
+        if layers and all(layer.keys.shape[0] == batch for layer in layers):  # keep_rows shrinks them
+            if len(self._free_static_caches) >= 4:  # bound the memory held
+                self._free_static_caches.pop(next(iter(self._free_static_caches)))
+            self._free_static_caches[(batch, capacity)] = cache
 
     # ----------------------------------------------------------------- facts
     @property
@@ -241,8 +287,16 @@ class Target:
             if mask.shape[-1] > width:
                 raise ValueError(f"static KV cache of {width} entries cannot take {mask.shape[-1]}")
             mask = torch.nn.functional.pad(mask, (0, width - mask.shape[-1]), value=torch.finfo(self.dtype).min)
+        small_static = isinstance(cache, StaticCache) and n <= COMPILED_MAX_TOKENS
+        # Graphs for decode steps and tree verification (they carry a tree mask), not for prefill
+        # (its length varies with every prompt: one capture per prompt length would not pay).
+        if self._graphed_decoder is not None and small_static and tree_mask is not None:
+            hidden, layer_features = self._graphed_decoder(
+                input_ids.to(self.device), positions.to(self.device), mask, cache, feature_layers
+            )
+            return ForwardOutput(self.lm_head(hidden).float(), hidden, layer_features)
         decoder = self.decoder
-        if self._compiled_decoder is not None and isinstance(cache, StaticCache) and n <= COMPILED_MAX_TOKENS:
+        if self._compiled_decoder is not None and small_static:
             decoder = self._compiled_decoder
         out = decoder(
             input_ids=input_ids.to(self.device),
@@ -335,6 +389,9 @@ class RaggedCache:
         """Drop every entry written since the last commit."""
         truncate_cache(self.cache, self.region)
 
+    def release(self) -> None:
+        """The generation is over (nothing to hand back: the cache is simply dropped)."""
+
     def keep_rows(self, rows: torch.Tensor) -> None:
         select_cache_rows(self.cache, rows)
         self.lengths = self.lengths[rows.to(self.lengths.device)]
@@ -353,7 +410,8 @@ class StaticKV:
     """
 
     def __init__(self, target: "Target", batch: int, capacity: int):
-        self.cache = StaticCache(config=target.config, max_cache_len=capacity)
+        self.target, self.batch = target, batch
+        self.cache = target.acquire_static_cache(batch, capacity)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=target.device)
         self.region = 0
         self.capacity = capacity
@@ -384,8 +442,13 @@ class StaticKV:
         self.region = int(self.lengths.max())
         self._set_write_position(self.region)
 
+    @torch.inference_mode()
     def rollback(self) -> None:
         self._set_write_position(self.region)
+
+    def release(self) -> None:
+        """The generation is over: the target may reuse the buffers (see acquire_static_cache)."""
+        self.target.release_static_cache(self.cache, self.batch, self.capacity)
 
     @torch.inference_mode()
     def keep_rows(self, rows: torch.Tensor) -> None:
