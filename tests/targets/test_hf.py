@@ -223,3 +223,16 @@ def test_parse_dtype():
     assert parse_dtype("auto") == "auto"
     with pytest.raises(ValueError, match="unknown dtype"):
         parse_dtype("int3")
+
+
+def test_attention_backends_leave_cudnn_out_on_cuda_only():
+    import contextlib
+
+    from prism_spec.targets.hf import attention_backends
+
+    assert isinstance(attention_backends("cpu"), contextlib.nullcontext)
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with attention_backends("cuda"):  # only sets backend flags: runs without a GPU
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
-from ..targets.hf import RaggedCache, Target, batch_attention_mask, cache_kwarg, pad_ragged
+from ..targets.hf import RaggedCache, Target, attention_backends, batch_attention_mask, cache_kwarg, pad_ragged
 from .base import Drafter, DrafterMismatchError, register
 
 
@@ -212,17 +212,18 @@ class FeatureDrafterModel(nn.Module):
         block = self.processing[module]
         x = block.fc(torch.cat([self.target_embed(tokens), features], dim=-1))
         position_embeddings = self.rotary(x, position_ids)
-        for layer in block.layers:
-            x = layer(
-                x,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                position_embeddings=position_embeddings,
-                use_cache=cache is not None,
-                **{self._cache_kw: cache},
-            )
-            if isinstance(x, tuple):  # older transformers return (hidden, ...)
-                x = x[0]
+        with attention_backends(x.device):  # a new cache length every step
+            for layer in block.layers:
+                x = layer(
+                    x,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    position_embeddings=position_embeddings,
+                    use_cache=cache is not None,
+                    **{self._cache_kw: cache},
+                )
+                if isinstance(x, tuple):  # older transformers return (hidden, ...)
+                    x = x[0]
         return x
 
     def logits(self, predicted: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ acceptance, and chat-template rendering.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +93,20 @@ def pad_ragged(rows: Sequence[torch.Tensor], pad_value=0) -> tuple[torch.Tensor,
     for i, r in enumerate(rows):
         padded[i, : r.shape[0]] = r
     return padded, counts
+
+
+def attention_backends(device) -> contextlib.AbstractContextManager:
+    """SDPA backends for forwards whose shapes change every call (decode steps over a growing
+    cache, drafter steps, padded training batches). On CUDA this leaves cuDNN attention out:
+    recent torch builds try it first for masked attention on Hopper/Blackwell GPUs, and it
+    builds a new execution plan for every new shape (reported at 10-1000 ms each), which at
+    one new cache length per step swamps decoding. Flash, memory-efficient and math kernels
+    remain. A no-op on other devices."""
+    if torch.device(device).type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def cache_kwarg(module) -> str:
@@ -291,21 +306,23 @@ class Target:
         # Graphs for decode steps and tree verification (they carry a tree mask), not for prefill
         # (its length varies with every prompt: one capture per prompt length would not pay).
         if self._graphed_decoder is not None and small_static and tree_mask is not None:
-            hidden, layer_features = self._graphed_decoder(
-                input_ids.to(self.device), positions.to(self.device), mask, cache, feature_layers
-            )
+            with attention_backends(self.device):
+                hidden, layer_features = self._graphed_decoder(
+                    input_ids.to(self.device), positions.to(self.device), mask, cache, feature_layers
+                )
             return ForwardOutput(self.lm_head(hidden).float(), hidden, layer_features)
         decoder = self.decoder
         if self._compiled_decoder is not None and small_static:
             decoder = self._compiled_decoder
-        out = decoder(
-            input_ids=input_ids.to(self.device),
-            position_ids=positions.to(self.device),
-            attention_mask=mask,
-            use_cache=True,
-            output_hidden_states=bool(feature_layers),
-            **{self._cache_kw: cache},
-        )
+        with attention_backends(self.device):
+            out = decoder(
+                input_ids=input_ids.to(self.device),
+                position_ids=positions.to(self.device),
+                attention_mask=mask,
+                use_cache=True,
+                output_hidden_states=bool(feature_layers),
+                **{self._cache_kw: cache},
+            )
         hidden = out.last_hidden_state
         layer_features = None
         if feature_layers:

@@ -40,6 +40,8 @@ from typing import Any, Sequence
 
 import torch
 
+from ..targets.hf import attention_backends
+
 FORMAT = "prism-spec-features/1"
 INDEX = "index.json"
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
@@ -136,12 +138,13 @@ def capture_batch(
     device = target.device
     if attention_mask is not None and bool(attention_mask.all()):
         attention_mask = None  # no padding: let attention take its plain causal path
-    out = target.decoder(
-        input_ids=input_ids.to(device),
-        attention_mask=attention_mask.to(device) if attention_mask is not None else None,
-        use_cache=False,
-        output_hidden_states=bool(feature_layers),
-    )
+    with attention_backends(device):  # padded batch lengths vary from batch to batch
+        out = target.decoder(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device) if attention_mask is not None else None,
+            use_cache=False,
+            output_hidden_states=bool(feature_layers),
+        )
     result = {"hidden": out.last_hidden_state}
     if feature_layers:
         states = out.hidden_states

@@ -22,6 +22,7 @@ from typing import Sequence
 
 import torch
 
+from ..targets.hf import attention_backends
 from .chat import has_chat_template, render
 from .data import Conversation, conversation_key, strip_think_blocks
 
@@ -85,7 +86,7 @@ def _generate(target, prompts: list[Conversation], gen_config, max_prompt_tokens
         ids = encoded[i]
         input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
         attention_mask[row, width - len(ids) :] = 1
-    with torch.inference_mode():
+    with torch.inference_mode(), attention_backends(target.device):  # the cache grows every step
         out = target.model.generate(
             input_ids=input_ids.to(target.device),
             attention_mask=attention_mask.to(target.device),
