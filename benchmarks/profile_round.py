@@ -18,6 +18,7 @@ import datetime
 import json
 import platform
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -46,11 +47,34 @@ def run(target, drafter, prompts, cfg):
     return results, tokens, rounds, accepted
 
 
+@contextmanager
+def timed_verify(target, seconds: list):
+    """Record the wall time of every decode/verify forward (they carry a tree mask; prefill
+    does not): the profiler slows each op, so this split comes from the unprofiled pass."""
+    original = target.forward_batch
+
+    def forward_batch(input_ids, positions, cache, tree_mask=None, *args, **kwargs):
+        start = time.perf_counter()
+        out = original(input_ids, positions, cache, tree_mask, *args, **kwargs)
+        if tree_mask is not None:
+            seconds.append(time.perf_counter() - start)
+        return out
+
+    target.forward_batch = forward_batch
+    try:
+        yield
+    finally:
+        del target.forward_batch  # back to the class's method
+
+
 def profile_method(target, drafter, prompts, cfg) -> dict:
     run(target, drafter, prompts[:1], cfg)  # warm-up
+    verify_s: list[float] = []
     start = time.perf_counter()
-    _, tokens, rounds, accepted = run(target, drafter, prompts, cfg)
+    with timed_verify(target, verify_s):
+        results, tokens, rounds, accepted = run(target, drafter, prompts, cfg)
     wall = time.perf_counter() - start
+    round_s = sum(r.total_s - r.prefill_s for r in results) / rounds
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         pstart = time.perf_counter()
         presults, *_ = run(target, drafter, prompts, cfg)
@@ -75,6 +99,8 @@ def profile_method(target, drafter, prompts, cfg) -> dict:
         "rounds": rounds,
         "acceptance_length": (accepted + rounds) / rounds,
         "tokens_per_s": tokens / wall,
+        "unprofiled_round_ms": round_s * 1e3,
+        "unprofiled_verify_ms": sum(verify_s) / rounds * 1e3,
         "profiled_round_ms": round_ms,
         "phases_ms_per_round": phases,
         "expand_calls_per_round": (events["drafter_expand"].count / rounds) if "drafter_expand" in events else 0.0,
@@ -122,6 +148,10 @@ def main(argv=None):
     speedup = spec["tokens_per_s"] / vanilla["tokens_per_s"]
     print(f"unprofiled: vanilla {vanilla['tokens_per_s']:.1f} tok/s, speculative {spec['tokens_per_s']:.1f} tok/s, "
           f"speedup {speedup:.2f}x")
+    print("unprofiled ms per round (verify = the target's forward, timed around it):")
+    for name, m in (("vanilla", vanilla), ("speculative", spec)):
+        print(f"  {name:12s} round {m['unprofiled_round_ms']:6.2f}  verify {m['unprofiled_verify_ms']:6.2f}  "
+              f"rest {m['unprofiled_round_ms'] - m['unprofiled_verify_ms']:6.2f}")
     print("\nheaviest ops in the speculative run (self ms per round):")
     for op, value in spec["top_ops_self_ms_per_round"].items():
         print(f"  {op:32s} {value:7.2f}")
