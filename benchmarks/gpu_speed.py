@@ -60,8 +60,7 @@ def set_mode(target: Target, mode: str) -> GenerationConfig:
     if mode == "graphs":
         if target.device.type != "cuda":
             raise ValueError("graphs mode needs a CUDA device")
-        if target._graphed_decoder is None:
-            target.use_cuda_graphs()
+        target.use_cuda_graphs()
     else:
         target.use_cuda_graphs(False)
     return mode != "eager"
@@ -139,9 +138,10 @@ def speed_table(target, prompts, methods: dict, trees, modes, max_new_tokens, re
             rows[name] = row
             log(f"[{mode}] {name:28s} {row['tokens_per_s']:8.1f} tok/s  x{row['speedup']:.2f}  "
                 f"AL {row['al']:.2f}  round {row['round_ms']:.2f} ms  same {row['same_as_vanilla']}/{row['runs']}")
-        if target._graphed_decoder is not None:
-            rows["_graph_captures"] = target._graphed_decoder.captures
-            rows["_graph_failures"] = len(target._graphed_decoder.uncapturable)
+        stats = target.cuda_graph_stats
+        if stats is not None:
+            rows["_graph_captures"] = stats["captures"]
+            rows["_graph_failures"] = stats["uncapturable"]
         out[mode] = rows
     target.use_cuda_graphs(False)
     return out

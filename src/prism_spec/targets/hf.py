@@ -166,10 +166,19 @@ class Target:
             return
         if self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA target; this one is on {self.device}")
+        if self._graphed_decoder is not None:
+            return  # already on: keep the captured graphs
         from .graphs import CudaGraphDecoder
 
         self._graphed_decoder = CudaGraphDecoder(self.decoder, self._cache_kw)
         self.reuse_static_caches = True
+
+    @property
+    def cuda_graph_stats(self) -> dict[str, int] | None:
+        """{"captures": graphs captured so far, "uncapturable": shapes run eagerly} while CUDA
+        graphs are on, else None."""
+        graphs = self._graphed_decoder
+        return None if graphs is None else {"captures": graphs.captures, "uncapturable": len(graphs.uncapturable)}
 
     def acquire_static_cache(self, batch: int, capacity: int) -> StaticCache:
         """A StaticCache for ``batch`` rows of ``capacity`` entries. With
