@@ -8,7 +8,9 @@ Three measurements, then an argmax:
    tree level;
 3. acceptance statistics: a few greedy generations with a *wide* calibration tree, keeping
    for every round which drafted nodes the target confirmed (node token == target argmax at
-   its parent).
+   its parent). The same generations give the per-round overhead (tree building, acceptance,
+   cache bookkeeping): their wall time minus the time inside the target's forwards and the
+   drafter's calls, timed around those calls (the time spent recording the traces excluded).
 
 For each candidate shape we replay every calibration round on the sub-tree that EAGLE-2 would
 have built with that shape (children of rank < top_k of the top_k best nodes per level, at
@@ -24,8 +26,10 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -138,24 +142,56 @@ def measure_draft_cost(target, drafter, top_ks=TOP_KS, repeats: int = 5) -> tupl
     return extend_s, expand
 
 
+@contextmanager
+def _timed_calls(obj, names: Sequence[str], total: list[float]):
+    """Add the wall time of ``obj.<name>(...)`` calls to ``total[0]`` while the block runs."""
+    for name in names:
+        original = getattr(obj, name)
+
+        def timed(*args, _original=original, **kwargs):
+            start = time.perf_counter()
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                total[0] += time.perf_counter() - start
+
+        setattr(obj, name, timed)
+    try:
+        yield
+    finally:
+        for name in names:
+            delattr(obj, name)  # back to the class's method
+
+
 def collect_traces(target, drafter, prompts=CALIBRATION_PROMPTS, max_new_tokens: int = 96,
                    tree: TreeConfig = CALIBRATION_TREE) -> tuple[list[RoundTrace], float]:
-    """Greedy generations with a wide tree; returns per-round traces and the mean round time."""
+    """Greedy generations with a wide tree; returns per-round traces and the mean time per
+    round spent outside the target's and the drafter's forwards (tree building, acceptance,
+    cache bookkeeping), measured directly. Recording the traces is not counted: normal
+    decoding does not pay it."""
     traces: list[RoundTrace] = []
+    outside_models = [0.0]  # recording + target forwards + drafter calls, subtracted below
 
     def record(t: DraftTree, logits: torch.Tensor):
+        start = time.perf_counter()
         argmax = logits.argmax(-1)
         correct = (t.tokens == argmax[t.parents.clamp(min=0)]).tolist()
         correct[0] = True
         traces.append(RoundTrace(t.parents.tolist(), t.depths.tolist(), t.scores.tolist(), correct))
+        outside_models[0] += time.perf_counter() - start
 
-    round_times = []
+    overheads = []
     for prompt in prompts:
         ids = target.encode_prompt(prompt) if isinstance(prompt, str) else prompt
-        res = generate(target, ids, drafter, GenerationConfig(max_new_tokens=max_new_tokens, tree=tree, on_round=record))
+        outside_models[0] = 0.0
+        cfg = GenerationConfig(max_new_tokens=max_new_tokens, tree=tree, on_round=record)
+        with _timed_calls(target, ["forward_batch"], outside_models), \
+                _timed_calls(drafter, ["extend_batch", "expand_batch"], outside_models):
+            res = generate(target, ids, drafter, cfg)
         if res.rounds:
-            round_times.append((res.total_s - res.prefill_s) / res.rounds)
-    return traces, statistics.mean(round_times) if round_times else 0.0
+            # The prefill's target forward and the drafter's first extend fall outside the rounds.
+            overheads.append(max(0.0, res.total_s - outside_models[0]) / res.rounds)
+    return traces, statistics.mean(overheads) if overheads else 0.0
 
 
 def simulate(trace: RoundTrace, depth: int, top_k: int, totals=TOTALS) -> dict[int, int]:
@@ -218,10 +254,8 @@ def autotune_tree(target, drafter, prompts=CALIBRATION_PROMPTS, max_new_tokens: 
     progress("[autotune] timing the drafter ...")
     extend_s, expand_s = measure_draft_cost(target, drafter)
     progress(f"[autotune] calibration generations ({len(prompts)} prompts, tree {CALIBRATION_TREE}) ...")
-    traces, mean_round_s = collect_traces(target, drafter, prompts, max_new_tokens)
-    c = CALIBRATION_TREE
-    modeled = verify_s[c.total_tokens] + extend_s + c.depth * expand_s[c.top_k]
-    overhead_s = max(0.0, mean_round_s - modeled)  # tree building, acceptance, cache compaction
+    # Tree building, acceptance and cache bookkeeping per round, measured around the model calls.
+    traces, overhead_s = collect_traces(target, drafter, prompts, max_new_tokens)
     ranked = choose_tree(traces, verify_s, extend_s, expand_s, overhead_s)
     best = ranked[0]
     return AutotuneReport(
