@@ -18,7 +18,6 @@ import datetime
 import json
 import platform
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ from prism_spec.bench.datasets import conversation_prompt, load_benchmark
 from prism_spec.bench.runner import _cpu_name
 from prism_spec.drafters.resolve import resolve_drafter
 from prism_spec.runtime import GenerationConfig, TreeConfig, generate
+from prism_spec.runtime.autotune import timed_calls
 from prism_spec.targets import load_target
 
 # Labels set in runtime/decode.py and runtime/tree.py; "drafter_expand" runs inside "draft_tree".
@@ -47,31 +47,17 @@ def run(target, drafter, prompts, cfg):
     return results, tokens, rounds, accepted
 
 
-@contextmanager
-def timed_verify(target, seconds: list):
-    """Record the wall time of every decode/verify forward (they carry a tree mask; prefill
-    does not): the profiler slows each op, so this split comes from the unprofiled pass."""
-    original = target.forward_batch
-
-    def forward_batch(input_ids, positions, cache, tree_mask=None, *args, **kwargs):
-        start = time.perf_counter()
-        out = original(input_ids, positions, cache, tree_mask, *args, **kwargs)
-        if tree_mask is not None:
-            seconds.append(time.perf_counter() - start)
-        return out
-
-    target.forward_batch = forward_batch
-    try:
-        yield
-    finally:
-        del target.forward_batch  # back to the class's method
+def _tree_mask(input_ids, positions, cache, tree_mask=None, *args, **kwargs):
+    return tree_mask
 
 
 def profile_method(target, drafter, prompts, cfg) -> dict:
     run(target, drafter, prompts[:1], cfg)  # warm-up
-    verify_s: list[float] = []
+    # The profiler slows every op: time the decode/verify forwards (they carry a tree mask,
+    # prefill does not) in this unprofiled pass instead.
+    verify_s = [0.0]
     start = time.perf_counter()
-    with timed_verify(target, verify_s):
+    with timed_calls(target, ["forward_batch"], verify_s, when=lambda *a, **k: _tree_mask(*a, **k) is not None):
         results, tokens, rounds, accepted = run(target, drafter, prompts, cfg)
     wall = time.perf_counter() - start
     round_s = sum(r.total_s - r.prefill_s for r in results) / rounds
@@ -100,7 +86,7 @@ def profile_method(target, drafter, prompts, cfg) -> dict:
         "acceptance_length": (accepted + rounds) / rounds,
         "tokens_per_s": tokens / wall,
         "unprofiled_round_ms": round_s * 1e3,
-        "unprofiled_verify_ms": sum(verify_s) / rounds * 1e3,
+        "unprofiled_verify_ms": verify_s[0] / rounds * 1e3,
         "profiled_round_ms": round_ms,
         "phases_ms_per_round": phases,
         "expand_calls_per_round": (events["drafter_expand"].count / rounds) if "drafter_expand" in events else 0.0,

@@ -143,12 +143,16 @@ def measure_draft_cost(target, drafter, top_ks=TOP_KS, repeats: int = 5) -> tupl
 
 
 @contextmanager
-def _timed_calls(obj, names: Sequence[str], total: list[float]):
-    """Add the wall time of ``obj.<name>(...)`` calls to ``total[0]`` while the block runs."""
+def timed_calls(obj, names: Sequence[str], total: list[float], when=None):
+    """Add the wall time of ``obj.<name>(...)`` calls to ``total[0]`` while the block runs
+    (only calls for which ``when(*args, **kwargs)`` is true, if given). No device sync: on a
+    GPU, time only code that synchronises by itself."""
     for name in names:
         original = getattr(obj, name)
 
         def timed(*args, _original=original, **kwargs):
+            if when is not None and not when(*args, **kwargs):
+                return _original(*args, **kwargs)
             start = time.perf_counter()
             try:
                 return _original(*args, **kwargs)
@@ -185,8 +189,8 @@ def collect_traces(target, drafter, prompts=CALIBRATION_PROMPTS, max_new_tokens:
         ids = target.encode_prompt(prompt) if isinstance(prompt, str) else prompt
         outside_models[0] = 0.0
         cfg = GenerationConfig(max_new_tokens=max_new_tokens, tree=tree, on_round=record)
-        with _timed_calls(target, ["forward_batch"], outside_models), \
-                _timed_calls(drafter, ["extend_batch", "expand_batch"], outside_models):
+        with timed_calls(target, ["forward_batch"], outside_models), \
+                timed_calls(drafter, ["extend_batch", "expand_batch"], outside_models):
             res = generate(target, ids, drafter, cfg)
         if res.rounds:
             # The prefill's target forward and the drafter's first extend fall outside the rounds.
