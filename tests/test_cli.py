@@ -122,7 +122,7 @@ def test_generate_with_static_cache_matches(tiny_target, tmp_path, capsys):
 def test_cuda_graphs_on_a_cpu_target_is_a_clear_error(tiny_target, capsys):
     rc, _, err = run_cli(capsys, *GEN, "Hello there!", "--target", tiny_target, "--cuda-graphs")
     assert rc == 2
-    assert "error:" in err and "CUDA graphs need a CUDA target" in err
+    assert "error:" in err and "--cuda-graphs needs a CUDA device" in err
 
 
 def test_generate_to_stdout_and_stdin(tiny_target, capsys, monkeypatch):

@@ -664,6 +664,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         sub = parser.get_default("_subparsers").get(args.command, parser)
         sub.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if getattr(args, "cuda_graphs", False) and not str(getattr(args, "device", "cuda")).startswith(("cuda", "auto")):
+        sub = parser.get_default("_subparsers").get(args.command, parser)
+        sub.error(f"--cuda-graphs needs a CUDA device (--device cuda or cuda:N), got --device {args.device}")
     try:
         return args.func(args)
     except _user_errors() as exc:

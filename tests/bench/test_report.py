@@ -539,3 +539,12 @@ def test_bench_tree_auto_tunes_each_drafter(tiny_target_dir, tmp_path, capsys, m
     assert spec_run["tree"] is not None and spec_run["tree"] != "auto"  # the tuned shape is recorded
     assert json.loads((out / "bench.json").read_text())["settings"]["tree"] == "auto"
     assert (tmp_path / "cache" / "autotune.json").exists()
+
+
+def test_bench_cuda_graphs_without_a_gpu_fails_before_writing(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    out = tmp_path / "bench"
+    assert main(["--method", "vanilla", "--cuda-graphs", "--device", "cpu", "--out", str(out), "--no-progress"]) == 2
+    assert "--cuda-graphs needs a CUDA device" in capsys.readouterr().err
+    assert not out.exists()

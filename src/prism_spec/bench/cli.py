@@ -133,6 +133,12 @@ def _config(args, methods, command: str, **extra):
             TreeConfig.parse(args.tree)
     except ValueError as e:
         raise BenchmarkError(str(e)) from None
+    if args.cuda_graphs:  # before anything is loaded or written
+        from .runner import resolve_device
+
+        if not resolve_device(args.device).startswith("cuda"):
+            raise BenchmarkError(f"--cuda-graphs needs a CUDA device (--device is {args.device}, "
+                                 f"which resolves to {resolve_device(args.device)})")
     out = args.out or f"runs/bench-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     if args.resume and not args.out:
         raise BenchmarkError("--resume needs the --out folder of the bench to continue")
