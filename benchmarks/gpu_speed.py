@@ -196,7 +196,7 @@ def section_default(args) -> dict:
 def verify_curve(target, sizes, prefix, mode, repeats) -> dict[int, float]:
     """Seconds of one forward over n new tokens (causal) after a ``prefix``-token static cache."""
     set_mode(target, mode)
-    kv = StaticKV(target, 1, prefix + max(sizes) + 256)
+    kv = StaticKV(target.static_caches, 1, prefix + max(sizes) + 256, target.device)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, target.vocab_size, (1, prefix), generator=gen).to(target.device)
     target.forward_batch(ids, torch.arange(prefix, device=target.device)[None], kv.cache, None, kv.lengths)

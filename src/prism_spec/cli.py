@@ -124,8 +124,8 @@ def add_target_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--cuda-graphs", action="store_true",
-        help="replay decode and verify forwards as captured CUDA graphs (no compile step; CUDA "
-        "devices only); implies --static-cache",
+        help="replay the target's decode and verify forwards and a feature drafter's steps as captured "
+        "CUDA graphs (no compile step; CUDA devices only); implies --static-cache",
     )
 
 

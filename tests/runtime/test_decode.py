@@ -523,15 +523,39 @@ def test_reused_static_caches_give_the_same_tokens(target, prompts, vanilla):
     # reset, stale entries left in place): the next generations must not see the old entries.
     drafter = DRAFTERS["noisy-target"](target)
     config = GenerationConfig(max_new_tokens=MAX_NEW, tree=SHAPES["small"], static_cache=True)
-    target.reuse_static_caches = True
+    target.static_caches.reuse = True
     try:
         first = generate(target, prompts[19], drafter, config)
-        (kept,) = target._free_static_caches.values()
+        (kept,) = target.static_caches.free.values()
         address = kept.layers[0].keys.data_ptr()
         for i in (19, 3, 19, 12):
             assert generate(target, prompts[i], drafter, config).token_ids == vanilla[i]
         assert first.token_ids == vanilla[19]
-        assert any(c.layers[0].keys.data_ptr() == address for c in target._free_static_caches.values())
+        assert any(c.layers[0].keys.data_ptr() == address for c in target.static_caches.free.values())
     finally:
-        target.reuse_static_caches = False
-        target._free_static_caches.clear()
+        target.static_caches.reuse = False
+        target.static_caches.free.clear()
+
+
+@pytest.mark.parametrize("drafter_name", ["prism-3-modules", "prism-3-modules-layer-input"])
+def test_static_cache_drafts_what_the_dynamic_cache_drafts(target, prompts, drafter_name):
+    # With static_cache the feature drafter keeps its own KV cache in a StaticCache too: every
+    # tree it drafts (tokens and scores) must be the growing cache's, to float64 precision.
+    from prism_spec.targets.hf import RaggedCache, StaticKV
+
+    drafter = DRAFTERS[drafter_name](target)
+    shape = TreeConfig(depth=4, top_k=3, total_tokens=12)
+    for prompt in prompts[::5]:
+        trees, kinds = {}, {}
+        for static in (False, True):
+            seen = []
+            cfg = GenerationConfig(max_new_tokens=MAX_NEW, tree=shape, static_cache=static,
+                                   on_round=lambda t, _logits, seen=seen: seen.append((t.tokens.tolist(), t.scores)))
+            result = generate(target, prompt, drafter, cfg)
+            trees[static], kinds[static] = (result.token_ids, seen), type(drafter.kv)
+        (ids_d, seen_d), (ids_s, seen_s) = trees[False], trees[True]
+        assert ids_d == ids_s and len(seen_d) == len(seen_s) > 1
+        for (tok_d, sc_d), (tok_s, sc_s) in zip(seen_d, seen_s):
+            assert tok_d == tok_s
+            torch.testing.assert_close(sc_d, sc_s, rtol=1e-9, atol=1e-9)
+        assert kinds == {False: RaggedCache, True: StaticKV}

@@ -64,7 +64,8 @@ def _add_common(p: argparse.ArgumentParser, sub: bool) -> None:
     g.add_argument("--compile", action="store_true", default=d(False),
                    help="torch.compile the target's decode/verify forwards (CUDA graphs on GPUs); implies --static-cache")
     g.add_argument("--cuda-graphs", action="store_true", default=d(False),
-                   help="replay the target's decode/verify forwards as captured CUDA graphs (CUDA only); implies --static-cache")
+                   help="replay the target's decode/verify forwards and feature drafters' steps as captured CUDA graphs "
+                        "(CUDA only); implies --static-cache")
     g.add_argument("--no-progress", action="store_true", default=d(False), help="no progress bar")
     g.add_argument("--no-warmup", action="store_true", default=d(False), help="skip the untimed warm-up generation per method")
 

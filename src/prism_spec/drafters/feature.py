@@ -29,7 +29,17 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
-from ..targets.hf import RaggedCache, Target, attention_backends, batch_attention_mask, cache_kwarg, pad_ragged
+from ..targets.hf import (
+    RaggedCache,
+    StaticCachePool,
+    StaticKV,
+    Target,
+    attention_backends,
+    batch_attention_mask,
+    cache_kwarg,
+    fit_mask_to_cache,
+    pad_ragged,
+)
 from .base import Drafter, DrafterMismatchError, register
 
 
@@ -134,6 +144,7 @@ class FeatureDrafterModel(nn.Module):
         layer_config.num_hidden_layers = config.layers_per_module
         layer_config._attn_implementation = target.config._attn_implementation or "sdpa"
         layer_cls = type(target.decoder.layers[0])
+        self.layer_config = layer_config  # also sizes a static KV cache (FeatureDrafter.use_static_cache)
         h = target.hidden_size
         self.fuse = nn.Linear(len(config.input_layers) * h, h, bias=False) if config.input_layers else None
         self.processing = nn.ModuleList(
@@ -246,7 +257,9 @@ class FeatureDrafter(Drafter):
         self.config = model.config
         self.method = self.config.architecture
         self.feature_layers = tuple(self.config.input_layers) if self.config.input_layers else "last"
-        self.kv: RaggedCache | None = None  # one committed entry per token after the first
+        self.kv: RaggedCache | StaticKV | None = None  # one committed entry per token after the first
+        self._static: tuple[StaticCachePool, int] | None = None  # see use_static_cache()
+        self._graphs = None  # a CudaGraphRunner while CUDA graphs are on
         self.root_feature: torch.Tensor | None = None  # [B, h]: output at the last committed token
         self.slot_features: list[torch.Tensor] = []  # this round's expansions, [B, k, h] each
         if model.d2t is not None:
@@ -272,28 +285,67 @@ class FeatureDrafter(Drafter):
     def _device(self):
         return self.model.processing[0].fc.weight.device
 
+    def use_static_cache(self, capacity: int | None, cuda_graphs: bool = False) -> None:
+        """From the next generation on, keep the drafter's KV cache in a preallocated
+        StaticCache of ``capacity`` entries (the decode loop passes the target's static cache
+        size: the drafter never holds more entries than the target) and, with ``cuda_graphs``
+        (CUDA only), replay its steps as captured CUDA graphs. ``capacity=None``: back to a
+        growing cache. Drafts are the same either way."""
+        if capacity is None:
+            self._static, self._graphs = None, None
+            return
+        if cuda_graphs and self._device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA drafter; this one is on {self._device}")
+        if self._static is None or self._static[1] != capacity:
+            self._static = (StaticCachePool(self.model.layer_config), capacity)
+        if not cuda_graphs:
+            self._graphs = None
+        elif self._graphs is None:
+            from ..targets.graphs import CudaGraphRunner
+
+            self._graphs = CudaGraphRunner()
+        self._static[0].reuse = cuda_graphs
+
     def _mask(self, n_new: int, tree_mask: torch.Tensor | None) -> torch.Tensor:
         kv = self.kv
         dtype = self.model.processing[0].fc.weight.dtype
-        return batch_attention_mask(kv.lengths, kv.cache.get_seq_length(), n_new, tree_mask, dtype, self._device)
+        mask = batch_attention_mask(kv.lengths, int(kv.cache.get_seq_length()), n_new, tree_mask, dtype, self._device)
+        return fit_mask_to_cache(mask, kv.cache, dtype)
+
+    def _step(self, module: int, tokens, features, positions, mask, graph: bool = True) -> torch.Tensor:
+        cache = self.kv.cache
+        if not graph or self._graphs is None or not isinstance(self.kv, StaticKV):
+            return self.model.step(module, tokens, features, positions, mask, cache)
+        (out,) = self._graphs(lambda t, f, p, m: (self.model.step(module, t, f, p, m, cache),),
+                              (tokens, features, positions, mask), cache, key=(module,))
+        return out
 
     @torch.inference_mode()
     def begin_batch(self, prompts, first_tokens, features):
-        self.kv = RaggedCache(DynamicCache(), len(prompts), self._device)
+        if self.kv is not None:
+            self.kv.release()  # the previous generation's buffers, for reuse
+        if self._static is not None:
+            pool, capacity = self._static
+            self.kv = StaticKV(pool, len(prompts), capacity, self._device)
+        else:
+            self.kv = RaggedCache(DynamicCache(), len(prompts), self._device)
         tokens = [torch.cat([p[1:], p.new_tensor([first])]) for p, first in zip(prompts, first_tokens)]
-        return self.extend_batch(tokens, features)
+        return self._extend(tokens, features, graph=False)  # the prompt: one length per prompt, no graph
 
     @torch.inference_mode()
     def extend_batch(self, tokens, features):
+        return self._extend(tokens, features)
+
+    def _extend(self, tokens, features, graph: bool = True):
         # Step 0 of a round: module step_mapping[0] over the newly committed tokens writes the
         # prefix KV cache that every later step (whatever its module) attends to.
         padded, counts = pad_ragged(tokens)
         feats, _ = pad_ragged([f.to(self._device) for f in features])
         m = padded.shape[1]
         positions = self.kv.lengths[:, None] + torch.arange(m, device=self._device)
-        out = self.model.step(
-            self.config.module_for_step(0), padded, self.model.input_features(feats), positions,
-            self._mask(m, None), self.kv.cache,
+        out = self._step(
+            self.config.module_for_step(0), padded, self.model.input_features(feats), positions, self._mask(m, None),
+            graph=graph,
         )
         self.kv.commit([torch.arange(int(c), device=self._device) for c in counts])
         self.root_feature = out[torch.arange(out.shape[0], device=self._device), counts - 1]  # [B, h]
@@ -307,9 +359,7 @@ class FeatureDrafter(Drafter):
         index = (parent_slots + 1)[..., None].expand(batch, k, known.shape[-1])
         parents = known.gather(1, index)
         positions = (self.kv.lengths - 1 + depth)[:, None].expand(batch, k)
-        out = self.model.step(
-            self.config.module_for_step(depth), tokens, parents, positions, self._mask(k, tree_mask), self.kv.cache
-        )
+        out = self._step(self.config.module_for_step(depth), tokens, parents, positions, self._mask(k, tree_mask))
         self.slot_features.append(out)
         return self.model.logits(out).float()
 

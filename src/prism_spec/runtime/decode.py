@@ -150,7 +150,8 @@ def stream_generate_batch(
     if configs[0].static_cache:
         longest = int(prompt_lens.max()) + max(c.max_new_tokens for c in configs) + tree_shape.total_tokens + 1
         # Rounded up, so a compiled decoder sees few distinct cache sizes.
-        kv = StaticKV(target, batch, min(-(-longest // STATIC_CACHE_STEP) * STATIC_CACHE_STEP, target.max_context))
+        capacity = min(-(-longest // STATIC_CACHE_STEP) * STATIC_CACHE_STEP, target.max_context)
+        kv = StaticKV(target.static_caches, batch, capacity, device)
     else:
         kv = RaggedCache(target.new_cache(), batch, device, capacity=target.max_context)
     positions = torch.arange(padded.shape[1], device=device).expand_as(padded)
@@ -159,6 +160,10 @@ def stream_generate_batch(
     roots = [pick(b, DraftTree.root_only(0, device), out.logits[b, int(n) - 1 : int(n)])[1]
              for b, n in enumerate(prompt_lens)]
     if drafter is not None:
+        static_drafter = getattr(drafter, "use_static_cache", None)  # feature drafters
+        if static_drafter is not None:  # the target's cache mode and CUDA graphs carry over to it
+            static_drafter(kv.capacity if configs[0].static_cache else None,
+                           cuda_graphs=configs[0].static_cache and target.cuda_graph_stats is not None)
         root_logits = drafter.begin_batch(
             prompts, roots, [drafter_features(out, b, slice(0, int(n))) for b, n in enumerate(prompt_lens)]
         )

@@ -1,17 +1,18 @@
-"""CUDA-graph replay of the target's small forwards (decode steps and tree verification).
+"""CUDA-graph replay of small forwards on a static KV cache (the target's decode steps and
+tree verification, a feature drafter's steps).
 
 At batch 1 a GPU spends most of a small forward launching kernels from Python; a captured
-CUDA graph replays the whole decoder as one launch. A graph needs fixed shapes and fixed
+CUDA graph replays the whole forward as one launch. A graph needs fixed shapes and fixed
 tensor addresses, which transformers' ``StaticCache`` provides: its key/value buffers never
 move and its write position (``cumulative_length``) is a device tensor that the forward
 advances in place, so a replay writes the new entries where an eager forward would.
 
-One graph is captured per (new tokens, mask width, batch, feature layers, cache buffers),
-lazily, at the cost of two eager warm-up forwards; the runtime keeps the tree size fixed and
-rounds the static cache size up, so a generation captures two or three graphs. A forward the
-graph cannot capture (a model whose forward synchronises with the host, say) falls back to
-eager for that shape, with one warning. Only :meth:`Target.forward_batch` uses this, and only
-on a ``StaticCache`` (see :meth:`Target.use_cuda_graphs`).
+One graph is captured per (caller's key, input shapes, cache buffers), lazily, at the cost of
+two eager warm-up calls; the runtime keeps tree sizes fixed and rounds static cache sizes up,
+so a generation captures a handful of graphs. A call the graph cannot capture (a model whose
+forward synchronises with the host, say) falls back to eager for that shape, with one
+warning. Used by :meth:`Target.use_cuda_graphs` and
+:meth:`~prism_spec.drafters.feature.FeatureDrafter.use_static_cache`.
 """
 
 from __future__ import annotations
@@ -19,28 +20,32 @@ from __future__ import annotations
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
+
+Outputs = tuple  # of tensors (or None)
 
 
 @dataclass
 class _Captured:
     graph: "torch.cuda.CUDAGraph"
-    input_ids: torch.Tensor
-    position_ids: torch.Tensor
-    mask: torch.Tensor
-    hidden: torch.Tensor  # last hidden state, written by each replay
-    layer_features: torch.Tensor | None
+    inputs: list[torch.Tensor]  # static copies the graph reads
+    outputs: Outputs  # written by each replay
 
 
-class CudaGraphDecoder:
-    """Call like the decoder's forward on a StaticCache; returns (last hidden state, the
-    concatenated ``feature_layers`` hidden states or None), both fresh tensors."""
+def cache_layers(cache) -> list:
+    """The allocated layers of a StaticCache (allocation is lazy, at the first write)."""
+    return [layer for layer in cache.layers if getattr(layer, "keys", None) is not None]
 
-    def __init__(self, decoder: torch.nn.Module, cache_kw: str, max_graphs: int = 16):
-        self.decoder = decoder
-        self.cache_kw = cache_kw
+
+class CudaGraphRunner:
+    """``runner(fn, inputs, cache, key)`` returns ``fn(*inputs)`` (a tuple of tensors or None),
+    replayed from a captured graph when it can. ``fn`` may read ``cache`` and advance its write
+    position, nothing else mutable; ``key`` names everything else ``fn`` depends on (which
+    module, which hidden layers), since the graph keeps the first capture's ``fn``."""
+
+    def __init__(self, max_graphs: int = 16):
         self.max_graphs = max_graphs
         self.graphs: OrderedDict[tuple, _Captured] = OrderedDict()
         self.uncapturable: set[tuple] = set()
@@ -48,76 +53,61 @@ class CudaGraphDecoder:
         self.captures = 0
 
     @staticmethod
-    def _layers(cache) -> list:
-        return [layer for layer in cache.layers if getattr(layer, "keys", None) is not None]
-
-    def _key(self, input_ids, mask, cache, feature_layers) -> tuple:
-        layers = self._layers(cache)
-        # Every address the graph bakes in: keep_rows() swaps in new buffers, and a new cache
-        # may get some of a freed one's addresses from the allocator (a graph replayed against
-        # a half-matching cache would write through stale write positions).
-        return (tuple(input_ids.shape), tuple(mask.shape), mask.dtype, tuple(feature_layers or ()),
+    def _key(key, inputs: Sequence[torch.Tensor], layers) -> tuple:
+        # Every address a graph bakes in: keep_rows() swaps in new buffers, and a new cache may
+        # get some of a freed one's addresses from the allocator (a graph replayed against a
+        # half-matching cache would write through stale write positions).
+        return (key, tuple((tuple(t.shape), t.dtype) for t in inputs),
                 tuple(t.data_ptr() for layer in layers for t in (layer.keys, layer.values, layer.cumulative_length)))
 
-    def _eager(self, input_ids, position_ids, mask, cache, feature_layers):
-        out = self.decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=True,
-                           output_hidden_states=bool(feature_layers), **{self.cache_kw: cache})
-        layer_features = None
-        if feature_layers:
-            layer_features = torch.cat([out.hidden_states[i] for i in feature_layers], dim=-1)
-        return out.last_hidden_state, layer_features
-
-    def _capture(self, input_ids, position_ids, mask, cache, feature_layers) -> _Captured:
-        layers = self._layers(cache)
+    def _capture(self, fn: Callable[..., Outputs], inputs: Sequence[torch.Tensor], layers) -> _Captured:
+        device = inputs[0].device
         saved = [layer.cumulative_length.clone() for layer in layers]
 
         def restore():  # warm-ups advanced the write position; the real replay starts where it was
             for layer, position in zip(layers, saved):
                 layer.cumulative_length.copy_(position)
 
-        static_ids, static_pos, static_mask = input_ids.clone(), position_ids.clone(), mask.clone()
-        side = torch.cuda.Stream(device=input_ids.device)
-        side.wait_stream(torch.cuda.current_stream(input_ids.device))
+        static = [t.clone() for t in inputs]
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for _ in range(2):  # kernels pick their algorithms and workspaces outside the capture
-                self._eager(static_ids, static_pos, static_mask, cache, feature_layers)
+                fn(*static)
                 restore()
-        torch.cuda.current_stream(input_ids.device).wait_stream(side)
+        torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            hidden, layer_features = self._eager(static_ids, static_pos, static_mask, cache, feature_layers)
+            outputs = fn(*static)
         self.pool = graph.pool()
         restore()  # nothing ran during capture, but keep the invariant explicit
         self.captures += 1
-        return _Captured(graph, static_ids, static_pos, static_mask, hidden, layer_features)
+        return _Captured(graph, static, tuple(outputs))
 
-    def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor, cache,
-                 feature_layers: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        layers = self._layers(cache)
+    def __call__(self, fn: Callable[..., Outputs], inputs: Sequence[torch.Tensor], cache, key=()) -> Outputs:
+        layers = cache_layers(cache)
         if not layers or not all(hasattr(layer, "cumulative_length") for layer in layers):
-            return self._eager(input_ids, position_ids, mask, cache, feature_layers)  # not allocated yet
-        key = self._key(input_ids, mask, cache, feature_layers)
-        if key in self.uncapturable:
-            return self._eager(input_ids, position_ids, mask, cache, feature_layers)
-        entry = self.graphs.get(key)
+            return tuple(fn(*inputs))  # not allocated yet (or not a StaticCache): eager
+        full_key = self._key(key, inputs, layers)
+        if full_key in self.uncapturable:
+            return tuple(fn(*inputs))
+        entry = self.graphs.get(full_key)
         if entry is None:
             try:
-                entry = self._capture(input_ids, position_ids, mask, cache, feature_layers)
+                entry = self._capture(fn, inputs, layers)
             except Exception as exc:  # noqa: BLE001 - any capture failure means "run this shape eagerly"
-                self.uncapturable.add(key)
-                warnings.warn(f"CUDA graph capture failed for {key[:2]} ({type(exc).__name__}: {exc}); "
+                self.uncapturable.add(full_key)
+                warnings.warn(f"CUDA graph capture failed for {full_key[:2]} ({type(exc).__name__}: {exc}); "
                               "running that shape eagerly", stacklevel=3)
-                torch.cuda.synchronize(input_ids.device)
-                return self._eager(input_ids, position_ids, mask, cache, feature_layers)
-            self.graphs[key] = entry
+                torch.cuda.synchronize(inputs[0].device)
+                return tuple(fn(*inputs))
+            self.graphs[full_key] = entry
             while len(self.graphs) > self.max_graphs:  # e.g. many cache sizes in a long-running server
                 self.graphs.popitem(last=False)
         else:
-            self.graphs.move_to_end(key)
-        entry.input_ids.copy_(input_ids)
-        entry.position_ids.copy_(position_ids)
-        entry.mask.copy_(mask)
+            self.graphs.move_to_end(full_key)
+        for static, value in zip(entry.inputs, inputs):
+            static.copy_(value)
         entry.graph.replay()
         # The outputs live in the graph's pool and the next replay overwrites them.
-        features = None if entry.layer_features is None else entry.layer_features.clone()
-        return entry.hidden.clone(), features
+        return tuple(None if t is None else t.clone() for t in entry.outputs)

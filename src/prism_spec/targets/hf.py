@@ -120,6 +120,49 @@ def default_feature_layers(num_layers: int) -> tuple[int, int, int]:
     return (min(3, num_layers), num_layers // 2 + 1, max(num_layers - 2, 1))
 
 
+def fit_mask_to_cache(mask: torch.Tensor, cache, dtype: torch.dtype) -> torch.Tensor:
+    """On a StaticCache the keys span the whole buffer: widen the additive mask to it, the
+    unwritten tail hidden. Other caches: the mask as it is."""
+    if not isinstance(cache, StaticCache):
+        return mask
+    width = int(cache.get_max_length())
+    if mask.shape[-1] > width:
+        raise ValueError(f"static KV cache of {width} entries cannot take {mask.shape[-1]}")
+    return torch.nn.functional.pad(mask, (0, width - mask.shape[-1]), value=torch.finfo(dtype).min)
+
+
+class StaticCachePool:
+    """StaticCaches for one model config. With ``reuse`` on (CUDA graphs turn it on), a
+    released cache is kept for the next generation of the same size, write positions reset,
+    so the graphs captured on its buffers replay instead of being captured again. One
+    generation at a time per pool, then (the serving engine decodes on one thread)."""
+
+    def __init__(self, config, max_kept: int = 4):
+        self.config = config
+        self.reuse = False
+        self.max_kept = max_kept
+        self.free: dict[tuple[int, int], StaticCache] = {}
+
+    def acquire(self, batch: int, capacity: int) -> StaticCache:
+        cache = self.free.pop((batch, capacity), None)
+        if cache is None:
+            return StaticCache(config=self.config, max_cache_len=capacity)
+        with torch.inference_mode():
+            for layer in cache.layers:
+                if getattr(layer, "keys", None) is not None:
+                    layer.cumulative_length.zero_()  # stale entries stay, hidden by the mask
+        return cache
+
+    def release(self, cache: StaticCache, batch: int, capacity: int) -> None:
+        if not self.reuse:
+            return
+        layers = [layer for layer in cache.layers if getattr(layer, "keys", None) is not None]
+        if layers and all(layer.keys.shape[0] == batch for layer in layers):  # keep_rows shrinks them
+            if len(self.free) >= self.max_kept:  # bound the memory held
+                self.free.pop(next(iter(self.free)))
+            self.free[(batch, capacity)] = cache
+
+
 #: Forwards over at most this many new tokens use the compiled decoder (decode and verify, not prefill).
 COMPILED_MAX_TOKENS = 128
 
@@ -138,10 +181,7 @@ class Target:
         self._cache_kw = cache_kwarg(self.decoder)
         self._compiled_decoder = None  # see compile_decoder()
         self._graphed_decoder = None  # see use_cuda_graphs()
-        # Keep finished generations' static caches for the next one of the same size (on with
-        # CUDA graphs: a reused cache keeps its buffer addresses, so its graphs replay as they are).
-        self.reuse_static_caches = False
-        self._free_static_caches: dict[tuple[int, int], StaticCache] = {}
+        self.static_caches = StaticCachePool(model.config)  # buffers for StaticKV
         for p in self.model.parameters():
             p.requires_grad_(False)
 
@@ -161,17 +201,17 @@ class Target:
         ``enabled=False`` goes back to eager forwards (and frees the graphs)."""
         if not enabled:
             self._graphed_decoder = None
-            self.reuse_static_caches = False
-            self._free_static_caches.clear()
+            self.static_caches.reuse = False
+            self.static_caches.free.clear()
             return
         if self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA target; this one is on {self.device}")
         if self._graphed_decoder is not None:
             return  # already on: keep the captured graphs
-        from .graphs import CudaGraphDecoder
+        from .graphs import CudaGraphRunner
 
-        self._graphed_decoder = CudaGraphDecoder(self.decoder, self._cache_kw)
-        self.reuse_static_caches = True
+        self._graphed_decoder = CudaGraphRunner()
+        self.static_caches.reuse = True
 
     @property
     def cuda_graph_stats(self) -> dict[str, int] | None:
@@ -179,30 +219,6 @@ class Target:
         graphs are on, else None."""
         graphs = self._graphed_decoder
         return None if graphs is None else {"captures": graphs.captures, "uncapturable": len(graphs.uncapturable)}
-
-    def acquire_static_cache(self, batch: int, capacity: int) -> StaticCache:
-        """A StaticCache for ``batch`` rows of ``capacity`` entries. With
-        ``reuse_static_caches`` (CUDA graphs turn it on), a released one of the same size is
-        reused (write positions reset), so its captured graphs replay instead of being captured
-        again for every generation. One generation at a time per Target, then."""
-        cache = self._free_static_caches.pop((batch, capacity), None)
-        if cache is None:
-            return StaticCache(config=self.config, max_cache_len=capacity)
-        with torch.inference_mode():
-            for layer in cache.layers:
-                if getattr(layer, "keys", None) is not None:
-                    layer.cumulative_length.zero_()  # stale entries stay, hidden by the mask
-        return cache
-
-    def release_static_cache(self, cache: StaticCache, batch: int, capacity: int) -> None:
-        """Hand back a cache from :meth:`acquire_static_cache` once its generation is over."""
-        if not self.reuse_static_caches:
-            return
-        layers = [layer for layer in cache.layers if getattr(layer, "keys", None) is not None]
-        if layers and all(layer.keys.shape[0] == batch for layer in layers):  # keep_rows shrinks them
-            if len(self._free_static_caches) >= 4:  # bound the memory held
-                self._free_static_caches.pop(next(iter(self._free_static_caches)))
-            self._free_static_caches[(batch, capacity)] = cache
 
     # ----------------------------------------------------------------- facts
     @property
@@ -306,36 +322,26 @@ class Target:
         allows. Outputs are [B, n, ...]."""
         batch, n = input_ids.shape
         mask = batch_attention_mask(lengths, int(cache.get_seq_length()), n, tree_mask, self.dtype, self.device)
-        if isinstance(cache, StaticCache):  # keys span the whole buffer; the unwritten tail stays hidden
-            width = int(cache.get_max_length())
-            if mask.shape[-1] > width:
-                raise ValueError(f"static KV cache of {width} entries cannot take {mask.shape[-1]}")
-            mask = torch.nn.functional.pad(mask, (0, width - mask.shape[-1]), value=torch.finfo(self.dtype).min)
+        mask = fit_mask_to_cache(mask, cache, self.dtype)
+        # Graphs (below) for decode steps and tree verification, which carry a tree mask; not for
+        # prefill, whose length varies with every prompt (a capture per length would not pay).
         small_static = isinstance(cache, StaticCache) and n <= COMPILED_MAX_TOKENS
-        # Graphs for decode steps and tree verification (they carry a tree mask), not for prefill
-        # (its length varies with every prompt: one capture per prompt length would not pay).
-        if self._graphed_decoder is not None and small_static and tree_mask is not None:
-            with attention_backends(self.device):
-                hidden, layer_features = self._graphed_decoder(
-                    input_ids.to(self.device), positions.to(self.device), mask, cache, feature_layers
-                )
-            return ForwardOutput(self.lm_head(hidden).float(), hidden, layer_features)
         decoder = self.decoder
         if self._compiled_decoder is not None and small_static:
             decoder = self._compiled_decoder
+
+        def run(ids, pos, attention_mask):
+            out = decoder(input_ids=ids, position_ids=pos, attention_mask=attention_mask, use_cache=True,
+                          output_hidden_states=bool(feature_layers), **{self._cache_kw: cache})
+            layers = torch.cat([out.hidden_states[i] for i in feature_layers], -1) if feature_layers else None
+            return out.last_hidden_state, layers
+
+        inputs = (input_ids.to(self.device), positions.to(self.device), mask)
         with attention_backends(self.device):
-            out = decoder(
-                input_ids=input_ids.to(self.device),
-                position_ids=positions.to(self.device),
-                attention_mask=mask,
-                use_cache=True,
-                output_hidden_states=bool(feature_layers),
-                **{self._cache_kw: cache},
-            )
-        hidden = out.last_hidden_state
-        layer_features = None
-        if feature_layers:
-            layer_features = torch.cat([out.hidden_states[i] for i in feature_layers], dim=-1)
+            if self._graphed_decoder is not None and small_static and tree_mask is not None:
+                hidden, layer_features = self._graphed_decoder(run, inputs, cache, key=tuple(feature_layers or ()))
+            else:
+                hidden, layer_features = run(*inputs)
         return ForwardOutput(self.lm_head(hidden).float(), hidden, layer_features)
 
 
@@ -435,10 +441,10 @@ class StaticKV:
     paid. Entries past a row's length are stale and hidden by the attention mask.
     """
 
-    def __init__(self, target: "Target", batch: int, capacity: int):
-        self.target, self.batch = target, batch
-        self.cache = target.acquire_static_cache(batch, capacity)
-        self.lengths = torch.zeros(batch, dtype=torch.long, device=target.device)
+    def __init__(self, pool: StaticCachePool, batch: int, capacity: int, device):
+        self.pool, self.batch = pool, batch
+        self.cache = pool.acquire(batch, capacity)
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
         self.region = 0
         self.capacity = capacity
 
@@ -473,8 +479,8 @@ class StaticKV:
         self._set_write_position(self.region)
 
     def release(self) -> None:
-        """The generation is over: the target may reuse the buffers (see acquire_static_cache)."""
-        self.target.release_static_cache(self.cache, self.batch, self.capacity)
+        """The generation is over: the pool may keep the buffers for the next one."""
+        self.pool.release(self.cache, self.batch, self.capacity)
 
     @torch.inference_mode()
     def keep_rows(self, rows: torch.Tensor) -> None:
