@@ -303,7 +303,7 @@ class FeatureDrafter(Drafter):
         elif self._graphs is None:
             from ..targets.graphs import CudaGraphRunner
 
-            self._graphs = CudaGraphRunner()
+            self._graphs = CudaGraphRunner(max_graphs=32)  # modules x (catch-up lengths + tree levels)
         self._static[0].reuse = cuda_graphs
 
     def _mask(self, n_new: int, tree_mask: torch.Tensor | None) -> torch.Tensor:
