@@ -142,6 +142,11 @@ def speed_table(target, prompts, methods: dict, trees, modes, max_new_tokens, re
         if stats is not None:
             rows["_graph_captures"] = stats["captures"]
             rows["_graph_failures"] = stats["uncapturable"]
+            for label, drafter in methods.items():
+                drafter_stats = getattr(drafter, "cuda_graph_stats", None)
+                if drafter_stats is not None:
+                    rows[f"_{label}_graph_captures"] = drafter_stats["captures"]
+                    rows[f"_{label}_graph_failures"] = drafter_stats["uncapturable"]
         out[mode] = rows
     target.use_cuda_graphs(False)
     return out

@@ -306,6 +306,12 @@ class FeatureDrafter(Drafter):
             self._graphs = CudaGraphRunner(max_graphs=32)  # modules x (catch-up lengths + tree levels)
         self._static[0].reuse = cuda_graphs
 
+    @property
+    def cuda_graph_stats(self) -> dict[str, int] | None:
+        """{"captures", "uncapturable"} while the drafter's steps replay as CUDA graphs, else None."""
+        graphs = self._graphs
+        return None if graphs is None else {"captures": graphs.captures, "uncapturable": len(graphs.uncapturable)}
+
     def _mask(self, n_new: int, tree_mask: torch.Tensor | None) -> torch.Tensor:
         kv = self.kv
         dtype = self.model.processing[0].fc.weight.dtype
