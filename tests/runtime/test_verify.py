@@ -152,11 +152,11 @@ def test_verify_sampling_bonus_never_repeats_a_rejected_child():
 
 def buggy_bonus_from_p(tree, logits, cfg, generator=None):
     """Wrong: after every child is rejected, samples the bonus from p, not the residual."""
-    probs = target_probs(logits, cfg).cpu()
     tokens, children = tree.tokens.tolist(), tree.children()
     node, path = 0, [0]
     while True:
-        p = probs[node].clone()
+        probs_node = target_probs(logits[node], cfg).cpu()  # logits: [n, V] or NodeLogits
+        p = probs_node.clone()
         next_node = None
         for child in children[node]:
             if torch.rand((), generator=generator, dtype=torch.float64) < p[tokens[child]]:
@@ -165,18 +165,17 @@ def buggy_bonus_from_p(tree, logits, cfg, generator=None):
             p[tokens[child]] = 0.0
             p /= p.sum()
         if next_node is None:
-            return path, int(torch.multinomial(probs[node], 1, generator=generator))
+            return path, int(torch.multinomial(probs_node, 1, generator=generator))
         node = next_node
         path.append(node)
 
 
 def buggy_double_accept(tree, logits, cfg, generator=None):
     """Wrong: accepts a child with probability min(1, 2 p(x))."""
-    probs = target_probs(logits, cfg).cpu()
     tokens, children = tree.tokens.tolist(), tree.children()
     node, path = 0, [0]
     while True:
-        p = probs[node].clone()
+        p = target_probs(logits[node], cfg).cpu().clone()  # logits: [n, V] or NodeLogits
         next_node = None
         for child in children[node]:
             if torch.rand((), generator=generator, dtype=torch.float64) < min(1.0, 2 * float(p[tokens[child]])):

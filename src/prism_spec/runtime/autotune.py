@@ -93,7 +93,7 @@ def _timed(fn, repeats: int, device=None) -> float:
 
 
 def measure_verify_latency(target, ns=TOTALS, prefix_len: int = 300, repeats: int = 5) -> dict[int, float]:
-    """Seconds for one target forward over n new tokens (a chain mask) after ``prefix_len``."""
+    """Seconds for one target forward over n new tokens (causal) after ``prefix_len``."""
     from ..targets.hf import truncate_cache
 
     gen = torch.Generator().manual_seed(0)
@@ -106,7 +106,12 @@ def measure_verify_latency(target, ns=TOTALS, prefix_len: int = 300, repeats: in
         positions = torch.arange(prefix_len, prefix_len + n, device=target.device)
 
         def run():
-            target.forward(tokens, positions, cache)
+            # As in decoding: on a CPU the LM head runs only for the nodes acceptance visits
+            # (about one per accepted token; one here), on a GPU for the whole tree.
+            on_cpu = target.device.type == "cpu"
+            out = target.forward_batch(tokens[None], positions[None], cache, logits=not on_cpu)
+            if on_cpu:
+                target.logits(out.features[0, :1])
             truncate_cache(cache, prefix_len)
 
         out[n] = _timed(run, repeats, target.device)

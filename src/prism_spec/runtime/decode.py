@@ -18,7 +18,7 @@ from torch.profiler import record_function
 from ..drafters.base import Drafter
 from ..targets.hf import RaggedCache, StaticKV, Target, pad_ragged
 from .tree import DraftTree, DraftTreeBatch, TreeConfig, draft_tree_batch
-from .verify import SamplingConfig, verify_greedy, verify_sampling
+from .verify import NodeLogits, SamplingConfig, verify_greedy, verify_sampling
 
 
 STATIC_CACHE_STEP = 256  # static KV caches are sized in multiples of this
@@ -155,9 +155,10 @@ def stream_generate_batch(
     else:
         kv = RaggedCache(target.new_cache(), batch, device, capacity=target.max_context)
     positions = torch.arange(padded.shape[1], device=device).expand_as(padded)
-    out = target.forward_batch(padded, positions, kv.cache, None, kv.lengths, feature_layers=layers)
+    # Logits only at each prompt's last position: the LM head over every prompt token is waste.
+    out = target.forward_batch(padded, positions, kv.cache, None, kv.lengths, feature_layers=layers, logits=False)
     kv.commit([torch.arange(int(n), device=device) for n in prompt_lens])
-    roots = [pick(b, DraftTree.root_only(0, device), out.logits[b, int(n) - 1 : int(n)])[1]
+    roots = [pick(b, DraftTree.root_only(0, device), target.logits(out.features[b, int(n) - 1 : int(n)]))[1]
              for b, n in enumerate(prompt_lens)]
     if drafter is not None:
         static_drafter = getattr(drafter, "use_static_cache", None)  # feature drafters
@@ -217,15 +218,19 @@ def stream_generate_batch(
         t1 = time.perf_counter()
 
         # Verify every tree in one target forward, accept a path per row, keep its KV entries.
+        # On a CPU the LM head runs only for the nodes acceptance visits (NodeLogits); a GPU
+        # does the whole tree in one product, and a per-round hook wants every node anyway.
+        all_logits = device.type != "cpu" or any(configs[row].on_round is not None for row in active)
         with record_function("verify_forward"):
             out = target.forward_batch(
-                trees.tokens, kv.lengths[:, None] + trees.depths, kv.cache, trees.ancestor_mask(), kv.lengths, layers
+                trees.tokens, kv.lengths[:, None] + trees.depths, kv.cache, trees.ancestor_mask(), kv.lengths, layers,
+                logits=all_logits,
             )
         paths, new_tokens, features = [], [], []
         with record_function("accept"):
             for i, row in enumerate(active):
                 tree = trees.row(i)
-                path, bonus = pick(row, tree, out.logits[i])
+                path, bonus = pick(row, tree, out.logits[i] if all_logits else NodeLogits(target, out.features[i]))
                 if configs[row].on_round is not None:
                     configs[row].on_round(tree, out.logits[i])
                 path_t = torch.tensor(path, device=device)

@@ -40,7 +40,7 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
 
 @dataclass
 class ForwardOutput:
-    logits: torch.Tensor  # [n, vocab]
+    logits: torch.Tensor | None  # [n, vocab] (float32); None when not asked for (Target.logits later)
     features: torch.Tensor  # [n, hidden]: last hidden state after the final norm
     layer_features: torch.Tensor | None = None  # [n, len(layers) * hidden] when asked for
 
@@ -305,7 +305,7 @@ class Target:
             input_ids[None], positions[None], cache, None if tree_mask is None else tree_mask[None], None, feature_layers
         )
         layers = None if out.layer_features is None else out.layer_features[0]
-        return ForwardOutput(out.logits[0], out.features[0], layers)
+        return ForwardOutput(None if out.logits is None else out.logits[0], out.features[0], layers)
 
     @torch.inference_mode()
     def forward_batch(
@@ -316,10 +316,13 @@ class Target:
         tree_mask: torch.Tensor | None = None,
         lengths: torch.Tensor | None = None,
         feature_layers: Sequence[int] | None = None,
+        logits: bool = True,
     ) -> ForwardOutput:
         """Run new tokens [B, n] at ``positions`` [B, n] on top of ``cache``; row b sees its
         first ``lengths[b]`` committed entries and the tree entries ``tree_mask`` [B, n, t]
-        allows. Outputs are [B, n, ...]."""
+        allows. Outputs are [B, n, ...]. ``logits=False`` skips the LM head (its vocabulary-wide
+        product costs a fifth of a small model's forward per token): apply :meth:`logits` to the
+        positions that need it."""
         batch, n = input_ids.shape
         mask = batch_attention_mask(lengths, int(cache.get_seq_length()), n, tree_mask, self.dtype, self.device)
         mask = fit_mask_to_cache(mask, cache, self.dtype)
@@ -342,7 +345,12 @@ class Target:
                 hidden, layer_features = self._graphed_decoder(run, inputs, cache, key=tuple(feature_layers or ()))
             else:
                 hidden, layer_features = run(*inputs)
-        return ForwardOutput(self.lm_head(hidden).float(), hidden, layer_features)
+        return ForwardOutput(self.logits(hidden) if logits else None, hidden, layer_features)
+
+    @torch.inference_mode()
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Float32 next-token logits from last hidden states (``ForwardOutput.features``)."""
+        return self.lm_head(features).float()
 
 
 def truncate_cache(cache: DynamicCache, length: int) -> None:
