@@ -106,12 +106,7 @@ def measure_verify_latency(target, ns=TOTALS, prefix_len: int = 300, repeats: in
         positions = torch.arange(prefix_len, prefix_len + n, device=target.device)
 
         def run():
-            # As in decoding: on a CPU the LM head runs only for the nodes acceptance visits
-            # (about one per accepted token; one here), on a GPU for the whole tree.
-            on_cpu = target.device.type == "cpu"
-            out = target.forward_batch(tokens[None], positions[None], cache, logits=not on_cpu)
-            if on_cpu:
-                target.logits(out.features[0, :1])
+            target.forward(tokens, positions, cache)
             truncate_cache(cache, prefix_len)
 
         out[n] = _timed(run, repeats, target.device)

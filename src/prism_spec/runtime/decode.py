@@ -18,7 +18,7 @@ from torch.profiler import record_function
 from ..drafters.base import Drafter
 from ..targets.hf import RaggedCache, StaticKV, Target, pad_ragged
 from .tree import DraftTree, DraftTreeBatch, TreeConfig, draft_tree_batch
-from .verify import NodeLogits, SamplingConfig, verify_greedy, verify_sampling
+from .verify import SamplingConfig, verify_greedy, verify_sampling
 
 
 STATIC_CACHE_STEP = 256  # static KV caches are sized in multiples of this
@@ -218,19 +218,17 @@ def stream_generate_batch(
         t1 = time.perf_counter()
 
         # Verify every tree in one target forward, accept a path per row, keep its KV entries.
-        # On a CPU the LM head runs only for the nodes acceptance visits (NodeLogits); a GPU
-        # does the whole tree in one product, and a per-round hook wants every node anyway.
-        all_logits = device.type != "cpu" or any(configs[row].on_round is not None for row in active)
+        # (The LM head runs for every node: at these tree sizes its cost is reading its weights
+        # once, so computing only the nodes acceptance visits, one at a time, is slower.)
         with record_function("verify_forward"):
             out = target.forward_batch(
-                trees.tokens, kv.lengths[:, None] + trees.depths, kv.cache, trees.ancestor_mask(), kv.lengths, layers,
-                logits=all_logits,
+                trees.tokens, kv.lengths[:, None] + trees.depths, kv.cache, trees.ancestor_mask(), kv.lengths, layers
             )
         paths, new_tokens, features = [], [], []
         with record_function("accept"):
             for i, row in enumerate(active):
                 tree = trees.row(i)
-                path, bonus = pick(row, tree, out.logits[i] if all_logits else NodeLogits(target, out.features[i]))
+                path, bonus = pick(row, tree, out.logits[i])
                 if configs[row].on_round is not None:
                     configs[row].on_round(tree, out.logits[i])
                 path_t = torch.tensor(path, device=device)

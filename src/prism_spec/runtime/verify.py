@@ -49,40 +49,22 @@ def target_probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     return probs
 
 
-class NodeLogits:
-    """One tree's target logits, computed per node on first use: both acceptance rules only
-    look at the nodes on the path they walk (about AL of them), so on a CPU the LM head's
-    vocabulary-wide product for every other node is never paid. Indexing by node gives [V]."""
-
-    def __init__(self, target, features: torch.Tensor):
-        self.target, self.features = target, features  # [n, h]: the tree nodes' last hidden states
-        self._rows: dict[int, torch.Tensor] = {}
-
-    def __getitem__(self, node: int) -> torch.Tensor:
-        row = self._rows.get(node)
-        if row is None:
-            row = self._rows[node] = self.target.logits(self.features[node : node + 1])[0]
-        return row
-
-
-def verify_greedy(tree: DraftTree, logits) -> tuple[list[int], int]:
-    """Longest path whose every node equals the target's argmax at its parent: walk from the
-    root, following the child that holds the argmax (siblings are distinct tokens, so there
-    is at most one). ``logits[node]`` gives a node's logits: a [n, V] tensor or NodeLogits."""
-    tokens = tree.tokens.tolist()
-    children = tree.children()
-    node, path = 0, [0]
-    while True:
-        best = int(logits[node].argmax())
-        follow = next((c for c in children[node] if tokens[c] == best), None)
-        if follow is None:
-            return path, best
-        node = follow
-        path.append(node)
+def verify_greedy(tree: DraftTree, logits: torch.Tensor) -> tuple[list[int], int]:
+    """Longest path whose every node equals the target's argmax at its parent."""
+    argmax = logits.argmax(dim=-1)
+    parents = tree.parents.clamp(min=0)
+    correct = tree.tokens == argmax[parents]
+    correct[0] = True
+    anc = tree.ancestor_mask()
+    on_good_path = ~(anc & ~correct[None, :]).any(dim=-1)
+    # Siblings are distinct tokens, so at most one good node per depth: the deepest is unique.
+    best = int(torch.where(on_good_path, tree.depths, -1).argmax())
+    path = anc[best].nonzero().flatten().tolist()  # ancestors in index order = depth order
+    return path, int(argmax[best])
 
 
 def verify_sampling(
-    tree: DraftTree, logits, cfg: SamplingConfig, generator: torch.Generator | None = None
+    tree: DraftTree, logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None
 ) -> tuple[list[int], int]:
     """Multi-candidate recursive rejection sampling for deterministic (top-k) drafts.
 
