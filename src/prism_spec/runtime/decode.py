@@ -164,7 +164,7 @@ def stream_generate_batch(
         static_drafter = getattr(drafter, "use_static_cache", None)  # feature drafters
         if static_drafter is not None:  # the target's cache mode and CUDA graphs carry over to it
             static_drafter(kv.capacity if configs[0].static_cache else None,
-                           cuda_graphs=configs[0].static_cache and target.cuda_graph_stats is not None)
+                           cuda_graphs=configs[0].static_cache and target.uses_cuda_graphs)
         root_logits = drafter.begin_batch(
             prompts, roots, [drafter_features(out, b, slice(0, int(n))) for b, n in enumerate(prompt_lens)]
         )

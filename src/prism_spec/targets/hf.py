@@ -214,6 +214,10 @@ class Target:
         self.static_caches.reuse = True
 
     @property
+    def uses_cuda_graphs(self) -> bool:
+        return self._graphed_decoder is not None
+
+    @property
     def cuda_graph_stats(self) -> dict[str, int] | None:
         """{"captures": graphs captured so far, "uncapturable": shapes run eagerly} while CUDA
         graphs are on, else None."""
