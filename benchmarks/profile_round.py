@@ -78,7 +78,7 @@ def profile_method(target, drafter, prompts, cfg) -> dict:
     round_ms = pwall * 1e3 / rounds
     phases["other (loop, commit, stop checks, profiler)"] = round_ms - sum(phases.values())
     ops = sorted(
-        (e for e in prof.key_averages() if e.key.startswith("aten::")), key=lambda e: e.self_cpu_time_total, reverse=True
+        (e for e in prof.key_averages() if e.key.startswith(("aten::", "mkldnn::"))), key=lambda e: e.self_cpu_time_total, reverse=True
     )
     return {
         "tokens": tokens,
@@ -104,12 +104,14 @@ def main(argv=None):
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--static-cache", action="store_true", help="preallocated KV cache (both methods)")
+    parser.add_argument("--no-packed-weights", dest="packed_weights", action="store_false",
+                        help="plain nn.Linear instead of prepacked CPU weights (target and drafter)")
     parser.add_argument("--compile", action="store_true", help="torch.compile decode/verify forwards (implies --static-cache)")
     parser.add_argument("--json", help="write the numbers here")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    target = load_target(args.target, dtype=args.dtype)
+    target = load_target(args.target, dtype=args.dtype, pack_weights=None if args.packed_weights else False)
     if args.compile:
         target.compile_decoder()
     static = args.static_cache or args.compile
@@ -124,6 +126,7 @@ def main(argv=None):
     print(f"\n{args.target} ({args.dtype}), drafter {args.drafter}, tree {args.tree} ({tree.total_tokens}/"
           f"{tree.depth}/{tree.top_k}), {args.prompts} MT-bench prompts x {args.max_new_tokens} tokens, "
           f"{args.threads} threads, {'static' if static else 'dynamic'} KV cache{', compiled' if args.compile else ''}, "
+          f"{'prepacked' if target.packed_weights else 'plain nn.Linear'} weights, "
           f"{_cpu_name()}, {datetime.date.today()}\n")
     print("| phase | vanilla ms/round | speculative ms/round |\n|---|--:|--:|")
     for phase in spec["phases_ms_per_round"]:

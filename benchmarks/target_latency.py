@@ -8,7 +8,8 @@
     After each call the cache is cut back to the prefix, so every call sees the same prefix.
 (b) Vanilla decoding: our ``generate(target, ids, None, cfg)`` vs transformers'
     ``model.generate(do_sample=False)`` on the same chat prompt; token ids must match.
-(c) Variants that could explain slow measurements: one torch thread, bfloat16 weights, the
+(c) Variants: plain nn.Linear instead of prepacked weights (load_target's CPU default since
+    the fourth session), one torch thread, bfloat16 weights, the
     model de-quantised straight from the GGUF file by transformers, and the float32 model
     while a competing busy process occupies one core (a loaded, shared machine).
 
@@ -322,7 +323,10 @@ def bench_variants(target: Target, args) -> list[dict]:
               file=sys.stderr, flush=True)
         return row
 
-    rows = [measure("float32", target, "the default: cached float32 safetensors", sequential=True)]
+    rows = [measure("float32", target, "the default: cached float32 safetensors, prepacked CPU weights", sequential=True)]
+    plain = load_target(str(default_target_path()), pack_weights=False)
+    rows.append(measure("float32, plain nn.Linear", plain, "load_target(pack_weights=False)", sequential=True))
+    del plain
     with torch_threads(1):
         rows.append(measure("float32, 1 thread", target, "torch.set_num_threads(1)", sequential=True))
     one_core = 1 / (os.cpu_count() or 1)  # the busy helper's expected share
@@ -334,7 +338,10 @@ def bench_variants(target: Target, args) -> list[dict]:
         rows.append(measure("float32, 1 core busy, 1 thread", target, "both of the above",
                             expected_others=one_core))
     bf16 = load_target(str(default_target_path()), dtype="bfloat16")
-    rows.append(measure("bfloat16", bf16, "load_target(dtype='bfloat16')"))
+    rows.append(measure("bfloat16", bf16, "load_target(dtype='bfloat16'), prepacked CPU weights"))
+    del bf16
+    bf16 = load_target(str(default_target_path()), dtype="bfloat16", pack_weights=False)
+    rows.append(measure("bfloat16, plain nn.Linear", bf16, "load_target(dtype='bfloat16', pack_weights=False)"))
     del bf16
     if not args.no_gguf:
         t0 = time.perf_counter()

@@ -59,6 +59,8 @@ def _add_common(p: argparse.ArgumentParser, sub: bool) -> None:
     g.add_argument("--resume", action="store_true", default=d(False), help="continue the bench in --out, skipping finished runs")
     g.add_argument("--seed", type=int, default=d(0), help="base seed for sampled runs (default 0)")
     g.add_argument("--threads", type=int, default=d(None), help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--no-packed-weights", dest="packed_weights", action="store_false", default=d(True),
+                   help="on a CPU, plain nn.Linear layers instead of oneDNN-prepacked weights (see prism generate --help)")
     g.add_argument("--static-cache", action="store_true", default=d(False),
                    help="preallocated target KV cache written in place (see prism generate --help)")
     g.add_argument("--compile", action="store_true", default=d(False),
@@ -163,6 +165,7 @@ def _config(args, methods, command: str, **extra):
         static_cache=bool(args.static_cache or args.compile or args.cuda_graphs),
         compile=bool(args.compile),
         cuda_graphs=bool(args.cuda_graphs),
+        packed_weights=bool(getattr(args, "packed_weights", True)),
         extra_settings=extra,
     )
 

@@ -63,6 +63,7 @@ class BenchConfig:
     command: str | None = None
     threads: int | None = None  # torch.set_num_threads before loading anything
     static_cache: bool = False  # GenerationConfig.static_cache for every method
+    packed_weights: bool = True  # load_target's default CPU weight prepacking (False: plain nn.Linear)
     compile: bool = False  # Target.compile_decoder() before the runs
     cuda_graphs: bool = False  # Target.use_cuda_graphs() before the runs
     extra_settings: dict = field(default_factory=dict)  # recorded in bench.json (sweeps)
@@ -187,6 +188,7 @@ def _settings(cfg: BenchConfig, benches: list[Benchmark], tree: TreeConfig) -> d
         **({"static_cache": True} if cfg.static_cache else {}),
         **({"compile": True} if cfg.compile else {}),
         **({"cuda_graphs": True} if cfg.cuda_graphs else {}),
+        **({} if cfg.packed_weights else {"packed_weights": False}),
         **cfg.extra_settings,
     }
 
@@ -347,7 +349,7 @@ def run_bench(
         return runs_path
 
     if target is None:
-        target = load_target(cfg.target, dtype=cfg.dtype, device=device)
+        target = load_target(cfg.target, dtype=cfg.dtype, device=device, pack_weights=None if cfg.packed_weights else False)
         if cfg.compile:
             target.compile_decoder()
         if cfg.cuda_graphs:
@@ -467,7 +469,7 @@ def run_batch_sweep(
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     if target is None:
-        target = load_target(cfg.target, dtype=cfg.dtype, device=device)
+        target = load_target(cfg.target, dtype=cfg.dtype, device=device, pack_weights=None if cfg.packed_weights else False)
     jobs = [(conversation_prompt(target, q.turns[:1], []), b.max_new_tokens) for b in benches for q in b.questions]
     if not jobs:
         raise BenchError("no prompts: check --bench and --limit")

@@ -95,6 +95,19 @@ class Drafter(ABC):
     def check_target(self, target) -> None:
         """Raise DrafterMismatchError when this drafter cannot serve ``target``."""
 
+    def pack_weights(self) -> int:
+        """On a CPU, run the drafter's linear layers on prepacked weights (see
+        :mod:`prism_spec.targets.packed`); returns how many layers changed. Loaders call it when
+        the target's weights are packed."""
+        return 0
+
+
+def follow_target_packing(drafter: Drafter, target) -> Drafter:
+    """Prepack the drafter's CPU weights when the target's are (load_target's default)."""
+    if getattr(target, "packed_weights", False):
+        drafter.pack_weights()
+    return drafter
+
 
 REGISTRY: dict[str, Callable] = {}
 

@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..targets.hf import Target, parse_dtype
-from .base import Drafter, DrafterMismatchError
+from .base import Drafter, DrafterMismatchError, follow_target_packing
 from .feature import FeatureDrafter, FeatureDrafterConfig, FeatureDrafterModel, check_d2t
 from .standard import StandardDrafter
 
@@ -163,7 +163,9 @@ def load_drafter(path: str | os.PathLike, target: Target) -> Drafter:
                 f"(vocabulary {config.get('target_vocab_size')}), not {target.name} ({target.vocab_size})"
             )
         _read_weights(folder)  # verify before handing to transformers
-        return StandardDrafter.from_pretrained(str(folder), dtype=target.dtype, device=str(target.device))
+        return follow_target_packing(
+            StandardDrafter.from_pretrained(str(folder), dtype=target.dtype, device=str(target.device)), target
+        )
     weights = _read_weights(folder)
     if arch in ("eagle", "prism", "stacked"):
         fields = {k: v for k, v in config.items() if k in FeatureDrafterConfig.__dataclass_fields__}
@@ -193,4 +195,5 @@ def load_drafter(path: str | os.PathLike, target: Target) -> Drafter:
         raise CheckpointError(f"weights in {folder} do not fit its config.json: {e}") from None
     drafter = FeatureDrafter(model)
     drafter.check_target(target)
-    return drafter
+    return follow_target_packing(drafter, target)
+

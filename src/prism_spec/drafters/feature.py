@@ -25,7 +25,6 @@ import copy
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
@@ -40,6 +39,7 @@ from ..targets.hf import (
     fit_mask_to_cache,
     pad_ragged,
 )
+from ..targets.packed import pack_linears, packed_linear
 from .base import Drafter, DrafterMismatchError, register
 
 
@@ -177,13 +177,17 @@ class FeatureDrafterModel(nn.Module):
             self.d2t.copy_(d2t.to(self.d2t.device, torch.long))
 
     def draft_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        weight, bias, _ = self._draft_head()
+        return weight, bias
+
+    def _draft_head(self) -> tuple[torch.Tensor, torch.Tensor | None, nn.Module | None]:
         """(weight [N, h], bias [N] or None): the target head's rows ``d2t``, sliced once and
         cached; recomputed when the head or ``d2t`` changes (device, dtype, storage, in-place
         update). Without a reduced vocabulary: the head's own weight and bias."""
         head = self.target_head
         weight, bias = head.weight, getattr(head, "bias", None)
         if self.d2t is None:
-            return weight, bias
+            return weight, bias, None
         d2t = self.d2t
         key = (weight.device, weight.dtype, weight.data_ptr(), weight._version,
                d2t.device, d2t.data_ptr(), d2t._version)
@@ -199,8 +203,9 @@ class FeatureDrafterModel(nn.Module):
                     )
                 idx = d2t.to(weight.device)
                 sliced = (weight.detach()[idx].contiguous(), None if bias is None else bias.detach()[idx].contiguous())
-            self.__dict__["_head_cache"] = cached = (key, *sliced)
-        return cached[1], cached[2]
+            # Prepacked on CPUs (plain F.linear elsewhere and under autograd).
+            self.__dict__["_head_cache"] = cached = (key, *sliced, packed_linear(*sliced))
+        return cached[1], cached[2], cached[3]
 
     def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
         """Draft ids -> target ids (identity without a reduced vocabulary)."""
@@ -242,8 +247,7 @@ class FeatureDrafterModel(nn.Module):
         rows of its head when the vocabulary is reduced ([.., N], indexed by draft id)."""
         if self.d2t is None:
             return self.target_head(predicted)
-        weight, bias = self.draft_head()
-        return F.linear(predicted, weight, bias)
+        return self._draft_head()[2](predicted)
 
 
 @register("eagle")
@@ -284,6 +288,9 @@ class FeatureDrafter(Drafter):
     @property
     def _device(self):
         return self.model.processing[0].fc.weight.device
+
+    def pack_weights(self) -> int:
+        return pack_linears(self.model) if self._device.type == "cpu" else 0
 
     def use_static_cache(self, capacity: int | None, cuda_graphs: bool = False) -> None:
         """From the next generation on, keep the drafter's KV cache in a preallocated

@@ -22,7 +22,7 @@ from importlib import resources
 from pathlib import Path
 from typing import NamedTuple
 
-from .base import Drafter
+from .base import Drafter, follow_target_packing
 from .standard import StandardDrafter
 
 #: Depth of the untrained stand-in that ``auto`` falls back to.
@@ -87,7 +87,7 @@ def resolve_drafter(spec: str, target) -> ResolvedDrafter:
 
 def _stand_in(target, n: int) -> ResolvedDrafter:
     return ResolvedDrafter(
-        StandardDrafter.from_target_layers(target, n),
+        follow_target_packing(StandardDrafter.from_target_layers(target, n), target),
         f"untrained stand-in: the target's first {n} layer{'s' if n != 1 else ''}",
         trained=False,
     )

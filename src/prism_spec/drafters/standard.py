@@ -50,6 +50,9 @@ class StandardDrafter(Drafter):
                 f"the target {target.name} has {target.vocab_size}: they must share a tokenizer"
             )
 
+    def pack_weights(self) -> int:
+        return self.lm.pack_weights()
+
     def begin_batch(self, prompts, first_tokens, features):
         self.kv = RaggedCache(self.lm.new_cache(), len(prompts), self.lm.device)
         return self.extend_batch([torch.cat([p, p.new_tensor([f])]) for p, f in zip(prompts, first_tokens)], None)

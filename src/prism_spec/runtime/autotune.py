@@ -276,13 +276,15 @@ def autotune_tree(target, drafter, prompts=CALIBRATION_PROMPTS, max_new_tokens: 
 
 
 def _cache_key(target, drafter_label: str) -> str:
+    # Prepacked CPU weights change every cost the tuner measured: a separate entry.
+    packed = "packed" if getattr(target, "packed_weights", False) else "plain"
     return "|".join([str(target.name), drafter_label, str(target.dtype), str(target.device),
-                     str(torch.get_num_threads())])
+                     str(torch.get_num_threads()), packed])
 
 
 def resolve_tree(spec: str, target, drafter, drafter_label: str = "", progress=print, use_cache: bool = True) -> TreeConfig:
     """``TreeConfig.parse(spec)``, or for ``auto`` the autotuned shape (cached on disk per
-    target, drafter, dtype, device and thread count)."""
+    target, drafter, dtype, device, thread count and weight packing)."""
     if spec != "auto":
         return TreeConfig.parse(spec)
     if drafter is None:

@@ -213,6 +213,25 @@ class Target:
         self._graphed_decoder = CudaGraphRunner()
         self.static_caches.reuse = True
 
+    def pack_weights(self, enabled: bool = True) -> int:
+        """On a CPU, run the target's linear layers on oneDNN-prepacked weights
+        (:mod:`prism_spec.targets.packed`: the same parameters, about twice their memory while
+        on, 25-50 % less time per small product). ``enabled=False`` restores plain
+        ``nn.Linear``. Returns the number of layers changed; a no-op off the CPU."""
+        from .packed import pack_linears, unpack_linears
+
+        if enabled and self.device.type != "cpu":
+            return 0
+        changed = pack_linears(self.model) if enabled else unpack_linears(self.model)
+        self.lm_head = self.model.get_output_embeddings()
+        return changed
+
+    @property
+    def packed_weights(self) -> bool:
+        from .packed import PackedLinear
+
+        return isinstance(self.lm_head, PackedLinear)
+
     @property
     def uses_cuda_graphs(self) -> bool:
         return self._graphed_decoder is not None
@@ -510,11 +529,19 @@ def load_target(
     dtype: str | torch.dtype = "float32",
     device: str = "cpu",
     attn_implementation: str = "sdpa",
+    pack_weights: bool | None = None,
 ) -> Target:
-    """Load any transformers causal LM by hub id or local path, or the embedded default."""
+    """Load any transformers causal LM by hub id or local path, or the embedded default.
+    ``pack_weights`` (default: on for CPU targets in float32 / bfloat16) runs its linear
+    layers on prepacked weights (:meth:`Target.pack_weights`)."""
     path: str | Path = default_target_path() if name_or_path == DEFAULT_TARGET else name_or_path
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=parse_dtype(dtype), attn_implementation=attn_implementation
     ).to(device)
-    return Target(model, tokenizer, name=name_or_path)
+    target = Target(model, tokenizer, name=name_or_path)
+    if pack_weights is None:
+        pack_weights = target.device.type == "cpu" and target.dtype in (torch.float32, torch.bfloat16)
+    if pack_weights:
+        target.pack_weights()
+    return target

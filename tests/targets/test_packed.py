@@ -1,0 +1,177 @@
+"""Prepacked CPU linear layers: same results as F.linear, same parameters, safe fallbacks."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from helpers import tiny_llama
+from prism_spec.runtime import GenerationConfig, TreeConfig, generate
+from prism_spec.targets.packed import (
+    PackedLinear,
+    pack_linears,
+    packed_linear,
+    packed_linear_available,
+    unpack_linears,
+)
+
+needs_packed = pytest.mark.skipif(not packed_linear_available(torch.bfloat16), reason="no oneDNN packed linear")
+
+
+def _linear(out_f=48, in_f=32, bias=True, dtype=torch.bfloat16, seed=0):
+    torch.manual_seed(seed)
+    return nn.Linear(in_f, out_f, bias=bias).to(dtype)
+
+
+@needs_packed
+@pytest.mark.parametrize("rows", [1, 3, 8, 50])
+@pytest.mark.parametrize("bias", [True, False])
+def test_bfloat16_matches_f_linear(rows, bias):
+    linear = _linear(bias=bias)
+    packed = PackedLinear.from_linear(linear)
+    x = torch.randn(2, rows, 32, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        out = packed(x)
+        assert packed._packed.tensor is not None  # the packed kernel ran
+        # Same products, fp32 accumulation; a kernel may sum in another order (1 bf16 ulp).
+        torch.testing.assert_close(out, F.linear(x, linear.weight, linear.bias), atol=1e-3, rtol=1.6e-2)
+
+
+@needs_packed
+def test_float32_close_to_f_linear_and_2d_and_strided_inputs():
+    linear = _linear(dtype=torch.float32)
+    packed = PackedLinear.from_linear(linear)
+    x = torch.randn(5, 64)[:, ::2]  # non-contiguous
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x), F.linear(x, linear.weight, linear.bias), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(packed(x[0:1]), F.linear(x[0:1], linear.weight, linear.bias), atol=1e-5, rtol=1e-5)
+
+
+def test_float64_and_1d_inputs_use_f_linear():
+    linear = _linear(dtype=torch.float64)
+    packed = PackedLinear.from_linear(linear)
+    x = torch.randn(3, 32, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(packed(x), F.linear(x, linear.weight, linear.bias))
+        assert torch.equal(packed(x[0]), F.linear(x[0], linear.weight, linear.bias))
+    assert packed._packed.tensor is None
+
+
+@needs_packed
+def test_autograd_falls_back_and_gradients_match():
+    linear = _linear(dtype=torch.float32)
+    packed = PackedLinear.from_linear(linear)
+    x = torch.randn(4, 32, requires_grad=True)
+    packed(x).square().sum().backward()
+    grad_w, grad_x = linear.weight.grad.clone(), x.grad.clone()
+    linear.weight.grad = None
+    x.grad = None
+    F.linear(x, linear.weight, linear.bias).square().sum().backward()
+    assert torch.equal(grad_w, linear.weight.grad) and torch.equal(grad_x, x.grad)
+    assert packed._packed.tensor is None  # never packed under autograd
+
+
+@needs_packed
+def test_repacks_after_in_place_update():
+    linear = _linear(bias=False)
+    packed = PackedLinear.from_linear(linear)
+    x = torch.randn(1, 2, 32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        before = packed(x)
+        linear.weight.mul_(2)
+        after = packed(x)
+        torch.testing.assert_close(after, F.linear(x, linear.weight, linear.bias), atol=1e-3, rtol=1.6e-2)
+        torch.testing.assert_close(after, 2 * before, atol=1e-3, rtol=1.6e-2)
+
+
+@needs_packed
+def test_autocast_uses_f_linear():
+    linear = _linear(dtype=torch.float32)
+    packed = PackedLinear.from_linear(linear)
+    x = torch.randn(2, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = packed(x)
+        assert out.dtype == torch.bfloat16
+        assert torch.equal(out, F.linear(x, linear.weight, linear.bias))
+    assert packed._packed.tensor is None
+
+
+@needs_packed
+def test_copies_and_pickles_rebuild_the_packed_weight():
+    packed = PackedLinear.from_linear(_linear())
+    x = torch.randn(1, 32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = packed(x)
+        clone = copy.deepcopy(packed)
+        assert clone._packed.tensor is None and torch.equal(clone(x), expected)
+        buffer = io.BytesIO()
+        torch.save(packed, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        assert torch.equal(loaded(x), expected)
+
+
+@needs_packed
+def test_packed_linear_over_existing_tensors():
+    weight, bias = torch.randn(10, 32, dtype=torch.bfloat16), torch.randn(10, dtype=torch.bfloat16)
+    head = packed_linear(weight, bias)
+    assert head.weight.data_ptr() == weight.data_ptr() and not head.weight.requires_grad
+    x = torch.randn(3, 32, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        torch.testing.assert_close(head(x), F.linear(x, weight, bias), atol=1e-3, rtol=1.6e-2)
+
+
+@needs_packed
+def test_pack_linears_keeps_parameters_state_dict_and_ties():
+    target = tiny_llama(dtype=torch.float32)
+    model = target.model
+    model.lm_head.weight = model.model.embed_tokens.weight  # tie, as SmolLM2 does
+    params = dict(model.named_parameters(remove_duplicate=False))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    linears = sum(type(m) is nn.Linear for m in model.modules())
+    assert pack_linears(model) == linears > 0
+    assert pack_linears(model) == 0  # idempotent
+    assert all(type(m) is not nn.Linear for m in model.modules())
+    assert all(params[k] is p for k, p in model.named_parameters(remove_duplicate=False))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert state.keys() == model.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert unpack_linears(model) == linears
+    assert all(type(m) is not PackedLinear for m in model.modules())
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+@needs_packed
+def test_packed_target_logits_and_lossless_decoding():
+    """A packed target gives the unpacked one's logits (float32 rounding aside), and
+    speculative decoding on it stays token-identical to vanilla decoding on it."""
+    plain = tiny_llama(dtype=torch.float32, layers=2, hidden_size=64, vocab_size=128)
+    packed = tiny_llama(dtype=torch.float32, layers=2, hidden_size=64, vocab_size=128)
+    assert packed.pack_weights() > 0 and packed.packed_weights and not plain.packed_weights
+    ids = torch.randint(0, 128, (1, 12))
+    positions = torch.arange(12)[None]
+    out_plain = plain.forward_batch(ids, positions, plain.new_cache())
+    out_packed = packed.forward_batch(ids, positions, packed.new_cache())
+    torch.testing.assert_close(out_packed.logits, out_plain.logits, atol=1e-4, rtol=1e-4)
+
+    from prism_spec.drafters.standard import StandardDrafter
+
+    drafter = StandardDrafter.from_target_layers(packed, 1)
+    assert drafter.pack_weights() > 0
+    prompt = torch.randint(0, 128, (10,))
+    vanilla = generate(packed, prompt, None, GenerationConfig(max_new_tokens=24))
+    spec = generate(packed, prompt, drafter, GenerationConfig(max_new_tokens=24, tree=TreeConfig.parse("8/2/2")))
+    assert spec.token_ids == vanilla.token_ids
+
+
+def test_pack_weights_is_a_no_op_off_the_cpu_and_reversible():
+    target = tiny_llama(dtype=torch.float32)
+    if packed_linear_available(torch.float32):
+        assert target.pack_weights() > 0 and target.packed_weights
+    assert target.pack_weights(False) >= 0 and not target.packed_weights
+    assert type(target.lm_head) is nn.Linear
