@@ -119,6 +119,17 @@ def test_generate_with_static_cache_matches(tiny_target, tmp_path, capsys):
     assert outs[()] == outs[("--static-cache",)]
 
 
+def test_generate_without_packed_weights_matches(tiny_target, tmp_path, capsys):
+    outs = {}
+    for flag in ((), ("--no-packed-weights",)):
+        out = tmp_path / f"packed{len(flag)}.jsonl"
+        rc, _, err = run_cli(capsys, *GEN, "Hello there!", "--target", tiny_target, "--drafter", "layers:1",
+                             "--dtype", "float32", *flag, "-o", out)
+        assert rc == 0, err
+        outs[flag] = [r["token_ids"] for r in read_jsonl(out)]
+    assert outs[()] == outs[("--no-packed-weights",)]
+
+
 def test_cuda_graphs_on_a_cpu_target_is_a_clear_error(tiny_target, capsys):
     rc, _, err = run_cli(capsys, *GEN, "Hello there!", "--target", tiny_target, "--cuda-graphs")
     assert rc == 2

@@ -17,6 +17,7 @@
 #   bash results/smollm2-135m/reproduce.sh regen-gpu       # 13,006 prompts, batch 384 (H200: ~48 replies/s)
 #   bash results/smollm2-135m/reproduce.sh prism-gpu       # PRISM on both answer files (H200: < 150 s)
 #   bash results/smollm2-135m/reproduce.sh bench-gpu-prism # CPU: fp32 paper-tree AL and bf16 speed with --tree auto
+#   bash results/smollm2-135m/reproduce.sh packing         # CPU: prepacked vs plain linear layers, CPU table again
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUNS=${RUNS:-runs/smollm2-135m}
@@ -29,6 +30,7 @@ WARMUP=$((STEPS * 3 / 4))
 COMMON=(--target smollm2-135m --data "$DATA" --max-length 384 --batch-size 8
         --mixed-precision bf16 --save-dtype bf16 --feature-cache "$RUNS/features"
         --set data.max_examples=$N_EXAMPLES --set data.holdout=48 --set drafter.draft_vocab_size=16384
+        --set data.dedupe=false  # these runs predate de-duplication (the default since the fourth session)
         --checkpoint-every 50 --eval-every 100 --log-every 10)
 STAR=(--feature-cache "$RUNS/features-star")   # PRISM* also needs low/middle/high layer features
 DRAFTERS=(--method eagle2=$OUT/drafters/eagle2 --method hass=$OUT/drafters/hass --method prism=$OUT/drafters/prism)
@@ -120,7 +122,7 @@ case "${1:-}" in
     python -m prism_spec.train --recipe prism --target smollm2-135m --online \
       --data "$OUT/data/smollm2-regenerated-gpu.jsonl" "$DATA" --output-dir "$RUNS/prism-gpu" \
       --max-length 384 --batch-size 32 --mixed-precision bf16 --save-dtype bf16 \
-      --set drafter.draft_vocab_size=16384 --set data.holdout=200 \
+      --set drafter.draft_vocab_size=16384 --set data.holdout=200 --set data.dedupe=false \
       --set stages.warmup.steps=700 --set stages.warmup.lr=2e-4 --set stages.tuning.steps=200 --set stages.tuning.lr=2e-5 \
       --checkpoint-every 0 --eval-every 300 --log-every 25 --resume
     finish prism-gpu ;;
@@ -133,7 +135,23 @@ case "${1:-}" in
     prism bench --method vanilla --method eagle2=$OUT/drafters/eagle2 --method prism=$OUT/drafters/prism \
       --method prism@prism-gpu=$OUT/drafters/prism-gpu --dtype bfloat16 --temperature 0 --tree auto \
       --limit "${LIMIT:-1}" --max-new-tokens 64 --threads 2 --out "$OUT/bench-cpu-gpu-trained" ;;
+  packing)  # fourth session: prepacked CPU weights (docs/performance.md), then the CPU table again
+    python benchmarks/linear_packing.py --json results/cpu/linear_packing_amd.json
+    python benchmarks/target_latency.py --json results/cpu/target_latency_amd_packed.json --wait-idle 30
+    python benchmarks/packing_ab.py --tree 4/0/3 --json results/cpu/packing_ab_bf16_4-0-3.json
+    python benchmarks/packing_ab.py --dtype float32 --tree 8/1/3 --repeats 2 --json results/cpu/packing_ab_fp32_8-1-3.json
+    python benchmarks/cpu_decode_options.py --json results/cpu/cpu_decode_options_amd.json
+    for weights in plain packed; do
+      flag=""; [ "$weights" = plain ] && flag=--no-packed-weights
+      python benchmarks/profile_round.py --dtype bfloat16 --tree 8/1/3 --prompts 4 --max-new-tokens 64 --threads 2 \
+        --drafter auto $flag --json "results/cpu/profile_round_bf16_$weights.json"
+    done
+    [ -f "$OUT/drafters/prism-gpu/model.safetensors" ] || \
+      cp src/prism_spec/assets/drafters/smollm2-135m-prism/model.safetensors "$OUT/drafters/prism-gpu/"
+    prism bench --method vanilla --method eagle2=$OUT/drafters/eagle2 --method prism=$OUT/drafters/prism \
+      --method prism@prism-gpu=$OUT/drafters/prism-gpu --dtype bfloat16 --temperature 0 --tree auto \
+      --limit "${LIMIT:-1}" --max-new-tokens 64 --threads 2 --out "$OUT/bench-cpu-packed" ;;
   *)
-    echo "usage: $0 regen|features|eagle2|hass|prism|prism3|prism-star|stacked2|standard|scaling|bench|bench-fp32|bench-ablations|bench-cpu|profile|regen-gpu|prism-gpu|bench-gpu-prism" >&2
+    echo "usage: $0 regen|features|eagle2|hass|prism|prism3|prism-star|stacked2|standard|scaling|bench|bench-fp32|bench-ablations|bench-cpu|profile|regen-gpu|prism-gpu|bench-gpu-prism|packing" >&2
     exit 2 ;;
 esac

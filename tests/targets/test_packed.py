@@ -175,3 +175,41 @@ def test_pack_weights_is_a_no_op_off_the_cpu_and_reversible():
         assert target.pack_weights() > 0 and target.packed_weights
     assert target.pack_weights(False) >= 0 and not target.packed_weights
     assert type(target.lm_head) is nn.Linear
+
+
+@needs_packed
+def test_packed_feature_drafter_drafts_like_the_plain_one():
+    """A packed reduced-vocabulary PRISM drafter gives the plain one's logits (float32
+    rounding aside) and decodes losslessly on a packed target."""
+    from prism_spec.drafters import FeatureDrafter, FeatureDrafterModel, prism_config
+
+    target = tiny_llama(dtype=torch.float32, layers=2, hidden_size=64, vocab_size=128)
+    d2t = torch.arange(0, 128, 2)
+    torch.manual_seed(0)
+    model = FeatureDrafterModel(prism_config(target, draft_vocab_size=64), target, d2t)
+    x = torch.randn(3, 64)
+    with torch.inference_mode():
+        plain_logits = model.logits(x)
+        drafter = FeatureDrafter(model)
+        assert drafter.pack_weights() > 0 and model.packed
+        assert isinstance(model.processing[0].fc, PackedLinear)
+        torch.testing.assert_close(model.logits(x), plain_logits, atol=1e-4, rtol=1e-4)
+        assert model._head_cache[3] is not None  # the draft head is packed too
+    target.pack_weights()
+    prompt = torch.randint(0, 128, (10,))
+    vanilla = generate(target, prompt, None, GenerationConfig(max_new_tokens=24))
+    spec = generate(target, prompt, drafter, GenerationConfig(max_new_tokens=24, tree=TreeConfig.parse("8/2/2")))
+    assert spec.token_ids == vanilla.token_ids
+
+
+@needs_packed
+def test_bench_memory_counts_packed_copies_once():
+    from prism_spec.bench.methods import _unique_param_bytes
+
+    target = tiny_llama(dtype=torch.float32)
+    model = target.model
+    model.lm_head.weight = model.model.embed_tokens.weight
+    plain = _unique_param_bytes([model])
+    linear_bytes = sum(m.weight.numel() * 4 for m in model.modules() if type(m) is nn.Linear)
+    target.pack_weights()
+    assert _unique_param_bytes([model]) == plain + linear_bytes

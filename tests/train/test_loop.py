@@ -401,3 +401,21 @@ def test_add_train_parser_wires_into_a_top_level_cli():
     assert args.resume == "runs/x/checkpoints/step-00000004"
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "--online", "--feature-cache", "d"])  # mutually exclusive
+
+
+def test_repeated_conversations_are_dropped_before_the_split(tiny_target, tmp_path):
+    from transformers import AutoTokenizer
+
+    from prism_spec.train.loop import load_examples
+
+    data = tmp_path / "repeats.jsonl"
+    rows = [{"prompt": "What is up?", "answer": "Not much."}] * 6
+    rows += [{"prompt": f"Count to {i}.", "answer": " ".join(str(j) for j in range(1, i + 2))} for i in range(4)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_target)
+    config = tiny_config(tiny_target, [str(data)], tmp_path / "out")
+    train, held, stats = load_examples(config, tokenizer)
+    assert len(train) + len(held) == 5 and stats["skipped"]["duplicate"] == 5
+    config = tiny_config(tiny_target, [str(data)], tmp_path / "out", overrides=["data.dedupe=false"])
+    train, held, _ = load_examples(config, tokenizer)
+    assert len(train) + len(held) == 10

@@ -41,6 +41,7 @@ from ..runtime.decode import GenerationConfig, GenerationResult, generate
 from ..runtime.tree import TreeConfig
 from ..runtime.verify import SamplingConfig
 from ..targets.hf import Target
+from ..targets.packed import PackedLinear
 from .metrics import kv_bytes_per_token, kv_cache_bound_bytes, peak_kv_cache_bytes
 
 
@@ -145,6 +146,8 @@ def _standard_drafter(arg: str, target: Target) -> StandardDrafter:
 
 
 def _unique_param_bytes(modules, seen: set | None = None) -> int:
+    """Bytes of the parameters and buffers (shared / tied tensors once), plus the copies
+    derived from them: prepacked CPU weights and a reduced-vocabulary drafter's head slice."""
     seen = set() if seen is None else seen
     total = 0
     for module in modules:
@@ -156,6 +159,15 @@ def _unique_param_bytes(modules, seen: set | None = None) -> int:
                 continue
             seen.add(key)
             total += t.numel() * t.element_size()
+        for sub in module.modules():
+            if isinstance(sub, PackedLinear) and sub.weight.device.type == "cpu":
+                key = ("packed", sub.weight.data_ptr(), sub.weight.numel())
+                if key not in seen:  # about the weight's size in oneDNN's layout
+                    seen.add(key)
+                    total += sub.weight.numel() * sub.weight.element_size()
+        derived = getattr(module, "derived_weight_bytes", None)
+        if callable(derived):
+            total += derived()
     return total
 
 

@@ -25,6 +25,7 @@ import copy
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
@@ -155,7 +156,8 @@ class FeatureDrafterModel(nn.Module):
         # Frozen target pieces, kept out of state_dict / parameters().
         self.__dict__["target_embed"] = target.embed_tokens
         self.__dict__["target_head"] = target.lm_head
-        self.__dict__["_head_cache"] = None  # (key, weight[d2t], bias[d2t] or None)
+        self.__dict__["_head_cache"] = None  # (key, weight[d2t], bias[d2t] or None, packed head or None)
+        self.packed = False  # FeatureDrafter.pack_weights: CPU linears on prepacked weights
         if config.draft_vocab_size is None:
             if d2t is not None:
                 raise ValueError("a d2t map needs config.draft_vocab_size")
@@ -203,9 +205,18 @@ class FeatureDrafterModel(nn.Module):
                     )
                 idx = d2t.to(weight.device)
                 sliced = (weight.detach()[idx].contiguous(), None if bias is None else bias.detach()[idx].contiguous())
-            # Prepacked on CPUs (plain F.linear elsewhere and under autograd).
-            self.__dict__["_head_cache"] = cached = (key, *sliced, packed_linear(*sliced))
+            head = packed_linear(*sliced) if self.packed else None
+            self.__dict__["_head_cache"] = cached = (key, *sliced, head)
         return cached[1], cached[2], cached[3]
+
+    def derived_weight_bytes(self) -> int:
+        """Memory held besides parameters and buffers: the reduced vocabulary's head slice
+        (and its prepacked copy when packed)."""
+        if self.d2t is None:
+            return 0
+        weight = self.target_head.weight
+        rows = self.config.draft_vocab_size * weight.shape[1] * weight.element_size()
+        return rows * (2 if self.packed else 1)
 
     def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
         """Draft ids -> target ids (identity without a reduced vocabulary)."""
@@ -247,7 +258,8 @@ class FeatureDrafterModel(nn.Module):
         rows of its head when the vocabulary is reduced ([.., N], indexed by draft id)."""
         if self.d2t is None:
             return self.target_head(predicted)
-        return self._draft_head()[2](predicted)
+        weight, bias, packed_head = self._draft_head()
+        return F.linear(predicted, weight, bias) if packed_head is None else packed_head(predicted)
 
 
 @register("eagle")
@@ -290,7 +302,12 @@ class FeatureDrafter(Drafter):
         return self.model.processing[0].fc.weight.device
 
     def pack_weights(self) -> int:
-        return pack_linears(self.model) if self._device.type == "cpu" else 0
+        if self._device.type != "cpu":
+            return 0
+        model = self.model
+        model.packed = True
+        model.__dict__["_head_cache"] = None  # rebuilt with a packed draft head
+        return pack_linears(model)
 
     def use_static_cache(self, capacity: int | None, cuda_graphs: bool = False) -> None:
         """From the next generation on, keep the drafter's KV cache in a preallocated

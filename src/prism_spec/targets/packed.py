@@ -11,8 +11,8 @@ the same oneDNN kernel inductor uses when it freezes a CPU graph.
 A PackedLinear keeps the original ``weight``/``bias`` parameters (state dicts, tied embeddings
 and code that reads ``.weight`` are unchanged; the packed copy is extra memory, about the size
 of the weights), repacks when the weight changes in place, and falls back to ``F.linear``
-whenever the packed kernel does not apply: autograd, autocast, a CUDA or float64/float16
-tensor, or a torch build without the op. In bfloat16 its outputs matched ``F.linear`` bit for
+whenever the packed kernel does not apply: autograd, autocast, ``torch.compile`` tracing, a
+CUDA or float64/float16 tensor, or a torch build without the op. In bfloat16 its outputs matched ``F.linear`` bit for
 bit at every shape we measured; in float32 they differ in the last bits (summation order),
 like any change of BLAS kernel. Lossless decoding compares a method against vanilla decoding in
 the same runtime, so both see the same kernels.
@@ -88,6 +88,7 @@ class PackedLinear(nn.Linear):
             or (self.bias is not None and self.bias.dtype != weight.dtype)
             or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
             or torch.is_autocast_enabled("cpu")
+            or torch.compiler.is_compiling()  # inductor lowers (and packs) plain linears itself
             or not packed_linear_available(weight.dtype)
         ):
             return None

@@ -76,6 +76,10 @@ class DataConfig:
     max_examples: int | None = None
     #: Seed of the subset choice and of the held-out split.
     seed: int = 0
+    #: Drop exact repeats of a conversation before subsetting and the held-out split (prompt
+    #: sets repeat short prompts such as "hi" hundreds of times, and a repeat on both sides of
+    #: the split inflates the validation accuracy).
+    dedupe: bool = True
     #: Held-out validation examples: a fraction (< 1) or a count (>= 1); 0 disables validation.
     holdout: float = 0.02
     #: Offline features: a folder holding (or to receive) the target's captured features.

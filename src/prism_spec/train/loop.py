@@ -88,7 +88,7 @@ def load_examples(config: TrainConfig, tokenizer) -> tuple[list[Example], list[E
 
     data = config.data
     try:
-        conversations, reader_stats = load_training_mix([str(p) for p in data.paths])
+        conversations, reader_stats = load_training_mix([str(p) for p in data.paths], dedupe=data.dedupe)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"cannot read the training data: {e}") from None
     stats = reader_stats.as_dict() if hasattr(reader_stats, "as_dict") else {"reader": str(reader_stats)}
