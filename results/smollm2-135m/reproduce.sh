@@ -18,6 +18,8 @@
 #   bash results/smollm2-135m/reproduce.sh prism-gpu       # PRISM on both answer files (H200: < 150 s)
 #   bash results/smollm2-135m/reproduce.sh bench-gpu-prism # CPU: fp32 paper-tree AL and bf16 speed with --tree auto
 #   bash results/smollm2-135m/reproduce.sh packing         # CPU: prepacked vs plain linear layers, CPU table again
+#   bash results/smollm2-135m/reproduce.sh prism-star-norm # PRISM* with RMS-normalised input layers (~15 min)
+#   bash results/smollm2-135m/reproduce.sh bench-star-norm # its float32 paper-tree AL next to PRISM and the old PRISM*
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUNS=${RUNS:-runs/smollm2-135m}
@@ -135,6 +137,14 @@ case "${1:-}" in
     prism bench --method vanilla --method eagle2=$OUT/drafters/eagle2 --method prism=$OUT/drafters/prism \
       --method prism@prism-gpu=$OUT/drafters/prism-gpu --dtype bfloat16 --temperature 0 --tree auto \
       --limit "${LIMIT:-1}" --max-new-tokens 64 --threads 2 --out "$OUT/bench-cpu-gpu-trained" ;;
+  prism-star-norm)  # fourth session: PRISM* with each input layer RMS-normalised (drafter.input_norm, now the default)
+    train_prism prism-star-norm --recipe 'prism*' "${STAR[@]}"
+    finish prism-star-norm ;;
+  bench-star-norm)  # float32 paper tree: PRISM, PRISM* before and after the input normalisation
+    prism bench --method vanilla --method prism=$OUT/drafters/prism --method 'prism*@prism-star'=$OUT/drafters/prism-star \
+      --method 'prism*@prism-star-norm'=$OUT/drafters/prism-star-norm \
+      --temperature 0 --tree paper --limit "${LIMIT:-1}" --max-new-tokens 64 --threads "${THREADS:-2}" \
+      --dtype float32 --out "$OUT/bench-paper-tree-fp32-star-norm" ;;
   packing)  # fourth session: prepacked CPU weights (docs/performance.md), then the CPU table again
     python benchmarks/linear_packing.py --json results/cpu/linear_packing_amd.json
     python benchmarks/target_latency.py --json results/cpu/target_latency_amd_packed.json --wait-idle 30
@@ -152,6 +162,6 @@ case "${1:-}" in
       --method prism@prism-gpu=$OUT/drafters/prism-gpu --dtype bfloat16 --temperature 0 --tree auto \
       --limit "${LIMIT:-1}" --max-new-tokens 64 --threads 2 --out "$OUT/bench-cpu-packed" ;;
   *)
-    echo "usage: $0 regen|features|eagle2|hass|prism|prism3|prism-star|stacked2|standard|scaling|bench|bench-fp32|bench-ablations|bench-cpu|profile|regen-gpu|prism-gpu|bench-gpu-prism|packing" >&2
+    echo "usage: $0 regen|features|eagle2|hass|prism|prism3|prism-star|stacked2|standard|scaling|bench|bench-fp32|bench-ablations|bench-cpu|profile|regen-gpu|prism-gpu|bench-gpu-prism|packing|prism-star-norm|bench-star-norm" >&2
     exit 2 ;;
 esac

@@ -142,6 +142,7 @@ VARIANTS = {
     "prism-2": dict(num_modules=2),
     "prism-3": dict(num_modules=3),
     "prism-3-layer-input": dict(num_modules=3, input_layers=[1, 3, 4]),
+    "prism-layer-input-normed": dict(num_modules=2, input_layers=[1, 3, 4], input_norm=True),
     "stacked-2x2": dict(config_fn=lambda t: FeatureDrafterConfig.for_target(t, architecture="stacked", layers_per_module=2)),
     "mapping-1-0": dict(config_fn=lambda t: FeatureDrafterConfig.for_target(t, num_modules=2, step_mapping=[1, 0])),
 }
@@ -228,3 +229,25 @@ def test_features_matter(target):
     a = drafter.begin(PROMPT, FIRST, feats)
     b = drafter.begin(PROMPT, FIRST, feats.flip(0))
     assert not torch.allclose(a, b)
+
+
+def test_input_norm_divides_each_layer_by_its_rms(target):
+    from prism_spec.drafters.feature import rms_normalize_layers
+
+    h = target.hidden_size
+    scales = torch.tensor([0.3, 1.0, 3e4], dtype=torch.float64)
+    raw = torch.randn(2, 5, 3, h, dtype=torch.float64) * scales[:, None]
+    normed = rms_normalize_layers(raw.flatten(-2), h).unflatten(-1, (3, h))
+    # eps = 1e-6 against a mean square of ~0.1 at the smallest scale
+    torch.testing.assert_close(normed.pow(2).mean(-1), torch.ones(2, 5, 3, dtype=torch.float64), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(normed[..., 1, :], raw[..., 1, :] / raw[..., 1, :].pow(2).mean(-1, keepdim=True).sqrt(),
+                               rtol=1e-5, atol=1e-7)
+    # float16 input: squares of 3e4 overflow float16, so the RMS is taken in float32.
+    big = (raw.flatten(-2) / 10).clamp(-6e4, 6e4).half()  # finite in float16, squares are not
+    assert torch.isfinite(big).all() and torch.isfinite(rms_normalize_layers(big, h)).all()
+    plain = make_drafter(target, input_layers=[1, 2, 4]).model
+    normed_model = make_drafter(target, input_layers=[1, 2, 4], input_norm=True).model
+    normed_model.fuse.load_state_dict(plain.fuse.state_dict())
+    x = raw.flatten(-2)
+    torch.testing.assert_close(normed_model.input_features(x), plain.fuse(rms_normalize_layers(x, h)))
+    torch.testing.assert_close(plain.input_features(x), plain.fuse(x))

@@ -51,6 +51,11 @@ class FeatureDrafterConfig:
     layers_per_module: int = 1
     step_mapping: list[int] = field(default_factory=lambda: [0])
     input_layers: list[int] | None = None  # None: last hidden state; else HF hidden_states indices
+    # With input_layers: RMS-normalise each target layer before the fuse. Raw residual-stream
+    # states carry massive activations (SmolLM2-135M layers 3/16/28: rms 3-25 on ordinary
+    # tokens, up to 2.5e4 on the first one) that swamp the fuse. False for drafters saved
+    # before the option existed (their config.json lacks it).
+    input_norm: bool = False
     # The target this drafter was built for.
     target_name: str = ""
     target_model_type: str = ""
@@ -116,6 +121,14 @@ def draft_ids_for(target_ids: torch.Tensor, d2t: torch.Tensor) -> torch.Tensor:
     d2t = d2t.to(target_ids.device)
     idx = torch.searchsorted(d2t, target_ids.long()).clamp(max=d2t.numel() - 1)
     return torch.where(d2t[idx] == target_ids, idx, torch.full_like(idx, -1))
+
+
+def rms_normalize_layers(features: torch.Tensor, width: int, eps: float = 1e-6) -> torch.Tensor:
+    """Concatenated layers [.., L * width] -> each width-sized chunk divided by its RMS
+    (computed in at least float32: squares of ~1e4 activations overflow float16)."""
+    chunks = features.to(torch.promote_types(features.dtype, torch.float32)).unflatten(-1, (-1, width))
+    normed = chunks * torch.rsqrt(chunks.pow(2).mean(-1, keepdim=True) + eps)
+    return normed.flatten(-2).to(features.dtype)
 
 
 def prism_config(target: Target, num_modules: int = 2, **kwargs) -> FeatureDrafterConfig:
@@ -224,7 +237,12 @@ class FeatureDrafterModel(nn.Module):
 
     def input_features(self, target_features: torch.Tensor) -> torch.Tensor:
         """Map what the target provides (last hidden state or concatenated layers) to width h."""
-        return self.fuse(target_features) if self.fuse is not None else target_features
+        if self.fuse is None:
+            return target_features
+        if self.config.input_norm:
+            target_features = rms_normalize_layers(target_features, self.config.hidden_size or target_features.shape[-1]
+                                                   // len(self.config.input_layers))
+        return self.fuse(target_features)
 
     def step(
         self,

@@ -54,6 +54,9 @@ class DrafterSpec:
     #: "none": the target's last hidden state; "auto": low/middle/high layers (EAGLE-3 / PRISM*);
     #: or explicit HF hidden_states indices.
     input_layers: Union[Literal["none", "auto"], list[int]] = "none"
+    #: With input_layers: RMS-normalise each target layer before fusing them (raw layers carry
+    #: massive activations; see FeatureDrafterConfig.input_norm).
+    input_norm: bool = True
     #: Standard drafter only: how many of the target's first layers to copy and distill.
     standard_layers: int = 2
     #: Feature drafters only: predict over the N most frequent target tokens of the training

@@ -304,6 +304,7 @@ def build_drafter(
             layers_per_module=d.layers_per_module,
             step_mapping=d.resolved_step_mapping(),
             input_layers=input_layers,
+            input_norm=bool(input_layers) and d.input_norm,
             draft_vocab_size=d.draft_vocab_size,
         )
         model = FeatureDrafterModel(fcfg, target, d2t=d2t)
