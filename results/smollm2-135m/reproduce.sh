@@ -144,7 +144,12 @@ case "${1:-}" in
     prism bench --method vanilla --method prism=$OUT/drafters/prism --method 'prism*@prism-star'=$OUT/drafters/prism-star \
       --method 'prism*@prism-star-norm'=$OUT/drafters/prism-star-norm \
       --temperature 0 --tree paper --limit "${LIMIT:-1}" --max-new-tokens 64 --threads "${THREADS:-2}" \
-      --dtype float32 --out "$OUT/bench-paper-tree-fp32-star-norm" ;;
+      --dtype float32 --out "$OUT/bench-paper-tree-fp32-star-norm"
+    [ -f "$OUT/drafters/prism-gpu/model.safetensors" ] || \
+      cp src/prism_spec/assets/drafters/smollm2-135m-prism/model.safetensors "$OUT/drafters/prism-gpu/"
+    prism bench --method vanilla --method 'prism*@prism-star-norm'=$OUT/drafters/prism-star-norm \
+      --method prism@prism-gpu=$OUT/drafters/prism-gpu --dtype bfloat16 --temperature 0 --tree auto \
+      --limit "${LIMIT:-1}" --max-new-tokens 64 --threads 2 --out "$OUT/bench-cpu-star-norm" ;;
   packing)  # fourth session: prepacked CPU weights (docs/performance.md), then the CPU table again
     python benchmarks/linear_packing.py --json results/cpu/linear_packing_amd.json
     python benchmarks/target_latency.py --json results/cpu/target_latency_amd_packed.json --wait-idle 30
