@@ -192,13 +192,14 @@ class FeatureDrafterModel(nn.Module):
             self.d2t.copy_(d2t.to(self.d2t.device, torch.long))
 
     def draft_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight [N, h], bias [N] or None): the target head's rows ``d2t``, sliced once and
+        cached; recomputed when the head or ``d2t`` changes (device, dtype, storage, in-place
+        update). Without a reduced vocabulary: the head's own weight and bias."""
         weight, bias, _ = self._draft_head()
         return weight, bias
 
     def _draft_head(self) -> tuple[torch.Tensor, torch.Tensor | None, nn.Module | None]:
-        """(weight [N, h], bias [N] or None): the target head's rows ``d2t``, sliced once and
-        cached; recomputed when the head or ``d2t`` changes (device, dtype, storage, in-place
-        update). Without a reduced vocabulary: the head's own weight and bias."""
+        """:meth:`draft_head` plus the slice as a prepacked linear layer when ``packed``."""
         head = self.target_head
         weight, bias = head.weight, getattr(head, "bias", None)
         if self.d2t is None:
@@ -240,8 +241,8 @@ class FeatureDrafterModel(nn.Module):
         if self.fuse is None:
             return target_features
         if self.config.input_norm:
-            target_features = rms_normalize_layers(target_features, self.config.hidden_size or target_features.shape[-1]
-                                                   // len(self.config.input_layers))
+            width = self.fuse.in_features // len(self.config.input_layers)
+            target_features = rms_normalize_layers(target_features, width)
         return self.fuse(target_features)
 
     def step(

@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel, StaticCache
 
 from .default import DEFAULT_TARGET, default_target_path
+from .packed import PackedLinear, pack_linears, unpack_linears
 
 _DTYPES = {
     "auto": "auto",
@@ -216,10 +217,8 @@ class Target:
     def pack_weights(self, enabled: bool = True) -> int:
         """On a CPU, run the target's linear layers on oneDNN-prepacked weights
         (:mod:`prism_spec.targets.packed`: the same parameters, about twice their memory while
-        on, 25-50 % less time per small product). ``enabled=False`` restores plain
+        on, often half the time or less per small product). ``enabled=False`` restores plain
         ``nn.Linear``. Returns the number of layers changed; a no-op off the CPU."""
-        from .packed import pack_linears, unpack_linears
-
         if enabled and self.device.type != "cpu":
             return 0
         changed = pack_linears(self.model) if enabled else unpack_linears(self.model)
@@ -228,8 +227,7 @@ class Target:
 
     @property
     def packed_weights(self) -> bool:
-        from .packed import PackedLinear
-
+        """Whether the linear layers run on prepacked weights (:meth:`pack_weights`)."""
         return isinstance(self.lm_head, PackedLinear)
 
     @property
