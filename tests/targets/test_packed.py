@@ -213,3 +213,13 @@ def test_bench_memory_counts_packed_copies_once():
     linear_bytes = sum(m.weight.numel() * 4 for m in model.modules() if type(m) is nn.Linear)
     target.pack_weights()
     assert _unique_param_bytes([model]) == plain + linear_bytes
+
+
+def test_availability_check_leaves_the_global_rng_alone():
+    packed_linear_available.cache_clear()
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    packed_linear_available(torch.bfloat16)
+    packed_linear_available(torch.float32)
+    assert torch.equal(torch.rand(4), expected)

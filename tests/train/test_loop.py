@@ -318,9 +318,12 @@ def test_cli_errors_and_print_config(tiny_target, data_files, tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert [s["steps"] for s in printed["stages"]] == [5, 5] and [s["lr"] for s in printed["stages"]] == [1e-4, 1e-4]
     assert printed["drafter"]["input_layers"] == "auto" and printed["data"]["feature_cache"] == str(tmp_path / "fc")
+    args = parser.parse_args(["--data", data_files["qa"], "--init-from", str(tmp_path / "nowhere")])
+    assert train_cli.run_train(args) == 2
+    assert "is not a drafter folder" in capsys.readouterr().err
     help_text = parser.format_help()
     for option in ("--recipe", "--target", "--data", "--output-dir", "--config", "--set", "--steps", "--max-length",
-                   "--resume", "--online", "--feature-cache", "--overwrite"):
+                   "--resume", "--online", "--feature-cache", "--overwrite", "--init-from"):
         assert option in help_text
 
 
@@ -419,3 +422,26 @@ def test_repeated_conversations_are_dropped_before_the_split(tiny_target, tmp_pa
     config = tiny_config(tiny_target, [str(data)], tmp_path / "out", overrides=["data.dedupe=false"])
     train, held, _ = load_examples(config, tokenizer)
     assert len(train) + len(held) == 10
+
+
+def test_init_from_a_trained_drafter(tiny_target, data_files, tmp_path, one_thread):
+    first = train(tiny_config(tiny_target, [data_files["qa"]], tmp_path / "a", "prism",
+                              overrides=["drafter.draft_vocab_size=64"]), quiet=True)
+    start = _weights(first)
+    # Fine-tune on other data: tuning only (no warm-up copy), a learning rate too small to move
+    # float32 weights, so the result is the starting drafter.
+    config = tiny_config(tiny_target, [data_files["chat"]], tmp_path / "b", "prism", steps=1,
+                         overrides=["drafter.draft_vocab_size=64", "stages.warmup.enabled=false",
+                                    "stages.tuning.lr=1e-30"], init_from=str(first))
+    tuned = _weights(train(config, quiet=True))
+    assert tuned.keys() == start.keys()
+    assert torch.equal(tuned["d2t"], start["d2t"])  # the vocabulary comes with the weights
+    for key in start:
+        torch.testing.assert_close(tuned[key].float(), start[key].float(), rtol=0, atol=1e-6, msg=key)
+    # A drafter of another shape is refused before training, with the difference named.
+    other = tiny_config(tiny_target, [data_files["qa"]], tmp_path / "c", "eagle2",
+                        overrides=["drafter.draft_vocab_size=64"], init_from=str(first))
+    with pytest.raises(ConfigError, match="does not match.*architecture"):
+        train(other, quiet=True)
+    with pytest.raises(ConfigError, match="not a drafter folder"):
+        tiny_config(tiny_target, [data_files["qa"]], tmp_path / "d", "prism", init_from=str(tmp_path)).validate()

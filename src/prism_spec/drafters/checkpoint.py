@@ -151,6 +151,27 @@ def _check_draft_vocab(folder: Path, config: FeatureDrafterConfig, state: dict[s
         raise CheckpointError(f"{folder}: corrupt draft vocabulary map d2t: {e}") from None
 
 
+def _feature_config(folder: Path, config: dict) -> FeatureDrafterConfig:
+    arch = config.get("architecture")
+    if arch not in ("eagle", "prism", "stacked"):
+        raise CheckpointError(f"{folder}: unknown drafter architecture {arch!r}")
+    fields = {k: v for k, v in config.items() if k in FeatureDrafterConfig.__dataclass_fields__}
+    try:
+        return FeatureDrafterConfig(**fields)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{folder / CONFIG}: invalid drafter config ({e})") from None
+
+
+def read_feature_drafter(path: str | os.PathLike) -> tuple[FeatureDrafterConfig, dict[str, torch.Tensor]]:
+    """The config and (checked) state dict of a prism-spec feature-drafter folder, without a
+    target: e.g. to start training from it (``TrainConfig.init_from``)."""
+    folder = Path(path)
+    config = _feature_config(folder, _read_config(folder))
+    state = _read_weights(folder)
+    _check_draft_vocab(folder, config, state)
+    return config, state
+
+
 def load_drafter(path: str | os.PathLike, target: Target) -> Drafter:
     """Load a drafter folder for ``target``; a mismatched target raises DrafterMismatchError."""
     folder = Path(path)
@@ -167,17 +188,10 @@ def load_drafter(path: str | os.PathLike, target: Target) -> Drafter:
             StandardDrafter.from_pretrained(str(folder), dtype=target.dtype, device=str(target.device)), target
         )
     weights = _read_weights(folder)
-    if arch in ("eagle", "prism", "stacked"):
-        fields = {k: v for k, v in config.items() if k in FeatureDrafterConfig.__dataclass_fields__}
-        try:
-            drafter_config = FeatureDrafterConfig(**fields)
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{folder / CONFIG}: invalid drafter config ({e})") from None
-        state = weights
-    elif arch is None and "fc.weight" in weights:
+    if arch is None and "fc.weight" in weights:
         drafter_config, state = _eagle_public_to_ours(config, weights, target)
     else:
-        raise CheckpointError(f"{folder}: unknown drafter architecture {arch!r}")
+        drafter_config, state = _feature_config(folder, config), weights
     if drafter_config.vocab_size != target.vocab_size or drafter_config.hidden_size != target.hidden_size:
         raise DrafterMismatchError(
             f"drafter {folder} was trained for {drafter_config.target_name or 'another target'} (vocabulary "

@@ -160,6 +160,11 @@ class TrainConfig:
     seed: int = 0
     #: The recipe this config started from (informational).
     recipe: str | None = None
+    #: A feature-drafter folder to start from instead of a fresh initialisation (fine-tuning a
+    #: trained drafter on new data): its config must match ``drafter`` (architecture, modules,
+    #: layers, input layers, vocabulary size) and its draft vocabulary replaces the one the
+    #: data would give. A resumed run ignores it (the checkpoint holds the weights).
+    init_from: str | None = None
 
     # ------------------------------------------------------------------ helpers
     def to_dict(self) -> dict:
@@ -204,6 +209,10 @@ class TrainConfig:
                  "drafter.architecture 'eagle' has one module of one layer (use 'prism' or 'stacked')")
         if d.architecture == "standard":
             need(d.input_layers == "none", "a standard drafter takes no target features (input_layers must be 'none')")
+            need(self.init_from is None, "init_from applies to feature drafters, not the standard drafter")
+        if check_files and self.init_from is not None:
+            need(Path(self.init_from, "config.json").is_file(),
+                 f"init_from {self.init_from!r} is not a drafter folder (no config.json)")
         # data
         need(bool(data.paths), "data.paths is empty: give at least one training file (--data FILE)")
         need(data.max_length >= 8, "data.max_length must be >= 8")

@@ -514,8 +514,15 @@ class Trainer:
             path, dtype=parse_dtype(config.dtype), attn_implementation="sdpa"
         ).to(acc.device)
         self.target = Target(model, tokenizer, name=config.target)
+        if acc.device.type == "cpu":
+            # Its forwards (feature capture, online features) run without autograd: prepacked
+            # CPU weights make them faster (docs/performance.md); autocast steps aside by itself.
+            self.target.pack_weights()
+        init_state = self._init_state() if config.init_from and self.resume_from is None else None
         d2t = None
-        if config.drafter.draft_vocab_size:
+        if init_state is not None and "d2t" in init_state:
+            d2t = init_state["d2t"]  # the weights were trained on this vocabulary
+        elif config.drafter.draft_vocab_size:
             # From the training split only, so held-out accuracy stays honest; deterministic,
             # so every rank builds the same map.
             d2t = build_draft_vocab(
@@ -523,6 +530,8 @@ class Trainer:
                 include=sorted(self.target.eos_token_ids),
             )
         drafter = build_drafter(config, self.target, self.input_layers, d2t)
+        if init_state is not None:
+            self._load_init(drafter, init_state)
         self.loss_module = LossModule(drafter)
         self.generator = torch.Generator(device=acc.device)
         if config.drafter.architecture == "standard":
@@ -534,6 +543,33 @@ class Trainer:
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         acc.wait_for_everyone()
+
+    def _init_state(self) -> dict:
+        """The ``init_from`` drafter's weights, after checking its shape against the config."""
+        from ..drafters.checkpoint import CheckpointError, read_feature_drafter
+
+        try:
+            saved, state = read_feature_drafter(self.config.init_from)
+        except (CheckpointError, OSError, ValueError) as e:
+            raise ConfigError(f"init_from: {e}") from None
+        d = self.config.drafter
+        wanted = {"architecture": d.architecture, "num_modules": d.num_modules,
+                  "layers_per_module": d.layers_per_module, "step_mapping": d.resolved_step_mapping(),
+                  "input_layers": self.input_layers, "draft_vocab_size": d.draft_vocab_size,
+                  "hidden_size": int(self.target.hidden_size), "vocab_size": int(self.target.vocab_size)}
+        got = {k: getattr(saved, k) for k in wanted}
+        wrong = {k: (got[k], v) for k, v in wanted.items() if got[k] != v}
+        if wrong:
+            detail = ", ".join(f"{k}: drafter {a!r} vs config {b!r}" for k, (a, b) in wrong.items())
+            raise ConfigError(f"init_from {self.config.init_from} does not match this run's drafter ({detail})")
+        self._print(f"[train] starting from the drafter in {self.config.init_from}")
+        return state
+
+    @staticmethod
+    def _load_init(drafter: nn.Module, state: dict) -> None:
+        with torch.no_grad():
+            drafter.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()},
+                                    strict=True)
 
     def _prepare_model(self):
         """Hand the drafter to accelerate (DDP / FSDP wrapping) -- after any checkpoint load,
