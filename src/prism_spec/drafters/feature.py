@@ -53,8 +53,8 @@ class FeatureDrafterConfig:
     input_layers: list[int] | None = None  # None: last hidden state; else HF hidden_states indices
     # With input_layers: RMS-normalise each target layer before the fuse. Raw residual-stream
     # states carry massive activations (SmolLM2-135M layers 3/16/28: rms 3-25 on ordinary
-    # tokens, up to 2.5e4 on the first one) that swamp the fuse. False for drafters saved
-    # before the option existed (their config.json lacks it).
+    # tokens, up to 2.5e4 on the first one; benchmarks/hidden_state_scale.py) that swamp the
+    # fuse. False for drafters saved before the option existed (their config.json lacks it).
     input_norm: bool = False
     # The target this drafter was built for.
     target_name: str = ""
