@@ -223,3 +223,33 @@ def test_availability_check_leaves_the_global_rng_alone():
     packed_linear_available(torch.bfloat16)
     packed_linear_available(torch.float32)
     assert torch.equal(torch.rand(4), expected)
+
+
+@needs_packed
+def test_load_target_packs_by_default_only_when_memory_allows(tmp_path, monkeypatch):
+    from helpers import tiny_chat_target
+    from prism_spec.targets import hf, load_target
+    from prism_spec.targets.packed import linear_weight_bytes
+
+    folder = tiny_chat_target(tmp_path)
+    target = load_target(folder, dtype="float32")
+    assert target.packed_weights  # the CPU default, plenty of memory
+    need = linear_weight_bytes(load_target(folder, dtype="float32", pack_weights=False).model)
+    assert need > 0
+    monkeypatch.setattr(hf, "available_memory_bytes", lambda: need)  # the copy would take all of it
+    with pytest.warns(UserWarning, match="not prepacking"):
+        assert not load_target(folder, dtype="float32").packed_weights
+    assert load_target(folder, dtype="float32", pack_weights=True).packed_weights  # forced
+    assert not load_target(folder, dtype="float64").packed_weights  # nothing to gain in float64
+
+
+def test_linear_weight_bytes_counts_tied_weights_once():
+    from prism_spec.targets.packed import linear_weight_bytes
+
+    target = tiny_llama(dtype=torch.float32)
+    model = target.model
+    untied = linear_weight_bytes(model)
+    model.lm_head.weight = nn.Parameter(torch.zeros_like(model.lm_head.weight))
+    assert linear_weight_bytes(model) == untied
+    shared = nn.Sequential(model.lm_head, model.lm_head)
+    assert linear_weight_bytes(shared) == model.lm_head.weight.numel() * 4

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -17,7 +18,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel, StaticCache
 
 from .default import DEFAULT_TARGET, default_target_path
-from .packed import PackedLinear, pack_linears, unpack_linears
+from .packed import PackedLinear, available_memory_bytes, linear_weight_bytes, pack_linears, unpack_linears
+
+#: load_target packs by default only when the packed copy takes at most this share of the
+#: memory still free (the rest is left for activations, the KV cache and other processes).
+PACKING_MEMORY_SHARE = 0.5
 
 _DTYPES = {
     "auto": "auto",
@@ -540,6 +545,18 @@ def load_target(
     target = Target(model, tokenizer, name=name_or_path)
     if pack_weights is None:
         pack_weights = target.device.type == "cpu" and target.dtype in (torch.float32, torch.bfloat16)
+        if pack_weights:
+            # The packed copy is about the weights' size again: never let the default run a
+            # machine out of memory that the plain model fits in.
+            need, free = linear_weight_bytes(target.model), available_memory_bytes()
+            if free is not None and need > PACKING_MEMORY_SHARE * free:
+                warnings.warn(
+                    f"not prepacking the CPU weights of {name_or_path}: the packed copy needs "
+                    f"{need / 2**30:.1f} GiB and {free / 2**30:.1f} GiB are free (pass pack_weights=True "
+                    "to force it); decoding runs on plain nn.Linear layers, slower",
+                    stacklevel=2,
+                )
+                pack_weights = False
     if pack_weights:
         target.pack_weights()
     return target

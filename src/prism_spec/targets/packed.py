@@ -119,6 +119,25 @@ def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Pac
     return PackedLinear.from_linear(linear)
 
 
+def linear_weight_bytes(module: nn.Module) -> int:
+    """Bytes of the distinct ``nn.Linear`` weights under ``module`` (what packing copies)."""
+    seen, total = set(), 0
+    for sub in module.modules():
+        if isinstance(sub, nn.Linear) and sub.weight.data_ptr() not in seen:
+            seen.add(sub.weight.data_ptr())
+            total += sub.weight.numel() * sub.weight.element_size()
+    return total
+
+
+def available_memory_bytes() -> int | None:
+    """Memory the OS can still give this process (psutil, which accelerate brings), or None."""
+    try:
+        import psutil
+    except ImportError:  # pragma: no cover - accelerate depends on psutil
+        return None
+    return int(psutil.virtual_memory().available)
+
+
 def pack_linears(module: nn.Module) -> int:
     """Swap every plain ``nn.Linear`` under ``module`` for a :class:`PackedLinear` over the same
     parameters; returns how many were swapped (0 on a build without the packed op). Call it on
