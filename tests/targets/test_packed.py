@@ -52,6 +52,15 @@ def test_float32_close_to_f_linear_and_2d_and_strided_inputs():
         torch.testing.assert_close(packed(x[0:1]), F.linear(x[0:1], linear.weight, linear.bias), atol=1e-5, rtol=1e-5)
 
 
+@needs_packed
+def test_built_directly_like_nn_linear():
+    layer = PackedLinear(32, 16, dtype=torch.bfloat16)
+    x = torch.randn(2, 32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-3, rtol=1.6e-2)
+    assert layer._packed.tensor is not None and "weight" in layer.state_dict()
+
+
 def test_float64_and_1d_inputs_use_f_linear():
     linear = _linear(dtype=torch.float64)
     packed = PackedLinear.from_linear(linear)

@@ -67,7 +67,12 @@ class _PackedWeight:
 
 class PackedLinear(nn.Linear):
     """An ``nn.Linear`` (same parameters, same state dict) whose CPU inference forward uses
-    a weight prepacked once for oneDNN. Build it with :meth:`from_linear`."""
+    a weight prepacked once for oneDNN. Build it like an ``nn.Linear`` or, over an existing
+    layer's parameters, with :meth:`from_linear`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._packed = _PackedWeight()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "PackedLinear":
