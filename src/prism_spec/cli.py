@@ -134,7 +134,7 @@ def add_target_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_drafter_options(parser: argparse.ArgumentParser, default: str = "auto") -> None:
+def add_drafter_options(parser: argparse.ArgumentParser, default: str = "auto", tree: str = "cpu") -> None:
     group = parser.add_argument_group("drafter")
     group.add_argument(
         "--drafter",
@@ -146,10 +146,10 @@ def add_drafter_options(parser: argparse.ArgumentParser, default: str = "auto") 
     group.add_argument(
         "--tree",
         type=_tree_spec,
-        default="cpu",
+        default=tree,
         metavar="SPEC",
         help="draft tree: paper, serving, cpu, chain:N, TOTAL/DEPTH/TOPK, or auto (measured on this "
-        "machine for this drafter, cached) (default: cpu)",
+        f"machine for this drafter, cached) (default: {tree})",
     )
 
 
@@ -340,7 +340,9 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--prompt", default=DEMO_PROMPT, help="user message (rendered with the chat template)")
     add_target_options(p)
-    add_drafter_options(p)
+    # The tree tuned for this machine and drafter (about 30 s the first time, then cached): the
+    # fixed cpu preset's depth costs more than it gains on small CPUs (docs/performance.md).
+    add_drafter_options(p, tree="auto")
     add_sampling_options(p, max_new_tokens=128)
     p.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the short warm-up runs")
     p.set_defaults(func=run_demo)
