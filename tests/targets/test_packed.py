@@ -222,6 +222,11 @@ def test_bench_memory_counts_packed_copies_once():
     linear_bytes = sum(m.weight.numel() * 4 for m in model.modules() if type(m) is nn.Linear)
     target.pack_weights()
     assert _unique_param_bytes([model]) == plain + linear_bytes
+    # float64 layers never run packed: swapped or not, they hold no packed copy to count.
+    exact = tiny_llama(dtype=torch.float64)
+    before = _unique_param_bytes([exact.model])
+    exact.pack_weights()
+    assert _unique_param_bytes([exact.model]) == before
 
 
 def test_availability_check_leaves_the_global_rng_alone():

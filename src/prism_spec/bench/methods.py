@@ -160,7 +160,7 @@ def _unique_param_bytes(modules, seen: set | None = None) -> int:
             seen.add(key)
             total += t.numel() * t.element_size()
         for sub in module.modules():
-            if isinstance(sub, PackedLinear) and sub.weight.device.type == "cpu":
+            if isinstance(sub, PackedLinear) and sub.packable:
                 key = ("packed", sub.weight.data_ptr(), sub.weight.numel())
                 if key not in seen:  # about the weight's size in oneDNN's layout
                     seen.add(key)
