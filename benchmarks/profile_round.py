@@ -94,6 +94,12 @@ def profile_method(target, drafter, prompts, cfg) -> dict:
     }
 
 
+def acceptance_needed(vanilla_round_ms: float, spec_round_ms: float, speedups=(1.0, 1.5, 2.0)) -> dict[float, float]:
+    """Acceptance length at which speculative decoding reaches each speedup, given the two
+    measured round costs: tokens/s = AL / round time, so AL = speedup x spec round / vanilla round."""
+    return {s: s * spec_round_ms / vanilla_round_ms for s in speedups}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="smollm2-135m")
@@ -141,6 +147,10 @@ def main(argv=None):
     for name, m in (("vanilla", vanilla), ("speculative", spec)):
         print(f"  {name:12s} round {m['unprofiled_round_ms']:6.2f}  verify {m['unprofiled_verify_ms']:6.2f}  "
               f"rest {m['unprofiled_round_ms'] - m['unprofiled_verify_ms']:6.2f}")
+    needed = acceptance_needed(vanilla["unprofiled_round_ms"], spec["unprofiled_round_ms"])
+    print("acceptance length this tree needs at these round costs (AL = speedup x speculative round / "
+          "vanilla round): " + ", ".join(f"{s:g}x: {al:.2f}" for s, al in needed.items())
+          + f" (measured: {spec['acceptance_length']:.2f})")
     print("\nheaviest ops in the speculative run (self ms per round):")
     for op, value in spec["top_ops_self_ms_per_round"].items():
         print(f"  {op:32s} {value:7.2f}")
@@ -149,6 +159,7 @@ def main(argv=None):
             "settings": vars(args), "machine": {"cpu": _cpu_name(), "platform": platform.platform(),
                                                 "torch": torch.__version__},
             "date": str(datetime.date.today()), "vanilla": vanilla, "speculative": spec, "speedup": speedup,
+            "acceptance_needed": {f"{s:g}x": al for s, al in needed.items()},
         }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(record, indent=1))

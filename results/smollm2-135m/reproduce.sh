@@ -20,6 +20,10 @@
 #   bash results/smollm2-135m/reproduce.sh packing         # CPU: prepacked vs plain linear layers, CPU table again
 #   bash results/smollm2-135m/reproduce.sh prism-star-norm # PRISM* with RMS-normalised input layers (~15 min)
 #   bash results/smollm2-135m/reproduce.sh bench-star-norm # its float32 paper-tree AL next to PRISM and the old PRISM*
+# Fifth session (CPU only):
+#   bash results/smollm2-135m/reproduce.sh prism-ft        # the GPU-trained PRISM fine-tuned on ~26k conversations (~57 min);
+#                                                          # now the packaged drafter (src/prism_spec/assets/drafters)
+#   bash results/smollm2-135m/reproduce.sh bench-ft        # fp32 paper-tree AL and bf16 --tree auto speed, before / after
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUNS=${RUNS:-runs/smollm2-135m}
@@ -42,6 +46,14 @@ finish() {  # keep the 16-bit drafter and its training log under results/
   rm -rf "$OUT/drafters/$name" && mkdir -p "$(dirname "$OUT/drafters/$name")"
   cp -r "$RUNS/$run/drafter" "$OUT/drafters/$name"
   cp "$RUNS/$run/train_log.jsonl" "$RUNS/$run/train_config.json" "$OUT/drafters/$name/"
+}
+
+packaged_weights() {  # weights committed once only: the packaged drafter's, and the third session's (git history)
+  [ -f "$OUT/drafters/prism-ft/model.safetensors" ] || \
+    cp src/prism_spec/assets/drafters/smollm2-135m-prism/model.safetensors "$OUT/drafters/prism-ft/"
+  [ -f "$OUT/drafters/prism-gpu/model.safetensors" ] || \
+    git show e890d8c:src/prism_spec/assets/drafters/smollm2-135m-prism/model.safetensors \
+      > "$OUT/drafters/prism-gpu/model.safetensors"
 }
 
 train_prism() {  # name, extra args...
@@ -128,9 +140,8 @@ case "${1:-}" in
       --set stages.warmup.steps=700 --set stages.warmup.lr=2e-4 --set stages.tuning.steps=200 --set stages.tuning.lr=2e-5 \
       --checkpoint-every 0 --eval-every 300 --log-every 25 --resume
     finish prism-gpu ;;
-  bench-gpu-prism)  # prism-gpu's weights are the packaged drafter's (not committed twice)
-    [ -f "$OUT/drafters/prism-gpu/model.safetensors" ] || \
-      cp src/prism_spec/assets/drafters/smollm2-135m-prism/model.safetensors "$OUT/drafters/prism-gpu/"
+  bench-gpu-prism)  # prism-gpu's weights: the packaged drafter's until the fifth session (git history)
+    packaged_weights
     prism bench --method vanilla --method prism@prism-gpu=$OUT/drafters/prism-gpu --method prism=$OUT/drafters/prism \
       --temperature 0 --tree paper --limit "${LIMIT:-1}" --max-new-tokens 64 --threads 2 --dtype float32 \
       --out "$OUT/bench-paper-tree-fp32-gpu-prism"
@@ -145,8 +156,7 @@ case "${1:-}" in
       --method 'prism*@prism-star-norm'=$OUT/drafters/prism-star-norm \
       --temperature 0 --tree paper --limit "${LIMIT:-1}" --max-new-tokens 64 --threads "${THREADS:-2}" \
       --dtype float32 --out "$OUT/bench-paper-tree-fp32-star-norm"
-    [ -f "$OUT/drafters/prism-gpu/model.safetensors" ] || \
-      cp src/prism_spec/assets/drafters/smollm2-135m-prism/model.safetensors "$OUT/drafters/prism-gpu/"
+    packaged_weights
     prism bench --method vanilla --method 'prism*@prism-star-norm'=$OUT/drafters/prism-star-norm \
       --method prism@prism-gpu=$OUT/drafters/prism-gpu --dtype bfloat16 --temperature 0 --tree auto \
       --limit "${LIMIT:-1}" --max-new-tokens 64 --threads 2 --out "$OUT/bench-cpu-star-norm" ;;
@@ -161,12 +171,37 @@ case "${1:-}" in
       python benchmarks/profile_round.py --dtype bfloat16 --tree 8/1/3 --prompts 4 --max-new-tokens 64 --threads 2 \
         --drafter auto $flag --json "results/cpu/profile_round_bf16_$weights.json"
     done
-    [ -f "$OUT/drafters/prism-gpu/model.safetensors" ] || \
-      cp src/prism_spec/assets/drafters/smollm2-135m-prism/model.safetensors "$OUT/drafters/prism-gpu/"
+    packaged_weights
     prism bench --method vanilla --method eagle2=$OUT/drafters/eagle2 --method prism=$OUT/drafters/prism \
       --method prism@prism-gpu=$OUT/drafters/prism-gpu --dtype bfloat16 --temperature 0 --tree auto \
       --limit "${LIMIT:-1}" --max-new-tokens 64 --threads 2 --out "$OUT/bench-cpu-packed" ;;
+  prism-ft)  # fifth session: fine-tune the packaged (GPU-trained) PRISM, CE-only tuning stage on both modules,
+    # on the dataset answers of ten training files (target soft labels; not regenerated) plus both answer files
+    S=${SHARED_TRAIN:-../shared/data/train}
+    packaged_weights
+    python -m prism_spec.train --recipe prism --target smollm2-135m --online --dtype bf16 \
+      --data "$S/gsm8k_train.jsonl" "$S/math_test.jsonl" "$S/code_alpaca_2k.json" "$S/gpteacher_codegen.json" \
+        "$S/gpteacher_roleplay.json" "$S/mbpp.jsonl" "$S/self_instruct_user_oriented_instructions.jsonl" \
+        "$S/t0_subset/cnn_dailymail_3_0_0_news_summary.jsonl" "$S/t0_subset/xsum_summarize_DOC.jsonl" \
+        "$S/t0_subset/samsum_Summarize_.jsonl" "$OUT/data/smollm2-regenerated-gpu.jsonl" "$DATA" \
+      --output-dir "$RUNS/prism-ft-mixed" --init-from "$OUT/drafters/prism-gpu" \
+      --max-length 384 --batch-size 16 --mixed-precision bf16 --save-dtype bf16 \
+      --set drafter.draft_vocab_size=16384 --set data.holdout=100 --set stages.warmup.enabled=false \
+      --set stages.tuning.steps=560 --set stages.tuning.lr=8e-5 \
+      --checkpoint-every 100 --eval-every 200 --log-every 20 --resume
+    finish prism-ft prism-ft-mixed ;;
+  bench-ft)  # the packaged PRISM before (prism-gpu) and after (prism-ft) the fifth session's fine-tuning
+    packaged_weights
+    prism bench --method vanilla --method prism@prism-gpu=$OUT/drafters/prism-gpu --method prism@prism-ft=$OUT/drafters/prism-ft \
+      --temperature 0 --tree paper --limit "${LIMIT:-5}" --max-new-tokens 64 --threads 2 --dtype float32 \
+      --out "$OUT/bench-paper-tree-fp32-ft"
+    prism bench --method vanilla --method prism@prism-gpu=$OUT/drafters/prism-gpu --method prism@prism-ft=$OUT/drafters/prism-ft \
+      --dtype bfloat16 --temperature 0 --tree auto --limit "${LIMIT:-5}" --max-new-tokens 64 --threads 2 \
+      --out "$OUT/bench-cpu-ft"
+    prism bench --method vanilla --method prism@prism-gpu=$OUT/drafters/prism-gpu --method prism@prism-ft=$OUT/drafters/prism-ft \
+      --dtype bfloat16 --temperature 0 --tree 4/0/3 --limit "${LIMIT:-5}" --max-new-tokens 64 --threads 2 \
+      --out "$OUT/bench-cpu-ft-4-0-3" ;;
   *)
-    echo "usage: $0 regen|features|eagle2|hass|prism|prism3|prism-star|stacked2|standard|scaling|bench|bench-fp32|bench-ablations|bench-cpu|profile|regen-gpu|prism-gpu|bench-gpu-prism|packing|prism-star-norm|bench-star-norm" >&2
+    echo "usage: $0 regen|features|eagle2|hass|prism|prism3|prism-star|stacked2|standard|scaling|bench|bench-fp32|bench-ablations|bench-cpu|profile|regen-gpu|prism-gpu|bench-gpu-prism|packing|prism-star-norm|bench-star-norm|prism-ft|bench-ft" >&2
     exit 2 ;;
 esac

@@ -57,3 +57,18 @@ def test_autotune_end_to_end_prefers_deep_trees_for_an_oracle(one_thread):
     assert report.best.depth >= 1
     assert report.expected_acceptance_length > 2.0
     assert report.rounds > 0
+
+
+def test_drafter_fingerprint_follows_the_weights(one_thread):
+    from prism_spec.runtime.autotune import _cache_key, drafter_fingerprint
+
+    target = tiny_llama(layers=2)
+    drafter = StandardDrafter.from_target_layers(target, 1)
+    before, key_before = drafter_fingerprint(drafter), _cache_key(target, drafter, "d")
+    assert before == drafter_fingerprint(StandardDrafter.from_target_layers(target, 1)) and len(before) == 12
+    with torch.no_grad():
+        next(drafter.lm.model.parameters()).view(-1)[0] += 1.0
+    # Retrained weights under the same name: another cache entry, so the tree is tuned again.
+    assert drafter_fingerprint(drafter) != before
+    assert _cache_key(target, drafter, "d") != key_before
+    assert drafter_fingerprint(object()) == "-"

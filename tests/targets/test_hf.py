@@ -10,6 +10,7 @@ from prism_spec.runtime.tree import DraftTree, TreeConfig, draft_tree
 from prism_spec.targets.hf import (
     attention_mask_4d,
     default_feature_layers,
+    compact_cache,
     keep_in_cache,
     parse_dtype,
     truncate_cache,
@@ -125,6 +126,33 @@ def test_keep_in_cache_matches_causal_run(target, kept):
     a = target.forward(nxt, pos, cache)
     b = target.forward(nxt, pos, ref_cache)
     assert torch.allclose(a.logits, b.logits, atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_compact_cache_moves_each_rows_kept_entries_after_its_prefix(seed):
+    """Ragged rows: row b keeps its first lengths[b] entries, then the entries region + keep[b]
+    in order; the cache ends after the longest row. Checked against an explicit gather."""
+    from transformers import DynamicCache
+
+    gen = torch.Generator().manual_seed(seed)
+    batch, heads, dim, region, new = 3, 2, 4, 7, 6
+    lengths = torch.tensor([7, 4, 5])
+    keep = [torch.tensor(sorted(torch.randperm(new, generator=gen)[: int(n)].tolist()))
+            for n in torch.randint(1, new + 1, (batch,), generator=gen)]
+    if seed == 0:
+        keep[0] = torch.arange(3)  # already in place: nothing to move for row 0
+    cache = DynamicCache()
+    keys = torch.randn(batch, heads, region + new, dim, generator=gen)
+    values = torch.randn(batch, heads, region + new, dim, generator=gen)
+    cache.update(keys.clone(), values.clone(), 0)
+    new_lengths = compact_cache(cache, lengths, region, keep)
+    assert new_lengths.tolist() == [int(n) + k.numel() for n, k in zip(lengths, keep)]
+    layer = cache.layers[0]
+    assert layer.keys.shape[2] == int(new_lengths.max())
+    for b in range(batch):
+        order = torch.cat([torch.arange(int(lengths[b])), region + keep[b]])
+        assert torch.equal(layer.keys[b, :, : order.numel()], keys[b, :, order])
+        assert torch.equal(layer.values[b, :, : order.numel()], values[b, :, order])
 
 
 def test_truncate_cache(target):

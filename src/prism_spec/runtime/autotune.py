@@ -23,6 +23,7 @@ than the calibration tree are pessimistic; the grid stays inside it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import statistics
 import time
@@ -275,22 +276,39 @@ def autotune_tree(target, drafter, prompts=CALIBRATION_PROMPTS, max_new_tokens: 
     )
 
 
-def _cache_key(target, drafter_label: str) -> str:
+def drafter_fingerprint(drafter) -> str:
+    """A short hash of the drafter's weights (the state dict of its ``model``, or of its
+    small LM's for the standard drafter), so a drafter retrained into the same folder, or a
+    new packaged drafter, is tuned again instead of reusing the tree cached under its name.
+    "-" for drafters without one."""
+    model = getattr(drafter, "model", None)
+    if not isinstance(model, torch.nn.Module):
+        model = getattr(getattr(drafter, "lm", None), "model", None)
+    if not isinstance(model, torch.nn.Module):
+        return "-"
+    digest = hashlib.sha1()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
+def _cache_key(target, drafter, drafter_label: str) -> str:
     # Prepacked CPU weights change every cost the tuner measured: a separate entry.
     packed = "packed" if getattr(target, "packed_weights", False) else "plain"
-    return "|".join([str(target.name), drafter_label, str(target.dtype), str(target.device),
-                     str(torch.get_num_threads()), packed])
+    return "|".join([str(target.name), drafter_label, drafter_fingerprint(drafter), str(target.dtype),
+                     str(target.device), str(torch.get_num_threads()), packed])
 
 
 def resolve_tree(spec: str, target, drafter, drafter_label: str = "", progress=print, use_cache: bool = True) -> TreeConfig:
     """``TreeConfig.parse(spec)``, or for ``auto`` the autotuned shape (cached on disk per
-    target, drafter, dtype, device, thread count and weight packing)."""
+    target, drafter and its weights, dtype, device, thread count and weight packing)."""
     if spec != "auto":
         return TreeConfig.parse(spec)
     if drafter is None:
         return TreeConfig.parse("cpu")  # vanilla: the tree is unused
     path = Path(cache_dir()) / "autotune.json"
-    key = _cache_key(target, drafter_label or type(drafter).__name__)
+    key = _cache_key(target, drafter, drafter_label or type(drafter).__name__)
     table = {}
     if use_cache and path.exists():
         try:

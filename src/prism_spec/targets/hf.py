@@ -387,34 +387,42 @@ def truncate_cache(cache: DynamicCache, length: int) -> None:
             layer.values = layer.values[..., :length, :]
 
 
+def move_kept_entries(
+    layers: Sequence, lengths: torch.Tensor, region: int, keep: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """Per row b copy the entries ``region + keep[b]`` (``keep[b]`` sorted: the accepted tree
+    nodes, or the real tokens of a padded extend) down to positions ``lengths[b]..``, in place
+    in each layer's ``keys`` / ``values``; returns the new lengths. Only entries not already in
+    place move (a chain accepted along first children moves nothing), so a round costs what it
+    accepted, not the length of the cache. Entries past a row's new length are left as they
+    are: padding, hidden by :func:`batch_attention_mask`."""
+    device = lengths.device
+    counts = torch.tensor([k.numel() for k in keep], device=device)
+    rows = torch.repeat_interleave(torch.arange(len(keep), device=device), counts)
+    src = region + torch.cat([k.to(device) for k in keep])
+    dst = torch.cat([lengths[b] + torch.arange(k.numel(), device=device) for b, k in enumerate(keep)])
+    moved = src != dst
+    if bool(moved.any()):
+        rows, src, dst = rows[moved], src[moved], dst[moved]
+        # src >= dst everywhere (keep is sorted and region >= lengths): the right-hand side is
+        # gathered into a new tensor before the write, so overlapping moves are safe.
+        with torch.inference_mode():  # cache tensors are made under inference mode
+            for layer in layers:
+                layer.keys[rows, :, dst] = layer.keys[rows, :, src]
+                layer.values[rows, :, dst] = layer.values[rows, :, src]
+    return lengths + counts
+
+
 def compact_cache(
     cache: DynamicCache, lengths: torch.Tensor, region: int, keep: Sequence[torch.Tensor]
 ) -> torch.Tensor:
     """Per row b keep its first ``lengths[b]`` entries plus the entries ``region + keep[b]``
-    (``keep[b]`` sorted: the accepted tree nodes, or the real tokens of a padded extend), moved
-    to the front; returns the new lengths. Rows shorter than the longest are padded at the
-    end (masked out by ``batch_attention_mask``)."""
-    device = lengths.device
-    new_lengths = lengths + torch.tensor([k.numel() for k in keep], device=device)
-    # Fast path (one sequence, nothing to move): the kept entries are already contiguous.
-    if len(keep) == 1 and int(lengths[0]) == region and bool(
-        (keep[0] == torch.arange(keep[0].numel(), device=keep[0].device)).all()
-    ):
-        truncate_cache(cache, int(new_lengths[0]))
-        return new_lengths
-    width = int(new_lengths.max())
-    index = torch.zeros(len(keep), width, dtype=torch.long, device=device)
-    for b, k in enumerate(keep):
-        n = int(lengths[b])
-        index[b, :n] = torch.arange(n, device=device)
-        index[b, n : n + k.numel()] = region + k.to(device)
-    for layer in cache.layers:
-        if getattr(layer, "keys", None) is None:
-            continue
-        b, h, _, d = layer.keys.shape
-        gather = index.to(layer.keys.device)[:, None, :, None].expand(b, h, width, d)
-        layer.keys = layer.keys.gather(2, gather)
-        layer.values = layer.values.gather(2, gather)
+    (``keep[b]`` sorted), moved down to follow them, and cut the cache after the longest row;
+    returns the new lengths. Rows shorter than the longest end in padding (masked out by
+    ``batch_attention_mask``)."""
+    layers = [layer for layer in cache.layers if getattr(layer, "keys", None) is not None]
+    new_lengths = move_kept_entries(layers, lengths, region, keep)
+    truncate_cache(cache, int(new_lengths.max()))
     return new_lengths
 
 
@@ -449,7 +457,6 @@ class RaggedCache:
         """Per row, keep the new entries at indices ``keep[b]`` (counted from ``region``)."""
         self.lengths = compact_cache(self.cache, self.lengths, self.region, keep)
         self.region = int(self.lengths.max())
-        truncate_cache(self.cache, self.region)
 
     def rollback(self) -> None:
         """Drop every entry written since the last commit."""
@@ -491,22 +498,11 @@ class StaticKV:
                 raise RuntimeError("this transformers version's StaticCache has no write position to reset")
             layer.cumulative_length.fill_(n)
 
-    @torch.inference_mode()  # the buffers were made under inference mode; in-place needs it too
     def commit(self, keep: Sequence[torch.Tensor]) -> None:
-        device = self.lengths.device
-        counts = torch.tensor([k.numel() for k in keep], device=device)
-        rows = torch.repeat_interleave(torch.arange(len(keep), device=device), counts)
-        src = self.region + torch.cat([k.to(device) for k in keep])
-        dst = torch.cat([self.lengths[b] + torch.arange(k.numel(), device=device) for b, k in enumerate(keep)])
-        moved = src != dst  # a chain's accepted nodes are already in place
-        if bool(moved.any()):
-            rows, src, dst = rows[moved], src[moved], dst[moved]
-            for layer in self._layers():
-                layer.keys[rows, :, dst] = layer.keys[rows, :, src]
-                layer.values[rows, :, dst] = layer.values[rows, :, src]
-        self.lengths = self.lengths + counts
+        self.lengths = move_kept_entries(self._layers(), self.lengths, self.region, keep)
         self.region = int(self.lengths.max())
-        self._set_write_position(self.region)
+        with torch.inference_mode():  # the buffers were made under inference mode
+            self._set_write_position(self.region)
 
     @torch.inference_mode()
     def rollback(self) -> None:
