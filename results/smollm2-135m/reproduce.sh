@@ -21,9 +21,10 @@
 #   bash results/smollm2-135m/reproduce.sh prism-star-norm # PRISM* with RMS-normalised input layers (~15 min)
 #   bash results/smollm2-135m/reproduce.sh bench-star-norm # its float32 paper-tree AL next to PRISM and the old PRISM*
 # Fifth session (CPU only):
-#   bash results/smollm2-135m/reproduce.sh prism-ft        # the GPU-trained PRISM fine-tuned on ~26k conversations (~57 min);
-#                                                          # now the packaged drafter (src/prism_spec/assets/drafters)
+#   bash results/smollm2-135m/reproduce.sh prism-ft        # the GPU-trained PRISM fine-tuned on ~26k conversations (~57 min)
 #   bash results/smollm2-135m/reproduce.sh bench-ft        # fp32 paper-tree AL and bf16 --tree auto speed, before / after
+#   bash results/smollm2-135m/reproduce.sh prism-ft2       # a second pass from prism-ft (~34 min); now the packaged drafter
+#   bash results/smollm2-135m/reproduce.sh bench-ft2       # fp32 paper-tree AL of the two passes
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUNS=${RUNS:-runs/smollm2-135m}
@@ -48,12 +49,28 @@ finish() {  # keep the 16-bit drafter and its training log under results/
   cp "$RUNS/$run/train_log.jsonl" "$RUNS/$run/train_config.json" "$OUT/drafters/$name/"
 }
 
-packaged_weights() {  # weights committed once only: the packaged drafter's, and the third session's (git history)
-  [ -f "$OUT/drafters/prism-ft/model.safetensors" ] || \
-    cp src/prism_spec/assets/drafters/smollm2-135m-prism/model.safetensors "$OUT/drafters/prism-ft/"
-  [ -f "$OUT/drafters/prism-gpu/model.safetensors" ] || \
-    git show e890d8c:src/prism_spec/assets/drafters/smollm2-135m-prism/model.safetensors \
-      > "$OUT/drafters/prism-gpu/model.safetensors"
+packaged_weights() {  # earlier packaged drafters' weights from git history, the current one from the package
+  [ -f "$OUT/drafters/prism-ft2/model.safetensors" ] || \
+    cp src/prism_spec/assets/drafters/smollm2-135m-prism/model.safetensors "$OUT/drafters/prism-ft2/"
+  local name commit
+  for name in prism-gpu:e890d8c prism-ft:0a7c96a; do
+    commit=${name#*:}; name=${name%%:*}
+    [ -f "$OUT/drafters/$name/model.safetensors" ] || \
+      git show "$commit:src/prism_spec/assets/drafters/smollm2-135m-prism/model.safetensors" \
+        > "$OUT/drafters/$name/model.safetensors"
+  done
+}
+
+fine_tune() {  # fifth session's fine-tuning runs: extra args (output dir, init, steps, lr, ...)
+  local S=${SHARED_TRAIN:-../shared/data/train}
+  python -m prism_spec.train --recipe prism --target smollm2-135m --online --dtype bf16 \
+    --data "$S/gsm8k_train.jsonl" "$S/math_test.jsonl" "$S/code_alpaca_2k.json" "$S/gpteacher_codegen.json" \
+      "$S/gpteacher_roleplay.json" "$S/mbpp.jsonl" "$S/self_instruct_user_oriented_instructions.jsonl" \
+      "$S/t0_subset/cnn_dailymail_3_0_0_news_summary.jsonl" "$S/t0_subset/xsum_summarize_DOC.jsonl" \
+      "$S/t0_subset/samsum_Summarize_.jsonl" "$OUT/data/smollm2-regenerated-gpu.jsonl" "$DATA" \
+    --max-length 384 --batch-size 16 --mixed-precision bf16 --save-dtype bf16 \
+    --set drafter.draft_vocab_size=16384 --set data.holdout=100 --set stages.warmup.enabled=false \
+    --checkpoint-every 100 --resume "$@"
 }
 
 train_prism() {  # name, extra args...
@@ -175,21 +192,17 @@ case "${1:-}" in
     prism bench --method vanilla --method eagle2=$OUT/drafters/eagle2 --method prism=$OUT/drafters/prism \
       --method prism@prism-gpu=$OUT/drafters/prism-gpu --dtype bfloat16 --temperature 0 --tree auto \
       --limit "${LIMIT:-1}" --max-new-tokens 64 --threads 2 --out "$OUT/bench-cpu-packed" ;;
-  prism-ft)  # fifth session: fine-tune the packaged (GPU-trained) PRISM, CE-only tuning stage on both modules,
+  prism-ft)  # fifth session: fine-tune the GPU-trained PRISM, CE-only tuning stage on both modules,
     # on the dataset answers of ten training files (target soft labels; not regenerated) plus both answer files
-    S=${SHARED_TRAIN:-../shared/data/train}
     packaged_weights
-    python -m prism_spec.train --recipe prism --target smollm2-135m --online --dtype bf16 \
-      --data "$S/gsm8k_train.jsonl" "$S/math_test.jsonl" "$S/code_alpaca_2k.json" "$S/gpteacher_codegen.json" \
-        "$S/gpteacher_roleplay.json" "$S/mbpp.jsonl" "$S/self_instruct_user_oriented_instructions.jsonl" \
-        "$S/t0_subset/cnn_dailymail_3_0_0_news_summary.jsonl" "$S/t0_subset/xsum_summarize_DOC.jsonl" \
-        "$S/t0_subset/samsum_Summarize_.jsonl" "$OUT/data/smollm2-regenerated-gpu.jsonl" "$DATA" \
-      --output-dir "$RUNS/prism-ft-mixed" --init-from "$OUT/drafters/prism-gpu" \
-      --max-length 384 --batch-size 16 --mixed-precision bf16 --save-dtype bf16 \
-      --set drafter.draft_vocab_size=16384 --set data.holdout=100 --set stages.warmup.enabled=false \
-      --set stages.tuning.steps=560 --set stages.tuning.lr=8e-5 \
-      --checkpoint-every 100 --eval-every 200 --log-every 20 --resume
+    fine_tune --output-dir "$RUNS/prism-ft-mixed" --init-from "$OUT/drafters/prism-gpu" \
+      --set stages.tuning.steps=560 --set stages.tuning.lr=8e-5 --eval-every 200 --log-every 20
     finish prism-ft prism-ft-mixed ;;
+  prism-ft2)  # fifth session: a second pass from prism-ft, another data order (same held-out split)
+    packaged_weights
+    fine_tune --output-dir "$RUNS/prism-ft2-mixed" --init-from "$OUT/drafters/prism-ft" \
+      --set stages.tuning.steps=330 --set stages.tuning.lr=5e-5 --seed 1 --eval-every 165 --log-every 15
+    finish prism-ft2 prism-ft2-mixed ;;
   bench-ft)  # the packaged PRISM before (prism-gpu) and after (prism-ft) the fifth session's fine-tuning
     packaged_weights
     prism bench --method vanilla --method prism@prism-gpu=$OUT/drafters/prism-gpu --method prism@prism-ft=$OUT/drafters/prism-ft \
@@ -201,7 +214,12 @@ case "${1:-}" in
     prism bench --method vanilla --method prism@prism-gpu=$OUT/drafters/prism-gpu --method prism@prism-ft=$OUT/drafters/prism-ft \
       --dtype bfloat16 --temperature 0 --tree 4/0/3 --limit "${LIMIT:-5}" --max-new-tokens 64 --threads 2 \
       --out "$OUT/bench-cpu-ft-4-0-3" ;;
+  bench-ft2)  # the first and the second fine-tuning pass (prism-ft2 is the packaged drafter since)
+    packaged_weights
+    prism bench --method vanilla --method prism@prism-ft=$OUT/drafters/prism-ft --method prism@prism-ft2=$OUT/drafters/prism-ft2 \
+      --temperature 0 --tree paper --limit "${LIMIT:-5}" --max-new-tokens 64 --threads 2 --dtype float32 \
+      --out "$OUT/bench-paper-tree-fp32-ft2" ;;
   *)
-    echo "usage: $0 regen|features|eagle2|hass|prism|prism3|prism-star|stacked2|standard|scaling|bench|bench-fp32|bench-ablations|bench-cpu|profile|regen-gpu|prism-gpu|bench-gpu-prism|packing|prism-star-norm|bench-star-norm|prism-ft|bench-ft" >&2
+    echo "usage: $0 regen|features|eagle2|hass|prism|prism3|prism-star|stacked2|standard|scaling|bench|bench-fp32|bench-ablations|bench-cpu|profile|regen-gpu|prism-gpu|bench-gpu-prism|packing|prism-star-norm|bench-star-norm|prism-ft|prism-ft2|bench-ft|bench-ft2" >&2
     exit 2 ;;
 esac
