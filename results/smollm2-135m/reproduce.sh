@@ -55,9 +55,14 @@ packaged_weights() {  # earlier packaged drafters' weights from git history, the
   local name commit
   for name in prism-gpu:e890d8c prism-ft:0a7c96a; do
     commit=${name#*:}; name=${name%%:*}
-    [ -f "$OUT/drafters/$name/model.safetensors" ] || \
-      git show "$commit:src/prism_spec/assets/drafters/smollm2-135m-prism/model.safetensors" \
-        > "$OUT/drafters/$name/model.safetensors"
+    [ -f "$OUT/drafters/$name/model.safetensors" ] && continue
+    # Through a temporary file: a failed git show (a shallow clone lacks the commit) leaves nothing behind.
+    git show "$commit:src/prism_spec/assets/drafters/smollm2-135m-prism/model.safetensors" \
+      > "$OUT/drafters/$name/model.safetensors.tmp" || {
+        rm -f "$OUT/drafters/$name/model.safetensors.tmp"
+        echo "cannot restore $name's weights from commit $commit (a shallow clone? git fetch --unshallow)" >&2
+        exit 1; }
+    mv "$OUT/drafters/$name/model.safetensors.tmp" "$OUT/drafters/$name/model.safetensors"
   done
 }
 

@@ -154,15 +154,14 @@ class StaticCachePool:
         if cache is None:
             return StaticCache(config=self.config, max_cache_len=capacity)
         with torch.inference_mode():
-            for layer in cache.layers:
-                if getattr(layer, "keys", None) is not None:
-                    layer.cumulative_length.zero_()  # stale entries stay, hidden by the mask
+            for layer in filled_layers(cache):
+                layer.cumulative_length.zero_()  # stale entries stay, hidden by the mask
         return cache
 
     def release(self, cache: StaticCache, batch: int, capacity: int) -> None:
         if not self.reuse:
             return
-        layers = [layer for layer in cache.layers if getattr(layer, "keys", None) is not None]
+        layers = filled_layers(cache)
         if layers and all(layer.keys.shape[0] == batch for layer in layers):  # keep_rows shrinks them
             if len(self.free) >= self.max_kept:  # bound the memory held
                 self.free.pop(next(iter(self.free)))
@@ -379,10 +378,15 @@ class Target:
         return self.lm_head(features).float()
 
 
+def filled_layers(cache) -> list:
+    """The cache's layers that hold key/value tensors (layers not written yet have none)."""
+    return [layer for layer in cache.layers if getattr(layer, "keys", None) is not None]
+
+
 def truncate_cache(cache: DynamicCache, length: int) -> None:
     """Drop every cache entry from position ``length`` on."""
-    for layer in cache.layers:
-        if getattr(layer, "keys", None) is not None and layer.keys.shape[-2] > length:
+    for layer in filled_layers(cache):
+        if layer.keys.shape[-2] > length:
             layer.keys = layer.keys[..., :length, :]
             layer.values = layer.values[..., :length, :]
 
@@ -420,8 +424,7 @@ def compact_cache(
     (``keep[b]`` sorted), moved down to follow them, and cut the cache after the longest row;
     returns the new lengths. Rows shorter than the longest end in padding (masked out by
     ``batch_attention_mask``)."""
-    layers = [layer for layer in cache.layers if getattr(layer, "keys", None) is not None]
-    new_lengths = move_kept_entries(layers, lengths, region, keep)
+    new_lengths = move_kept_entries(filled_layers(cache), lengths, region, keep)
     truncate_cache(cache, int(new_lengths.max()))
     return new_lengths
 
@@ -433,10 +436,9 @@ def keep_in_cache(cache: DynamicCache, prefix_len: int, keep: torch.Tensor) -> N
 
 def select_cache_rows(cache: DynamicCache, rows: torch.Tensor) -> None:
     """Keep only the batch rows ``rows`` (finished sequences leave the batch)."""
-    for layer in cache.layers:
-        if getattr(layer, "keys", None) is not None:
-            layer.keys = layer.keys.index_select(0, rows.to(layer.keys.device))
-            layer.values = layer.values.index_select(0, rows.to(layer.values.device))
+    for layer in filled_layers(cache):
+        layer.keys = layer.keys.index_select(0, rows.to(layer.keys.device))
+        layer.values = layer.values.index_select(0, rows.to(layer.values.device))
 
 
 class RaggedCache:
@@ -489,9 +491,6 @@ class StaticKV:
         self.region = 0
         self.capacity = capacity
 
-    def _layers(self):
-        return [layer for layer in self.cache.layers if getattr(layer, "keys", None) is not None]
-
     def _set_write_position(self, n: int) -> None:
         for layer in self.cache.layers:
             if not hasattr(layer, "cumulative_length"):
@@ -499,7 +498,7 @@ class StaticKV:
             layer.cumulative_length.fill_(n)
 
     def commit(self, keep: Sequence[torch.Tensor]) -> None:
-        self.lengths = move_kept_entries(self._layers(), self.lengths, self.region, keep)
+        self.lengths = move_kept_entries(filled_layers(self.cache), self.lengths, self.region, keep)
         self.region = int(self.lengths.max())
         with torch.inference_mode():  # the buffers were made under inference mode
             self._set_write_position(self.region)
@@ -515,7 +514,7 @@ class StaticKV:
     @torch.inference_mode()
     def keep_rows(self, rows: torch.Tensor) -> None:
         # New, smaller buffers: a compiled graph sees new addresses (it re-captures once).
-        for layer in self._layers():
+        for layer in filled_layers(self.cache):
             layer.keys = layer.keys.index_select(0, rows.to(layer.keys.device))
             layer.values = layer.values.index_select(0, rows.to(layer.values.device))
         self.lengths = self.lengths[rows.to(self.lengths.device)]
