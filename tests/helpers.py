@@ -8,6 +8,7 @@ from scipy.stats import chisquare
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from prism_spec.drafters.base import Drafter
+from prism_spec.targets.attention import use_grouped_sdpa
 from prism_spec.targets.hf import Target
 
 
@@ -31,6 +32,7 @@ def tiny_llama(vocab_size=96, hidden_size=32, layers=2, seed=0, dtype=torch.floa
     # Sharper distributions than a random init gives, so greedy paths are not near-ties.
     with torch.no_grad():
         model.lm_head.weight.mul_(8.0)
+    use_grouped_sdpa(model)  # as load_target does
     return Target(model, None, name=f"tiny-llama-{seed}")
 
 

@@ -25,6 +25,8 @@
 #   bash results/smollm2-135m/reproduce.sh bench-ft        # fp32 paper-tree AL and bf16 --tree auto speed, before / after
 #   bash results/smollm2-135m/reproduce.sh prism-ft2       # a second pass from prism-ft (~34 min); now the packaged drafter
 #   bash results/smollm2-135m/reproduce.sh bench-ft2       # fp32 paper-tree AL of the two passes
+#   bash results/smollm2-135m/reproduce.sh bench-cpu-ft2   # bf16 CPU speed of the two passes (--tree auto, then 4/0/3)
+#   bash results/smollm2-135m/reproduce.sh attention       # grouped-query SDPA without the KV copy: forward latency, A/B
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUNS=${RUNS:-runs/smollm2-135m}
@@ -185,8 +187,8 @@ case "${1:-}" in
   packing)  # fourth session: prepacked CPU weights (docs/performance.md), then the CPU table again
     python benchmarks/linear_packing.py --json results/cpu/linear_packing_amd.json
     python benchmarks/target_latency.py --json results/cpu/target_latency_amd_packed.json --wait-idle 30
-    python benchmarks/packing_ab.py --tree 4/0/3 --json results/cpu/packing_ab_bf16_4-0-3.json
-    python benchmarks/packing_ab.py --dtype float32 --tree 8/1/3 --repeats 2 --json results/cpu/packing_ab_fp32_8-1-3.json
+    python benchmarks/runtime_ab.py --tree 4/0/3 --json results/cpu/packing_ab_bf16_4-0-3.json
+    python benchmarks/runtime_ab.py --dtype float32 --tree 8/1/3 --repeats 2 --json results/cpu/packing_ab_fp32_8-1-3.json
     python benchmarks/cpu_decode_options.py --json results/cpu/cpu_decode_options_amd.json
     for weights in plain packed; do
       flag=""; [ "$weights" = plain ] && flag=--no-packed-weights
@@ -224,7 +226,23 @@ case "${1:-}" in
     prism bench --method vanilla --method prism@prism-ft=$OUT/drafters/prism-ft --method prism@prism-ft2=$OUT/drafters/prism-ft2 \
       --temperature 0 --tree paper --limit "${LIMIT:-5}" --max-new-tokens 64 --threads 2 --dtype float32 \
       --out "$OUT/bench-paper-tree-fp32-ft2" ;;
+  bench-cpu-ft2)  # CPU speed of the packaged drafter (prism-ft2) beside the first pass, bf16
+    packaged_weights
+    prism bench --method vanilla --method prism@prism-ft=$OUT/drafters/prism-ft --method prism@prism-ft2=$OUT/drafters/prism-ft2 \
+      --dtype bfloat16 --temperature 0 --tree auto --limit "${LIMIT:-5}" --max-new-tokens 64 --threads 2 \
+      --out "$OUT/bench-cpu-ft2"
+    prism bench --method vanilla --method prism@prism-ft=$OUT/drafters/prism-ft --method prism@prism-ft2=$OUT/drafters/prism-ft2 \
+      --dtype bfloat16 --temperature 0 --tree 4/0/3 --limit "${LIMIT:-5}" --max-new-tokens 64 --threads 2 \
+      --out "$OUT/bench-cpu-ft2-4-0-3" ;;
+  attention)  # sixth session: prism_sdpa against transformers' sdpa (docs/performance.md)
+    python benchmarks/gqa_attention.py --json results/cpu/gqa_attention_bf16.json
+    python benchmarks/runtime_ab.py --compare attention --bench sum --prompts 5 --repeats 2 --tree 4/0/3 \
+      --json results/cpu/attention_ab_sum_bf16_4-0-3.json
+    python benchmarks/runtime_ab.py --compare attention --bench sum --prompts 5 --repeats 2 --tree 10/1/6 \
+      --json results/cpu/attention_ab_sum_bf16_10-1-6.json
+    python benchmarks/runtime_ab.py --compare attention --bench mt_bench --prompts 5 --repeats 2 --tree 4/0/3 \
+      --json results/cpu/attention_ab_mt_bench_bf16_4-0-3.json ;;
   *)
-    echo "usage: $0 regen|features|eagle2|hass|prism|prism3|prism-star|stacked2|standard|scaling|bench|bench-fp32|bench-ablations|bench-cpu|profile|regen-gpu|prism-gpu|bench-gpu-prism|packing|prism-star-norm|bench-star-norm|prism-ft|prism-ft2|bench-ft|bench-ft2" >&2
+    echo "usage: $0 regen|features|eagle2|hass|prism|prism3|prism-star|stacked2|standard|scaling|bench|bench-fp32|bench-ablations|bench-cpu|profile|regen-gpu|prism-gpu|bench-gpu-prism|packing|prism-star-norm|bench-star-norm|prism-ft|prism-ft2|bench-ft|bench-ft2|bench-cpu-ft2|attention" >&2
     exit 2 ;;
 esac

@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel, StaticCache
 
+from .attention import use_grouped_sdpa
 from .default import DEFAULT_TARGET, default_target_path
 from .packed import PackedLinear, available_memory_bytes, linear_weight_bytes, pack_linears, unpack_linears
 
@@ -537,6 +538,8 @@ def load_target(
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=parse_dtype(dtype), attn_implementation=attn_implementation
     ).to(device)
+    # Same kernel and outputs as "sdpa", without copying the KV cache per query group.
+    use_grouped_sdpa(model)
     target = Target(model, tokenizer, name=name_or_path)
     if pack_weights is None:
         pack_weights = target.device.type == "cpu" and target.dtype in (torch.float32, torch.bfloat16)

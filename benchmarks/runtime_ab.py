@@ -1,14 +1,17 @@
-"""Prepacked against plain linear layers, vanilla and speculative decoding, interleaved in one
-process so that drifting machine load hits every configuration alike.
+"""Two runtime settings A/B, vanilla and speculative decoding, interleaved in one process so
+that drifting machine load hits every configuration alike.
 
-    python benchmarks/packing_ab.py [--dtype bfloat16] [--tree 4/0/3] [--prompts 4] \
-        [--max-new-tokens 64] [--repeats 3] [--json out.json]
+    python benchmarks/runtime_ab.py [--compare packing|attention] [--bench mt_bench] \
+        [--dtype bfloat16] [--tree 4/0/3] [--prompts 4] [--max-new-tokens 64] [--repeats 3] [--json out.json]
 
-Two copies of the default target (one packed, one plain) and of the packaged drafter; every
-repeat runs each MT-bench prompt through the four configurations in turn. Reports tokens/s
-(new tokens / total generate time, prefill included) summed over all runs, the speedup of
-speculative over vanilla decoding within each setting, and whether the outputs agree.
-Run it on an otherwise idle machine.
+``--compare packing``: prepacked against plain linear layers (docs/performance.md, "Prepacked
+CPU weights"). ``--compare attention``: transformers' ``sdpa`` against ``prism_sdpa``, the
+same kernel with grouped query heads folded instead of the KV cache copied
+(``targets/attention.py``). Two copies of the default target (one per setting) and of the
+packaged drafter; every repeat runs each prompt (first turns of ``--bench``) through the four
+configurations in turn. Reports tokens/s (new tokens / total generate time, prefill
+included) summed over all runs, the speedup of speculative over vanilla decoding within each
+setting, and whether the outputs agree. Run it on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -28,25 +31,46 @@ from prism_spec.runtime import GenerationConfig, TreeConfig, generate
 from prism_spec.targets import load_target
 
 
+def load_packing(setting: str, dtype: str):
+    target = load_target("smollm2-135m", dtype=dtype, pack_weights=setting == "packed")
+    assert target.packed_weights == (setting == "packed"), "this torch build cannot pack linear layers"
+    return target
+
+
+def load_attention(setting: str, dtype: str):
+    target = load_target("smollm2-135m", dtype=dtype)
+    target.model.set_attn_implementation(setting)  # before the drafter, whose layers copy it
+    return target
+
+
+COMPARISONS = {  # --compare: (the two settings, baseline first; loader; what the table's first column is)
+    "packing": (("plain", "packed"), load_packing, "weights"),
+    "attention": (("sdpa", "prism_sdpa"), load_attention, "attention"),
+}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--compare", choices=sorted(COMPARISONS), default="packing")
+    parser.add_argument("--bench", default="mt_bench", help="benchmark whose first turns are the prompts")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--drafter", default="auto")
     parser.add_argument("--tree", default="4/0/3")
-    parser.add_argument("--prompts", type=int, default=4, help="first-turn MT-bench questions")
+    parser.add_argument("--prompts", type=int, default=4, help="questions of --bench (first turns)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    settings, load, column = COMPARISONS[args.compare]
     setups = {}
-    for name, pack in (("plain", False), ("packed", True)):
-        target = load_target("smollm2-135m", dtype=args.dtype, pack_weights=pack)
-        assert target.packed_weights == pack, "this torch build cannot pack linear layers"
+    for name in settings:
+        target = load(name, args.dtype)
         setups[name] = (target, resolve_drafter(args.drafter, target).drafter)
-    first = setups["plain"][0]
-    prompts = [conversation_prompt(first, q.turns[:1], []) for q in load_benchmark("mt_bench").questions[: args.prompts]]
+    first = setups[settings[0]][0]
+    questions = load_benchmark(args.bench).questions[: args.prompts]
+    prompts = [conversation_prompt(first, q.turns[:1], []) for q in questions]
     tree = TreeConfig.parse(args.tree)
     configs = [(s, m) for s in setups for m in ("vanilla", "speculative")]
     seconds = dict.fromkeys(configs, 0.0)
@@ -71,23 +95,26 @@ def main(argv=None) -> int:
                     rounds[s] += result.rounds
                     accepted[s] += sum(result.accepted)
     rate = {c: tokens[c] / seconds[c] for c in configs}
-    print(f"\n# packed vs plain linear layers: default target ({args.dtype}), drafter {args.drafter}, tree "
-          f"{args.tree}, {args.prompts} MT-bench prompts x {args.max_new_tokens} tokens x {args.repeats} repeats, "
-          f"{args.threads} threads, {_cpu_name()}, {datetime.date.today()}\n")
-    print("| weights | vanilla tok/s | speculative tok/s | AL | speculative / vanilla | spec = vanilla outputs |")
+    lengths = [len(p) for p in prompts]
+    print(f"\n# {settings[1]} vs {settings[0]}: default target ({args.dtype}), drafter {args.drafter}, tree "
+          f"{args.tree}, {len(prompts)} {args.bench} prompts ({min(lengths)}-{max(lengths)} tokens) x "
+          f"{args.max_new_tokens} tokens x {args.repeats} repeats, {args.threads} threads, {_cpu_name()}, "
+          f"{datetime.date.today()}\n")
+    print(f"| {column} | vanilla tok/s | speculative tok/s | AL | speculative / vanilla | spec = vanilla outputs |")
     print("|---|--:|--:|--:|--:|--:|")
     rows = []
     for s in setups:
         same = sum(outputs[s, "vanilla", i] == outputs[s, "speculative", i] for i in range(len(prompts)))
         al = (accepted[s] + rounds[s]) / max(rounds[s], 1)
-        row = {"weights": s, "vanilla_tokens_per_s": rate[s, "vanilla"], "speculative_tokens_per_s":
+        row = {column: s, "vanilla_tokens_per_s": rate[s, "vanilla"], "speculative_tokens_per_s":
                rate[s, "speculative"], "acceptance_length": al, "speedup": rate[s, "speculative"] / rate[s, "vanilla"],
                "identical_outputs": f"{same}/{len(prompts)}"}
         rows.append(row)
         print(f"| {s} | {row['vanilla_tokens_per_s']:.1f} | {row['speculative_tokens_per_s']:.1f} | {al:.2f} | "
               f"{row['speedup']:.2f}x | {row['identical_outputs']} |")
-    print(f"\npacked / plain: vanilla {rate['packed', 'vanilla'] / rate['plain', 'vanilla']:.2f}x, speculative "
-          f"{rate['packed', 'speculative'] / rate['plain', 'speculative']:.2f}x")
+    base, new = settings
+    print(f"\n{new} / {base}: vanilla {rate[new, 'vanilla'] / rate[base, 'vanilla']:.2f}x, speculative "
+          f"{rate[new, 'speculative'] / rate[base, 'speculative']:.2f}x")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"settings": vars(args), "cpu": _cpu_name(), "torch": torch.__version__,

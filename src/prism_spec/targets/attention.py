@@ -1,0 +1,78 @@
+"""SDPA for grouped-query attention over a few new tokens, without copying the KV cache.
+
+transformers' ``sdpa`` attention gives a grouped-query model (SmolLM2, Llama-3, Qwen: several
+query heads per key/value head) to ``scaled_dot_product_attention`` in one of three ways: with
+``enable_gqa`` where the backend supports it (no mask, on CUDA), by folding the query heads of
+a group into the query length when there is one new token, and otherwise by ``repeat_kv``,
+which copies every layer's whole key and value cache ``groups`` times per forward. Tree
+verification and drafter steps are the otherwise case: a few new tokens with a 4D mask. On a
+CPU that copy grows with the context and outweighs the attention itself
+(``benchmarks/gqa_attention.py``).
+
+:func:`grouped_sdpa_attention` extends the fold to any number of new tokens: query row
+``r * n + i`` of key/value head ``g`` is query ``i`` of head ``g * groups + r``, and the mask
+row is repeated per group. Each (head, query) row sees the same numbers in the same kernel,
+so the output is that of ``repeat_kv`` + SDPA: bit for bit at most sizes, up to the last bit
+where the kernel blocks a short query length differently (n = 2-3 on the CPU measured). Only
+the copy is gone. Registered with transformers' public ``AttentionInterface`` as ``prism_sdpa``
+(with sdpa's mask builder in ``AttentionMaskInterface``);
+anything else (one new token, no mask, bias or softcap, non-CPU devices) goes to transformers'
+own ``sdpa`` function unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+
+GROUPED_SDPA = "prism_sdpa"
+
+
+def folds_query_groups(module, query: torch.Tensor, attention_mask, dropout: float, kwargs) -> bool:
+    """Whether :func:`grouped_sdpa_attention` folds this call (see the module docstring)."""
+    return (
+        query.device.type == "cpu"  # measured there; CUDA keeps transformers' own dispatch
+        and getattr(module, "num_key_value_groups", 1) > 1
+        and query.shape[2] > 1  # one token: transformers folds it already
+        and isinstance(attention_mask, torch.Tensor)
+        and attention_mask.dim() == 4
+        and attention_mask.shape[1] == 1  # one mask for every head
+        and not dropout
+        and kwargs.get("position_bias") is None
+        and kwargs.get("softcap") is None
+        and not kwargs.get("output_attentions", False)
+    )
+
+
+def grouped_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """transformers' attention-function signature: query [b, heads, n, d], key/value
+    [b, kv_heads, kv_len, d]; returns ([b, n, heads, d], None)."""
+    if not folds_query_groups(module, query, attention_mask, dropout, kwargs):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    batch, heads, n, dim = query.shape
+    groups = module.num_key_value_groups
+    folded = query.reshape(batch, heads // groups, groups * n, dim)
+    mask = attention_mask[..., : key.shape[-2]].repeat(1, 1, groups, 1)
+    out = torch.nn.functional.scaled_dot_product_attention(folded, key, value, attn_mask=mask, scale=scaling)
+    return out.reshape(batch, heads, n, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(GROUPED_SDPA, grouped_sdpa_attention)
+# transformers builds the masks of its own forwards (2D padding mask in, e.g. in generate) per
+# implementation name, and hands an unregistered name its 2D mask untouched: register sdpa's.
+AttentionMaskInterface.register(GROUPED_SDPA, sdpa_mask)
+
+
+def use_grouped_sdpa(model) -> bool:
+    """Switch a loaded transformers model from ``sdpa`` to :data:`GROUPED_SDPA`; False (and
+    nothing changed) for models on another attention implementation or whose attention
+    does not go through ``AttentionInterface``."""
+    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+        return False
+    try:
+        model.set_attn_implementation(GROUPED_SDPA)
+    except (ValueError, NotImplementedError):
+        return False
+    return model.config._attn_implementation == GROUPED_SDPA

@@ -1,0 +1,108 @@
+"""Grouped-query SDPA with the query groups folded into the query length."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import tiny_llama
+from prism_spec.targets.attention import GROUPED_SDPA, folds_query_groups, grouped_sdpa_attention, use_grouped_sdpa
+from prism_spec.targets.hf import batch_attention_mask, cache_kwarg, truncate_cache
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def repeat_kv_reference(query, key, value, mask, scaling):
+    """What transformers' sdpa does for several new tokens: copy K/V per query head."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask[..., : key.shape[-2]], scale=scaling)
+    return out.transpose(1, 2)
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 8])
+def test_folded_groups_equal_repeated_kv(n):
+    gen = torch.Generator().manual_seed(n)
+    batch, kv_heads, groups, dim, past = 2, 2, 3, 16, 11
+    query = torch.randn(batch, kv_heads * groups, n, dim, generator=gen, dtype=torch.float64)
+    key = torch.randn(batch, kv_heads, past + n, dim, generator=gen, dtype=torch.float64)
+    value = torch.randn(batch, kv_heads, past + n, dim, generator=gen, dtype=torch.float64)
+    # Ragged rows (row 1 has 4 committed entries fewer) and a branching tree for the new tokens.
+    tree = torch.ones(n, n, dtype=torch.bool).tril()
+    tree[n - 1, : n - 1] = False
+    tree[n - 1, 0] = True
+    mask = batch_attention_mask(torch.tensor([past, past - 4]), past, n, tree[None], torch.float64, "cpu")
+    mask = torch.cat([mask, torch.zeros(*mask.shape[:-1], 3, dtype=mask.dtype)], -1)  # wider than the keys
+    module = SimpleNamespace(num_key_value_groups=groups)
+    assert folds_query_groups(module, query, mask, 0.0, {})
+    out, weights = grouped_sdpa_attention(module, query, key, value, mask, scaling=0.3)
+    assert weights is None and out.shape == (batch, n, kv_heads * groups, dim) and out.is_contiguous()
+    torch.testing.assert_close(out, repeat_kv_reference(query, key, value, mask, 0.3), rtol=0, atol=1e-13)
+
+
+def test_only_masked_multi_token_grouped_cpu_calls_are_folded():
+    module = SimpleNamespace(num_key_value_groups=3)
+    query = torch.zeros(1, 6, 4, 8)
+    mask = torch.zeros(1, 1, 4, 10)
+    assert folds_query_groups(module, query, mask, 0.0, {})
+    assert not folds_query_groups(module, query[:, :, :1], mask[:, :, :1], 0.0, {})  # transformers folds n = 1
+    assert not folds_query_groups(module, query, None, 0.0, {})  # causal prefill: flash with is_causal
+    assert not folds_query_groups(SimpleNamespace(num_key_value_groups=1), query, mask, 0.0, {})
+    assert not folds_query_groups(module, query, mask.expand(1, 6, 4, 10), 0.0, {})  # per-head masks
+    assert not folds_query_groups(module, query, mask, 0.1, {})
+    assert not folds_query_groups(module, query, mask, 0.0, {"softcap": 30.0})
+    assert not folds_query_groups(module, query, mask, 0.0, {"position_bias": torch.zeros(1, 6, 4, 10)})
+    assert not folds_query_groups(module, query.to("meta"), mask.to("meta"), 0.0, {})
+
+
+def test_target_tree_forward_is_unchanged():
+    target = tiny_llama(layers=2, seed=3)
+    model = target.model
+    prompt = torch.tensor([5, 17, 3, 44, 9, 81, 2])
+    tokens = torch.tensor([7, 11, 12, 13, 40])
+    tree = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [1, 1, 0, 1, 0], [1, 0, 1, 0, 1]],
+                        dtype=torch.bool)
+    depths = torch.tensor([0, 1, 1, 2, 2])
+    logits = {}
+    for impl in ("sdpa", GROUPED_SDPA):
+        model.set_attn_implementation(impl)
+        cache = target.new_cache()
+        target.forward(prompt, torch.arange(prompt.numel()), cache)
+        logits[impl] = target.forward(tokens, prompt.numel() + depths, cache, tree).logits
+        truncate_cache(cache, prompt.numel())
+    torch.testing.assert_close(logits[GROUPED_SDPA], logits["sdpa"], rtol=0, atol=1e-12)
+
+
+def test_use_grouped_sdpa_switches_only_sdpa_models():
+    target = tiny_llama(layers=1, seed=4)
+    target.model.set_attn_implementation("sdpa")
+    assert use_grouped_sdpa(target.model)
+    assert target.model.config._attn_implementation == GROUPED_SDPA
+    assert not use_grouped_sdpa(target.model)  # already switched
+    target.model.set_attn_implementation("eager")
+    assert not use_grouped_sdpa(target.model)
+    assert target.model.config._attn_implementation == "eager"
+
+
+def test_transformers_own_forward_and_generate_are_unchanged():
+    """transformers builds its masks per implementation name (2D padding mask in): with the
+    fold registered, its forward over several tokens on a cache and its greedy generate
+    match sdpa's."""
+    target = tiny_llama(layers=2, seed=5)
+    model = target.model
+    ids = torch.tensor([[5, 17, 3, 44, 9, 81, 2, 60, 33, 12]])
+    results = {}
+    for impl in ("sdpa", GROUPED_SDPA):
+        model.set_attn_implementation(impl)
+        with torch.no_grad():
+            first = model(ids[:, :6], attention_mask=torch.ones(1, 6, dtype=torch.long), use_cache=True)
+            more = model(ids[:, 6:], attention_mask=torch.ones(1, 10, dtype=torch.long), use_cache=True,
+                         **{cache_kwarg(model): first.past_key_values}).logits
+            generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                                       pad_token_id=0)
+        results[impl] = more, generated
+    torch.testing.assert_close(results[GROUPED_SDPA][0], results["sdpa"][0], rtol=0, atol=1e-12)
+    assert torch.equal(results[GROUPED_SDPA][1], results["sdpa"][1])
