@@ -27,6 +27,7 @@
 #   bash results/smollm2-135m/reproduce.sh bench-ft2       # fp32 paper-tree AL of the two passes
 #   bash results/smollm2-135m/reproduce.sh bench-cpu-ft2   # bf16 CPU speed of the two passes (--tree auto, then 4/0/3)
 #   bash results/smollm2-135m/reproduce.sh attention       # grouped-query SDPA without the KV copy: forward latency, A/B
+#   bash results/smollm2-135m/reproduce.sh bench-cpu-s6    # bf16 CPU speed, --tree auto with the sixth session's calibration set
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUNS=${RUNS:-runs/smollm2-135m}
@@ -242,7 +243,12 @@ case "${1:-}" in
       --json results/cpu/attention_ab_sum_bf16_10-1-6.json
     python benchmarks/runtime_ab.py --compare attention --bench mt_bench --prompts 5 --repeats 2 --tree 4/0/3 \
       --json results/cpu/attention_ab_mt_bench_bf16_4-0-3.json ;;
+  bench-cpu-s6)  # the two fine-tuned drafters with --tree auto, tuned on the 8-prompt calibration set
+    packaged_weights
+    prism bench --method vanilla --method prism@prism-ft=$OUT/drafters/prism-ft --method prism@prism-ft2=$OUT/drafters/prism-ft2 \
+      --dtype bfloat16 --temperature 0 --tree auto --limit "${LIMIT:-5}" --max-new-tokens 64 --threads 2 \
+      --out "$OUT/bench-cpu-s6" ;;
   *)
-    echo "usage: $0 regen|features|eagle2|hass|prism|prism3|prism-star|stacked2|standard|scaling|bench|bench-fp32|bench-ablations|bench-cpu|profile|regen-gpu|prism-gpu|bench-gpu-prism|packing|prism-star-norm|bench-star-norm|prism-ft|prism-ft2|bench-ft|bench-ft2|bench-cpu-ft2|attention" >&2
+    echo "usage: $0 regen|features|eagle2|hass|prism|prism3|prism-star|stacked2|standard|scaling|bench|bench-fp32|bench-ablations|bench-cpu|profile|regen-gpu|prism-gpu|bench-gpu-prism|packing|prism-star-norm|bench-star-norm|prism-ft|prism-ft2|bench-ft|bench-ft2|bench-cpu-ft2|attention|bench-cpu-s6" >&2
     exit 2 ;;
 esac

@@ -1,5 +1,6 @@
 """Tree autotuning: the replay of calibration rounds and the choice of shape."""
 
+import pytest
 import torch
 
 from helpers import tiny_llama
@@ -57,6 +58,12 @@ def test_autotune_end_to_end_prefers_deep_trees_for_an_oracle(one_thread):
     assert report.best.depth >= 1
     assert report.expected_acceptance_length > 2.0
     assert report.rounds > 0
+    # The pick is the best of the shortlist by measured round time.
+    best = report.top[0]
+    assert (best["depth"], best["top_k"], best["total_tokens"]) == (report.best.depth, report.best.top_k,
+                                                                  report.best.total_tokens)
+    assert all(c["round_ms"] > 0 and "model_round_ms" in c for c in report.top)
+    assert report.top == sorted(report.top, key=lambda c: -c["tokens_per_s"])
 
 
 def test_drafter_fingerprint_follows_the_weights(one_thread):
@@ -72,3 +79,62 @@ def test_drafter_fingerprint_follows_the_weights(one_thread):
     assert drafter_fingerprint(drafter) != before
     assert _cache_key(target, drafter, "d") != key_before
     assert drafter_fingerprint(object()) == "-"
+
+
+def test_calibration_set_is_part_of_the_cache_key(one_thread, monkeypatch):
+    from prism_spec.runtime import autotune
+
+    target = tiny_llama(layers=2)
+    drafter = StandardDrafter.from_target_layers(target, 1)
+    key = autotune._cache_key(target, drafter, "d")
+    assert autotune.calibration_id() in key
+    monkeypatch.setattr(autotune, "CALIBRATION_PROMPTS", autotune.CALIBRATION_PROMPTS[:-1])
+    assert autotune._cache_key(target, drafter, "d") != key
+
+
+def _cand(depth, top_k, total, al, tokens_per_s):
+    return {"depth": depth, "top_k": top_k, "total_tokens": total, "al": al, "tokens_per_s": tokens_per_s,
+            "round_ms": al / tokens_per_s * 1e3}
+
+
+def test_shortlist_keeps_distinct_trees_and_every_depth():
+    from prism_spec.runtime.autotune import shortlist
+
+    ranked = [_cand(1, 4, 6, 1.6, 60.0), _cand(0, 4, 4, 1.5, 59.0), _cand(0, 6, 4, 1.5, 59.0),
+              _cand(1, 2, 6, 1.55, 58.0), _cand(0, 6, 6, 1.55, 57.0), _cand(2, 4, 8, 1.7, 50.0), _cand(2, 2, 8, 1.6, 45.0)]
+    picked = [(c["depth"], c["top_k"], c["total_tokens"]) for c in shortlist(ranked, n_best=3)]
+    # 0/6/4 is the tree 0/4/4 builds (the root's 3 best children): timed once.
+    assert picked == [(1, 4, 6), (0, 4, 4), (1, 2, 6), (2, 4, 8)]
+
+
+def test_measured_round_times_decide_between_close_shapes():
+    from prism_spec.runtime.autotune import rerank_measured
+
+    # The model prefers the deeper shapes by 2 %; in real rounds their drafter step costs more.
+    ranked = [_cand(1, 3, 6, 1.60, 60.0), _cand(1, 3, 8, 1.62, 59.9), _cand(0, 3, 4, 1.48, 58.8),
+              _cand(0, 2, 3, 1.40, 58.0)]
+    timed = [ranked[0], ranked[2]]
+    out = rerank_measured(ranked, timed, [0.0270, 0.0229])
+    best = out[0]
+    assert (best["depth"], best["total_tokens"], best["timed"]) == (0, 4, True)
+    assert abs(best["tokens_per_s"] - 1.48 / 0.0229) < 1e-9 and best["model_tokens_per_s"] == 58.8
+    by_shape = {(r["depth"], r["total_tokens"]): r for r in out}
+    # Untimed shapes take their depth's error: 1/3/8 is modelled at 1.62/59.9 s = 27.05 ms, and
+    # the timed depth-1 shape ran 27.0 - 26.67 ms = +0.33 ms slower than modelled.
+    untimed = by_shape[1, 8]
+    assert not untimed["timed"]
+    assert abs(untimed["round_ms"] - (1.62 / 59.9 * 1e3 + (27.0 - 1.60 / 60.0 * 1e3))) < 1e-9
+    depth0 = by_shape[0, 3]
+    assert abs(depth0["round_ms"] - (1.40 / 58.0 * 1e3 + (22.9 - 1.48 / 58.8 * 1e3))) < 1e-9
+    assert [r["tokens_per_s"] for r in out] == sorted((r["tokens_per_s"] for r in out), reverse=True)
+
+
+def test_calibration_skips_prompts_the_context_cannot_hold(one_thread):
+    target = tiny_llama(layers=1)  # 256 positions
+    drafter = StandardDrafter.from_target_layers(target, 1)
+    long_prompt, short_prompt = list(range(1, 240)), [5, 17, 3, 44, 9, 81]
+    report = autotune_tree(target, drafter, prompts=[long_prompt, short_prompt], max_new_tokens=8,
+                           progress=lambda *_: None, timing_prompts=(0,))
+    assert report.rounds > 0
+    with pytest.raises(ValueError, match="no calibration prompt fits"):
+        autotune_tree(target, drafter, prompts=[long_prompt], max_new_tokens=8, progress=lambda *_: None)

@@ -16,9 +16,20 @@ For each candidate shape we replay every calibration round on the sub-tree that 
 have built with that shape (children of rank < top_k of the top_k best nodes per level, at
 most ``depth + 1`` levels, the best ``total_tokens - 1`` by cumulative score) and count the
 tokens it would have committed. Expected tokens/s = mean committed tokens per round /
-(verify(n) + draft cost + measured per-round overhead). The shape with the best estimate wins.
-Nodes the calibration tree did not verify count as rejected, so estimates for shapes larger
-than the calibration tree are pessimistic; the grid stays inside it.
+(verify(n) + draft cost + measured per-round overhead). Nodes the calibration tree did not
+verify count as rejected, so estimates for shapes larger than the calibration tree are
+pessimistic; the grid stays inside it.
+
+That cost model ranks the grid; the final pick times real rounds. The model's parts are
+measured apart from each other, and inside a round they cost differently: a drafter step
+right after the target's forward finds its weights evicted from the CPU caches, and tree
+building and acceptance scale with the shape while the overhead above is one number for the
+wide calibration tree. On a 2-core CPU the model preferred one-drafter-step trees that ran
+6-8 % slower than a 4-node tree without drafter steps, interleaved in one process
+(``benchmarks/tree_ab.py``, docs/performance.md). So the best few shapes of the ranking (and the best of each depth) decode a few
+calibration prompts, interleaved, and their measured time per round replaces the modelled
+one; every other shape's modelled time is corrected by the mean error of the timed shapes
+of its depth. Expected tokens/s = replayed acceptance length / that round time.
 """
 
 from __future__ import annotations
@@ -39,12 +50,41 @@ from .decode import GenerationConfig, generate
 from .tree import DraftTree, TreeConfig
 
 CALIBRATION_TREE = TreeConfig(depth=6, top_k=6, total_tokens=48)
-CALIBRATION_PROMPTS = (
+# A long document to summarise: long contexts make verification dearer and drafts less
+# predictable, and a calibration of short chat prompts alone picked trees too deep for them.
+_REPORT = (
+    "The town council of Millbrook met on Tuesday evening to discuss the future of the old "
+    "railway depot, a brick building that has stood empty since the freight line closed in 1998. "
+    "Three proposals were presented. The first, from a local arts group, would turn the depot into "
+    "studios and a small gallery, funded by a mix of grants and rent from the artists. The second, "
+    "from a regional supermarket chain, would demolish the building and put up a store with a car "
+    "park of about two hundred spaces; the company said it would create sixty jobs. The third, "
+    "prepared by the council's own planning office, would keep the outer walls, add a glass roof and "
+    "use the space as a covered market on weekends and a community hall during the week. Residents "
+    "who spoke at the meeting were divided. Several shop owners on Main Street warned that a large "
+    "supermarket would draw customers away from the centre, while others argued that the town needs "
+    "the jobs and that the depot is too damaged to save. An engineer hired by the council reported "
+    "that the roof must be replaced within two years whatever happens, at a cost of around four "
+    "hundred thousand pounds, but that the walls and foundations are sound. The council's finance "
+    "officer noted that the planning office's proposal is the most expensive up front but could pay "
+    "for itself within twelve years from market fees and hall bookings. No decision was taken. The "
+    "council will hold a public consultation over the next six weeks and vote in March."
+)
+CALIBRATION_PROMPTS = (  # the kinds of requests the benchmarks cover, none of their questions
     "Explain how a refrigerator keeps food cold, step by step.",
     "Write a Python function that returns the n-th Fibonacci number, with a docstring.",
     "Natalia sold clips to 48 friends in April and half as many in May. How many in total?",
     "Summarize the plot of Romeo and Juliet in a short paragraph.",
+    "Summarize the following article in three sentences.\n\n" + _REPORT,
+    "Who wrote the novel Pride and Prejudice, and when was it first published?",
+    "Give three tips for staying focused while studying at home.",
+    "What does this SQL query return? SELECT name, COUNT(*) FROM orders GROUP BY name HAVING COUNT(*) > 5;",
 )
+# Calibration prompts whose rounds are timed for the shortlisted shapes: a short explanation,
+# code, and the long article.
+TIMING_PROMPTS = (0, 1, 4)
+# Bumped when the tuning method changes what it picks, so cached picks are tuned again.
+AUTOTUNE_METHOD = 3
 DEPTHS = (0, 1, 2, 3, 4, 5)
 TOP_KS = (1, 2, 3, 4, 6)
 TOTALS = (2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48)
@@ -68,7 +108,7 @@ class AutotuneReport:
     expand_ms: dict[int, float]
     overhead_ms: float
     rounds: int
-    top: list[dict] = field(default_factory=list)
+    top: list[dict] = field(default_factory=list)  # the best shapes after timing ("timed": measured)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -253,15 +293,89 @@ def choose_tree(traces, verify_s, extend_s, expand_s, overhead_s, depths=DEPTHS,
     return results
 
 
-def autotune_tree(target, drafter, prompts=CALIBRATION_PROMPTS, max_new_tokens: int = 96, progress=print) -> AutotuneReport:
+def _same_tree_key(r: dict) -> tuple[int, int, int]:
+    # Without drafter steps the tree is the root's best total - 1 children whatever top_k is.
+    top_k = min(r["top_k"], r["total_tokens"] - 1) if r["depth"] == 0 else r["top_k"]
+    return r["depth"], top_k, r["total_tokens"]
+
+
+def shortlist(ranked: list[dict], n_best: int = 5) -> list[dict]:
+    """The ``n_best`` best-ranked distinct trees plus the best of every other depth."""
+    distinct, seen = [], set()
+    for r in ranked:
+        if _same_tree_key(r) not in seen:
+            seen.add(_same_tree_key(r))
+            distinct.append(r)
+    picked = distinct[:n_best]
+    for depth in sorted({r["depth"] for r in distinct}):
+        if not any(r["depth"] == depth for r in picked):
+            picked.append(next(r for r in distinct if r["depth"] == depth))
+    return picked
+
+
+def measure_round_s(target, drafter, shapes: Sequence[TreeConfig], prompts, max_new_tokens: int = 32,
+                    repeats: int = 2) -> list[float]:
+    """Seconds per decode round (tree drafting, verification, acceptance, cache updates) of
+    real greedy generations with each shape; the shapes take turns on every prompt so that
+    drifting machine load hits them alike. One short warm-up generation per shape first."""
+    spent = [0.0] * len(shapes)
+    rounds = [0] * len(shapes)
+    ids = [target.encode_prompt(p) if isinstance(p, str) else p for p in prompts]  # token ids pass through
+    for shape in shapes:
+        generate(target, ids[0], drafter, GenerationConfig(max_new_tokens=4, tree=shape))
+    for _ in range(repeats):
+        for prompt in ids:
+            for i, shape in enumerate(shapes):
+                res = generate(target, prompt, drafter, GenerationConfig(max_new_tokens=max_new_tokens, tree=shape))
+                spent[i] += res.draft_s + res.verify_s
+                rounds[i] += res.rounds
+    return [t / max(n, 1) for t, n in zip(spent, rounds)]
+
+
+def rerank_measured(ranked: list[dict], measured: list[dict], round_s: Sequence[float]) -> list[dict]:
+    """Every shape of ``ranked`` with a corrected round time, best first: its measured time if
+    it was timed, else its modelled time plus the mean (measured - modelled) of the timed
+    shapes of its depth (the model's error is mostly per drafter step; the shortlist times
+    every depth). Expected tokens/s = replayed AL / that round time."""
+    errors: dict[int, list[float]] = {}
+    timed = {}
+    for cand, seconds in zip(measured, round_s):
+        errors.setdefault(cand["depth"], []).append(seconds * 1e3 - cand["round_ms"])
+        timed[_same_tree_key(cand)] = seconds * 1e3
+    out = []
+    for r in ranked:
+        offset = statistics.mean(errors[r["depth"]]) if r["depth"] in errors else 0.0
+        round_ms = timed.get(_same_tree_key(r), r["round_ms"] + offset)
+        out.append({**r, "model_tokens_per_s": r["tokens_per_s"], "model_round_ms": r["round_ms"],
+                    "round_ms": round_ms, "timed": _same_tree_key(r) in timed,
+                    "tokens_per_s": r["al"] / round_ms * 1e3 if round_ms > 0 else 0.0})
+    out.sort(key=lambda r: -r["tokens_per_s"])
+    return out
+
+
+def autotune_tree(target, drafter, prompts=CALIBRATION_PROMPTS, max_new_tokens: int = 96, progress=print,
+                  timing_prompts: Sequence[int] = TIMING_PROMPTS) -> AutotuneReport:
     progress("[autotune] timing the target's verify forward ...")
     verify_s = measure_verify_latency(target)
     progress("[autotune] timing the drafter ...")
     extend_s, expand_s = measure_draft_cost(target, drafter)
-    progress(f"[autotune] calibration generations ({len(prompts)} prompts, tree {CALIBRATION_TREE}) ...")
+    # Prompts that leave room for a few rounds in the target's context (the long article does
+    # not fit small test models).
+    encoded = [target.encode_prompt(p) if isinstance(p, str) else p for p in prompts]
+    fitting = [(i, ids) for i, ids in enumerate(encoded)
+               if len(ids) + CALIBRATION_TREE.total_tokens + 16 <= target.max_context]
+    if not fitting:
+        raise ValueError(f"no calibration prompt fits the target's context of {target.max_context} tokens")
+    calibration = [ids for _, ids in fitting]
+    progress(f"[autotune] calibration generations ({len(calibration)} prompts, tree {CALIBRATION_TREE}) ...")
     # Tree building, acceptance and cache bookkeeping per round, measured around the model calls.
-    traces, overhead_s = collect_traces(target, drafter, prompts, max_new_tokens)
-    ranked = choose_tree(traces, verify_s, extend_s, expand_s, overhead_s)
+    traces, overhead_s = collect_traces(target, drafter, calibration, max_new_tokens)
+    modelled = choose_tree(traces, verify_s, extend_s, expand_s, overhead_s)
+    candidates = shortlist(modelled)
+    shapes = [TreeConfig(c["depth"], c["top_k"], c["total_tokens"]) for c in candidates]
+    timing = [ids for i, ids in fitting if i in timing_prompts] or calibration[:1]
+    progress(f"[autotune] timing the rounds of {len(shapes)} candidate shapes ...")
+    ranked = rerank_measured(modelled, candidates, measure_round_s(target, drafter, shapes, timing))
     best = ranked[0]
     return AutotuneReport(
         best=TreeConfig(best["depth"], best["top_k"], best["total_tokens"]),
@@ -293,16 +407,23 @@ def drafter_fingerprint(drafter) -> str:
     return digest.hexdigest()[:12]
 
 
+def calibration_id() -> str:
+    """A short hash of the calibration set and tuning method, so a change tunes again."""
+    spec = [AUTOTUNE_METHOD, list(CALIBRATION_PROMPTS), asdict(CALIBRATION_TREE), list(TIMING_PROMPTS)]
+    return hashlib.sha1(json.dumps(spec).encode()).hexdigest()[:8]
+
+
 def _cache_key(target, drafter, drafter_label: str) -> str:
     # Prepacked CPU weights change every cost the tuner measured: a separate entry.
     packed = "packed" if getattr(target, "packed_weights", False) else "plain"
     return "|".join([str(target.name), drafter_label, drafter_fingerprint(drafter), str(target.dtype),
-                     str(target.device), str(torch.get_num_threads()), packed])
+                     str(target.device), str(torch.get_num_threads()), packed, calibration_id()])
 
 
 def resolve_tree(spec: str, target, drafter, drafter_label: str = "", progress=print, use_cache: bool = True) -> TreeConfig:
     """``TreeConfig.parse(spec)``, or for ``auto`` the autotuned shape (cached on disk per
-    target, drafter and its weights, dtype, device, thread count and weight packing)."""
+    target, drafter and its weights, dtype, device, thread count, weight packing and
+    calibration set)."""
     if spec != "auto":
         return TreeConfig.parse(spec)
     if drafter is None:
