@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import statistics
-from pathlib import Path
 
 import torch
 
+from common import write_rows
 from prism_spec.bench.datasets import BENCHMARKS, conversation_prompt, load_benchmark
 from prism_spec.drafters.resolve import resolve_drafter
 from prism_spec.runtime.autotune import CALIBRATION_PROMPTS, collect_traces, simulate
@@ -67,10 +66,7 @@ def main(argv=None) -> int:
         al = replayed_al(traces, shapes)
         rows.append({"prompts": name, "rounds": len(traces), "al": al})
         print(f"| {name} | {len(traces)} | " + " | ".join(f"{al[s]:.3f}" for s in shapes) + " |")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"settings": vars(args), "date": str(datetime.date.today()),
-                                               "rows": rows}, indent=1))
+    write_rows(args.json, vars(args), rows)
     return 0
 
 

@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
+from common import write_rows
 from prism_spec.bench.runner import _cpu_name
 from prism_spec.targets.attention import GROUPED_SDPA
 from prism_spec.targets.hf import load_target, truncate_cache
@@ -85,12 +83,7 @@ def main(argv=None) -> int:
             rows.append(row)
             print(f"| {prefix_len} | {n} | {row['sdpa_ms']:.1f} | {row['grouped_ms']:.1f} | "
                   f"{row['sdpa_ms'] / row['grouped_ms']:.2f}x | {diff:.3g} |", flush=True)
-    if args.json:
-        meta = {"target": args.target, "dtype": args.dtype, "threads": args.threads, "cpu": _cpu_name(),
-                "torch": torch.__version__, "python": platform.python_version(), "date": str(datetime.date.today())}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-        print(f"\nwrote {args.json}")
+    write_rows(args.json, vars(args), rows)
     return 0
 
 

@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import time
-from pathlib import Path
 
 import torch
 
+from common import write_rows
 from prism_spec.bench.datasets import conversation_prompt, load_benchmark
 from prism_spec.bench.runner import _cpu_name
 from prism_spec.drafters.resolve import resolve_drafter
@@ -115,10 +114,7 @@ def main(argv=None) -> int:
     base, new = settings
     print(f"\n{new} / {base}: vanilla {rate[new, 'vanilla'] / rate[base, 'vanilla']:.2f}x, speculative "
           f"{rate[new, 'speculative'] / rate[base, 'speculative']:.2f}x")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"settings": vars(args), "cpu": _cpu_name(), "torch": torch.__version__,
-                                               "date": str(datetime.date.today()), "rows": rows}, indent=1))
+    write_rows(args.json, vars(args), rows)
     return 0
 
 

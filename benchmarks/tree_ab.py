@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import time
-from pathlib import Path
 
 import torch
 
+from common import write_rows
 from prism_spec.bench.datasets import BENCHMARKS, conversation_prompt, load_benchmark
 from prism_spec.bench.runner import _cpu_name
 from prism_spec.drafters.resolve import resolve_drafter
@@ -79,10 +78,7 @@ def main(argv=None) -> int:
         rows.append(row)
         print(f"| {name} | {shape} | {rate:.1f} | {row['speedup']:.3f}x | {row['acceptance_length']:.2f} | "
               f"{row['ms_per_round']:.2f} |")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"settings": vars(args), "cpu": _cpu_name(), "torch": torch.__version__,
-                                               "date": str(datetime.date.today()), "rows": rows}, indent=1))
+    write_rows(args.json, vars(args), rows)
     return 0
 
 
