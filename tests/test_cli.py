@@ -340,3 +340,11 @@ def test_chat_multi_turn_reset_and_exit(tiny_target, capsys, monkeypatch):
     assert replies[0] == replies[2]
     assert err.count("acceptance length") == 3
     assert "conversation cleared" in err
+
+
+def test_tree_label_spells_out_the_spec():
+    from prism_spec.cli import tree_label
+    from prism_spec.runtime.tree import TreeConfig
+
+    assert tree_label(TreeConfig.parse("10/1/6")) == "10/1/6 (10 nodes with the root, 2 drafted levels, top-k 6)"
+    assert tree_label(TreeConfig.parse("4/0/3")) == "4/0/3 (4 nodes with the root, 1 drafted level, top-k 3)"

@@ -216,7 +216,9 @@ def _looks_like_path(name: str) -> bool:
 
 
 def tree_label(tree) -> str:
-    return f"{tree.total_tokens} nodes, depth {tree.max_depth}, top-k {tree.top_k}"
+    """The shape as ``--tree`` takes it (TOTAL/DEPTH/TOPK), spelled out."""
+    levels = f"{tree.max_depth} drafted level{'s' * (tree.max_depth > 1)}"
+    return f"{tree.total_tokens}/{tree.depth}/{tree.top_k} ({tree.total_tokens} nodes with the root, {levels}, top-k {tree.top_k})"
 
 
 def add_subparser(subparsers, name: str, **kwargs) -> argparse.ArgumentParser:

@@ -1,5 +1,7 @@
 """Tree autotuning: the replay of calibration rounds and the choice of shape."""
 
+import json
+
 import pytest
 import torch
 
@@ -64,6 +66,7 @@ def test_autotune_end_to_end_prefers_deep_trees_for_an_oracle(one_thread):
                                                                   report.best.total_tokens)
     assert all(c["round_ms"] > 0 and "model_round_ms" in c for c in report.top)
     assert report.top == sorted(report.top, key=lambda c: -c["tokens_per_s"])
+    assert report.vanilla_tokens_per_s > 0
 
 
 def test_drafter_fingerprint_follows_the_weights(one_thread):
@@ -138,3 +141,21 @@ def test_calibration_skips_prompts_the_context_cannot_hold(one_thread):
     assert report.rounds > 0
     with pytest.raises(ValueError, match="no calibration prompt fits"):
         autotune_tree(target, drafter, prompts=[long_prompt], max_new_tokens=8, progress=lambda *_: None)
+
+
+def test_resolve_tree_says_when_no_shape_beats_vanilla(one_thread, tmp_path, monkeypatch):
+    from prism_spec.runtime import autotune
+
+    monkeypatch.setenv("PRISM_SPEC_CACHE", str(tmp_path))
+    # Prompts that fit the tiny target; a stand-in drafter of a random 1-layer prefix accepts
+    # little and costs half a target forward per step.
+    monkeypatch.setattr(autotune, "CALIBRATION_PROMPTS", ([5, 17, 3, 44, 9, 81, 2], [60, 33, 12, 7, 1]))
+    target = tiny_llama(layers=2)
+    drafter = StandardDrafter.from_target_layers(target, 1)
+    said = []
+    tree = autotune.resolve_tree("auto", target, drafter, "stand-in", progress=said.append)
+    assert any(f"chose {tree}" in line and "x vanilla decoding's" in line for line in said)
+    assert any("no tree shape beats vanilla decoding" in line for line in said)
+    cached = json.loads((tmp_path / "autotune.json").read_text())
+    (entry,) = cached.values()
+    assert entry["expected_tokens_per_s"] < entry["vanilla_tokens_per_s"]

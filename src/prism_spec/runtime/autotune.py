@@ -103,6 +103,7 @@ class AutotuneReport:
     best: TreeConfig
     expected_tokens_per_s: float
     expected_acceptance_length: float
+    vanilla_tokens_per_s: float  # vanilla decoding's rounds, timed beside the candidates'
     verify_ms: dict[int, float]
     extend_ms: float
     expand_ms: dict[int, float]
@@ -313,20 +314,27 @@ def shortlist(ranked: list[dict], n_best: int = 5) -> list[dict]:
     return picked
 
 
-def measure_round_s(target, drafter, shapes: Sequence[TreeConfig], prompts, max_new_tokens: int = 32,
+def measure_round_s(target, drafter, shapes: Sequence[TreeConfig | None], prompts, max_new_tokens: int = 32,
                     repeats: int = 2) -> list[float]:
     """Seconds per decode round (tree drafting, verification, acceptance, cache updates) of
-    real greedy generations with each shape; the shapes take turns on every prompt so that
-    drifting machine load hits them alike. One short warm-up generation per shape first."""
+    real greedy generations with each shape (None: vanilla decoding, one token per round);
+    the shapes take turns on every prompt so that drifting machine load hits them alike. One
+    short warm-up generation per shape first."""
     spent = [0.0] * len(shapes)
     rounds = [0] * len(shapes)
     ids = [target.encode_prompt(p) if isinstance(p, str) else p for p in prompts]  # token ids pass through
+
+    def run(prompt, shape, new_tokens):
+        cfg = GenerationConfig(max_new_tokens=new_tokens) if shape is None else \
+            GenerationConfig(max_new_tokens=new_tokens, tree=shape)
+        return generate(target, prompt, None if shape is None else drafter, cfg)
+
     for shape in shapes:
-        generate(target, ids[0], drafter, GenerationConfig(max_new_tokens=4, tree=shape))
+        run(ids[0], shape, 4)
     for _ in range(repeats):
         for prompt in ids:
             for i, shape in enumerate(shapes):
-                res = generate(target, prompt, drafter, GenerationConfig(max_new_tokens=max_new_tokens, tree=shape))
+                res = run(prompt, shape, max_new_tokens)
                 spent[i] += res.draft_s + res.verify_s
                 rounds[i] += res.rounds
     return [t / max(n, 1) for t, n in zip(spent, rounds)]
@@ -353,8 +361,12 @@ def rerank_measured(ranked: list[dict], measured: list[dict], round_s: Sequence[
     return out
 
 
-def autotune_tree(target, drafter, prompts=CALIBRATION_PROMPTS, max_new_tokens: int = 96, progress=print,
-                  timing_prompts: Sequence[int] = TIMING_PROMPTS) -> AutotuneReport:
+def autotune_tree(target, drafter, prompts=None, max_new_tokens: int = 96, progress=print,
+                  timing_prompts: Sequence[int] | None = None) -> AutotuneReport:
+    """Tune the tree shape (module docstring); ``prompts`` (text or token ids) default to
+    :data:`CALIBRATION_PROMPTS`, ``timing_prompts`` (their indices) to :data:`TIMING_PROMPTS`."""
+    prompts = CALIBRATION_PROMPTS if prompts is None else prompts
+    timing_prompts = TIMING_PROMPTS if timing_prompts is None else timing_prompts
     progress("[autotune] timing the target's verify forward ...")
     verify_s = measure_verify_latency(target)
     progress("[autotune] timing the drafter ...")
@@ -374,13 +386,15 @@ def autotune_tree(target, drafter, prompts=CALIBRATION_PROMPTS, max_new_tokens: 
     candidates = shortlist(modelled)
     shapes = [TreeConfig(c["depth"], c["top_k"], c["total_tokens"]) for c in candidates]
     timing = [ids for i, ids in fitting if i in timing_prompts] or calibration[:1]
-    progress(f"[autotune] timing the rounds of {len(shapes)} candidate shapes ...")
-    ranked = rerank_measured(modelled, candidates, measure_round_s(target, drafter, shapes, timing))
+    progress(f"[autotune] timing the rounds of {len(shapes)} candidate shapes and of vanilla decoding ...")
+    *round_s, vanilla_s = measure_round_s(target, drafter, [*shapes, None], timing)
+    ranked = rerank_measured(modelled, candidates, round_s)
     best = ranked[0]
     return AutotuneReport(
         best=TreeConfig(best["depth"], best["top_k"], best["total_tokens"]),
         expected_tokens_per_s=best["tokens_per_s"],
         expected_acceptance_length=best["al"],
+        vanilla_tokens_per_s=1.0 / vanilla_s if vanilla_s > 0 else 0.0,
         verify_ms={n: s * 1e3 for n, s in verify_s.items()},
         extend_ms=extend_s * 1e3,
         expand_ms={k: s * 1e3 for k, s in expand_s.items()},
@@ -439,8 +453,14 @@ def resolve_tree(spec: str, target, drafter, drafter_label: str = "", progress=p
         if key in table:
             return TreeConfig(**table[key]["best"])
     report = autotune_tree(target, drafter, progress=progress)
+    speedup = report.expected_tokens_per_s / report.vanilla_tokens_per_s if report.vanilla_tokens_per_s else 0.0
     progress(f"[autotune] chose {report.best} (expected AL {report.expected_acceptance_length:.2f}, "
-             f"{report.expected_tokens_per_s:.1f} tokens/s)")
+             f"{report.expected_tokens_per_s:.1f} tokens/s, {speedup:.2f}x vanilla decoding's "
+             f"{report.vanilla_tokens_per_s:.1f} in the same timing)")
+    if speedup < 1.0:
+        progress("[autotune] no tree shape beats vanilla decoding at this drafter's acceptance and these costs: "
+                 "expect a slowdown (on a CPU bfloat16 makes verifying a few tokens cheaper; a better-trained "
+                 "drafter accepts more)")
     table[key] = report.to_dict()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
