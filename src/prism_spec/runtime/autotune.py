@@ -26,10 +26,11 @@ right after the target's forward finds its weights evicted from the CPU caches, 
 building and acceptance scale with the shape while the overhead above is one number for the
 wide calibration tree. On a 2-core CPU the model preferred one-drafter-step trees that ran
 6-8 % slower than a 4-node tree without drafter steps, interleaved in one process
-(``benchmarks/tree_ab.py``, docs/performance.md). So the best few shapes of the ranking (and the best of each depth) decode a few
-calibration prompts, interleaved, and their measured time per round replaces the modelled
-one; every other shape's modelled time is corrected by the mean error of the timed shapes
-of its depth. Expected tokens/s = replayed acceptance length / that round time.
+(``benchmarks/tree_ab.py``, docs/performance.md). So the best few shapes of the ranking (and
+the best of each depth) decode a few calibration prompts, interleaved with vanilla decoding,
+and their measured time per round replaces the modelled one; every other shape's modelled
+time is corrected by the mean error of the timed shapes of its depth. Expected tokens/s =
+replayed acceptance length / that round time; the vanilla rounds give the expected speedup.
 """
 
 from __future__ import annotations
