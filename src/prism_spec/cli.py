@@ -176,8 +176,13 @@ def generation_config(args: argparse.Namespace, stop_strings: Sequence[str] = ()
         tree=TreeConfig.parse("cpu") if args.tree == "auto" else args.tree,
         stop_strings=tuple(stop_strings),
         seed=args.seed,
-        static_cache=any(getattr(args, flag, False) for flag in ("static_cache", "compile", "cuda_graphs")),
+        static_cache=wants_static_cache(args),
     )
+
+
+def wants_static_cache(args: argparse.Namespace) -> bool:
+    """--static-cache, or a runtime that needs one (--compile, --cuda-graphs)."""
+    return any(getattr(args, flag, False) for flag in ("static_cache", "compile", "cuda_graphs"))
 
 
 def resolve_tree_from_args(args: argparse.Namespace, target, resolved):
@@ -186,7 +191,8 @@ def resolve_tree_from_args(args: argparse.Namespace, target, resolved):
         return args.tree
     from .runtime.autotune import resolve_tree
 
-    return resolve_tree("auto", target, resolved.drafter, resolved.label, progress=_status)
+    return resolve_tree("auto", target, resolved.drafter, resolved.label, progress=_status,
+                        static_cache=wants_static_cache(args))
 
 
 def load_target_from_args(args: argparse.Namespace):
@@ -601,7 +607,7 @@ def run_serve(args: argparse.Namespace) -> int:
     _status(f"serving {name} on http://{args.host}:{args.port}/v1 (drafter: {resolved.label}, "
             f"tree {tree_label(tree)}, batches up to {engine.max_batch})")
     try:
-        app = create_app(engine, name, tree, args.max_tokens, static_cache=args.static_cache or args.compile or args.cuda_graphs)
+        app = create_app(engine, name, tree, args.max_tokens, static_cache=wants_static_cache(args))
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:
         engine.stop()

@@ -159,3 +159,30 @@ def test_resolve_tree_says_when_no_shape_beats_vanilla(one_thread, tmp_path, mon
     cached = json.loads((tmp_path / "autotune.json").read_text())
     (entry,) = cached.values()
     assert entry["expected_tokens_per_s"] < entry["vanilla_tokens_per_s"]
+
+
+def test_static_cache_rounds_are_tuned_separately(one_thread, tmp_path, monkeypatch):
+    from prism_spec.runtime import autotune
+
+    monkeypatch.setenv("PRISM_SPEC_CACHE", str(tmp_path))
+    monkeypatch.setattr(autotune, "CALIBRATION_PROMPTS", ([5, 17, 3, 44, 9, 81, 2], [60, 33, 12, 7, 1]))
+    target = tiny_llama(layers=2)
+    drafter = StandardDrafter.from_target_layers(target, 1)
+    assert autotune._cache_key(target, drafter, "d", static_cache=True) != autotune._cache_key(target, drafter, "d")
+    configs = []
+    real = autotune.generate
+
+    def spy(target, prompt, drafter, cfg):
+        configs.append((cfg, drafter))
+        return real(target, prompt, drafter, cfg)
+
+    monkeypatch.setattr(autotune, "generate", spy)
+    autotune.resolve_tree("auto", target, drafter, "d", progress=lambda *_: None, static_cache=True)
+    # Calibration traces (recorded per round) use the growing cache: acceptance does not
+    # depend on it. The timed rounds, vanilla's included, run on the static cache.
+    calibration = [cfg for cfg, _ in configs if cfg.on_round is not None]
+    timing = [(cfg, d) for cfg, d in configs if cfg.on_round is None]
+    assert calibration and not any(cfg.static_cache for cfg in calibration)
+    assert timing and all(cfg.static_cache for cfg, _ in timing)
+    assert any(d is None for _, d in timing) and any(d is drafter for _, d in timing)
+    assert len(json.loads((tmp_path / "autotune.json").read_text())) == 1

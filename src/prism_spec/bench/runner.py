@@ -364,7 +364,8 @@ def run_bench(
             from ..runtime.autotune import resolve_tree
 
             say = print if cfg.progress else (lambda *_: None)
-            chosen = resolve_tree("auto", target, method.drafter, method.spec.spec_string(), progress=say)
+            chosen = resolve_tree("auto", target, method.drafter, method.spec.spec_string(), progress=say,
+                                  static_cache=cfg.static_cache)
             method.spec = dataclasses.replace(method.spec, tree=chosen)
     # Written once everything loaded: a bad drafter path leaves no half-started bench behind.
     _write_meta(meta_path, meta)

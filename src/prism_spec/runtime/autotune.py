@@ -316,18 +316,20 @@ def shortlist(ranked: list[dict], n_best: int = 5) -> list[dict]:
 
 
 def measure_round_s(target, drafter, shapes: Sequence[TreeConfig | None], prompts, max_new_tokens: int = 32,
-                    repeats: int = 2) -> list[float]:
+                    repeats: int = 2, static_cache: bool = False) -> list[float]:
     """Seconds per decode round (tree drafting, verification, acceptance, cache updates) of
-    real greedy generations with each shape (None: vanilla decoding, one token per round);
-    the shapes take turns on every prompt so that drifting machine load hits them alike. One
-    short warm-up generation per shape first."""
+    real greedy generations with each shape (None: vanilla decoding, one token per round),
+    in the runtime decoding will use (``static_cache``; CUDA graphs if the target has them
+    on); the shapes take turns on every prompt so that drifting machine load hits them
+    alike. One short warm-up generation per shape first."""
     spent = [0.0] * len(shapes)
     rounds = [0] * len(shapes)
     ids = [target.encode_prompt(p) if isinstance(p, str) else p for p in prompts]  # token ids pass through
 
     def run(prompt, shape, new_tokens):
-        cfg = GenerationConfig(max_new_tokens=new_tokens) if shape is None else \
-            GenerationConfig(max_new_tokens=new_tokens, tree=shape)
+        cfg = GenerationConfig(max_new_tokens=new_tokens, static_cache=static_cache)
+        if shape is not None:
+            cfg.tree = shape
         return generate(target, prompt, None if shape is None else drafter, cfg)
 
     for shape in shapes:
@@ -363,9 +365,10 @@ def rerank_measured(ranked: list[dict], measured: list[dict], round_s: Sequence[
 
 
 def autotune_tree(target, drafter, prompts=None, max_new_tokens: int = 96, progress=print,
-                  timing_prompts: Sequence[int] | None = None) -> AutotuneReport:
+                  timing_prompts: Sequence[int] | None = None, static_cache: bool = False) -> AutotuneReport:
     """Tune the tree shape (module docstring); ``prompts`` (text or token ids) default to
-    :data:`CALIBRATION_PROMPTS`, ``timing_prompts`` (their indices) to :data:`TIMING_PROMPTS`."""
+    :data:`CALIBRATION_PROMPTS`, ``timing_prompts`` (their indices) to :data:`TIMING_PROMPTS`;
+    rounds are timed with ``static_cache`` as decoding will run."""
     prompts = CALIBRATION_PROMPTS if prompts is None else prompts
     timing_prompts = TIMING_PROMPTS if timing_prompts is None else timing_prompts
     progress("[autotune] timing the target's verify forward ...")
@@ -388,7 +391,7 @@ def autotune_tree(target, drafter, prompts=None, max_new_tokens: int = 96, progr
     shapes = [TreeConfig(c["depth"], c["top_k"], c["total_tokens"]) for c in candidates]
     timing = [ids for i, ids in fitting if i in timing_prompts] or calibration[:1]
     progress(f"[autotune] timing the rounds of {len(shapes)} candidate shapes and of vanilla decoding ...")
-    *round_s, vanilla_s = measure_round_s(target, drafter, [*shapes, None], timing)
+    *round_s, vanilla_s = measure_round_s(target, drafter, [*shapes, None], timing, static_cache=static_cache)
     ranked = rerank_measured(modelled, candidates, round_s)
     best = ranked[0]
     return AutotuneReport(
@@ -428,23 +431,25 @@ def calibration_id() -> str:
     return hashlib.sha1(json.dumps(spec).encode()).hexdigest()[:8]
 
 
-def _cache_key(target, drafter, drafter_label: str) -> str:
-    # Prepacked CPU weights change every cost the tuner measured: a separate entry.
+def _cache_key(target, drafter, drafter_label: str, static_cache: bool = False) -> str:
+    # Prepacked CPU weights, the static cache and CUDA graphs change the costs: separate entries.
     packed = "packed" if getattr(target, "packed_weights", False) else "plain"
+    runtime = ("static" if static_cache else "dynamic") + ("+graphs" if getattr(target, "uses_cuda_graphs", False) else "")
     return "|".join([str(target.name), drafter_label, drafter_fingerprint(drafter), str(target.dtype),
-                     str(target.device), str(torch.get_num_threads()), packed, calibration_id()])
+                     str(target.device), str(torch.get_num_threads()), packed, runtime, calibration_id()])
 
 
-def resolve_tree(spec: str, target, drafter, drafter_label: str = "", progress=print, use_cache: bool = True) -> TreeConfig:
+def resolve_tree(spec: str, target, drafter, drafter_label: str = "", progress=print, use_cache: bool = True,
+                 static_cache: bool = False) -> TreeConfig:
     """``TreeConfig.parse(spec)``, or for ``auto`` the autotuned shape (cached on disk per
-    target, drafter and its weights, dtype, device, thread count, weight packing and
-    calibration set)."""
+    target, drafter and its weights, dtype, device, thread count, weight packing, runtime
+    (``static_cache``, CUDA graphs) and calibration set)."""
     if spec != "auto":
         return TreeConfig.parse(spec)
     if drafter is None:
         return TreeConfig.parse("cpu")  # vanilla: the tree is unused
     path = Path(cache_dir()) / "autotune.json"
-    key = _cache_key(target, drafter, drafter_label or type(drafter).__name__)
+    key = _cache_key(target, drafter, drafter_label or type(drafter).__name__, static_cache)
     table = {}
     if use_cache and path.exists():
         try:
@@ -453,7 +458,7 @@ def resolve_tree(spec: str, target, drafter, drafter_label: str = "", progress=p
             table = {}
         if key in table:
             return TreeConfig(**table[key]["best"])
-    report = autotune_tree(target, drafter, progress=progress)
+    report = autotune_tree(target, drafter, progress=progress, static_cache=static_cache)
     speedup = report.expected_tokens_per_s / report.vanilla_tokens_per_s if report.vanilla_tokens_per_s else 0.0
     progress(f"[autotune] chose {report.best} (expected AL {report.expected_acceptance_length:.2f}, "
              f"{report.expected_tokens_per_s:.1f} tokens/s, {speedup:.2f}x vanilla decoding's "
