@@ -296,6 +296,12 @@ def test_report_files_and_schemas(tmp_path):
     assert body[1][2] == "2.83" and body[1][header.index("MT-bench ×")] == "2.00×"
     assert body[1][header.index("Mean ×")] == "3.00×"
     assert "## Details" in "\n".join(table) and "1 / 2" in "\n".join(table)
+    # The details name the tree each method ran with (--tree auto tunes one per drafter).
+    detail_header = next(line for line in table if line.startswith("| Method | T | Tree |"))
+    detail = [[c.strip() for c in line.strip("|").split("|")] for line in table[table.index(detail_header) + 2:]
+              if line.startswith("|")][:4]
+    assert [(r[0], r[2]) for r in detail] == [("vanilla", "–"), ("prism", "8/4/3"), ("vanilla", "–"), ("prism", "8/4/3")]
+    assert {a["method"]: a["trees"] for a in results["aggregates"]} == {"vanilla": [], "prism": ["8/4/3"]}
 
 
 def test_sweep_and_scaling_figures(tmp_path):

@@ -43,7 +43,7 @@ AGGREGATE_KEYS = [
     "method", "kind", "temperature", "bench", "runs", "errors", "new_tokens", "total_s", "rounds",
     "acceptance_length", "al_source", "tokens_per_s", "speedup", "speedup_prompts", "drafting_share",
     "weights_bytes", "kv_peak_bytes", "peak_memory_bytes", "peak_memory_source", "differs_from_vanilla",
-    "compared_with_vanilla", "step_acceptance",
+    "compared_with_vanilla", "step_acceptance", "trees",
 ]
 
 
@@ -201,6 +201,8 @@ def aggregate(runs: Sequence[dict]) -> list[dict]:
                     "differs_from_vanilla": sum(flags) if compare else None,
                     "compared_with_vanilla": len(flags) if compare else None,
                     "step_acceptance": M.step_acceptance_rates(turns),
+                    # the shape each run used (--tree auto tunes one per drafter)
+                    "trees": sorted({r["tree"] for r in group if r.get("tree") and r["kind"] != "vanilla"}),
                 })
     return rows
 
@@ -276,17 +278,18 @@ def markdown_table(aggregates: Sequence[dict], summary: Sequence[dict], meta: di
     table = "\n".join(lines)
 
     detail = [
-        "| Method | T | Runs | New tokens | Drafting share | Weights MiB | Peak KV MiB | Peak memory MiB | "
+        "| Method | T | Tree | Runs | New tokens | Drafting share | Weights MiB | Peak KV MiB | Peak memory MiB | "
         "T=0 outputs ≠ vanilla |",
-        "|---|:-:|--:|--:|--:|--:|--:|--:|--:|",
+        "|---|:-:|---|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for s in srows:
         group = [a for a in aggregates if a["method"] == s["method"] and a["temperature"] == s["temperature"]]
         share = M.mean(a["drafting_share"] for a in group) if all(a["drafting_share"] is not None for a in group) else None
         diff = s["t0_outputs_differing_from_vanilla"]
         diff_s = "–" if diff is None else f"{diff} / {s['t0_outputs_compared']}"
+        trees = sorted({t for a in group for t in a.get("trees", ())})
         detail.append("| " + " | ".join([
-            s["method"], f"{s['temperature']:g}", str(s["runs"]) + (f" ({s['errors']} failed)" if s["errors"] else ""),
+            s["method"], f"{s['temperature']:g}", ", ".join(trees) or "–", str(s["runs"]) + (f" ({s['errors']} failed)" if s["errors"] else ""),
             str(sum(a["new_tokens"] for a in group)),
             "–" if share is None else f"{100 * share:.0f}%",
             _mib(max((a["weights_bytes"] or 0 for a in group), default=None)),
