@@ -52,6 +52,7 @@ def test_only_masked_multi_token_grouped_cpu_calls_are_folded():
     assert not folds_query_groups(module, query, None, 0.0, {})  # causal prefill: flash with is_causal
     assert not folds_query_groups(SimpleNamespace(num_key_value_groups=1), query, mask, 0.0, {})
     assert not folds_query_groups(module, query, mask.expand(1, 6, 4, 10), 0.0, {})  # per-head masks
+    assert not folds_query_groups(module, query, mask[:, :, :1], 0.0, {})  # one row broadcast over queries
     assert not folds_query_groups(module, query, mask, 0.1, {})
     assert not folds_query_groups(module, query, mask, 0.0, {"softcap": 30.0})
     assert not folds_query_groups(module, query, mask, 0.0, {"position_bias": torch.zeros(1, 6, 4, 10)})

@@ -39,6 +39,7 @@ def folds_query_groups(module, query: torch.Tensor, attention_mask, dropout: flo
         and isinstance(attention_mask, torch.Tensor)
         and attention_mask.dim() == 4
         and attention_mask.shape[1] == 1  # one mask for every head
+        and attention_mask.shape[2] == query.shape[2]  # a row per query (not broadcast over them)
         and not dropout
         and kwargs.get("position_bias") is None
         and kwargs.get("softcap") is None
