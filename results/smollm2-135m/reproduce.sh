@@ -28,6 +28,7 @@
 #   bash results/smollm2-135m/reproduce.sh bench-cpu-ft2   # bf16 CPU speed of the two passes (--tree auto, then 4/0/3)
 #   bash results/smollm2-135m/reproduce.sh attention       # grouped-query SDPA without the KV copy: forward latency, A/B
 #   bash results/smollm2-135m/reproduce.sh bench-cpu-s6    # bf16 CPU speed, --tree auto with the sixth session's calibration set
+#   bash results/smollm2-135m/reproduce.sh bench-cpu-s6-all  # the same runtime for the baselines (equal training) and the packaged PRISM
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUNS=${RUNS:-runs/smollm2-135m}
@@ -248,7 +249,12 @@ case "${1:-}" in
     prism bench --method vanilla --method prism@prism-ft=$OUT/drafters/prism-ft --method prism@prism-ft2=$OUT/drafters/prism-ft2 \
       --dtype bfloat16 --temperature 0 --tree auto --limit "${LIMIT:-5}" --max-new-tokens 64 --threads 2 \
       --out "$OUT/bench-cpu-s6" ;;
+  bench-cpu-s6-all)  # EAGLE-2, HASS and PRISM of the second session (same data and budget) + the packaged PRISM
+    packaged_weights
+    prism bench --method vanilla "${DRAFTERS[@]}" --method prism@packaged=$OUT/drafters/prism-ft2 \
+      --dtype bfloat16 --temperature 0 --tree auto --limit "${LIMIT:-5}" --max-new-tokens 64 --threads 2 \
+      --out "$OUT/bench-cpu-s6-all" ;;
   *)
-    echo "usage: $0 regen|features|eagle2|hass|prism|prism3|prism-star|stacked2|standard|scaling|bench|bench-fp32|bench-ablations|bench-cpu|profile|regen-gpu|prism-gpu|bench-gpu-prism|packing|prism-star-norm|bench-star-norm|prism-ft|prism-ft2|bench-ft|bench-ft2|bench-cpu-ft2|attention|bench-cpu-s6" >&2
+    echo "usage: $0 regen|features|eagle2|hass|prism|prism3|prism-star|stacked2|standard|scaling|bench|bench-fp32|bench-ablations|bench-cpu|profile|regen-gpu|prism-gpu|bench-gpu-prism|packing|prism-star-norm|bench-star-norm|prism-ft|prism-ft2|bench-ft|bench-ft2|bench-cpu-ft2|attention|bench-cpu-s6|bench-cpu-s6-all" >&2
     exit 2 ;;
 esac
