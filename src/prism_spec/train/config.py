@@ -225,8 +225,8 @@ class TrainConfig:
                 path = Path(p)
                 if not path.exists():
                     errors.append(f"data file {p} does not exist")
-                elif path.is_dir():
-                    errors.append(f"data path {p} is a folder; give the data files")
+                elif path.is_dir() and not (path / "corpus.json").is_file():  # a corpus folder is one source
+                    errors.append(f"data path {p} is a folder; give the data files (or a `prism corpus` folder)")
         # stages
         enabled = self.enabled_stages()
         need(bool(enabled), "no enabled stage: nothing to train")

@@ -698,6 +698,8 @@ def _ranking(items: Sequence[Any], salt: str) -> list[int]:
         item = items[i]
         if isinstance(item, list) and all(isinstance(m, dict) and "role" in m for m in item):
             blob = conversation_key(item)
+        elif isinstance(getattr(item, "key", None), str):  # a corpus example: its prompt's key
+            blob = item.key
         else:
             blob = json.dumps(item, sort_keys=True, ensure_ascii=False, default=repr)
         return hashlib.sha256(f"{salt}\x00{blob}".encode("utf-8")).hexdigest(), i

@@ -86,13 +86,23 @@ def load_examples(config: TrainConfig, tokenizer) -> tuple[list[Example], list[E
     from .chat import tokenize_conversation
     from .data import load_training_mix, sample, split_heldout
 
+    from .corpus import CorpusExample, is_corpus, read_corpus
+
     data = config.data
+    paths = [str(p) for p in data.paths]
+    corpora = [p for p in paths if is_corpus(p)]  # token-id corpora (prism corpus build)
     try:
-        conversations, reader_stats = load_training_mix([str(p) for p in data.paths], dedupe=data.dedupe)
+        conversations, reader_stats = load_training_mix([p for p in paths if p not in corpora], dedupe=data.dedupe)
+        corpus_examples = [ex for folder in corpora for ex in read_corpus(folder)]
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"cannot read the training data: {e}") from None
     stats = reader_stats.as_dict() if hasattr(reader_stats, "as_dict") else {"reader": str(reader_stats)}
     stats.pop("sources", None)
+    if corpora:
+        stats["corpus_replies"] = len(corpus_examples)
+        if not corpus_examples and not conversations:
+            raise TrainingError(f"the corpora {corpora} hold no finished shard yet (prism corpus status)")
+    conversations = conversations + corpus_examples
     if not conversations:
         raise TrainingError(f"no conversation could be read from {list(data.paths)} ({reader_stats})")
     holdout = int(data.holdout) if data.holdout >= 1 else float(data.holdout)
@@ -109,8 +119,8 @@ def load_examples(config: TrainConfig, tokenizer) -> tuple[list[Example], list[E
     def tokenize(convs) -> tuple[list[Example], int]:
         out, dropped = [], 0
         for conv in convs:
-            tok = tokenize_conversation(tokenizer, conv, data.max_length)
-            ids, mask = _as_long(tok.input_ids), _as_long(tok.loss_mask)
+            tok = conv if isinstance(conv, CorpusExample) else tokenize_conversation(tokenizer, conv, data.max_length)
+            ids, mask = _as_long(tok.input_ids[:data.max_length]), _as_long(tok.loss_mask[:data.max_length])
             # Usable: at least 3 tokens and an assistant token that some earlier token predicts.
             if ids.numel() < 3 or int(mask[2:].sum()) == 0:
                 dropped += 1
