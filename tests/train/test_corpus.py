@@ -184,3 +184,20 @@ def test_cli_build_status_export(tmp_path, tiny_target_dir, prompt_files, capsys
     with pytest.raises(SystemExit) as exc:
         cli_main(["corpus", "build", "--data", "x", "--out", str(tmp_path / "d"), "--shards", "3:1"])
     assert exc.value.code == 2
+
+
+def test_shards_grouped_for_large_batches_give_the_same_corpus(tmp_path, target, prompt_files):
+    build(tmp_path / "one", target, prompt_files)
+    calls = []
+
+    class Counting(HFEngine):
+        def generate(self, prompts, *args, **kwargs):
+            calls.append(len(prompts))
+            super().generate(prompts, *args, **kwargs)
+
+    create_corpus(tmp_path / "grouped", target, prompt_files, SETTINGS, shard_size=8, max_prompt_tokens=200,
+                  progress=False)
+    stats = build_corpus(tmp_path / "grouped", Counting(target, batch_size=4), group_prompts=20, progress=False)
+    assert calls == [24, 8] and stats["shards_finished"] == [0, 1, 2, 3]
+    assert [(e.key, e.reply_ids) for e in read_corpus(tmp_path / "one")] == \
+        [(e.key, e.reply_ids) for e in read_corpus(tmp_path / "grouped")]

@@ -484,10 +484,14 @@ def build_corpus(
     time_limit_s: float | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    group_prompts: int | None = None,
 ) -> dict:
-    """Answer the prompts of the corpus at ``folder`` shard by shard (``shards``: which ones,
-    default all; finished ones are skipped). Stops cleanly after the batch that passes
-    ``time_limit_s``. Returns counts of this run (replies, tokens, seconds, shards finished)."""
+    """Answer the prompts of the corpus at ``folder`` shard by shard (``shards``: which ones and
+    in which order, default all; finished ones are skipped). Consecutive shards are handed to
+    the engine together until they hold ``group_prompts`` unanswered prompts (default: twice
+    the engine's batch size), so a large GPU batch is not capped by the shard size. Stops
+    cleanly after the batch that passes ``time_limit_s``. Returns counts of this run (replies,
+    tokens, seconds, shards finished)."""
     from tqdm.auto import tqdm
 
     folder = Path(folder)
@@ -498,7 +502,14 @@ def build_corpus(
     wanted = all_shards if shards is None else [all_shards[k] for k in shards]
     todo = [s for s in wanted if not shard_done(folder, s.index)]
     partials = {s.index: _read_partial(folder / f"{shard_name(s.index)}.partial.jsonl") for s in todo}
-    remaining = sum(s.stop - s.start - len(partials[s.index]) for s in todo)
+    missing = {s.index: [i for i in range(s.start, s.stop) if i not in partials[s.index]] for s in todo}
+    remaining = sum(len(m) for m in missing.values())
+    group_prompts = group_prompts or 2 * int(getattr(engine, "batch_size", 1))
+    groups: list[list[Shard]] = []
+    for shard in todo:
+        if not groups or sum(len(missing[s.index]) for s in groups[-1]) >= group_prompts:
+            groups.append([])
+        groups[-1].append(shard)
     say = log or (lambda m: None)
     say(f"{len(wanted) - len(todo)} of {len(wanted)} shards already done; {remaining} replies to go")
     t0 = time.time()
@@ -509,39 +520,49 @@ def build_corpus(
     stats = {"replies": 0, "reply_tokens": 0, "shards_finished": [], "seconds": 0.0, "stopped_by_time": False}
     bar = tqdm(total=remaining, desc="corpus", unit="reply", disable=not progress, smoothing=0.05)
     try:
-        for shard in todo:
+        for group in groups:
             if out_of_time():
                 stats["stopped_by_time"] = True
                 break
-            done = partials[shard.index]
-            journal_path = folder / f"{shard_name(shard.index)}.partial.jsonl"
-            missing = [i for i in range(shard.start, shard.stop) if i not in done]
+            owners = [(s.index, i) for s in group for i in missing[s.index]]
+            journals = {s.index: open(folder / f"{shard_name(s.index)}.partial.jsonl", "a", encoding="utf-8")
+                        for s in group}
             started = time.time()
-            with open(journal_path, "a", encoding="utf-8") as journal:
+            try:
                 def on_reply(j: int, ids: list[int], finish: str) -> None:
-                    i = missing[j]
-                    done[i] = (ids, finish)
-                    journal.write(json.dumps({"i": i, "ids": ids, "finish": finish}) + "\n")
-                    journal.flush()
+                    k, i = owners[j]
+                    partials[k][i] = (ids, finish)
+                    journals[k].write(json.dumps({"i": i, "ids": ids, "finish": finish}) + "\n")
+                    journals[k].flush()
                     stats["replies"] += 1
                     stats["reply_tokens"] += len(ids)
                     bar.update(1)
 
                 engine.generate(
-                    [prompts.ids[i] for i in missing], settings, seed=settings.seed * 100_003 + shard.index,
+                    [prompts.ids[i] for _, i in owners], settings, seed=settings.seed * 100_003 + group[0].index,
                     on_reply=on_reply, should_stop=out_of_time,
                 )
-            if len(done) < shard.stop - shard.start:  # stopped by the time limit inside the shard
-                stats["stopped_by_time"] = True
-                break
+            finally:
+                for journal in journals.values():
+                    journal.close()
             seconds = time.time() - started
-            _finish_shard(folder, manifest, shard, done, {
-                **engine.describe(), "machine": machine_description(),
-                "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                "seconds_this_run": round(seconds, 1), "resumed_replies": shard.stop - shard.start - len(missing),
-            })
-            stats["shards_finished"].append(shard.index)
-            say(f"{shard_name(shard.index)} done: {len(missing)} replies in {seconds:.0f} s")
+            for shard in group:
+                done = partials[shard.index]
+                if len(done) < shard.stop - shard.start:  # stopped by the time limit
+                    stats["stopped_by_time"] = True
+                    continue
+                share = len(missing[shard.index]) / max(1, len(owners))  # this shard's part of the group's time
+                _finish_shard(folder, manifest, shard, done, {
+                    **engine.describe(), "machine": machine_description(),
+                    "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                    "seconds_this_run": round(seconds * share, 1),
+                    "resumed_replies": shard.stop - shard.start - len(missing[shard.index]),
+                })
+                stats["shards_finished"].append(shard.index)
+                say(f"{shard_name(shard.index)} done: {len(missing[shard.index])} replies, "
+                    f"{seconds * share:.0f} s")
+            if stats["stopped_by_time"]:
+                break
     finally:
         bar.close()
         stats["seconds"] = round(time.time() - t0, 1)

@@ -51,24 +51,29 @@ def add_corpus_parser(subparsers) -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="corpus_command", metavar="ACTION", required=True)
 
     b = add_subparser(sub, "build", help="answer every usable prompt with the target (resumable)")
-    b.add_argument("--data", nargs="+", required=True, metavar="PATH",
-                   help="prompt files or folders (any format `prism train` reads); used when the corpus is created")
+    b.add_argument("--data", nargs="+", metavar="PATH",
+                   help="prompt files or folders (any format `prism train` reads); needed only to create the corpus")
     b.add_argument("--out", required=True, metavar="DIR", help="corpus folder (created, or resumed when it exists)")
     add_target_options(b)
     g = b.add_argument_group("decoding (fixed for a corpus)")
-    g.add_argument("--max-new-tokens", type=_positive(int), default=384)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--seed", type=int, default=0, help="sampling seed, and the seed of the prompt order")
-    g.add_argument("--max-prompt-tokens", type=_positive(int), default=1536,
-                   help="prompts longer than this (rendered) are left out")
-    g.add_argument("--shard-size", type=_positive(int), default=256, help="prompts per shard file")
+    g.description = ("set when the corpus is created; a resumed corpus keeps its own, and a value given "
+                     "that differs from it is an error")
+    g.add_argument("--max-new-tokens", type=_positive(int), default=None, help="default 384")
+    g.add_argument("--temperature", type=float, default=None, help="0 = greedy (the default)")
+    g.add_argument("--top-p", type=float, default=None, help="default 1.0")
+    g.add_argument("--top-k", type=int, default=None, help="default 0 (off)")
+    g.add_argument("--seed", type=int, default=None, help="sampling seed, and the seed of the prompt order (default 0)")
+    g.add_argument("--max-prompt-tokens", type=_positive(int), default=None,
+                   help="prompts longer than this (rendered) are left out (default 1536)")
+    g.add_argument("--shard-size", type=_positive(int), default=None, help="prompts per shard file (default 256)")
     r = b.add_argument_group("this run")
     r.add_argument("--batch-size", type=_positive(int), default=None,
                    help="sequences decoded together (default: 48 on a CPU, 256 on a GPU)")
     r.add_argument("--shards", type=_shard_range, default=None, metavar="A:B",
                    help="only these shards (K, A:B or A:), e.g. to split the work between machines")
+    r.add_argument("--reverse", action="store_true",
+                   help="take the unfinished shards from the last one down (a second machine working the same "
+                   "corpus from the other end)")
     r.add_argument("--time-limit", type=_positive(float), default=None, metavar="SECONDS",
                    help="stop cleanly after the batch that passes this many seconds")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -94,18 +99,39 @@ def make_engine(target, batch_size: int | None, static_cache: bool):
     return HFEngine(target, batch_size=batch_size or (256 if on_gpu else 48), static_cache=static_cache or None)
 
 
+CORPUS_DEFAULTS = {"max_new_tokens": 384, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": 0,
+                   "max_prompt_tokens": 1536, "shard_size": 256}
+
+
+def _corpus_settings(args: argparse.Namespace) -> dict:
+    """The corpus's own settings when it exists, else the defaults; values given override."""
+    from .corpus import is_corpus, read_manifest
+
+    values = dict(CORPUS_DEFAULTS)
+    if is_corpus(args.out):
+        manifest = read_manifest(args.out)
+        values.update(manifest["decoding"], max_prompt_tokens=manifest["max_prompt_tokens"],
+                      shard_size=manifest["shard_size"])
+    values.update({k: getattr(args, k) for k in CORPUS_DEFAULTS if getattr(args, k) is not None})
+    return values
+
+
 def run_corpus_build(args: argparse.Namespace) -> int:
     from .corpus import DecodingSettings, build_corpus, corpus_status, create_corpus, read_manifest, is_corpus
 
     if args.compile or args.cuda_graphs:
         raise CLIError("--compile and --cuda-graphs are not used by `prism corpus build` (--static-cache is)")
-    settings = DecodingSettings(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)
+    values = _corpus_settings(args)
+    settings = DecodingSettings(values["max_new_tokens"], values["temperature"], values["top_p"], values["top_k"],
+                                values["seed"])
     target = load_target_from_args(args)
     log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     if not is_corpus(args.out):
+        if not args.data:
+            raise CLIError(f"{args.out} is not a corpus yet: give --data to create it")
         log(f"collecting prompts from {' '.join(args.data)} ...")
-    manifest = create_corpus(args.out, target, args.data, settings, shard_size=args.shard_size,
-                             max_prompt_tokens=args.max_prompt_tokens, prompt_seed=args.seed,
+    manifest = create_corpus(args.out, target, args.data or [], settings, shard_size=values["shard_size"],
+                             max_prompt_tokens=values["max_prompt_tokens"], prompt_seed=values["seed"],
                              progress=not args.quiet)
     manifest = read_manifest(args.out)
     log(f"{manifest['prompts']['count']} prompts in {manifest['num_shards']} shards of {manifest['shard_size']}")
@@ -116,6 +142,8 @@ def run_corpus_build(args: argparse.Namespace) -> int:
         if start >= manifest["num_shards"]:
             raise CLIError(f"--shards {start}: the corpus has {manifest['num_shards']} shards")
         shards = list(range(start, stop))
+    if args.reverse:
+        shards = list(range(manifest["num_shards"]))[::-1] if shards is None else shards[::-1]
     engine = make_engine(target, args.batch_size, args.static_cache)
     log(f"engine: {json.dumps(engine.describe())}")
     stats = build_corpus(args.out, engine, shards=shards, time_limit_s=args.time_limit,

@@ -1,0 +1,137 @@
+"""scripts/device: slimming the tree a device call sends, and the GPU corpus job run on a CPU
+with a tiny target (what a lent session launches, end to end except the GPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+from helpers import tiny_chat_target
+
+from prism_spec.targets import load_target
+from prism_spec.train.corpus import DecodingSettings, HFEngine, build_corpus, create_corpus, read_corpus
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPTS = ROOT / "scripts" / "device"
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout
+
+
+@pytest.fixture()
+def repo(tmp_path) -> Path:
+    """A small git checkout with the bundle script, code, and large results."""
+    repo = tmp_path / "repo"
+    (repo / "scripts" / "device").mkdir(parents=True)
+    shutil.copy(SCRIPTS / "bundle.py", repo / "scripts" / "device" / "bundle.py")
+    (repo / "src" / "pkg" / "assets").mkdir(parents=True)
+    (repo / "src" / "pkg" / "code.py").write_text("x = 1\n")
+    (repo / "src" / "pkg" / "assets" / "weights.bin").write_bytes(b"w" * 4096)
+    (repo / "results" / "run").mkdir(parents=True)
+    (repo / "results" / "run" / "big.bin").write_bytes(b"r" * 100_000)
+    (repo / "docs").mkdir()
+    (repo / "docs" / "a.md").write_text("docs\n")
+    (repo / "pyproject.toml").write_text("[project]\nname='x'\n")
+    git(repo, "init", "-q")
+    git(repo, "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A")
+    git(repo, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init")
+    return repo
+
+
+def bundle(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "scripts/device/bundle.py", *args], cwd=repo, capture_output=True,
+                          text=True)
+
+
+def test_slim_sends_only_code_and_restore_undoes_it(repo):
+    before = git(repo, "ls-files").splitlines()
+    out = bundle(repo, "slim")
+    assert out.returncode == 0, out.stderr
+    tracked = git(repo, "ls-files").splitlines()
+    assert tracked == ["pyproject.toml", "scripts/device/bundle.py", "src/pkg/code.py"]
+    # Nothing untracked-and-not-ignored appears: the slimmed files are ignored, still on disk.
+    assert git(repo, "ls-files", "--others", "--exclude-standard") == ""
+    assert (repo / "results" / "run" / "big.bin").exists() and (repo / "src/pkg/assets/weights.bin").exists()
+    assert "slimmed" in bundle(repo, "status").stdout
+    assert bundle(repo, "slim").returncode != 0  # twice is refused
+    out = bundle(repo, "restore")
+    assert out.returncode == 0, out.stderr
+    assert git(repo, "ls-files").splitlines() == before
+    assert git(repo, "status", "--porcelain") == ""
+    assert "prism-spec device bundle" not in (repo / ".git" / "info" / "exclude").read_text()
+    assert bundle(repo, "restore").stdout.strip() == "nothing to restore"
+
+
+def test_slim_refuses_staged_changes(repo):
+    (repo / "docs" / "a.md").write_text("changed\n")
+    git(repo, "add", "docs/a.md")
+    out = bundle(repo, "slim")
+    assert out.returncode != 0 and "staged" in out.stderr
+    assert git(repo, "diff", "--cached", "--name-only").strip() == "docs/a.md"
+
+
+def test_pack_splits_and_assemble_rebuilds_the_gguf(repo, tmp_path):
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(os.urandom(3 * 2**20 + 123))
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bundle_under_test", repo / "scripts/device/bundle.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    manifest = mod.pack(None, part_mib=1, wheels=False, gguf=str(gguf))
+    assert manifest["parts"] == ["target.part0", "target.part1", "target.part2", "target.part3"]
+    stash = tmp_path / "stash"
+    for part in manifest["parts"][:-1]:  # earlier calls stash their part; the last call carries its own
+        mod.stash(str(repo / ".device" / part), str(stash))
+        (repo / ".device" / part).unlink()
+    out = mod.assemble(str(tmp_path / "site"), str(stash))
+    assert out.read_bytes() == gguf.read_bytes() and (out.parent / "__init__.py").exists()
+    (stash / "target.part1").write_bytes(b"corrupt")
+    with pytest.raises(SystemExit, match="sha256"):
+        mod.assemble(str(tmp_path / "site"), str(stash))
+
+
+def test_corpus_gpu_script_on_a_cpu(tmp_path):
+    """The device job end to end on a CPU with a tiny target: it answers the unfinished shards
+    (from the last one down), returns only them, and they merge into the local corpus."""
+    (tmp_path / "target").mkdir()
+    target_dir = tiny_chat_target(tmp_path / "target")
+    target = load_target(target_dir)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"question": f"Add {i} and {i + 3}.", "answer": "-"}) + "\n"
+                               for i in range(20)))
+    settings = DecodingSettings(max_new_tokens=6)
+    local = tmp_path / "local"
+    create_corpus(local, target, [str(prompts)], settings, shard_size=5, progress=False)
+    build_corpus(local, HFEngine(target, batch_size=5), shards=[0], progress=False)  # the CPU's share so far
+    bundle_dir = tmp_path / "bundle"
+    bundle_dir.mkdir()
+    with tarfile.open(bundle_dir / "corpus.tar", "w") as tar:
+        for item in sorted(local.iterdir()):
+            if item.suffix in (".npz", ".json"):
+                tar.add(item, arcname=item.name)
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), BUNDLE=str(bundle_dir), WORK=str(tmp_path / "work"),
+               SITE=str(tmp_path / "site"), DEVICE="cpu", TARGET=target_dir, BATCH="4", CORPUS_SECONDS="600")
+    run = subprocess.run(["bash", str(SCRIPTS / "corpus_gpu.sh")], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    with tarfile.open(out / "corpus-shards.tar") as tar:
+        names = sorted(tar.getnames())
+    assert names == [f"shard-0000{k}.{ext}" for k in (1, 2, 3) for ext in ("json", "npz")]
+    assert json.loads((out / "corpus_status.json").read_text())["shards_done"] == 4
+    assert "returned 3 new shards" in (out / "corpus_gpu.log").read_text()
+    merged = subprocess.run([sys.executable, str(SCRIPTS / "bundle.py"), "merge-shards", str(out / "corpus-shards.tar"),
+                             "--corpus", str(local)], capture_output=True, text=True)
+    assert merged.returncode == 0 and "3 shards added" in merged.stdout, merged.stderr
+    whole = tmp_path / "whole"
+    create_corpus(whole, target, [str(prompts)], settings, shard_size=5, progress=False)
+    build_corpus(whole, HFEngine(target, batch_size=5), progress=False)
+    assert [(e.key, e.reply_ids) for e in read_corpus(local)] == [(e.key, e.reply_ids) for e in read_corpus(whole)]
