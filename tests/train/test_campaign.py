@@ -1,0 +1,116 @@
+"""Equal-budget campaigns on a tiny target: level structure, the PRISM-from-HASS split, the time
+budget, resume, the size of what is stored, and the AL evaluation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import tiny_chat_target
+from safetensors import safe_open
+
+from prism_spec.drafters import load_drafter
+from prism_spec.targets import load_target
+from prism_spec.train import campaign as camp
+from prism_spec.train.corpus import DecodingSettings, HFEngine, build_corpus, create_corpus
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("campaign")
+    (root / "target").mkdir()
+    target_dir = tiny_chat_target(root / "target", max_positions=2048)
+    target = load_target(target_dir)
+    prompts = root / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"question": f"Add {i} and {i + 3}, then say why.", "answer": "-"}) + "\n"
+                               for i in range(40)))
+    create_corpus(root / "corpus", target, [str(prompts)], DecodingSettings(max_new_tokens=12), shard_size=20,
+                  progress=False)
+    build_corpus(root / "corpus", HFEngine(target, batch_size=20), progress=False)
+    return root, target_dir, target
+
+
+def config(setup, **kw) -> camp.CampaignConfig:
+    root, target_dir, _ = setup
+    values = dict(target=target_dir, data=[str(root / "corpus")], base_steps=4, batch_size=2, max_length=64,
+                  draft_vocab_size=64, holdout=4, dtype="float32", mixed_precision="no", lr=1e-3, tuning_lr=1e-3)
+    values.update(kw)
+    return camp.CampaignConfig(**values)
+
+
+def test_two_levels_equal_budgets_and_prism_from_the_hass_snapshot(setup, tmp_path):
+    _, _, target = setup
+    folder = tmp_path / "c"
+    camp.init_campaign(folder, config(setup))
+    state = camp.run_campaign(folder, max_levels=2, quiet=True, log=lambda m: None)
+    assert sorted(state["levels"]) == ["0", "1"] and [v["steps"] for v in state["levels"].values()] == [4, 8]
+    segs = [(s["level"], s["save"], s["start"], s["stop"]) for s in state["segments"]]
+    assert segs == [(0, "eagle2", 0, 4), (0, "hass-snapshot", 0, 3), (0, "hass", 3, 4), (0, "prism", 3, 4),
+                    (1, "eagle2", 4, 8), (1, "hass-snapshot", 4, 6), (1, "hass", 6, 8), (1, "prism", 6, 8)]
+    # Every method trained exactly the level's budget of steps: PRISM = 0.75 B of HASS + 0.25 B tuning.
+    for level, budget in ((0, 4), (1, 8)):
+        for method in ("eagle2", "hass"):
+            assert sum(s["stop"] - s["start"] for s in state["segments"]
+                       if s["level"] <= level and s["method"] == method) == budget
+        prism = [s for s in state["segments"] if s["level"] == level and s["save"] == "prism"][0]
+        snap = [s for s in state["segments"] if s["level"] <= level and s["save"] in ("hass-snapshot", "hass")
+                and s["stop"] <= prism["start"]]
+        assert sum(s["stop"] - s["start"] for s in snap) + prism["stop"] - prism["start"] == budget
+    drafters = {m: load_drafter(folder / state["drafters"][m], target) for m in ("eagle2", "hass", "prism")}
+    prism = drafters["prism"].model if hasattr(drafters["prism"], "model") else drafters["prism"]
+    with safe_open(str(folder / state["drafters"]["prism"] / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+        # Stored in bf16, nothing derivable from the target (no embeddings, no LM head).
+        assert all(f.get_tensor(k).dtype == torch.bfloat16 for k in keys if k != "d2t")
+        assert not [k for k in keys if "embed" in k or "lm_head" in k]
+        # Tuning moved the modules apart from the HASS snapshot they both started as.
+        a, b = f.get_tensor("processing.0.fc.weight"), f.get_tensor("processing.1.fc.weight")
+        assert not torch.equal(a, b)
+    assert state["levels"]["1"]["heldout"]["prism"]["acc_step1"] >= 0
+    assert prism is not None
+    assert "levels done: 2" in "\n".join(camp.status_lines(state))
+
+
+def test_time_budget_stops_between_segments_and_a_rerun_continues(setup, tmp_path):
+    folder = tmp_path / "c"
+    camp.init_campaign(folder, config(setup))
+    state = camp.run_campaign(folder, max_levels=1, quiet=True, log=lambda m: None)
+    # With the measured rates, a budget too short for the next segment trains nothing.
+    state = camp.run_campaign(folder, time_budget_s=1.0, quiet=True, log=lambda m: None)
+    assert len(state["segments"]) == 4 and len(state["levels"]) == 1
+    assert not (folder / "work").exists()
+    before = camp.read_state(folder)
+    state["steps_per_s"] = {k: 1e6 for k in state["steps_per_s"]}  # pretend it is fast: one segment fits
+    camp._write_state(folder, state)
+    state = camp.run_campaign(folder, max_levels=2, quiet=True, log=lambda m: None)
+    assert len(state["levels"]) == 2 and len(state["segments"]) == 8
+    assert before["drafters"].keys() <= state["drafters"].keys()
+    with pytest.raises(ValueError, match="other settings"):
+        camp.init_campaign(folder, config(setup, batch_size=3))
+
+
+def test_hass_to_prism_copies_module_0(setup, tmp_path):
+    folder = tmp_path / "c"
+    camp.init_campaign(folder, config(setup))
+    state = camp.run_campaign(folder, max_levels=1, quiet=True, log=lambda m: None)
+    out = camp.hass_to_prism(folder / state["drafters"]["hass"], tmp_path / "p")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architecture"] == "prism" and cfg["num_modules"] == 2 and cfg["step_mapping"] == [0, 1]
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert torch.equal(f.get_tensor("processing.0.fc.weight"), f.get_tensor("processing.1.fc.weight"))
+    with pytest.raises(ValueError, match="one-module"):
+        camp.hass_to_prism(out, tmp_path / "q")
+
+
+def test_eval_records_acceptance_per_method(setup, tmp_path):
+    folder = tmp_path / "c"
+    camp.init_campaign(folder, config(setup))
+    camp.run_campaign(folder, max_levels=1, quiet=True, log=lambda m: None)
+    bench = camp.evaluate_level(folder, questions=1, max_new_tokens=8, tree="8/3/3", device="cpu")
+    rows = {r["method"]: r for r in bench["rows"]}
+    assert set(rows) == {"vanilla", "eagle2", "hass", "prism"}
+    assert rows["vanilla"]["mean_acceptance_length"] == 1.0
+    for method in ("eagle2", "hass", "prism"):
+        assert rows[method]["t0_outputs_differing_from_vanilla"] == 0 and rows[method]["runs"] == 6
+    assert camp.read_state(folder)["levels"]["0"]["bench"]["rows"] == bench["rows"]
