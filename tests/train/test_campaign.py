@@ -51,7 +51,7 @@ def test_two_levels_equal_budgets_and_prism_from_the_hass_snapshot(setup, tmp_pa
     # Every method trained exactly the level's budget of steps: PRISM = 0.75 B of HASS + 0.25 B tuning.
     for level, budget in ((0, 4), (1, 8)):
         for method in ("eagle2", "hass"):
-            assert sum(s["stop"] - s["start"] for s in state["segments"]
+            assert sum(s["reached"] - s["start"] for s in state["segments"]
                        if s["level"] <= level and s["method"] == method) == budget
         prism = [s for s in state["segments"] if s["level"] == level and s["save"] == "prism"][0]
         snap = [s for s in state["segments"] if s["level"] <= level and s["save"] in ("hass-snapshot", "hass")
@@ -72,22 +72,47 @@ def test_two_levels_equal_budgets_and_prism_from_the_hass_snapshot(setup, tmp_pa
     assert "levels done: 2" in "\n".join(camp.status_lines(state))
 
 
-def test_time_budget_stops_between_segments_and_a_rerun_continues(setup, tmp_path):
+def test_time_budget_cuts_a_segment_and_the_next_run_goes_on_from_it(setup, tmp_path, monkeypatch):
+    from prism_spec.train.loop import Trainer
+
     folder = tmp_path / "c"
     camp.init_campaign(folder, config(setup))
-    state = camp.run_campaign(folder, max_levels=1, quiet=True, log=lambda m: None)
-    # With the measured rates, a budget too short for the next segment trains nothing.
+    # Too little time for any segment: nothing is trained, the state is untouched.
     state = camp.run_campaign(folder, time_budget_s=1.0, quiet=True, log=lambda m: None)
-    assert len(state["segments"]) == 4 and len(state["levels"]) == 1
-    assert not (folder / "work").exists()
-    before = camp.read_state(folder)
-    state["steps_per_s"] = {k: 1e6 for k in state["steps_per_s"]}  # pretend it is fast: one segment fits
-    camp._write_state(folder, state)
-    state = camp.run_campaign(folder, max_levels=2, quiet=True, log=lambda m: None)
-    assert len(state["levels"]) == 2 and len(state["segments"]) == 8
-    assert before["drafters"].keys() <= state["drafters"].keys()
+    assert state["segments"] == [] and not (folder / "work").exists()
+    # The time limit passes after the first optimizer step of the first segment.
+    calls = {"n": 0}
+
+    def out_of_time(self):
+        calls["n"] += 1
+        return calls["n"] >= 1
+
+    monkeypatch.setattr(Trainer, "_out_of_time", out_of_time)
+    monkeypatch.setattr(camp, "MIN_SEGMENT_S", 0.0)
+    state = camp.run_campaign(folder, time_budget_s=1e6, quiet=True, log=lambda m: None)
+    assert [(s["save"], s["start"], s["reached"]) for s in state["segments"]] == [("eagle2", 0, 1)]
+    assert state["progress"] == {"0:eagle2": 1} and (folder / state["drafters"]["eagle2"]).is_dir()
+    monkeypatch.undo()
+    state = camp.run_campaign(folder, max_levels=1, quiet=True, log=lambda m: None)
+    segs = [(s["save"], s["start"], s["reached"]) for s in state["segments"]]
+    assert segs == [("eagle2", 0, 1), ("eagle2", 1, 4), ("hass-snapshot", 0, 3), ("hass", 3, 4), ("prism", 3, 4)]
+    assert state["progress"] == {} and list(state["levels"]) == ["0"]
+    assert "hass-snapshot" not in state["drafters"]  # only needed within its level
     with pytest.raises(ValueError, match="other settings"):
         camp.init_campaign(folder, config(setup, batch_size=3))
+
+
+def test_trainer_time_limit_saves_the_drafter_where_it_stopped(setup, tmp_path, monkeypatch):
+    from prism_spec.train.loop import Trainer
+
+    cfg = camp._segment_config(config(setup), "prism", 6, 0, None, tmp_path / "run")
+    cfg.time_limit_s = 1e-9  # passed after the first step
+    trainer = Trainer(cfg, quiet=True)
+    final = trainer.run()
+    assert trainer.stopped_at == (0, 1)
+    assert (final / "model.safetensors").is_file() and not (tmp_path / "run" / "stages" / "1-tuning").exists()
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in log if r["split"] == "train") == 1 and any(r["split"] == "eval" for r in log)
 
 
 def test_hass_to_prism_copies_module_0(setup, tmp_path):

@@ -162,14 +162,18 @@ def _last_eval(run_dir: Path) -> dict:
 
 
 def _train(cfg: CampaignConfig, recipe: str, steps: int, seed: int, init_from: str | None, work: Path,
-           quiet: bool, tuning_only: bool = False) -> tuple[Path, dict, float]:
-    from .loop import train
+           quiet: bool, tuning_only: bool = False, time_limit_s: float | None = None):
+    """One segment; returns (drafter folder, held-out metrics, seconds, steps done)."""
+    from .loop import Trainer
 
     shutil.rmtree(work, ignore_errors=True)
     config = _segment_config(cfg, recipe, steps, seed, init_from, work, tuning_only)
+    config.time_limit_s = time_limit_s
     t0 = time.perf_counter()
-    final = train(config, quiet=quiet)
-    return Path(final), _last_eval(work), time.perf_counter() - t0
+    trainer = Trainer(config, quiet=quiet)
+    final = trainer.run()
+    done = steps if trainer.stopped_at is None else trainer.stopped_at[1]
+    return Path(final), _last_eval(work), time.perf_counter() - t0, done
 
 
 def _keep(src: Path, folder: Path, name: str) -> str:
@@ -197,23 +201,36 @@ def planned_segments(state: dict) -> list[dict]:
         {"method": "prism", "recipe": "prism", "from": "hass-snapshot", "start": snap, "stop": budget,
          "save": "prism", "tuning_only": True},
     ]
-    done = {(s["level"], s["save"]) for s in state["segments"]}
-    return [dict(seg, level=level) for seg in plan if (level, seg["save"]) not in done]
+    done = {(s["level"], s["save"]) for s in state["segments"] if s["reached"] == s["stop"]}
+    progress = state.get("progress", {})
+    out = []
+    for seg in plan:
+        if (level, seg["save"]) in done:
+            continue
+        reached = progress.get(f"{level}:{seg['save']}")
+        if reached is not None:  # a time limit stopped it part way: go on from its own weights
+            seg = dict(seg, start=reached, **{"from": seg["save"]}, tuning_only=False, resumed=True)
+        out.append(dict(seg, level=level))
+    return out
 
 
-def _predict_s(state: dict, seg: dict) -> float | None:
-    rate = state["steps_per_s"].get(seg["recipe"] + ("-tuning" if seg.get("tuning_only") else ""))
-    return None if not rate else (seg["stop"] - seg["start"]) / rate + 20.0  # + loading and saving
+#: Seconds a segment spends outside its training steps (loading the target, saving), and the
+#: least training time worth starting a segment for.
+SEGMENT_OVERHEAD_S = 25.0
+MIN_SEGMENT_S = 30.0
 
 
 def run_campaign(folder: str | os.PathLike, time_budget_s: float | None = None, max_levels: int | None = None,
                  quiet: bool = False, log: Callable[[str], None] = print,
                  data_paths: list[str] | None = None) -> dict:
-    """Train segments until the time budget would be passed or ``max_levels`` levels are done.
-    ``data_paths``: where this machine holds the campaign's data, when not at the configured
-    paths (a GPU machine that unpacked the corpus elsewhere)."""
+    """Train segments until the time budget is spent or ``max_levels`` levels are done. A
+    segment that the budget cuts short saves its drafter and the step it reached; the next run
+    goes on from there (fresh optimiser, the data order continued by seed). ``data_paths``:
+    where this machine holds the campaign's data, when not at the configured paths (a GPU
+    machine that unpacked the corpus elsewhere)."""
     folder = Path(folder)
     state = read_state(folder)
+    state.setdefault("progress", {})
     cfg = CampaignConfig.from_dict(state["config"])
     if data_paths:
         cfg = dataclasses.replace(cfg, data=list(data_paths))
@@ -222,11 +239,8 @@ def run_campaign(folder: str | os.PathLike, time_budget_s: float | None = None, 
     while max_levels is None or len(state["levels"]) < max_levels:
         for seg in planned_segments(state):
             left = None if time_budget_s is None else time_budget_s - (time.perf_counter() - t0)
-            need = _predict_s(state, seg)
-            if left is not None and (left <= 0 or (need is not None and need > left)):
-                log(f"[campaign] stopping: {seg['save']} (level {seg['level']}) needs ~{need or 0:.0f} s, "
-                    f"{max(left, 0):.0f} s left")
-                shutil.rmtree(work, ignore_errors=True)
+            if left is not None and left - SEGMENT_OVERHEAD_S < MIN_SEGMENT_S:
+                log(f"[campaign] stopping before {seg['save']} (level {seg['level']}): {max(left, 0):.0f} s left")
                 return state
             init = state["drafters"].get(seg["from"])
             init_dir = str(folder / init) if init else None
@@ -235,16 +249,28 @@ def run_campaign(folder: str | os.PathLike, time_budget_s: float | None = None, 
             steps = seg["stop"] - seg["start"]
             log(f"[campaign] level {seg['level']}: {seg['save']} steps {seg['start']} -> {seg['stop']}"
                 f" from {seg['from'] if init_dir else 'scratch'}")
-            final, heldout, seconds = _train(cfg, seg["recipe"], steps, cfg.seed + seg["start"], init_dir, work,
-                                             quiet, seg.get("tuning_only", False))
+            limit = None if left is None else left - SEGMENT_OVERHEAD_S
+            final, heldout, seconds, done = _train(
+                cfg, seg["recipe"], steps, cfg.seed + seg["start"], init_dir, work, quiet,
+                seg.get("tuning_only", False) or (seg["method"] == "prism"), limit)
             state["drafters"][seg["save"]] = _keep(final, folder, seg["save"])
-            key = seg["recipe"] + ("-tuning" if seg.get("tuning_only") else "")
-            state["steps_per_s"][key] = round(steps / max(seconds - 10.0, 1e-3), 4)
-            state["segments"].append({**seg, "seconds": round(seconds, 1), "heldout": heldout,
+            key = seg["recipe"] + ("-tuning" if seg["method"] == "prism" else "")
+            state["steps_per_s"][key] = round(done / max(seconds - 10.0, 1e-3), 4)
+            reached = seg["start"] + done
+            state["segments"].append({**{k: v for k, v in seg.items() if k != "resumed"}, "reached": reached,
+                                      "seconds": round(seconds, 1), "heldout": heldout,
                                       "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
+            progress_key = f"{seg['level']}:{seg['save']}"
+            if reached < seg["stop"]:
+                state["progress"][progress_key] = reached
+            else:
+                state["progress"].pop(progress_key, None)
             _write_state(folder, state)
             shutil.rmtree(work, ignore_errors=True)
             shutil.rmtree(folder / "work-prism-init", ignore_errors=True)
+            if reached < seg["stop"]:
+                log(f"[campaign] time budget spent: {seg['save']} stopped at step {reached} of {seg['stop']}")
+                return state
         level = len(state["levels"])
         # The snapshot only serves its own level's HASS and PRISM segments: drop it.
         snapshot = state["drafters"].pop("hass-snapshot", None)

@@ -89,6 +89,9 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="start from this trained feature drafter instead of a fresh one (fine-tuning); its "
                         "shape must match the recipe's drafter. With PRISM, --set stages.warmup.enabled=false "
                         "keeps its later modules (the warm-up ends by copying module 0 over them)")
+    p.add_argument("--time-limit", type=float, metavar="SECONDS",
+                   help="stop after the step that passes SECONDS of training and save the drafter as it is "
+                        "(later stages are skipped)")
     p.add_argument("--checkpoint-every", type=int, metavar="N", help="training checkpoint every N optimizer steps (0: stage ends)")
     p.add_argument("--eval-every", type=int, metavar="N", help="validation every N optimizer steps (0: stage ends)")
     p.add_argument("--log-every", type=_positive_int, metavar="N", help="train_log.jsonl line every N steps")
@@ -135,7 +138,7 @@ def config_from_args(args: argparse.Namespace, check_files: bool = True):
                       ("max_examples", "data.max_examples"), ("dtype", "dtype"),
                       ("mixed_precision", "mixed_precision"), ("save_dtype", "save_dtype"), ("seed", "seed"),
                       ("checkpoint_every", "checkpoint_every"), ("eval_every", "eval_every"),
-                      ("log_every", "log_every"), ("init_from", "init_from")):
+                      ("log_every", "log_every"), ("init_from", "init_from"), ("time_limit", "time_limit_s")):
         value = getattr(args, flag, None)
         if value is not None:
             values[key] = value

@@ -165,6 +165,10 @@ class TrainConfig:
     #: layers, input layers, vocabulary size) and its draft vocabulary replaces the one the
     #: data would give. A resumed run ignores it (the checkpoint holds the weights).
     init_from: str | None = None
+    #: Stop after the optimizer step that passes this many seconds of training and save the
+    #: drafter as it is (later stages are skipped); ``Trainer.stopped_at`` says where it stopped.
+    #: For time-boxed jobs (a GPU call, a CPU session); None: no limit.
+    time_limit_s: float | None = None
 
     # ------------------------------------------------------------------ helpers
     def to_dict(self) -> dict:
@@ -210,6 +214,8 @@ class TrainConfig:
         if d.architecture == "standard":
             need(d.input_layers == "none", "a standard drafter takes no target features (input_layers must be 'none')")
             need(self.init_from is None, "init_from applies to feature drafters, not the standard drafter")
+        need(self.time_limit_s is None or self.time_limit_s > 0,
+             f"time_limit_s must be > 0 seconds, got {self.time_limit_s}")
         if check_files and self.init_from is not None:
             need(Path(self.init_from, "config.json").is_file(),
                  f"init_from {self.init_from!r} is not a drafter folder (no config.json)")

@@ -430,7 +430,8 @@ def _stage_folder(output_dir: Path, index: int, stage: StageConfig) -> Path:
 def _fingerprint(config_dict: dict) -> dict:
     """The parts of a config that must not change across a resume."""
     keep = {k: v for k, v in config_dict.items() if k not in ("output_dir", "log_every", "eval_every",
-                                                               "checkpoint_every", "keep_checkpoints")}
+                                                               "checkpoint_every", "keep_checkpoints",
+                                                               "time_limit_s")}
     return keep
 
 
@@ -455,6 +456,7 @@ class Trainer:
             )
         self.config = config
         self.quiet = quiet
+        self.stopped_at: tuple[int, int] | None = None  # (stage, step) where a time limit stopped training
         self.output_dir = Path(config.output_dir)
         self.accelerator = _make_accelerator(config)
         acc = self.accelerator
@@ -740,6 +742,8 @@ class Trainer:
         self._write_config()
         acc.wait_for_everyone()
         t_start = time.perf_counter() - elapsed0
+        self._t_started = time.perf_counter()  # the time limit counts this run's training only
+        self.stopped_at = None
         last_folder = None
         for index, stage in enumerate(config.stages):
             if not stage.enabled:
@@ -751,6 +755,10 @@ class Trainer:
             global_step = self._run_stage(index, stage, start_step if resuming else 0, global_step, t_start,
                                           resume_state if resuming else None)
             last_folder = self._save_drafter(_stage_folder(self.output_dir, index, stage), index, stage)
+            if self.stopped_at is not None:
+                self._print(f"[train] time limit of {config.time_limit_s} s reached: stopped in stage {index} "
+                            f"after step {self.stopped_at[1]}; later stages skipped")
+                break
         final = self.output_dir / "drafter"
         if last_folder is None:
             raise TrainingError("no enabled stage ran")
@@ -839,8 +847,22 @@ class Trainer:
                 self._checkpoint(index + 1, 0, global_step, None, None, time.perf_counter() - t_start)
             elif config.checkpoint_every and global_step % config.checkpoint_every == 0:
                 self._checkpoint(index, done, global_step, optimizer, scheduler, time.perf_counter() - t_start)
+            if done < total and self._out_of_time():
+                self._eval_and_log(index, stage, done, global_step, t_start)
+                self.stopped_at = (index, done)
+                break
         bar.close()
         return global_step
+
+    def _out_of_time(self) -> bool:
+        """Every process stops at the same step: rank 0's clock decides."""
+        limit = self.config.time_limit_s
+        if limit is None:
+            return False
+        flag = torch.tensor([float(time.perf_counter() - self._t_started > limit)], device=self.accelerator.device)
+        if self.world > 1:
+            flag = self.accelerator.reduce(flag, reduction="max")
+        return bool(flag.item())
 
     def _eval_and_log(self, index, stage, done, global_step, t_start):
         metrics = self.evaluate(stage)
