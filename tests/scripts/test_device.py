@@ -77,24 +77,41 @@ def test_slim_refuses_staged_changes(repo):
     assert git(repo, "diff", "--cached", "--name-only").strip() == "docs/a.md"
 
 
-def test_pack_splits_and_assemble_rebuilds_the_gguf(repo, tmp_path):
-    gguf = tmp_path / "model.gguf"
-    gguf.write_bytes(os.urandom(3 * 2**20 + 123))
+def load_bundle_module(repo: Path, bundle_dir: Path, monkeypatch):
     import importlib.util
 
+    monkeypatch.setenv("PRISM_DEVICE_BUNDLE", str(bundle_dir))
     spec = importlib.util.spec_from_file_location("bundle_under_test", repo / "scripts/device/bundle.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_pack_plans_calls_under_the_limit_and_assemble_rebuilds_the_gguf(repo, tmp_path, monkeypatch):
+    mod = load_bundle_module(repo, tmp_path / "bundle", monkeypatch)
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(os.urandom(3 * 2**20 + 123))
     manifest = mod.pack(None, part_mib=1, wheels=False, gguf=str(gguf))
     assert manifest["parts"] == ["target.part0", "target.part1", "target.part2", "target.part3"]
+    # Items are packed into calls that stay under the per-call limit next to the tree.
+    sizes = {k: v["bytes"] for k, v in manifest["items"].items()}
+    calls = mod.plan_calls(sizes, tree=1 * 2**20, limit=4 * 2**20)
+    assert sorted(n for c in calls for n in c) == sorted(sizes)
+    assert all(sum(sizes[n] for n in c) <= 2 * 2**20 for c in calls)
+    with pytest.raises(SystemExit, match="does not fit"):
+        mod.plan_calls(sizes, tree=3 * 2**20, limit=4 * 2**20)
     stash = tmp_path / "stash"
-    for part in manifest["parts"][:-1]:  # earlier calls stash their part; the last call carries its own
-        mod.stash(str(repo / ".device" / part), str(stash))
-        (repo / ".device" / part).unlink()
+    items = tmp_path / "bundle" / "items"
+    for part in manifest["parts"][:-1]:  # earlier calls stash their items; the last call carries its own
+        mod.stash([str(items / part)], str(stash))
+        (items / part).unlink()
     out = mod.assemble(str(tmp_path / "site"), str(stash))
     assert out.read_bytes() == gguf.read_bytes() and (out.parent / "__init__.py").exists()
     (stash / "target.part1").write_bytes(b"corrupt")
     with pytest.raises(SystemExit, match="sha256"):
+        mod.assemble(str(tmp_path / "site"), str(stash))
+    (stash / "target.part1").unlink()
+    with pytest.raises(SystemExit, match="missing"):
         mod.assemble(str(tmp_path / "site"), str(stash))
 
 
@@ -119,13 +136,13 @@ def test_gpu_job_on_a_cpu(tmp_path):
         target=target_dir, data=[str(local)], base_steps=4, batch_size=2, max_length=48, draft_vocab_size=64,
         holdout=2, dtype="float32", mixed_precision="no"))
     bundle_dir = tmp_path / "bundle"
-    bundle_dir.mkdir()
-    with tarfile.open(bundle_dir / "corpus.tar", "w") as tar:
-        for item in sorted(local.iterdir()):
-            if item.suffix in (".npz", ".json"):
-                tar.add(item, arcname=item.name)
-    with tarfile.open(bundle_dir / "campaign.tar", "w") as tar:
-        tar.add(campaign / "campaign.json", arcname="campaign.json")
+    fake_gguf = tmp_path / "unused.gguf"  # a folder target needs no GGUF; pack still splits one
+    fake_gguf.write_bytes(b"gguf")
+    packed = subprocess.run([sys.executable, str(SCRIPTS / "bundle.py"), "pack", "--no-wheels", "--gguf", str(fake_gguf),
+                             "--corpus", str(local), "--campaign", str(campaign)],
+                            env=dict(os.environ, PRISM_DEVICE_BUNDLE=str(bundle_dir)), capture_output=True, text=True)
+    assert packed.returncode == 0, packed.stderr
+    assert "call 1" in packed.stdout and "gpu_job.sh" in packed.stdout
     out = tmp_path / "out"
     env = dict(os.environ, OUT=str(out), BUNDLE=str(bundle_dir), WORK=str(tmp_path / "work"),
                SITE=str(tmp_path / "site"), DEVICE="cpu", TARGET=target_dir, BATCH="4", CORPUS_SECONDS="600",
