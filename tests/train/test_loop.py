@@ -445,3 +445,27 @@ def test_init_from_a_trained_drafter(tiny_target, data_files, tmp_path, one_thre
         train(other, quiet=True)
     with pytest.raises(ConfigError, match="not a drafter folder"):
         tiny_config(tiny_target, [data_files["qa"]], tmp_path / "d", "prism", init_from=str(tmp_path)).validate()
+
+
+def test_data_order_grouped_by_length_covers_each_example_once_with_less_padding():
+    rng = random.Random(0)
+    lengths = [rng.randint(10, 500) for _ in range(1000)]
+    plain = DataOrder(1000, seed=1, stage_index=0, batch_size=8, grad_accum=1, world_size=1, rank=0)
+    grouped = DataOrder(1000, seed=1, stage_index=0, batch_size=8, grad_accum=1, world_size=1, rank=0,
+                        lengths=lengths)
+    assert sorted(grouped.permutation(0)) == list(range(1000))
+    assert grouped.permutation(1) != grouped.permutation(0)
+
+    def padding(order):
+        batches = [order.indices(step, 0) for step in range(125)]
+        padded = sum(max(lengths[i] for i in b) * len(b) for b in batches)
+        return 1 - sum(lengths) / padded
+
+    assert padding(grouped) < 0.1 < 0.3 < padding(plain)
+    again = DataOrder(1000, seed=1, stage_index=0, batch_size=8, grad_accum=1, world_size=1, rank=0, lengths=lengths)
+    assert again.permutation(0) == grouped.permutation(0)
+    # Batches are not sorted by length across the epoch: long and short batches are mixed.
+    firsts = [lengths[grouped.indices(step, 0)[0]] for step in range(125)]
+    assert firsts != sorted(firsts) and firsts != sorted(firsts, reverse=True)
+    with pytest.raises(ValueError, match="lengths"):
+        DataOrder(10, 1, 0, 2, 1, 1, 0, lengths=[1, 2])

@@ -52,7 +52,8 @@ class CampaignConfig:
     dtype: str = "bfloat16"
     mixed_precision: str = "bf16"
     seed: int = 0
-    device: str | None = None  # None: accelerate's choice (the GPU when there is one)
+    #: Batches of similar-length examples (far less padding; see loop.DataOrder).
+    group_by_length: bool = True
 
     def __post_init__(self):
         if self.base_steps < 4:
@@ -138,7 +139,7 @@ def _segment_config(cfg: CampaignConfig, recipe: str, steps: int, seed: int, ini
     values = {
         "target": cfg.target, "dtype": cfg.dtype, "mixed_precision": cfg.mixed_precision, "save_dtype": "bf16",
         "data.paths": list(cfg.data), "data.max_length": cfg.max_length, "data.holdout": cfg.holdout,
-        "data.seed": cfg.seed, "seed": seed, "output_dir": str(output_dir), "init_from": init_from,
+        "data.seed": cfg.seed, "data.group_by_length": cfg.group_by_length, "seed": seed, "output_dir": str(output_dir), "init_from": init_from,
         "checkpoint_every": 0, "eval_every": 0, "log_every": max(1, min(50, steps // 4)),
     }
     if cfg.draft_vocab_size:
@@ -222,18 +223,24 @@ MIN_SEGMENT_S = 30.0
 
 def run_campaign(folder: str | os.PathLike, time_budget_s: float | None = None, max_levels: int | None = None,
                  quiet: bool = False, log: Callable[[str], None] = print,
-                 data_paths: list[str] | None = None) -> dict:
+                 data_paths: list[str] | None = None, precision: str | None = None) -> dict:
     """Train segments until the time budget is spent or ``max_levels`` levels are done. A
     segment that the budget cuts short saves its drafter and the step it reached; the next run
     goes on from there (fresh optimiser, the data order continued by seed). ``data_paths``:
     where this machine holds the campaign's data, when not at the configured paths (a GPU
-    machine that unpacked the corpus elsewhere)."""
+    machine that unpacked the corpus elsewhere). ``precision`` "float32" computes this run in
+    float32 (CPUs without bf16 instructions run bf16 about 2.5x slower); the stored drafters
+    stay bf16 either way."""
     folder = Path(folder)
     state = read_state(folder)
     state.setdefault("progress", {})
     cfg = CampaignConfig.from_dict(state["config"])
     if data_paths:
         cfg = dataclasses.replace(cfg, data=list(data_paths))
+    if precision == "float32":
+        cfg = dataclasses.replace(cfg, dtype="float32", mixed_precision="no")
+    elif precision not in (None, "config"):
+        raise ValueError(f"precision must be 'config' or 'float32', got {precision!r}")
     t0 = time.perf_counter()
     work = folder / "work"
     while max_levels is None or len(state["levels"]) < max_levels:
@@ -362,6 +369,8 @@ def main(argv=None) -> int:
     r.add_argument("folder")
     r.add_argument("--time-budget", type=float, default=None, metavar="SECONDS")
     r.add_argument("--max-levels", type=int, default=None)
+    r.add_argument("--precision", choices=["config", "float32"], default="config",
+                   help="float32: compute this run in float32 (faster on CPUs without bf16 instructions)")
     r.add_argument("--data", nargs="+", default=None, metavar="PATH",
                    help="where this machine holds the campaign's data (default: the configured paths)")
     r.add_argument("--quiet", action="store_true")
@@ -383,7 +392,7 @@ def main(argv=None) -> int:
             print("\n".join(status_lines(read_state(args.folder))))
         elif args.cmd == "run":
             state = run_campaign(args.folder, args.time_budget, args.max_levels, quiet=args.quiet,
-                                 data_paths=args.data)
+                                 data_paths=args.data, precision=args.precision)
             print("\n".join(status_lines(state)))
         elif args.cmd == "eval":
             evaluate_level(args.folder, args.questions, args.max_new_tokens, args.tree,

@@ -11,20 +11,7 @@ import argparse
 import json
 import sys
 
-from ..cli import CLIError, add_subparser, add_target_options, load_target_from_args, write_jsonl_atomic
-
-
-def _positive(kind):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-        return value
-
-    return parse
+from ..cli import CLIError, add_subparser, add_target_options, load_target_from_args, positive, write_jsonl_atomic
 
 
 def _shard_range(text: str) -> tuple[int, int | None]:
@@ -58,23 +45,23 @@ def add_corpus_parser(subparsers) -> argparse.ArgumentParser:
     g = b.add_argument_group("decoding (fixed for a corpus)")
     g.description = ("set when the corpus is created; a resumed corpus keeps its own, and a value given "
                      "that differs from it is an error")
-    g.add_argument("--max-new-tokens", type=_positive(int), default=None, help="default 384")
+    g.add_argument("--max-new-tokens", type=positive(int), default=None, help="default 384")
     g.add_argument("--temperature", type=float, default=None, help="0 = greedy (the default)")
     g.add_argument("--top-p", type=float, default=None, help="default 1.0")
     g.add_argument("--top-k", type=int, default=None, help="default 0 (off)")
     g.add_argument("--seed", type=int, default=None, help="sampling seed, and the seed of the prompt order (default 0)")
-    g.add_argument("--max-prompt-tokens", type=_positive(int), default=None,
+    g.add_argument("--max-prompt-tokens", type=positive(int), default=None,
                    help="prompts longer than this (rendered) are left out (default 1536)")
-    g.add_argument("--shard-size", type=_positive(int), default=None, help="prompts per shard file (default 256)")
+    g.add_argument("--shard-size", type=positive(int), default=None, help="prompts per shard file (default 256)")
     r = b.add_argument_group("this run")
-    r.add_argument("--batch-size", type=_positive(int), default=None,
+    r.add_argument("--batch-size", type=positive(int), default=None,
                    help="sequences decoded together (default: 48 on a CPU, 256 on a GPU)")
     r.add_argument("--shards", type=_shard_range, default=None, metavar="A:B",
                    help="only these shards (K, A:B or A:), e.g. to split the work between machines")
     r.add_argument("--reverse", action="store_true",
                    help="take the unfinished shards from the last one down (a second machine working the same "
                    "corpus from the other end)")
-    r.add_argument("--time-limit", type=_positive(float), default=None, metavar="SECONDS",
+    r.add_argument("--time-limit", type=positive(float), default=None, metavar="SECONDS",
                    help="stop cleanly after the batch that passes this many seconds")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=run_corpus_build)

@@ -194,12 +194,22 @@ def _collate_tokens(examples: Sequence[Example], pad_id: int) -> dict[str, torch
 
 
 class DataOrder:
-    """Which example each (stage, step, micro-batch, rank) reads: a pure function of the seed."""
+    """Which example each (stage, step, micro-batch, rank) reads: a pure function of the seed.
+
+    With ``lengths`` (group by length), each epoch's shuffled order is cut into windows of
+    ``GROUP_WINDOW`` micro-batches, each window sorted by length and cut into micro-batches,
+    and the micro-batches shuffled: a batch holds examples of similar length, so little of it
+    is padding, while every example is still seen once per epoch in a random batch order."""
+
+    GROUP_WINDOW = 64
 
     def __init__(self, num_examples: int, seed: int, stage_index: int, batch_size: int, grad_accum: int,
-                 world_size: int, rank: int):
+                 world_size: int, rank: int, lengths: Sequence[int] | None = None):
         self.n, self.seed, self.stage = num_examples, seed, stage_index
         self.b, self.a, self.w, self.r = batch_size, grad_accum, world_size, rank
+        if lengths is not None and len(lengths) != num_examples:
+            raise ValueError(f"{len(lengths)} lengths for {num_examples} examples")
+        self.lengths = list(lengths) if lengths is not None else None
         self._perms: dict[int, list[int]] = {}
 
     def permutation(self, epoch: int) -> list[int]:
@@ -207,7 +217,16 @@ class DataOrder:
             if len(self._perms) > 4:
                 self._perms.clear()
             g = torch.Generator().manual_seed(_mix_seed(self.seed, 7919 * (self.stage + 1), epoch))
-            self._perms[epoch] = torch.randperm(self.n, generator=g).tolist()
+            perm = torch.randperm(self.n, generator=g).tolist()
+            if self.lengths is not None:
+                window = self.b * self.GROUP_WINDOW
+                blocks = []
+                for start in range(0, self.n, window):
+                    chunk = sorted(perm[start:start + window], key=lambda i: -self.lengths[i])
+                    blocks += [chunk[k:k + self.b] for k in range(0, len(chunk), self.b)]
+                order = torch.randperm(len(blocks), generator=g).tolist()
+                perm = [i for k in order for i in blocks[k]]
+            self._perms[epoch] = perm
         return self._perms[epoch]
 
     def indices(self, step: int, micro: int) -> list[int]:
@@ -790,8 +809,9 @@ class Trainer:
                     acc.scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=False))
         if start_step == 0:  # each stage's noise stream starts from its own seed
             self.generator.manual_seed(_mix_seed(config.seed, index, self.rank))
+        lengths = [int(e.input_ids.numel()) for e in self.train_source.examples] if config.data.group_by_length else None
         order = DataOrder(len(self.train_source), config.seed, index, stage.batch_size, stage.grad_accum,
-                          self.world, self.rank)
+                          self.world, self.rank, lengths)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self._print(
             f"[train] stage {index} '{stage.name}' ({stage.objective}): {total} steps, lr {stage.lr}, "
