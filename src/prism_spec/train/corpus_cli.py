@@ -155,7 +155,7 @@ def _print_status(status: dict) -> None:
     for label, e in status["throughput"].items():
         if e.get("replies_per_hour"):
             print(f"  {label}: {e['replies_per_hour']:,} replies/hour, {e['reply_tokens_per_s']} tokens/s"
-                  f" ({e['shards']} whole shards)")
+                  f" ({e['shards']} whole shards, wall time: a paused or shared machine counts)")
 
 
 def run_corpus_status(args: argparse.Namespace) -> int:
