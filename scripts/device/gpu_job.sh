@@ -82,3 +82,4 @@ fi
 echo "== done in $(( $(date +%s) - start )) s"
 tar -cf - -C "$WORK/result" . | split -b 15000000 - "$OUT/result.tar.part-"
 ls -la "$OUT"
+sleep 1  # let tee write the log's last lines before the call returns

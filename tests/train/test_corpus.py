@@ -201,3 +201,12 @@ def test_shards_grouped_for_large_batches_give_the_same_corpus(tmp_path, target,
     assert calls == [24, 8] and stats["shards_finished"] == [0, 1, 2, 3]
     assert [(e.key, e.reply_ids) for e in read_corpus(tmp_path / "one")] == \
         [(e.key, e.reply_ids) for e in read_corpus(tmp_path / "grouped")]
+
+
+def test_a_creation_cut_short_is_started_over(tmp_path, target, prompt_files):
+    folder = tmp_path / "c"
+    folder.mkdir()
+    (folder / "prompts.npz").write_bytes(b"half written")  # the manifest never came
+    (folder / ".corpus.json.abc.tmp").write_text("{")
+    create_corpus(folder, target, prompt_files, SETTINGS, shard_size=8, max_prompt_tokens=200, progress=False)
+    assert corpus_status(folder)["prompts"] == 32

@@ -157,8 +157,8 @@ def _segment_config(cfg: CampaignConfig, recipe: str, steps: int, seed: int, ini
 
 def _last_eval(run_dir: Path) -> dict:
     log = run_dir / "train_log.jsonl"
-    evals = [json.loads(line) for line in log.read_text().splitlines() if '"split": "eval"' in line] \
-        if log.exists() else []
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
+    evals = [r for r in records if r.get("split") == "eval"]
     return evals[-1]["metrics"] | {"loss": evals[-1]["loss"]} if evals else {}
 
 

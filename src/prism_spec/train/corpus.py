@@ -310,7 +310,11 @@ def create_corpus(
         if diffs:
             raise CorpusError(f"{folder} was built with other settings (use another folder):\n  " + "\n  ".join(diffs))
         return manifest
-    if folder.exists() and any(folder.iterdir()):
+    # A creation cut short leaves prompts.npz (or a temporary file) without the manifest,
+    # which is written last: start that over; anything else is someone else's folder.
+    leftovers = [p for p in folder.iterdir() if p.name != PROMPTS and not p.name.endswith(".tmp")] \
+        if folder.exists() else []
+    if leftovers:
         raise CorpusError(f"{folder} exists and is not a corpus folder; give a new or empty folder")
     folder.mkdir(parents=True, exist_ok=True)
     prompts = collect_prompts(data_paths, target.tokenizer, max_prompt_tokens, prompt_seed, progress)
