@@ -276,9 +276,10 @@ def merge_shards(source: str | Path, corpus: str | Path) -> list[str]:
     return added
 
 
-def unpack(files_at: str, corpus: str, campaign: str) -> dict:
+def unpack(files_at: str, corpus: str, campaign: str, results: str | None = None) -> dict:
     """Merge what a gpu_job.sh call returned: new corpus shards into ``corpus``; the campaign
-    folder replaces ``campaign`` when it went further (more segments) than the local one."""
+    folder replaces ``campaign`` when it went further (more segments) than the local one; the
+    job's measurements (its JSON files and log) go to ``results``."""
     parts = sorted(Path(files_at).glob("result.tar.part-*"))
     if not parts:
         raise SystemExit(f"no result.tar.part-* in {files_at}")
@@ -309,6 +310,13 @@ def unpack(files_at: str, corpus: str, campaign: str) -> dict:
                 else:
                     shutil.copyfile(item, dest)
             out["campaign_segments"] = len(new["segments"])
+    if results:
+        dest = Path(results)
+        dest.mkdir(parents=True, exist_ok=True)
+        kept = [p for p in sorted((staging / "x").glob("*.json"))] + sorted(Path(files_at).glob("*.log"))
+        for item in kept:
+            shutil.copyfile(item, dest / item.name)
+        out["results"] = [str(dest / p.name) for p in kept]
     shutil.rmtree(staging, ignore_errors=True)
     return out
 
@@ -339,6 +347,8 @@ def main(argv=None) -> int:
     u.add_argument("files_at")
     u.add_argument("--corpus", default="results/smollm2-135m/corpus")
     u.add_argument("--campaign", default="results/smollm2-135m/campaign")
+    u.add_argument("--results", default=None,
+                   help="where the job's measurements go (default: results/gpu-h200/<today's date>)")
     args = parser.parse_args(argv)
     if args.cmd == "pack":
         pack(args.corpus or None, args.part_mib, wheels=not args.no_wheels, gguf=args.gguf, campaign=args.campaign)
@@ -360,7 +370,10 @@ def main(argv=None) -> int:
     elif args.cmd == "assemble":
         print(assemble(args.site))
     elif args.cmd == "unpack":
-        print(json.dumps(unpack(args.files_at, args.corpus, args.campaign)))
+        import datetime
+
+        results = args.results or str(ROOT / "results" / "gpu-h200" / datetime.date.today().isoformat())
+        print(json.dumps(unpack(args.files_at, args.corpus, args.campaign, results)))
     return 0
 
 

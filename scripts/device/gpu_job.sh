@@ -6,6 +6,8 @@
 #   2. campaign: train the next EAGLE-2 / HASS / PRISM segments of the equal-budget campaign on
 #                the corpus (prism_spec.train.campaign run --time-budget);
 #   3. eval:     AL of the campaign's last level on EVAL_QUESTIONS questions per benchmark.
+# With THROUGHPUT_STEPS=N, benchmarks/train_throughput.py times N steps of each recipe first
+# (bf16, batch THROUGHPUT_BATCH=64, THROUGHPUT_MAX_LENGTH=1024, plain and grouped by length).
 # Everything that comes back is one tar split into <= 15 MB parts ($OUT/result.tar.part-*:
 # new corpus shards, the campaign folder, status JSON) plus the log; merge it here with
 # `python scripts/device/bundle.py unpack FILES_AT`. Prepared by `bundle.py pack`.
@@ -64,6 +66,14 @@ python3 -m prism_spec.cli corpus status "$WORK/corpus" --json > "$WORK/result/co
 ls "$WORK/corpus" | sort | comm -13 "$WORK/before.txt" - | grep -E '^shard-[0-9]+\.(npz|json)$' \
   | while read -r f; do cp "$WORK/corpus/$f" "$WORK/result/corpus/"; done
 echo "== $(ls "$WORK/result/corpus" | grep -c npz || true) new corpus shards after $(( $(date +%s) - start )) s"
+
+if [ "${THROUGHPUT_STEPS:-0}" != 0 ]; then
+  echo "== training throughput ($THROUGHPUT_STEPS steps per recipe and data order)"
+  python3 benchmarks/train_throughput.py --target "$TARGET" --data "$WORK/corpus" --steps "$THROUGHPUT_STEPS" \
+    --batch-size "${THROUGHPUT_BATCH:-64}" --max-length "${THROUGHPUT_MAX_LENGTH:-1024}" --precisions bf16 \
+    --draft-vocab-size "${THROUGHPUT_VOCAB:-16384}" --json "$WORK/result/train_throughput.json" \
+    || echo "throughput benchmark failed"
+fi
 
 if [ "$CAMPAIGN_SECONDS" != 0 ] && has_item campaign.tar; then
   echo "== campaign ($CAMPAIGN_SECONDS s)"

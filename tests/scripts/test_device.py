@@ -146,7 +146,8 @@ def test_gpu_job_on_a_cpu(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, OUT=str(out), BUNDLE=str(bundle_dir), WORK=str(tmp_path / "work"),
                SITE=str(tmp_path / "site"), DEVICE="cpu", TARGET=target_dir, BATCH="4", CORPUS_SECONDS="600",
-               CAMPAIGN_SECONDS="600", CAMPAIGN_MAX_LEVELS="1")
+               CAMPAIGN_SECONDS="600", CAMPAIGN_MAX_LEVELS="1", THROUGHPUT_STEPS="2", THROUGHPUT_BATCH="2",
+               THROUGHPUT_MAX_LENGTH="48", THROUGHPUT_VOCAB="64")
     run = subprocess.run(["bash", str(SCRIPTS / "gpu_job.sh")], env=env, capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -154,15 +155,22 @@ def test_gpu_job_on_a_cpu(tmp_path):
     assert "3 new corpus shards" in log and "level 0 done" in log
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("result.tar.part-"))
     unpacked = subprocess.run([sys.executable, str(SCRIPTS / "bundle.py"), "unpack", str(out), "--corpus", str(local),
-                               "--campaign", str(campaign)], capture_output=True, text=True)
+                               "--campaign", str(campaign), "--results", str(tmp_path / "measured")],
+                              capture_output=True, text=True)
     assert unpacked.returncode == 0, unpacked.stderr
     result = json.loads(unpacked.stdout)
     assert result["shards_added"] == ["shard-00001", "shard-00002", "shard-00003"]
     assert result["campaign_segments"] == 4
+    assert sorted(p.name for p in (tmp_path / "measured").iterdir()) == [
+        "corpus_status.json", "gpu_job.log", "train_throughput.json"]
     whole = tmp_path / "whole"
     create_corpus(whole, target, [str(prompts)], settings, shard_size=5, progress=False)
     build_corpus(whole, HFEngine(target, batch_size=5), progress=False)
     assert [(e.key, e.reply_ids) for e in read_corpus(local)] == [(e.key, e.reply_ids) for e in read_corpus(whole)]
+    with tarfile.open(next(out.glob("result.tar.part-aa"))) as tar:  # one part: the tiny result is small
+        rows = json.load(tar.extractfile("./train_throughput.json"))["rows"]
+    assert {(r["recipe"], r["group_by_length"]) for r in rows} == {
+        (recipe, grouped) for recipe in ("eagle2", "hass", "prism-tuning") for grouped in (False, True)}
     state = camp.read_state(campaign)
     assert list(state["levels"]) == ["0"] and set(state["drafters"]) == {"eagle2", "hass", "prism"}
     assert all((campaign / path / "model.safetensors").is_file() for path in state["drafters"].values())
