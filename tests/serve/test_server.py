@@ -161,3 +161,70 @@ def test_bounded_load_16_clients(server):
     assert stats["requests"] >= 16
     assert stats["errors"] == 0, stats["error_messages"][:3]
     assert stats["mismatches"] == 0
+
+
+def test_out_of_range_seed_is_a_400_naming_the_field(server):
+    for seed in (2**64, -(2**63) - 1):
+        r = httpx.post(server["base"] + "/v1/chat/completions", json={
+            "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": 0.7, "seed": seed,
+            "max_tokens": 4})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == "seed"
+    with pytest.raises(ValueError, match="seed"):
+        GenerationConfig(seed=2**64)
+
+
+def test_a_failing_row_ends_only_itself(server):
+    """Four requests in one batch, one of them with token ids the model does not have: the
+    batch fails, every row is decoded again alone, and the three good ones equal greedy decoding."""
+    import threading
+
+    from prism_spec.serve import EngineRequest
+
+    target, engine = server["target"], server["engine"]
+    prompts = [target.render_chat([{"role": "user", "content": f"Count to {i}."}]) for i in range(3)]
+    bad = [target.config.vocab_size + 5, 1, 2]
+    events: dict[int, list] = {i: [] for i in range(4)}
+    done = {i: threading.Event() for i in range(4)}
+
+    def collect(i):
+        def on_event(kind, payload):
+            events[i].append((kind, payload))
+            if kind in ("done", "error"):
+                done[i].set()
+        return on_event
+
+    batches_before = engine.batches_run
+    for i, ids in enumerate(prompts[:2] + [bad] + prompts[2:]):
+        engine.submit(EngineRequest(ids, GenerationConfig(max_new_tokens=6, tree=TREE), collect(i)))
+    assert all(done[i].wait(60) for i in range(4))
+    assert engine.batches_run - batches_before == 5  # the failed batch of four, then each row alone
+    assert events[2][-1][0] == "error"
+    for i, ids in zip((0, 1, 3), prompts):
+        kind, result = events[i][-1]
+        assert kind == "done"
+        assert result.token_ids == generate(target, ids, None, GenerationConfig(max_new_tokens=6)).token_ids
+
+
+def test_streamed_multibyte_text_arrives_whole():
+    """Token by token, as the SSE path streams: no replacement character reaches the client and
+    the chunks add up to the text (emoji and CJK characters span several byte-level tokens)."""
+    from transformers import AutoTokenizer
+
+    from prism_spec.targets import default_target_path
+
+    try:
+        tok = AutoTokenizer.from_pretrained(default_target_path())
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    text = "héllo 你好 🙂 ok"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    sent, chunks = "", []
+    for k in range(1, len(ids) + 1):
+        shown = visible_text(tok.decode(ids[:k]), [], final=k == len(ids))
+        assert shown.startswith(sent)
+        if len(shown) > len(sent):
+            chunks.append(shown[len(sent):])
+            sent = shown
+    assert "".join(chunks) == text and not any("\ufffd" in c for c in chunks)
+    assert len(chunks) > 1

@@ -24,6 +24,10 @@ from .verify import SamplingConfig, verify_greedy, verify_sampling
 STATIC_CACHE_STEP = 256  # static KV caches are sized in multiples of this
 
 
+#: The seeds a torch.Generator takes (signed or unsigned 64-bit).
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
+
 @dataclass
 class GenerationConfig:
     max_new_tokens: int = 256
@@ -45,6 +49,8 @@ class GenerationConfig:
     def __post_init__(self):
         if self.max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            raise ValueError(f"seed must be an integer in [{SEED_MIN}, {SEED_MAX}] (64 bits), got {self.seed}")
 
 
 @dataclass

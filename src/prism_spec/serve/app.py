@@ -19,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..runtime.decode import GenerationConfig, GenerationResult
+from ..runtime.decode import SEED_MAX, SEED_MIN, GenerationConfig, GenerationResult
 from ..runtime.tree import TreeConfig
 from ..runtime.verify import SamplingConfig
 from .engine import BatchingEngine, EngineRequest
@@ -47,7 +47,7 @@ class _Sampling(BaseModel):
     top_p: float = Field(default=1.0, gt=0, le=1)
     top_k: int = Field(default=0, ge=0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stream: bool = False
     stream_options: dict | None = None
     n: int = Field(default=1, ge=1, le=1)
@@ -82,7 +82,7 @@ def visible_text(text: str, stops: list[str], final: bool) -> str:
                 hold = max(hold, k)
                 break
     text = text[: len(text) - hold] if hold else text
-    return text[:-1] if text.endswith("\ufffd") else text  # an incomplete UTF-8 character
+    return text.rstrip("\ufffd")  # an incomplete UTF-8 character decodes to one or more of these
 
 
 def create_app(

@@ -93,6 +93,7 @@ class BatchingEngine:
             config = request.config
             config.cancelled = request.cancel.is_set
             configs.append(config)
+        streamed: set[int] = set()  # rows that have had tokens delivered
         try:
             for item in stream_generate_batch(self.target, [r.prompt_ids for r in batch], self.drafter, configs):
                 if isinstance(item, list):
@@ -100,11 +101,21 @@ class BatchingEngine:
                         _deliver(request, "done", result)
                 else:
                     row, tokens = item
+                    streamed.add(row)
                     _deliver(batch[row], "tokens", tokens)
         except Exception as exc:  # a failed batch must not take the engine down
             log.exception("batch of %d failed", len(batch))
-            for request in batch:
-                _deliver(request, "error", exc)
+            if len(batch) == 1:
+                _deliver(batch[0], "error", exc)
+                return
+            # One row's failure must end only that row: the rows that have seen no token yet
+            # are decoded again, each alone; a row already streaming cannot restart unseen.
+            for row, request in enumerate(batch):
+                if row in streamed:
+                    _deliver(request, "error", exc)
+            for row, request in enumerate(batch):
+                if row not in streamed and not request.cancel.is_set():
+                    self._run([request])
 
 
 def _deliver(request: EngineRequest, kind: str, payload) -> None:
