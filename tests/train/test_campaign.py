@@ -57,8 +57,8 @@ def test_two_levels_equal_budgets_and_prism_from_the_hass_snapshot(setup, tmp_pa
         snap = [s for s in state["segments"] if s["level"] <= level and s["save"] in ("hass-snapshot", "hass")
                 and s["stop"] <= prism["start"]]
         assert sum(s["stop"] - s["start"] for s in snap) + prism["stop"] - prism["start"] == budget
-    drafters = {m: load_drafter(folder / state["drafters"][m], target) for m in ("eagle2", "hass", "prism")}
-    prism = drafters["prism"].model if hasattr(drafters["prism"], "model") else drafters["prism"]
+    for method in ("eagle2", "hass", "prism"):  # each loads for the target (a mismatch raises)
+        load_drafter(folder / state["drafters"][method], target)
     with safe_open(str(folder / state["drafters"]["prism"] / "model.safetensors"), "pt") as f:
         keys = list(f.keys())
         # Stored in bf16, nothing derivable from the target (no embeddings, no LM head).
@@ -67,8 +67,7 @@ def test_two_levels_equal_budgets_and_prism_from_the_hass_snapshot(setup, tmp_pa
         # Tuning moved the modules apart from the HASS snapshot they both started as.
         a, b = f.get_tensor("processing.0.fc.weight"), f.get_tensor("processing.1.fc.weight")
         assert not torch.equal(a, b)
-    assert state["levels"]["1"]["heldout"]["prism"]["acc_step1"] >= 0
-    assert prism is not None
+    assert 0 <= state["levels"]["1"]["heldout"]["prism"]["acc_step1"] <= 1
     assert "levels done: 2" in "\n".join(camp.status_lines(state))
 
 

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from helpers import tiny_chat_target
 
 from prism_spec.cli import main as cli_main
