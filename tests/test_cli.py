@@ -348,3 +348,21 @@ def test_tree_label_spells_out_the_spec():
 
     assert tree_label(TreeConfig.parse("10/1/6")) == "10/1/6 (10 nodes with the root, 2 drafted levels, top-k 6)"
     assert tree_label(TreeConfig.parse("4/0/3")) == "4/0/3 (4 nodes with the root, 1 drafted level, top-k 3)"
+
+
+@pytest.mark.parametrize("argv, flag, message", [
+    (["generate", "--device", "banana", "hi"], "--device", "unknown device 'banana'"),
+    (["generate", "--device", "cuda:x", "hi"], "--device", "unknown device 'cuda:x'"),
+    (["bench", "--device", "banana"], "--device", "unknown device 'banana'"),
+    (["generate", "--stop", "", "hi"], "--stop", "must not be empty"),
+    (["corpus", "build", "--out", "x", "--shard-size", "0"], "--shard-size", "expected a positive integer"),
+])
+def test_bad_flag_values_exit_2_naming_the_flag(capsys, argv, flag, message):
+    rc, _, err = run_cli(capsys, *argv)
+    assert rc == 2 and f"error: argument {flag}: {message}" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_device_without_cuda_is_refused(capsys):
+    rc, _, err = run_cli(capsys, "generate", "--device", "cuda", "hi")
+    assert rc == 2 and "no CUDA device is available" in err and "Traceback" not in err

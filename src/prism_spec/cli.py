@@ -20,6 +20,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from .options import device, non_empty, positive
+
 EXIT_USER_ERROR = 2
 
 
@@ -28,22 +30,6 @@ class CLIError(Exception):
 
 
 # ====================================================================== argparse value types
-def positive(kind: type = int) -> Callable[[str], float]:
-    """An argparse type: a number of ``kind`` (int or float) greater than 0."""
-    what = "a positive integer" if kind is int else "a positive number"
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
-        return value
-
-    return parse
-
-
 _positive_int = positive(int)
 
 
@@ -117,7 +103,8 @@ def add_target_options(parser: argparse.ArgumentParser) -> None:
         "SmolLM2-135M-Instruct)",
     )
     group.add_argument("--dtype", type=_dtype, default="float32", help="weight dtype (default: float32)")
-    group.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: cpu)")
+    group.add_argument("--device", type=device, default="cpu",
+                       help="cpu, cuda, cuda:N or auto (a GPU when there is one) (default: cpu)")
     group.add_argument(
         "--threads", type=_positive_int, default=None, metavar="N",
         help="torch CPU threads (default: torch's choice, one per core); 1 is much faster when other "
@@ -460,7 +447,7 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     add_drafter_options(p)
     p.add_argument("--vanilla", action="store_true", help="no drafter: same as --drafter none")
     add_sampling_options(p)
-    p.add_argument("--stop", action="append", default=[], metavar="STR",
+    p.add_argument("--stop", action="append", default=[], metavar="STR", type=non_empty,
                    help="stop when the text contains STR (repeat for several)")
     p.add_argument("--output", "-o", metavar="FILE",
                    help="write the JSON lines to FILE (atomically); default: stdout")

@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..options import device
 from ..targets.default import DEFAULT_TARGET
 from .datasets import BENCHMARKS, BenchmarkError, parse_max_new_tokens
 
@@ -44,7 +45,8 @@ def _add_common(p: argparse.ArgumentParser, sub: bool) -> None:
     g = p.add_argument_group("bench options")
     g.add_argument("--target", default=d(DEFAULT_TARGET), help=f"hub id or folder of the target (default {DEFAULT_TARGET})")
     g.add_argument("--dtype", default=d("float32"), help="target dtype: float32, bfloat16, float16, float64 (default float32)")
-    g.add_argument("--device", default=d("auto"), help="cpu, cuda, cuda:N or auto (default auto)")
+    g.add_argument("--device", type=device, default=d("auto"),
+                   help="cpu, cuda, cuda:N or auto (a GPU when there is one) (default auto)")
     g.add_argument("--bench", action="append", default=d(None), metavar="NAME|PATH",
                    help=f"repeatable; packaged {', '.join(BENCHMARKS)} or a JSONL file of the same schema (default: all six)")
     g.add_argument("--limit", type=int, default=d(None), help="first N questions of each benchmark")

@@ -11,7 +11,8 @@ import argparse
 import json
 import sys
 
-from ..cli import CLIError, add_subparser, add_target_options, load_target_from_args, positive, write_jsonl_atomic
+from ..cli import CLIError, add_subparser, add_target_options, load_target_from_args, write_jsonl_atomic
+from ..options import positive
 
 
 def _shard_range(text: str) -> tuple[int, int | None]:

@@ -1,0 +1,48 @@
+"""Argparse value types shared by every ``prism`` command, so that a flag parses and fails
+the same way everywhere (a bad value exits 2 with a one-line error naming the flag)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Callable
+
+
+def positive(kind: type = int) -> Callable[[str], float]:
+    """An argparse type: a number of ``kind`` (int or float) greater than 0."""
+    what = "a positive integer" if kind is int else "a positive number"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+
+    return parse
+
+
+def device(text: str) -> str:
+    """An argparse type: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (a GPU when there is one),
+    refused at parse time when the machine lacks the device."""
+    import torch
+
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    kind, _, index = text.partition(":")
+    if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (kind == "cpu" and index):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r} (use cpu, cuda, cuda:N or auto)")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text}: no CUDA device is available here (use cpu)")
+        if index and int(index) >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return text
+
+
+def non_empty(text: str) -> str:
+    """An argparse type: any non-empty string."""
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
