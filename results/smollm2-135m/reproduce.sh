@@ -13,21 +13,21 @@
 #   bash results/smollm2-135m/reproduce.sh scaling [25|50]  # HASS and PRISM on 25 % and 50 % of the data
 #   bash results/smollm2-135m/reproduce.sh bench|bench-fp32|bench-ablations|bench-cpu  # tables, summaries, figures
 #   bash results/smollm2-135m/reproduce.sh profile         # per-phase time of a decode round
-# Third session, on a GPU (see results/gpu-h200/README.md), then benchmarked on the CPU:
+# On a lent H200 (2026-11-26, see results/gpu-h200/README.md), then benchmarked on the CPU:
 #   bash results/smollm2-135m/reproduce.sh regen-gpu       # 13,006 prompts, batch 384 (H200: ~48 replies/s)
 #   bash results/smollm2-135m/reproduce.sh prism-gpu       # PRISM on both answer files (H200: < 150 s)
 #   bash results/smollm2-135m/reproduce.sh bench-gpu-prism # CPU: fp32 paper-tree AL and bf16 speed with --tree auto
 #   bash results/smollm2-135m/reproduce.sh packing         # CPU: prepacked vs plain linear layers, CPU table again
 #   bash results/smollm2-135m/reproduce.sh prism-star-norm # PRISM* with RMS-normalised input layers (~15 min)
 #   bash results/smollm2-135m/reproduce.sh bench-star-norm # its float32 paper-tree AL next to PRISM and the old PRISM*
-# Fifth session (CPU only):
+# CPU only (2026-11-26):
 #   bash results/smollm2-135m/reproduce.sh prism-ft        # the GPU-trained PRISM fine-tuned on ~26k conversations (~57 min)
 #   bash results/smollm2-135m/reproduce.sh bench-ft        # fp32 paper-tree AL and bf16 --tree auto speed, before / after
 #   bash results/smollm2-135m/reproduce.sh prism-ft2       # a second pass from prism-ft (~34 min); now the packaged drafter
 #   bash results/smollm2-135m/reproduce.sh bench-ft2       # fp32 paper-tree AL of the two passes
 #   bash results/smollm2-135m/reproduce.sh bench-cpu-ft2   # bf16 CPU speed of the two passes (--tree auto, then 4/0/3)
 #   bash results/smollm2-135m/reproduce.sh attention       # grouped-query SDPA without the KV copy: forward latency, A/B
-#   bash results/smollm2-135m/reproduce.sh bench-cpu-s6    # bf16 CPU speed, --tree auto with the sixth session's calibration set
+#   bash results/smollm2-135m/reproduce.sh bench-cpu-s6    # bf16 CPU speed, --tree auto with the eight-prompt calibration set
 #   bash results/smollm2-135m/reproduce.sh bench-cpu-s6-all  # the same runtime for the baselines (equal training) and the packaged PRISM
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -41,7 +41,7 @@ WARMUP=$((STEPS * 3 / 4))
 COMMON=(--target smollm2-135m --data "$DATA" --max-length 384 --batch-size 8
         --mixed-precision bf16 --save-dtype bf16 --feature-cache "$RUNS/features"
         --set data.max_examples=$N_EXAMPLES --set data.holdout=48 --set drafter.draft_vocab_size=16384
-        --set data.dedupe=false  # these runs predate de-duplication (the default since the fourth session)
+        --set data.dedupe=false  # these runs predate de-duplication (now the default)
         --checkpoint-every 50 --eval-every 100 --log-every 10)
 STAR=(--feature-cache "$RUNS/features-star")   # PRISM* also needs low/middle/high layer features
 DRAFTERS=(--method eagle2=$OUT/drafters/eagle2 --method hass=$OUT/drafters/hass --method prism=$OUT/drafters/prism)
@@ -70,7 +70,7 @@ packaged_weights() {  # earlier packaged drafters' weights from git history, the
   done
 }
 
-fine_tune() {  # fifth session's fine-tuning runs: extra args (output dir, init, steps, lr, ...)
+fine_tune() {  # the packaged drafter's fine-tuning runs: extra args (output dir, init, steps, lr, ...)
   local S=${SHARED_TRAIN:-../shared/data/train}
   python -m prism_spec.train --recipe prism --target smollm2-135m --online --dtype bf16 \
     --data "$S/gsm8k_train.jsonl" "$S/math_test.jsonl" "$S/code_alpaca_2k.json" "$S/gpteacher_codegen.json" \
@@ -166,7 +166,7 @@ case "${1:-}" in
       --set stages.warmup.steps=700 --set stages.warmup.lr=2e-4 --set stages.tuning.steps=200 --set stages.tuning.lr=2e-5 \
       --checkpoint-every 0 --eval-every 300 --log-every 25 --resume
     finish prism-gpu ;;
-  bench-gpu-prism)  # prism-gpu's weights: the packaged drafter's until the fifth session (git history)
+  bench-gpu-prism)  # prism-gpu's weights: the packaged drafter's until commit 0a7c96a (git history)
     packaged_weights
     prism bench --method vanilla --method prism@prism-gpu=$OUT/drafters/prism-gpu --method prism=$OUT/drafters/prism \
       --temperature 0 --tree paper --limit "${LIMIT:-1}" --max-new-tokens 64 --threads 2 --dtype float32 \
@@ -174,7 +174,7 @@ case "${1:-}" in
     prism bench --method vanilla --method eagle2=$OUT/drafters/eagle2 --method prism=$OUT/drafters/prism \
       --method prism@prism-gpu=$OUT/drafters/prism-gpu --dtype bfloat16 --temperature 0 --tree auto \
       --limit "${LIMIT:-1}" --max-new-tokens 64 --threads 2 --out "$OUT/bench-cpu-gpu-trained" ;;
-  prism-star-norm)  # fourth session: PRISM* with each input layer RMS-normalised (drafter.input_norm, now the default)
+  prism-star-norm)  # PRISM* with each input layer RMS-normalised (drafter.input_norm, now the default)
     train_prism prism-star-norm --recipe 'prism*' "${STAR[@]}"
     finish prism-star-norm ;;
   bench-star-norm)  # float32 paper tree: PRISM, PRISM* before and after the input normalisation
@@ -186,7 +186,7 @@ case "${1:-}" in
     prism bench --method vanilla --method 'prism*@prism-star-norm'=$OUT/drafters/prism-star-norm \
       --method prism@prism-gpu=$OUT/drafters/prism-gpu --dtype bfloat16 --temperature 0 --tree auto \
       --limit "${LIMIT:-1}" --max-new-tokens 64 --threads 2 --out "$OUT/bench-cpu-star-norm" ;;
-  packing)  # fourth session: prepacked CPU weights (docs/performance.md), then the CPU table again
+  packing)  # prepacked CPU weights (docs/performance.md), then the CPU table again
     python benchmarks/linear_packing.py --json results/cpu/linear_packing_amd.json
     python benchmarks/target_latency.py --json results/cpu/target_latency_amd_packed.json --wait-idle 30
     python benchmarks/runtime_ab.py --tree 4/0/3 --json results/cpu/packing_ab_bf16_4-0-3.json
@@ -201,18 +201,18 @@ case "${1:-}" in
     prism bench --method vanilla --method eagle2=$OUT/drafters/eagle2 --method prism=$OUT/drafters/prism \
       --method prism@prism-gpu=$OUT/drafters/prism-gpu --dtype bfloat16 --temperature 0 --tree auto \
       --limit "${LIMIT:-1}" --max-new-tokens 64 --threads 2 --out "$OUT/bench-cpu-packed" ;;
-  prism-ft)  # fifth session: fine-tune the GPU-trained PRISM, CE-only tuning stage on both modules,
+  prism-ft)  # fine-tune the GPU-trained PRISM, CE-only tuning stage on both modules,
     # on the dataset answers of ten training files (target soft labels; not regenerated) plus both answer files
     packaged_weights
     fine_tune --output-dir "$RUNS/prism-ft-mixed" --init-from "$OUT/drafters/prism-gpu" \
       --set stages.tuning.steps=560 --set stages.tuning.lr=8e-5 --eval-every 200 --log-every 20
     finish prism-ft prism-ft-mixed ;;
-  prism-ft2)  # fifth session: a second pass from prism-ft, another data order (same held-out split)
+  prism-ft2)  # a second pass from prism-ft, another data order (same held-out split)
     packaged_weights
     fine_tune --output-dir "$RUNS/prism-ft2-mixed" --init-from "$OUT/drafters/prism-ft" \
       --set stages.tuning.steps=330 --set stages.tuning.lr=5e-5 --seed 1 --eval-every 165 --log-every 15
     finish prism-ft2 prism-ft2-mixed ;;
-  bench-ft)  # the packaged PRISM before (prism-gpu) and after (prism-ft) the fifth session's fine-tuning
+  bench-ft)  # the packaged PRISM before (prism-gpu) and after (prism-ft) its first fine-tuning pass
     packaged_weights
     prism bench --method vanilla --method prism@prism-gpu=$OUT/drafters/prism-gpu --method prism@prism-ft=$OUT/drafters/prism-ft \
       --temperature 0 --tree paper --limit "${LIMIT:-5}" --max-new-tokens 64 --threads 2 --dtype float32 \
@@ -236,7 +236,7 @@ case "${1:-}" in
     prism bench --method vanilla --method prism@prism-ft=$OUT/drafters/prism-ft --method prism@prism-ft2=$OUT/drafters/prism-ft2 \
       --dtype bfloat16 --temperature 0 --tree 4/0/3 --limit "${LIMIT:-5}" --max-new-tokens 64 --threads 2 \
       --out "$OUT/bench-cpu-ft2-4-0-3" ;;
-  attention)  # sixth session: prism_sdpa against transformers' sdpa (docs/performance.md)
+  attention)  # prism_sdpa against transformers' sdpa (docs/performance.md)
     python benchmarks/gqa_attention.py --json results/cpu/gqa_attention_bf16.json
     python benchmarks/runtime_ab.py --compare attention --bench sum --prompts 5 --repeats 2 --tree 4/0/3 \
       --json results/cpu/attention_ab_sum_bf16_4-0-3.json
@@ -249,7 +249,7 @@ case "${1:-}" in
     prism bench --method vanilla --method prism@prism-ft=$OUT/drafters/prism-ft --method prism@prism-ft2=$OUT/drafters/prism-ft2 \
       --dtype bfloat16 --temperature 0 --tree auto --limit "${LIMIT:-5}" --max-new-tokens 64 --threads 2 \
       --out "$OUT/bench-cpu-s6" ;;
-  bench-cpu-s6-all)  # EAGLE-2, HASS and PRISM of the second session (same data and budget) + the packaged PRISM
+  bench-cpu-s6-all)  # the equal-budget EAGLE-2, HASS and PRISM (same data and budget) + the packaged PRISM
     packaged_weights
     prism bench --method vanilla "${DRAFTERS[@]}" --method prism@packaged=$OUT/drafters/prism-ft2 \
       --dtype bfloat16 --temperature 0 --tree auto --limit "${LIMIT:-5}" --max-new-tokens 64 --threads 2 \
