@@ -164,3 +164,55 @@ class NoisyDrafter(Drafter):
 
     def check_target(self, target):
         self.inner.check_target(target)
+
+
+# --------------------------------------------------------------------------- model families
+#: Tiny float64 configs of transformers' families (2 layers, hidden 32). Sliding windows of 6
+#: positions are far shorter than the test sequences, so a runtime that ignored them (or kept
+#: transformers' windowed cache layers) would decode differently from the model itself.
+FAMILY_COMMON = dict(
+    vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=256, bos_token_id=None, eos_token_id=None,
+    pad_token_id=None, tie_word_embeddings=False,
+)
+FAMILIES = {
+    "llama": ("LlamaConfig", {}),
+    "qwen2": ("Qwen2Config", {}),
+    "qwen2-sliding": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=6, max_window_layers=1)),
+    "qwen3": ("Qwen3Config", dict(head_dim=8)),
+    "mistral": ("MistralConfig", {}),  # its default window (4096) is longer than any test sequence
+    "mistral-sliding": ("MistralConfig", dict(sliding_window=6)),
+    # Eager experts: the default grouped kernels take no float64.
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, experts_implementation="eager")),
+    "gemma": ("GemmaConfig", dict(head_dim=8)),
+    "gemma2": ("Gemma2Config", dict(head_dim=8, sliding_window=6)),  # alternating windows, soft-capping
+    "gemma3": ("Gemma3TextConfig", dict(head_dim=8, sliding_window=6, sliding_window_pattern=2)),
+    "phi3": ("Phi3Config", {}),
+    "olmo2": ("Olmo2Config", {}),
+    "gpt_neox": ("GPTNeoXConfig", {}),
+    "gpt2": ("GPT2Config", dict(n_embd=32, n_layer=2, n_head=4, n_positions=256)),
+    "falcon": ("FalconConfig", {}),
+}
+
+
+def tiny_family(name: str, seed: int = 0, dtype=torch.float64, vocab_size: int | None = None) -> Target:
+    """A tiny random model of one of :data:`FAMILIES`, loaded as load_target loads models."""
+    import transformers
+
+    from prism_spec.targets.hf import with_attention_fallback
+
+    config_class, extra = FAMILIES[name]
+    kwargs = {**FAMILY_COMMON, **extra}
+    if vocab_size is not None:
+        kwargs["vocab_size"] = vocab_size
+    config = getattr(transformers, config_class)(**kwargs)
+    torch.manual_seed(seed)
+    model = with_attention_fallback(
+        lambda implementation: transformers.AutoModelForCausalLM.from_config(config, attn_implementation=implementation)
+    ).to(dtype)
+    with torch.no_grad():  # sharper distributions than a random init gives (no near-ties)
+        model.get_output_embeddings().weight.mul_(8.0)
+    use_grouped_sdpa(model)
+    target = Target(model, None, name=f"tiny-{name}")
+    target.check_against_model()
+    return target

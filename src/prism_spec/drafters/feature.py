@@ -21,7 +21,6 @@ simply never proposed: it can still be committed as the target's bonus token).
 
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -40,6 +39,7 @@ from ..targets.hf import (
     fit_mask_to_cache,
     pad_ragged,
 )
+from ..targets.family import full_attention_config, generic_layer_config
 from ..targets.packed import pack_linears, packed_linear
 from .base import Drafter, DrafterMismatchError, register
 
@@ -64,8 +64,13 @@ class FeatureDrafterConfig:
     # Reduced draft vocabulary: None = the target's whole vocabulary; N = only the N target
     # tokens listed in the model's ``d2t`` buffer (see the module docstring).
     draft_vocab_size: int | None = None
+    # The decoder layer class of the modules: "target" (the target family's own) or "llama"
+    # (for families whose layers do not take Llama's arguments; targets.family).
+    drafter_layer: str = "target"
 
     def __post_init__(self):
+        if self.drafter_layer not in ("target", "llama"):
+            raise ValueError(f"drafter_layer must be 'target' or 'llama', got {self.drafter_layer!r}")
         if self.num_modules < 1 or self.layers_per_module < 1:
             raise ValueError("num_modules and layers_per_module must be >= 1")
         if not self.step_mapping or any(not 0 <= m < self.num_modules for m in self.step_mapping):
@@ -85,6 +90,7 @@ class FeatureDrafterConfig:
 
     @classmethod
     def for_target(cls, target: Target, **kwargs) -> "FeatureDrafterConfig":
+        kwargs.setdefault("drafter_layer", "target" if target.family.native_drafter_layer else "llama")
         return cls(
             target_name=str(target.name),
             target_model_type=str(getattr(target.config, "model_type", "")),
@@ -138,6 +144,32 @@ def prism_config(target: Target, num_modules: int = 2, **kwargs) -> FeatureDraft
     )
 
 
+def drafter_layer_parts(target: Target, config: FeatureDrafterConfig):
+    """(decoder layer class, rotary embedding class, their config) for the drafter's modules:
+    the target family's own, or Llama's at the target's width (``config.drafter_layer``).
+    Every layer attends over the whole prefix (no sliding window) and runs the target's
+    attention implementation when it is an SDPA one."""
+    attn = target.config._attn_implementation or "sdpa"
+    if config.drafter_layer == "llama":
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+        layer_config = generic_layer_config(target.config, attn if "sdpa" in attn else "sdpa")
+        layer_cls, rotary_cls = LlamaDecoderLayer, LlamaRotaryEmbedding
+    else:
+        if not hasattr(target.decoder, "rotary_emb"):
+            raise DrafterMismatchError(
+                f"{target.family.model_type} has no rotary embedding to build drafter layers of its own family "
+                "from: use drafter_layer='llama'"
+            )
+        layer_config = full_attention_config(target.config)
+        layer_config._attn_implementation = attn
+        layer_cls, rotary_cls = type(target.family.layers[0]), type(target.decoder.rotary_emb)
+    layer_config.num_hidden_layers = config.layers_per_module
+    if getattr(layer_config, "layer_types", None) is not None:
+        layer_config.layer_types = ["full_attention"] * config.layers_per_module
+    return layer_cls, rotary_cls, layer_config
+
+
 class ProcessingModule(nn.Module):
     def __init__(self, layer_cls, layer_config, num_layers: int):
         super().__init__()
@@ -154,20 +186,17 @@ class FeatureDrafterModel(nn.Module):
     def __init__(self, config: FeatureDrafterConfig, target: Target, d2t: torch.Tensor | None = None):
         super().__init__()
         self.config = config
-        layer_config = copy.deepcopy(target.config)
-        layer_config.num_hidden_layers = config.layers_per_module
-        layer_config._attn_implementation = target.config._attn_implementation or "sdpa"
-        layer_cls = type(target.decoder.layers[0])
+        layer_cls, rotary_cls, layer_config = drafter_layer_parts(target, config)
         self.layer_config = layer_config  # also sizes a static KV cache (FeatureDrafter.use_static_cache)
         h = target.hidden_size
         self.fuse = nn.Linear(len(config.input_layers) * h, h, bias=False) if config.input_layers else None
         self.processing = nn.ModuleList(
             ProcessingModule(layer_cls, layer_config, config.layers_per_module) for _ in range(config.num_modules)
         )
-        self.rotary = type(target.decoder.rotary_emb)(config=layer_config)
+        self.rotary = rotary_cls(config=layer_config)
         self._cache_kw = cache_kwarg(self.processing[0].layers[0])
         # Frozen target pieces, kept out of state_dict / parameters().
-        self.__dict__["target_embed"] = target.embed_tokens
+        self.__dict__["target_embed"] = target.embed
         self.__dict__["target_head"] = target.lm_head
         self.__dict__["_head_cache"] = None  # (key, weight[d2t], bias[d2t] or None, packed head or None)
         self.packed = False  # FeatureDrafter.pack_weights: CPU linears on prepacked weights

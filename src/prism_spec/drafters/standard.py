@@ -80,6 +80,6 @@ def _layer_index(key: str) -> int:
     """Decoder layer number in a state-dict key, or -1 for non-layer weights."""
     parts = key.split(".")
     for i, part in enumerate(parts[:-1]):
-        if part == "layers" and parts[i + 1].isdigit():
+        if part in ("layers", "h", "blocks") and parts[i + 1].isdigit():  # the families' names for them
             return int(parts[i + 1])
     return -1

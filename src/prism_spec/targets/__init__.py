@@ -1,12 +1,15 @@
 """Targets: load a transformers causal LM and run it over new tokens or a draft tree."""
 
 from .default import DEFAULT_TARGET, cache_dir, default_target_path
+from .family import TargetFamily, UnsupportedTargetError
 from .hf import ForwardOutput, Target, default_feature_layers, load_target, parse_dtype
 
 __all__ = [
     "DEFAULT_TARGET",
     "ForwardOutput",
     "Target",
+    "TargetFamily",
+    "UnsupportedTargetError",
     "cache_dir",
     "default_feature_layers",
     "default_target_path",

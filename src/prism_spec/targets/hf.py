@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel, StaticCache
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel, StaticCache
 
 from .attention import use_grouped_sdpa
 from .default import DEFAULT_TARGET, default_target_path
+from .family import TargetFamily, UnsupportedTargetError, check_supported, full_attention_config
 from .packed import PackedLinear, available_memory_bytes, linear_weight_bytes, pack_linears, unpack_linears
 
 #: load_target packs by default only when the packed copy takes at most this share of the
@@ -59,6 +60,8 @@ def batch_attention_mask(
     tree_mask: torch.Tensor | None,
     dtype: torch.dtype,
     device,
+    positions: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Additive 4D mask [B, 1, n_new, past_len + n_new] for new tokens on top of a cache.
 
@@ -67,7 +70,10 @@ def batch_attention_mask(
     included) each new token may see; without it the new tokens are causal among themselves.
     In the committed region row b sees its first ``lengths[b]`` entries (rows are ragged: the
     rest is padding); ``lengths=None`` means all of it.
-    """
+
+    ``window`` (sliding-window attention): a token at position p also sees only keys at
+    positions above ``p - window``, as transformers' sliding masks do. Committed entry i sits
+    at position i and the new tokens at ``positions`` [B, n_new]."""
     if tree_mask is None:
         tree_mask = torch.ones(n_new, n_new, dtype=torch.bool, device=device).tril()[None]
     batch = tree_mask.shape[0] if lengths is None else lengths.shape[0]
@@ -79,6 +85,18 @@ def batch_attention_mask(
     else:
         committed = torch.arange(region, device=device)[None, :] < lengths.to(device)[:, None]
     visible = torch.cat([committed[:, None, :].expand(batch, n_new, region), tree_mask], dim=-1)
+    if window is not None:
+        if positions is None:
+            raise ValueError("a sliding-window mask needs the new tokens' positions")
+        positions = positions.to(device).expand(batch, n_new)
+        # Tree entries written by earlier forwards (a drafter's previous tree levels) lie within
+        # the tree's depth of every query and stay visible: exact while the window is longer
+        # than the tree is deep. A target's verify writes the whole tree at once (t == n_new).
+        committed_positions = torch.arange(region, device=device).expand(batch, n_new, region)
+        earlier_positions = positions[:, :, None].expand(batch, n_new, t - n_new)  # seen as the query's own
+        new_positions = positions[:, None, :].expand(batch, n_new, n_new)
+        key_positions = torch.cat([committed_positions, earlier_positions, new_positions], dim=-1)
+        visible = visible & (positions[:, :, None] - key_positions < window)
     mask = torch.zeros(visible.shape, dtype=dtype, device=device)
     mask.masked_fill_(~visible, torch.finfo(dtype).min)
     return mask[:, None]
@@ -181,13 +199,16 @@ class Target:
         self.tokenizer = tokenizer
         self.config = model.config
         self.name = name or getattr(model.config, "name_or_path", None) or type(model).__name__
+        self.family = TargetFamily.of(model)  # raises UnsupportedTargetError for what cannot be decoded exactly
+        # KV caches keep every entry (sliding windows are applied by the masks): see full_attention_config.
+        self.cache_config = full_attention_config(model.config) if self.family.sliding else model.config
         self.decoder = model.get_decoder()
         self.lm_head = model.get_output_embeddings()
         self.embed_tokens = model.get_input_embeddings()
         self._cache_kw = cache_kwarg(self.decoder)
         self._compiled_decoder = None  # see compile_decoder()
         self._graphed_decoder = None  # see use_cuda_graphs()
-        self.static_caches = StaticCachePool(model.config)  # buffers for StaticKV
+        self.static_caches = StaticCachePool(self.cache_config)  # buffers for StaticKV
         for p in self.model.parameters():
             p.requires_grad_(False)
 
@@ -315,7 +336,14 @@ class Target:
 
     # ----------------------------------------------------------------- forward
     def new_cache(self) -> DynamicCache:
-        return DynamicCache(config=self.config)
+        return DynamicCache(config=self.cache_config)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings as the first decoder layer receives them (scaled where the family
+        scales them inside the decoder)."""
+        embeds = self.embed_tokens(input_ids)
+        scale = self.family.embed_scale
+        return embeds if scale is None else embeds * torch.tensor(scale, dtype=embeds.dtype)
 
     def forward(
         self,
@@ -350,8 +378,16 @@ class Target:
         product costs a fifth of a small model's forward per token): apply :meth:`logits` to the
         positions that need it."""
         batch, n = input_ids.shape
-        mask = batch_attention_mask(lengths, int(cache.get_seq_length()), n, tree_mask, self.dtype, self.device)
-        mask = fit_mask_to_cache(mask, cache, self.dtype)
+        past = int(cache.get_seq_length())
+        masks = {
+            layer_type: fit_mask_to_cache(
+                batch_attention_mask(lengths, past, n, tree_mask, self.dtype, self.device, positions, window),
+                cache, self.dtype,
+            )
+            for layer_type, window in self.family.mask_windows().items()
+        }
+        # One mask for every layer, or (decoders with sliding and full layers) one per layer type.
+        mask = masks[None] if None in masks else masks
         # Graphs (below) for decode steps and tree verification, which carry a tree mask; not for
         # prefill, whose length varies with every prompt (a capture per length would not pay).
         small_static = isinstance(cache, StaticCache) and n <= COMPILED_MAX_TOKENS
@@ -367,7 +403,8 @@ class Target:
 
         inputs = (input_ids.to(self.device), positions.to(self.device), mask)
         with attention_backends(self.device):
-            if self._graphed_decoder is not None and small_static and tree_mask is not None:
+            # (The graph runner takes tensors only: per-type mask dicts run eagerly.)
+            if self._graphed_decoder is not None and small_static and tree_mask is not None and None in masks:
                 hidden, layer_features = self._graphed_decoder(run, inputs, cache, key=tuple(feature_layers or ()))
             else:
                 hidden, layer_features = run(*inputs)
@@ -375,8 +412,26 @@ class Target:
 
     @torch.inference_mode()
     def logits(self, features: torch.Tensor) -> torch.Tensor:
-        """Float32 next-token logits from last hidden states (``ForwardOutput.features``)."""
-        return self.lm_head(features).float()
+        """Float32 next-token logits from last hidden states (``ForwardOutput.features``),
+        scaled or soft-capped as the family's own forward does."""
+        return self.family.scale_logits(self.lm_head(features)).float()
+
+    @torch.inference_mode()
+    def check_against_model(self, length: int = 8) -> None:
+        """Check that this wrapper's forward gives the model's own logits on a short input
+        (raises UnsupportedTargetError otherwise): a family whose forward does something this
+        module does not know of is refused instead of decoding wrongly."""
+        ids = torch.arange(1, length + 1, device=self.device)[None] % self.vocab_size
+        reference = self.model(input_ids=ids, use_cache=False).logits.float()[0]
+        cache = self.new_cache()
+        ours = self.forward(ids[0], torch.arange(length, device=self.device), cache).logits
+        tolerance = 1e-3 if self.dtype in (torch.float32, torch.float64) else 5e-2
+        error = float((ours - reference).abs().max()) / max(float(reference.abs().max()), 1e-6)
+        if not error <= tolerance:
+            raise UnsupportedTargetError(
+                f"{self.family.model_type}: the runtime's forward differs from the model's own "
+                f"(relative logit error {error:.2g}); this family is not supported"
+            )
 
 
 def filled_layers(cache) -> list:
@@ -523,6 +578,17 @@ class StaticKV:
         self._set_write_position(self.region)
 
 
+def with_attention_fallback(build, attn_implementation: str = "sdpa"):
+    """``build(implementation)``, falling back to transformers' ``eager`` attention for
+    families without the requested one (Gemma 2 has no SDPA: its soft-capped scores need eager)."""
+    try:
+        return build(attn_implementation)
+    except ValueError as error:
+        if attn_implementation == "eager" or "attn_implementation" not in str(error) and "support" not in str(error):
+            raise
+        return build("eager")
+
+
 def load_target(
     name_or_path: str = DEFAULT_TARGET,
     dtype: str | torch.dtype = "float32",
@@ -534,13 +600,18 @@ def load_target(
     ``pack_weights`` (default: on for CPU targets in float32 / bfloat16) runs its linear
     layers on prepacked weights (:meth:`Target.pack_weights`)."""
     path: str | Path = default_target_path() if name_or_path == DEFAULT_TARGET else name_or_path
+    check_supported(AutoConfig.from_pretrained(path))  # before loading any weights
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=parse_dtype(dtype), attn_implementation=attn_implementation
+    model = with_attention_fallback(
+        lambda implementation: AutoModelForCausalLM.from_pretrained(
+            path, dtype=parse_dtype(dtype), attn_implementation=implementation
+        ),
+        attn_implementation,
     ).to(device)
     # Same kernel and outputs as "sdpa", without copying the KV cache per query group.
     use_grouped_sdpa(model)
     target = Target(model, tokenizer, name=name_or_path)
+    target.check_against_model()
     if pack_weights is None:
         pack_weights = target.device.type == "cpu" and target.dtype in (torch.float32, torch.bfloat16)
         if pack_weights:
