@@ -107,3 +107,40 @@ def test_transformers_own_forward_and_generate_are_unchanged():
         results[impl] = more, generated
     torch.testing.assert_close(results[GROUPED_SDPA][0], results["sdpa"][0], rtol=0, atol=1e-12)
     assert torch.equal(results[GROUPED_SDPA][1], results["sdpa"][1])
+
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_row_invariant_attention_is_each_nodes_one_token_attention(dtype):
+    """Under row_invariant_attention, every node of a verified tree (ragged batch rows) gets
+    bit for bit the attention a decode step computes over a cache holding just its prefix
+    and its path (transformers' sdpa with one query token, as vanilla decoding runs it)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from prism_spec.targets.attention import row_invariant_attention
+
+    gen = torch.Generator().manual_seed(0)
+    batch, kv_heads, groups, dim, past = 2, 3, 3, 64, 300
+    parents = [-1, 0, 0, 1, 2, 3]  # node 0 is the root
+    n = len(parents)
+    tree = torch.eye(n, dtype=torch.bool)
+    for node, parent in enumerate(parents):
+        while parent >= 0:
+            tree[node, parent], parent = True, parents[parent]
+    lengths = torch.tensor([past, past - 37])
+    query = torch.randn(batch, kv_heads * groups, n, dim, generator=gen).to(dtype)
+    key = torch.randn(batch, kv_heads, past + n, dim, generator=gen).to(dtype)
+    value = torch.randn(batch, kv_heads, past + n, dim, generator=gen).to(dtype)
+    mask = batch_attention_mask(lengths, past, n, tree[None].expand(batch, n, n), dtype, "cpu")
+    module = SimpleNamespace(num_key_value_groups=groups, is_causal=True)
+    with row_invariant_attention():
+        verified, _ = grouped_sdpa_attention(module, query, key, value, mask, scaling=dim**-0.5)
+    for b in range(batch):
+        for node in range(n):
+            path = [past + j for j in range(n) if tree[node, j]]
+            keys = torch.cat([key[b : b + 1, :, : lengths[b]], key[b : b + 1, :, path]], dim=2)
+            values = torch.cat([value[b : b + 1, :, : lengths[b]], value[b : b + 1, :, path]], dim=2)
+            step_mask = torch.zeros(1, 1, 1, keys.shape[2], dtype=dtype)
+            step, _ = sdpa_attention_forward(module, query[b : b + 1, :, node : node + 1], keys, values, step_mask,
+                                             scaling=dim**-0.5)
+            assert torch.equal(step[0, 0], verified[b, node]), (b, node)

@@ -18,9 +18,20 @@ the copy is gone. Registered with transformers' public ``AttentionInterface`` as
 (with sdpa's mask builder in ``AttentionMaskInterface``);
 anything else (one new token, no mask, bias or softcap, non-CPU devices) goes to transformers'
 own ``sdpa`` function unchanged.
+
+Row-invariant attention (:func:`row_invariant_attention`, used by tree verification when a
+target's ``row_invariant_verify`` is on): a forward over several new tokens gives each token
+the attention a one-token decode step would compute for it, bit for bit in any dtype. Each
+query row attends, in its own one-token call to transformers' ``sdpa`` function, over exactly
+the keys its mask row shows (the prefix and its ancestors in the tree), in cache order: the
+same kernel, shapes and reduction order as the decode step that vanilla decoding runs. The
+rest of a layer (linear layers, norms, rotary embeddings) is computed row by row already.
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
@@ -47,9 +58,68 @@ def folds_query_groups(module, query: torch.Tensor, attention_mask, dropout: flo
     )
 
 
+_ROW_INVARIANT = contextvars.ContextVar("prism_row_invariant_attention", default=False)
+
+
+@contextlib.contextmanager
+def row_invariant_attention(enabled: bool = True):
+    """Within the block, forwards on :data:`GROUPED_SDPA` models over several new tokens give
+    every token the attention of a one-token step (see the module docstring)."""
+    token = _ROW_INVARIANT.set(enabled)
+    try:
+        yield
+    finally:
+        _ROW_INVARIANT.reset(token)
+
+
+def visible_key_runs(attention_mask: torch.Tensor, kv_len: int) -> list[list[torch.Tensor | int]]:
+    """Per batch row b and query i of an additive mask [B, 1, n, >= kv_len]: the key indices
+    the query sees, as an int ``c`` when they are exactly ``0..c-1`` (a slice, no copy) and as
+    an index tensor otherwise."""
+    visible = attention_mask[:, 0, :, :kv_len] == 0
+    counts = visible.sum(-1)
+    prefix_like = visible.cumsum(-1).eq(torch.arange(1, kv_len + 1, device=visible.device)).sum(-1) == counts
+    runs = []
+    for b in range(visible.shape[0]):
+        row = []
+        for i in range(visible.shape[1]):
+            c = int(counts[b, i])
+            row.append(c if bool(prefix_like[b, i]) else visible[b, i].nonzero().flatten())
+        runs.append(row)
+    return runs
+
+
+def row_invariant_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """Each query row in its own one-token call over the keys its mask row shows."""
+    batch, _, n, _ = query.shape
+    outputs = []
+    for b, row in enumerate(visible_key_runs(attention_mask, key.shape[-2])):
+        for i, keys in enumerate(row):
+            if isinstance(keys, int):
+                k, v = key[b : b + 1, :, :keys], value[b : b + 1, :, :keys]
+            else:
+                k, v = key[b : b + 1].index_select(2, keys), value[b : b + 1].index_select(2, keys)
+            # The decode step's own mask: every key visible (zeros, in the mask's dtype).
+            mask = attention_mask.new_zeros((1, 1, 1, k.shape[-2]))
+            out, _ = sdpa_attention_forward(
+                module, query[b : b + 1, :, i : i + 1], k, v, mask, dropout=dropout, scaling=scaling, **kwargs
+            )
+            outputs.append(out)  # [1, 1, heads, d]
+    return torch.cat(outputs, dim=1).reshape(batch, n, *outputs[0].shape[2:]), None
+
+
 def grouped_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """transformers' attention-function signature: query [b, heads, n, d], key/value
     [b, kv_heads, kv_len, d]; returns ([b, n, heads, d], None)."""
+    if (
+        _ROW_INVARIANT.get()
+        and query.shape[2] > 1
+        and isinstance(attention_mask, torch.Tensor)
+        and attention_mask.dim() == 4
+        and attention_mask.shape[2] == query.shape[2]
+        and not dropout
+    ):
+        return row_invariant_sdpa(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     if not folds_query_groups(module, query, attention_mask, dropout, kwargs):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     batch, heads, n, dim = query.shape

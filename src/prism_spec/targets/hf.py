@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel, StaticCache
 
-from .attention import use_grouped_sdpa
+from .attention import row_invariant_attention, use_grouped_sdpa
 from .default import DEFAULT_TARGET, default_target_path
 from .family import TargetFamily, UnsupportedTargetError, check_supported, full_attention_config
 from .packed import PackedLinear, available_memory_bytes, linear_weight_bytes, pack_linears, unpack_linears
@@ -206,6 +206,9 @@ class Target:
         self.lm_head = model.get_output_embeddings()
         self.embed_tokens = model.get_input_embeddings()
         self._cache_kw = cache_kwarg(self.decoder)
+        # Tree verification gives every node the attention of a one-token step, so that
+        # speculative output equals vanilla output bit for bit in any dtype (attention.py).
+        self.row_invariant_verify = False
         self._compiled_decoder = None  # see compile_decoder()
         self._graphed_decoder = None  # see use_cuda_graphs()
         self.static_caches = StaticCachePool(self.cache_config)  # buffers for StaticKV
@@ -402,7 +405,8 @@ class Target:
             return out.last_hidden_state, layers
 
         inputs = (input_ids.to(self.device), positions.to(self.device), mask)
-        with attention_backends(self.device):
+        row_invariant = self.row_invariant_verify and tree_mask is not None and n > 1
+        with attention_backends(self.device), row_invariant_attention(row_invariant):
             # (The graph runner takes tensors only: per-type mask dicts run eagerly.)
             if self._graphed_decoder is not None and small_static and tree_mask is not None and None in masks:
                 hidden, layer_features = self._graphed_decoder(run, inputs, cache, key=tuple(feature_layers or ()))
