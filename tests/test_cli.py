@@ -355,6 +355,9 @@ def test_tree_label_spells_out_the_spec():
     (["generate", "--device", "cuda:x", "hi"], "--device", "unknown device 'cuda:x'"),
     (["bench", "--device", "banana"], "--device", "unknown device 'banana'"),
     (["generate", "--stop", "", "hi"], "--stop", "must not be empty"),
+    (["generate", "--seed", str(2**64), "hi"], "--seed", "expected an integer in"),
+    (["chat", "--seed", str(-(2**63) - 1)], "--seed", "expected an integer in"),
+    (["bench", "--seed", "x"], "--seed", "expected an integer, got 'x'"),
     (["corpus", "build", "--out", "x", "--shard-size", "0"], "--shard-size", "expected a positive integer"),
 ])
 def test_bad_flag_values_exit_2_naming_the_flag(capsys, argv, flag, message):

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from .options import device, non_empty, positive
+from .options import device, non_empty, positive, seed
 
 EXIT_USER_ERROR = 2
 
@@ -160,7 +160,7 @@ def add_sampling_options(parser: argparse.ArgumentParser, max_new_tokens: int = 
     )
     group.add_argument("--top-p", type=_top_p, default=1.0, metavar="P", help="nucleus sampling mass (default: 1)")
     group.add_argument("--top-k", type=_non_negative_int, default=0, metavar="K", help="0 disables (default: 0)")
-    group.add_argument("--seed", type=int, default=None, metavar="S", help="random seed for sampling")
+    group.add_argument("--seed", type=seed, default=None, metavar="S", help="random seed for sampling")
 
 
 def generation_config(args: argparse.Namespace, stop_strings: Sequence[str] = ()):
