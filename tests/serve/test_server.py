@@ -181,16 +181,22 @@ def test_visible_text_holds_back_partial_stop_strings():
     assert visible_text("abc", [], final=False) == "abc"
 
 
-@pytest.mark.slow
-def test_bounded_load_16_clients(server):
-    """16 concurrent clients for 20 s: zero errors, every response equal to greedy."""
+def benchmark_script(name: str):
+    """A script of benchmarks/ as a module."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "serve_load.py"
-    spec = importlib.util.spec_from_file_location("serve_load", path)
-    serve_load = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(serve_load)
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_bounded_load_16_clients(server):
+    """16 concurrent clients for 20 s: zero errors, every response equal to greedy."""
+    serve_load = benchmark_script("serve_load")
     expected = {p: greedy(server, [{"role": "user", "content": p}], 8)[0] for p in serve_load.PROMPTS}
     stats = serve_load.run_load(server["base"], expected, clients=16, seconds=20, max_tokens=8, model=MODEL)
     assert stats["requests"] >= 16
@@ -452,3 +458,31 @@ def test_sampling_and_seed_through_the_server(server):
         config = GenerationConfig(max_new_tokens=12, tree=TREE, seed=seed,
                                   sampling=SamplingConfig(temperature=1.5))
         assert reply == target.decode(generate(target, ids, drafter, config).token_ids)
+
+
+@pytest.mark.slow
+def test_soak_16_clients_good_and_bad(server):
+    """16 concurrent clients for 60 s mixing good requests, malformed ones, streams and plain
+    requests abandoned midway, and oversized bodies: no server error, every good T=0 reply
+    equal to greedy, /health always answering within a second, memory flat after warm-up."""
+    serve_soak = benchmark_script("serve_soak")
+    max_body_bytes = 64 * 1024
+    app = create_app(server["engine"], MODEL, TREE, default_max_tokens=8, max_body_bytes=max_body_bytes)
+    srv, thread, base = serve_in_thread(app)
+    try:
+        expected = {p: greedy(server, [{"role": "user", "content": p}], 8)[0] for p in serve_soak.PROMPTS}
+        cancelled_before = server["engine"].rows_cancelled
+        stats = serve_soak.run_soak(base, expected, clients=16, seconds=60, max_tokens=8,
+                                    max_body_bytes=max_body_bytes, model=MODEL)
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+    print(f"soak: {dict(stats['requests'])}, /health max {stats['health_max_s']:.3f} s, "
+          f"RSS {stats['rss_start_mb']:.0f} -> {stats['rss_end_mb']:.0f} MB, samples {stats['rss_mb']}")
+    assert all(stats["requests"][kind] > 0 for kind in serve_soak.KINDS), stats["requests"]
+    assert stats["server_errors"] == 0, stats["error_messages"][:3]
+    assert stats["mismatches"] == 0
+    assert stats["health_max_s"] < 1.0
+    assert server["engine"].rows_cancelled > cancelled_before
+    warmed_up = stats["rss_mb"][len(stats["rss_mb"]) // 3]
+    assert stats["rss_end_mb"] < 1.25 * warmed_up, stats["rss_mb"]
