@@ -355,6 +355,9 @@ def test_tree_label_spells_out_the_spec():
     (["generate", "--device", "cuda:x", "hi"], "--device", "unknown device 'cuda:x'"),
     (["bench", "--device", "banana"], "--device", "unknown device 'banana'"),
     (["generate", "--stop", "", "hi"], "--stop", "must not be empty"),
+    (["generate", "--seed", str(2**64), "hi"], "--seed", "expected an integer in"),
+    (["chat", "--seed", str(-(2**63) - 1)], "--seed", "expected an integer in"),
+    (["bench", "--seed", "x"], "--seed", "expected an integer, got 'x'"),
     (["corpus", "build", "--out", "x", "--shard-size", "0"], "--shard-size", "expected a positive integer"),
 ])
 def test_bad_flag_values_exit_2_naming_the_flag(capsys, argv, flag, message):
@@ -366,3 +369,66 @@ def test_bad_flag_values_exit_2_naming_the_flag(capsys, argv, flag, message):
 def test_cuda_device_without_cuda_is_refused(capsys):
     rc, _, err = run_cli(capsys, "generate", "--device", "cuda", "hi")
     assert rc == 2 and "no CUDA device is available" in err and "Traceback" not in err
+
+
+def test_a_tree_larger_than_the_context_is_refused(tiny_target, capsys):
+    rc, out, err = run_cli(capsys, "generate", "hi", "--target", tiny_target, "--tree", "300/5/10")
+    assert rc == 2 and out == ""
+    (line,) = err.strip().splitlines()[-1:]
+    assert line.startswith("error: --tree 300/5/10:") and "context of 256" in line
+    assert "Traceback" not in err
+
+
+# ---------------------------------------------------------------------- serve options
+def test_serve_limits_and_access_options():
+    serve = cli.build_parser().get_default("_subparsers")["serve"]
+    args = serve.parse_args([])
+    assert (args.max_tokens_cap, args.max_body_bytes, args.api_key, args.docs) == (None, None, None, False)
+    args = serve.parse_args(["--max-tokens-cap", "64", "--max-body-bytes", "2048", "--api-key", "k", "--docs"])
+    assert (args.max_tokens_cap, args.max_body_bytes, args.api_key, args.docs) == (64, 2048, "k", True)
+
+
+@pytest.mark.parametrize("argv, flag, message", [
+    (["serve", "--max-tokens-cap", "0"], "--max-tokens-cap", "expected a positive integer"),
+    (["serve", "--max-body-bytes", "lots"], "--max-body-bytes", "expected a positive integer"),
+    (["serve", "--api-key", ""], "--api-key", "must not be empty"),
+])
+def test_bad_serve_flags_exit_2_naming_the_flag(capsys, argv, flag, message):
+    rc, _, err = run_cli(capsys, *argv)
+    assert rc == 2 and f"error: argument {flag}: {message}" in err
+
+
+def test_serving_beyond_localhost_without_a_key_is_warned_about():
+    from prism_spec.cli import exposure_warning
+
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
+        assert exposure_warning(host, None) is None
+    for host in ("0.0.0.0", "192.168.1.5", "::", "myhost.example"):
+        warning = exposure_warning(host, None)
+        assert warning.startswith("warning:") and host in warning and "--api-key" in warning
+        assert exposure_warning(host, "a-key") is None
+
+
+def test_serve_takes_its_api_key_from_the_environment(tiny_target, monkeypatch, capsys):
+    """run_serve with uvicorn.run replaced: the app it would serve requires PRISM_API_KEY."""
+    import httpx
+    import uvicorn
+
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.update(app=app, **kwargs))
+    monkeypatch.setenv("PRISM_API_KEY", "from-env")
+    rc, _, err = run_cli(capsys, "serve", "--target", tiny_target, "--drafter", "none", "--host", "0.0.0.0")
+    assert rc == 0 and "API key required" in err and "warning:" not in err
+
+    async def get(headers):
+        transport = httpx.ASGITransport(app=served["app"])
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            return (await http.get("/v1/models", headers=headers)).status_code
+
+    import asyncio
+
+    assert asyncio.run(get({})) == 401
+    assert asyncio.run(get({"Authorization": "Bearer from-env"})) == 200
+    monkeypatch.delenv("PRISM_API_KEY")
+    rc, _, err = run_cli(capsys, "serve", "--target", tiny_target, "--drafter", "none", "--host", "0.0.0.0")
+    assert rc == 0 and "warning: --host 0.0.0.0" in err

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from .options import device, non_empty, positive
+from .options import device, non_empty, positive, seed
 
 EXIT_USER_ERROR = 2
 
@@ -160,7 +160,7 @@ def add_sampling_options(parser: argparse.ArgumentParser, max_new_tokens: int = 
     )
     group.add_argument("--top-p", type=_top_p, default=1.0, metavar="P", help="nucleus sampling mass (default: 1)")
     group.add_argument("--top-k", type=_non_negative_int, default=0, metavar="K", help="0 disables (default: 0)")
-    group.add_argument("--seed", type=int, default=None, metavar="S", help="random seed for sampling")
+    group.add_argument("--seed", type=seed, default=None, metavar="S", help="random seed for sampling")
 
 
 def generation_config(args: argparse.Namespace, stop_strings: Sequence[str] = ()):
@@ -182,9 +182,16 @@ def wants_static_cache(args: argparse.Namespace) -> bool:
 
 
 def resolve_tree_from_args(args: argparse.Namespace, target, resolved):
-    """The tree shape: the parsed --tree, or for ``auto`` the autotuned one (cached on disk)."""
+    """The tree shape: the parsed --tree, or for ``auto`` the autotuned one (cached on disk). A
+    given tree must fit in the target's context beside a prompt: a larger one is refused here,
+    the first moment the context is known, rather than decoding at a crawl."""
     if args.tree != "auto":
-        return args.tree
+        tree = args.tree
+        if tree.total_tokens >= target.max_context:
+            raise CLIError(f"--tree {tree.total_tokens}/{tree.depth}/{tree.top_k}: a tree of {tree.total_tokens} "
+                           f"nodes does not fit in the target's context of {target.max_context} positions "
+                           "beside a prompt; use a smaller tree")
+        return tree
     from .runtime.autotune import resolve_tree
 
     return resolve_tree("auto", target, resolved.drafter, resolved.label, progress=_status,
@@ -584,9 +591,35 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model-name", default=None, help="model id clients send (default: the --target value)")
     p.add_argument("--max-batch", type=_positive_int, default=8, help="most requests decoded together (default: 8)")
     p.add_argument("--max-tokens", type=_positive_int, default=256, metavar="N",
-                   help="completion length when a request gives none (default: 256)")
+                   help="completion length when a request gives none (default: 256, at most --max-tokens-cap)")
+    limits = p.add_argument_group("limits and access")
+    limits.add_argument("--max-tokens-cap", type=_positive_int, default=None, metavar="N",
+                        help="largest max_tokens a request may ask for; more is a 400 (default: the context the "
+                        "prompt leaves, which bounds every request anyway)")
+    limits.add_argument("--max-body-bytes", type=_positive_int, default=None, metavar="N",
+                        help="larger request bodies get a 413 before they are parsed (default: 1 MiB)")
+    limits.add_argument("--api-key", type=non_empty, default=None, metavar="KEY",
+                        help="require 'Authorization: Bearer KEY' (what OpenAI clients send as their api_key) on "
+                        "every path but /health (default: the PRISM_API_KEY environment variable, else no key)")
+    limits.add_argument("--docs", action="store_true",
+                        help="serve the interactive API docs (/docs, /redoc, /openapi.json); off by default")
     p.set_defaults(func=run_serve)
     return p
+
+
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """A warning when the server is reachable from other machines and anyone may use it."""
+    import ipaddress
+
+    if api_key:
+        return None
+    try:
+        if host == "localhost" or ipaddress.ip_address(host).is_loopback:
+            return None
+    except ValueError:  # a host name: it may resolve to anything
+        pass
+    return (f"warning: --host {host} makes the server reachable from other machines and it has no API key: "
+            "anyone who can connect may use it (set --api-key or PRISM_API_KEY)")
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -594,16 +627,24 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from .drafters.resolve import resolve_drafter
     from .serve import BatchingEngine, create_app
+    from .serve.app import DEFAULT_MAX_BODY_BYTES
 
+    api_key = args.api_key or os.environ.get("PRISM_API_KEY") or None
     target = load_target_from_args(args)
     resolved = resolve_drafter(args.drafter, target)
     tree = resolve_tree_from_args(args, target, resolved)
     engine = BatchingEngine(target, resolved.drafter, max_batch=args.max_batch).start()
     name = args.model_name or args.target
     _status(f"serving {name} on http://{args.host}:{args.port}/v1 (drafter: {resolved.label}, "
-            f"tree {tree_label(tree)}, batches up to {engine.max_batch})")
+            f"tree {tree_label(tree)}, batches up to {engine.max_batch}, "
+            f"{'API key required' if api_key else 'no API key'})")
+    warning = exposure_warning(args.host, api_key)
+    if warning:
+        _status(warning)
     try:
-        app = create_app(engine, name, tree, args.max_tokens, static_cache=wants_static_cache(args))
+        app = create_app(engine, name, tree, args.max_tokens, static_cache=wants_static_cache(args),
+                         max_tokens_cap=args.max_tokens_cap,
+                         max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES, api_key=api_key, docs=args.docs)
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:
         engine.stop()

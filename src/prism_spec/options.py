@@ -46,3 +46,17 @@ def non_empty(text: str) -> str:
     if not text:
         raise argparse.ArgumentTypeError("must not be empty")
     return text
+
+
+def seed(text: str) -> int:
+    """An argparse type: a sampling seed, an integer that torch's generator takes (64 bits,
+    signed or unsigned)."""
+    from .runtime.decode import SEED_MAX, SEED_MIN
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not SEED_MIN <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"expected an integer in [{SEED_MIN}, {SEED_MAX}] (64 bits), got {value}")
+    return value

@@ -469,3 +469,27 @@ def test_data_order_grouped_by_length_covers_each_example_once_with_less_padding
     assert firsts != sorted(firsts) and firsts != sorted(firsts, reverse=True)
     with pytest.raises(ValueError, match="lengths"):
         DataOrder(10, 1, 0, 2, 1, 1, 0, lengths=[1, 2])
+
+
+def test_console_counts_skipped_records_and_quiet_is_silent(tiny_target, data_files, tmp_path, capsys, one_thread):
+    """Malformed records never stop a run, so the console says how many were skipped; with
+    --quiet nothing is printed, not even transformers' "Loading weights" bar."""
+    from transformers.utils import logging as hf_logging
+
+    data = tmp_path / "some-bad.jsonl"
+    data.write_text(Path(data_files["qa"]).read_text() + "{not json\n" + json.dumps({"unrelated": 1}) + "\n")
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()  # as in a fresh process (other tests turn the bars off)
+    try:
+        for quiet in (False, True):
+            argv = _cli_args(tiny_target, [str(data)], tmp_path / f"out-{quiet}", "standard", 1)
+            args = train_cli.build_parser().parse_args(argv + ["--quiet"] * quiet)
+            assert train_cli.run_train(args) == 0
+            err = capsys.readouterr().err
+            if quiet:
+                assert err == ""
+            else:
+                assert "skipped 2 malformed record(s) of 26 read (invalid_json=1, missing_field=1)" in err
+    finally:
+        if not was_enabled:
+            hf_logging.disable_progress_bar()

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..options import device
+from ..options import device, seed
 from ..targets.default import DEFAULT_TARGET
 from .datasets import BENCHMARKS, BenchmarkError, parse_max_new_tokens
 
@@ -59,7 +59,7 @@ def _add_common(p: argparse.ArgumentParser, sub: bool) -> None:
                    help="per turn; N for every benchmark or BENCH=N for one, repeatable (default: paper, 512 and mt_bench 1024)")
     g.add_argument("--out", default=d(None), help="output folder (default runs/bench-DATE)")
     g.add_argument("--resume", action="store_true", default=d(False), help="continue the bench in --out, skipping finished runs")
-    g.add_argument("--seed", type=int, default=d(0), help="base seed for sampled runs (default 0)")
+    g.add_argument("--seed", type=seed, default=d(0), help="base seed for sampled runs (default 0)")
     g.add_argument("--threads", type=int, default=d(None), help="torch CPU threads (default: torch's choice)")
     g.add_argument("--no-packed-weights", dest="packed_weights", action="store_false", default=d(True),
                    help="on a CPU, plain nn.Linear layers instead of oneDNN-prepacked weights (see prism generate --help)")

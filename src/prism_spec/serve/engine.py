@@ -4,7 +4,9 @@ Requests queue up; the engine takes what is waiting (up to ``max_batch``, after 
 window so that near-simultaneous requests share a batch) and decodes them together with
 ``stream_generate_batch``. Rows leave the batch when they finish; requests that arrive while
 a batch runs wait for the next one (static batching, not continuous batching). Events go back
-to each request through its own callback, called on the engine thread.
+to each request through its own callback, called on the engine thread. A request whose
+``cancel`` event is set (its client went away) is dropped if it has not started, or ends at
+its batch's next round; ``rows_cancelled`` counts both.
 """
 
 from __future__ import annotations
@@ -46,8 +48,10 @@ class BatchingEngine:
         self._queue: queue.Queue[EngineRequest] = queue.Queue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Written by the engine thread only; read by anyone (/health, tests).
         self.batches_run = 0
         self.largest_batch = 0
+        self.rows_cancelled = 0
 
     def start(self) -> "BatchingEngine":
         self._thread = threading.Thread(target=self._loop, name="prism-engine", daemon=True)
@@ -77,7 +81,9 @@ class BatchingEngine:
                 batch.append(self._queue.get(timeout=max(remaining, 0)) if remaining > 0 else self._queue.get_nowait())
             except queue.Empty:
                 break
-        return [r for r in batch if not r.cancel.is_set()]
+        live = [r for r in batch if not r.cancel.is_set()]
+        self.rows_cancelled += len(batch) - len(live)
+        return live
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -98,6 +104,7 @@ class BatchingEngine:
             for item in stream_generate_batch(self.target, [r.prompt_ids for r in batch], self.drafter, configs):
                 if isinstance(item, list):
                     for request, result in zip(batch, item):
+                        self.rows_cancelled += result.finish_reason == "cancelled"
                         _deliver(request, "done", result)
                 else:
                     row, tokens = item
@@ -114,7 +121,11 @@ class BatchingEngine:
                 if row in streamed:
                     _deliver(request, "error", exc)
             for row, request in enumerate(batch):
-                if row not in streamed and not request.cancel.is_set():
+                if row in streamed:
+                    continue
+                if request.cancel.is_set():  # its client is gone: nobody waits for a retry
+                    self.rows_cancelled += 1
+                else:
                     self._run([request])
 
 

@@ -12,7 +12,7 @@ import json
 import sys
 
 from ..cli import CLIError, add_subparser, add_target_options, load_target_from_args, write_jsonl_atomic
-from ..options import positive
+from ..options import positive, seed
 
 
 def _shard_range(text: str) -> tuple[int, int | None]:
@@ -50,7 +50,7 @@ def add_corpus_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=None, help="0 = greedy (the default)")
     g.add_argument("--top-p", type=float, default=None, help="default 1.0")
     g.add_argument("--top-k", type=int, default=None, help="default 0 (off)")
-    g.add_argument("--seed", type=int, default=None, help="sampling seed, and the seed of the prompt order (default 0)")
+    g.add_argument("--seed", type=seed, default=None, help="sampling seed, and the seed of the prompt order (default 0)")
     g.add_argument("--max-prompt-tokens", type=positive(int), default=None,
                    help="prompts longer than this (rendered) are left out (default 1536)")
     g.add_argument("--shard-size", type=positive(int), default=None, help="prompts per shard file (default 256)")

@@ -435,6 +435,22 @@ def _linear_schedule(optimizer, warmup: int, total: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+@contextlib.contextmanager
+def _hf_progress_bars(enabled: bool):
+    """transformers' own bars ("Loading weights") follow --quiet too. Their switch is global,
+    so it is put back afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled and not enabled:
+            hf_logging.enable_progress_bar()
+
+
 def _tqdm(**kw):
     from tqdm.auto import tqdm
 
@@ -512,6 +528,10 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def setup(self):
         """Everything that can fail on bad input runs here, before any training work."""
+        with _hf_progress_bars(self.is_main and not self.quiet):
+            self._setup()
+
+    def _setup(self):
         from accelerate.utils import set_seed
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -537,6 +557,14 @@ class Trainer:
             f"held-out examples, {self.data_stats['train_loss_tokens']} trained tokens "
             f"({time.perf_counter() - t0:.1f} s)"
         )
+        skipped = self.data_stats.get("skipped") or {}
+        if skipped:  # bad records never stop a run, so say how many there were
+            reasons = ", ".join(f"{reason}={n}" for reason, n in skipped.items())
+            self._print(f"[train] data: skipped {sum(skipped.values())} malformed record(s) of "
+                        f"{self.data_stats.get('read', '?')} read ({reasons})")
+        if self.data_stats.get("dropped_no_target_tokens"):
+            self._print(f"[train] data: dropped {self.data_stats['dropped_no_target_tokens']} conversation(s) with "
+                        f"no assistant token to train on within max_length={config.data.max_length}")
         self.stage_steps = {
             i: stage_total_steps(s, len(self.train_examples), self.world) for i, s in config.enabled_stages()
         }
@@ -740,6 +768,11 @@ class Trainer:
         return self.accelerator.prepare_optimizer(optimizer), scheduler
 
     def run(self) -> Path:
+        """Train every enabled stage (resuming when asked); returns the final drafter's folder."""
+        with _hf_progress_bars(self.is_main and not self.quiet):
+            return self._run()
+
+    def _run(self) -> Path:
         config, acc = self.config, self.accelerator
         self.setup()
         start_stage, start_step, global_step, elapsed0 = 0, 0, 0, 0.0
