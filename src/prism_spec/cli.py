@@ -99,8 +99,13 @@ def add_target_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--target",
         default=DEFAULT_TARGET,
-        help=f"hub id or local folder of a transformers causal LM (default: {DEFAULT_TARGET}, the embedded "
-        "SmolLM2-135M-Instruct)",
+        help=f"hub id or local folder of a transformers causal LM, or a .gguf file (default: {DEFAULT_TARGET}, "
+        "the embedded SmolLM2-135M-Instruct)",
+    )
+    group.add_argument(
+        "--engine", choices=["auto", "torch", "llama.cpp"], default="auto",
+        help="what runs the target: torch (transformers) or llama.cpp (GGUF weights, CPU; needs the llamacpp "
+        "extra); auto: llama.cpp for .gguf targets, torch otherwise (default: auto)",
     )
     group.add_argument("--dtype", type=_dtype, default="float32", help="weight dtype (default: float32)")
     group.add_argument("--device", type=device, default="cpu",
@@ -202,6 +207,7 @@ def load_target_from_args(args: argparse.Namespace):
     from transformers.utils import logging as hf_logging
 
     from .targets import DEFAULT_TARGET, load_target
+    from .targets.hf import resolve_engine
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars would clutter stderr
     if args.threads is not None:
@@ -210,7 +216,13 @@ def load_target_from_args(args: argparse.Namespace):
         torch.set_num_threads(args.threads)
     if args.target != DEFAULT_TARGET and _looks_like_path(args.target) and not Path(args.target).exists():
         raise FileNotFoundError(f"target folder {args.target!r} not found")
-    target = load_target(args.target, dtype=args.dtype, device=args.device,
+    if args.target != DEFAULT_TARGET and args.target.lower().endswith(".gguf") and not Path(args.target).is_file():
+        raise FileNotFoundError(f"GGUF file {args.target!r} not found")
+    engine = resolve_engine(args.target, getattr(args, "engine", "auto"))
+    if engine == "llama.cpp":
+        _status(f"engine: llama.cpp ({'GGUF target' if args.target.lower().endswith('.gguf') else '--engine llama.cpp'}, "
+                f"the target's own quantised weights)")
+    target = load_target(args.target, dtype=args.dtype, device=args.device, engine=engine, threads=args.threads,
                          pack_weights=None if getattr(args, "packed_weights", True) else False)
     if getattr(args, "compile", False):
         target.compile_decoder()

@@ -16,7 +16,7 @@ import torch
 from torch.profiler import record_function
 
 from ..drafters.base import Drafter
-from ..targets.hf import RaggedCache, StaticKV, Target, pad_ragged
+from ..targets.hf import Target, pad_ragged
 from .tree import DraftTree, DraftTreeBatch, TreeConfig, draft_tree_batch
 from .verify import SamplingConfig, verify_greedy, verify_sampling
 
@@ -153,19 +153,18 @@ def stream_generate_batch(
     # Prefill: right-padded prompts, causal; padding never enters the committed region.
     start = time.perf_counter()
     padded, prompt_lens = pad_ragged(prompts)
+    capacity = None
     if configs[0].static_cache:
         longest = int(prompt_lens.max()) + max(c.max_new_tokens for c in configs) + tree_shape.total_tokens + 1
         # Rounded up, so a compiled decoder sees few distinct cache sizes.
         capacity = min(-(-longest // STATIC_CACHE_STEP) * STATIC_CACHE_STEP, target.max_context)
-        kv = StaticKV(target.static_caches, batch, capacity, device)
-    else:
-        kv = RaggedCache(target.new_cache(), batch, device, capacity=target.max_context)
+    kv = target.new_kv(batch, capacity)
     positions = torch.arange(padded.shape[1], device=device).expand_as(padded)
     # Logits only at each prompt's last position: the LM head over every prompt token is waste.
-    out = target.forward_batch(padded, positions, kv.cache, None, kv.lengths, feature_layers=layers, logits=False)
+    out = target.forward_batch(padded, positions, kv.cache, None, kv.lengths, feature_layers=layers, logits=False,
+                               logit_rows=prompt_lens - 1, features=features_spec is not None)
     kv.commit([torch.arange(int(n), device=device) for n in prompt_lens])
-    roots = [pick(b, DraftTree.root_only(0, device), target.logits(out.features[b, int(n) - 1 : int(n)]))[1]
-             for b, n in enumerate(prompt_lens)]
+    roots = [pick(b, DraftTree.root_only(0, device), out.logits[b])[1] for b in range(batch)]
     if drafter is not None:
         static_drafter = getattr(drafter, "use_static_cache", None)  # feature drafters
         if static_drafter is not None:  # the target's cache mode and CUDA graphs carry over to it
@@ -228,7 +227,8 @@ def stream_generate_batch(
         # once, so computing only the nodes acceptance visits, one at a time, is slower.)
         with record_function("verify_forward"):
             out = target.forward_batch(
-                trees.tokens, kv.lengths[:, None] + trees.depths, kv.cache, trees.ancestor_mask(), kv.lengths, layers
+                trees.tokens, kv.lengths[:, None] + trees.depths, kv.cache, trees.ancestor_mask(), kv.lengths, layers,
+                features=features_spec is not None,
             )
         paths, new_tokens, features = [], [], []
         with record_function("accept"):

@@ -194,6 +194,8 @@ COMPILED_MAX_TOKENS = 128
 class Target:
     """A causal LM plus its tokenizer, batch size 1, driven through transformers' public API."""
 
+    engine = "torch"
+
     def __init__(self, model: PreTrainedModel, tokenizer=None, name: str | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -341,6 +343,13 @@ class Target:
     def new_cache(self) -> DynamicCache:
         return DynamicCache(config=self.cache_config)
 
+    def new_kv(self, batch: int, static_capacity: int | None = None) -> "RaggedCache | StaticKV":
+        """The decode loop's KV cache for ``batch`` sequences: a growing one, or with
+        ``static_capacity`` a preallocated StaticCache of that many entries."""
+        if static_capacity is not None:
+            return StaticKV(self.static_caches, batch, static_capacity, self.device)
+        return RaggedCache(self.new_cache(), batch, self.device, capacity=self.max_context)
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings as the first decoder layer receives them (scaled where the family
         scales them inside the decoder)."""
@@ -374,12 +383,15 @@ class Target:
         lengths: torch.Tensor | None = None,
         feature_layers: Sequence[int] | None = None,
         logits: bool = True,
+        logit_rows: torch.Tensor | None = None,
+        features: bool = True,
     ) -> ForwardOutput:
         """Run new tokens [B, n] at ``positions`` [B, n] on top of ``cache``; row b sees its
         first ``lengths[b]`` committed entries and the tree entries ``tree_mask`` [B, n, t]
         allows. Outputs are [B, n, ...]. ``logits=False`` skips the LM head (its vocabulary-wide
-        product costs a fifth of a small model's forward per token): apply :meth:`logits` to the
-        positions that need it."""
+        product costs a fifth of a small model's forward per token); ``logit_rows`` [B] then
+        asks for the logits at one position per row only (``logits`` [B, 1, vocab]).
+        ``features`` is for engines whose hidden states cost extra (here they come free)."""
         batch, n = input_ids.shape
         past = int(cache.get_seq_length())
         masks = {
@@ -412,6 +424,11 @@ class Target:
                 hidden, layer_features = self._graphed_decoder(run, inputs, cache, key=tuple(feature_layers or ()))
             else:
                 hidden, layer_features = run(*inputs)
+        if logit_rows is not None:
+            # One row at a time, as a decode step computes its logits (a product's rounding can
+            # depend on how many rows it has).
+            rows = [self.logits(hidden[b, int(r) : int(r) + 1]) for b, r in enumerate(logit_rows.tolist())]
+            return ForwardOutput(torch.stack(rows), hidden, layer_features)
         return ForwardOutput(self.logits(hidden) if logits else None, hidden, layer_features)
 
     @torch.inference_mode()
@@ -593,16 +610,46 @@ def with_attention_fallback(build, attn_implementation: str = "sdpa"):
         return build("eager")
 
 
+ENGINES = ("auto", "torch", "llama.cpp")
+
+
+def resolve_engine(name_or_path: str, engine: str = "auto") -> str:
+    """``torch`` or ``llama.cpp`` for a target: ``auto`` picks llama.cpp for ``.gguf`` files."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    if engine == "auto":
+        return "llama.cpp" if str(name_or_path).lower().endswith(".gguf") else "torch"
+    if engine == "llama.cpp" and name_or_path != DEFAULT_TARGET and not str(name_or_path).lower().endswith(".gguf"):
+        raise ValueError(f"the llama.cpp engine runs GGUF files; {name_or_path} is not one")
+    return engine
+
+
 def load_target(
     name_or_path: str = DEFAULT_TARGET,
     dtype: str | torch.dtype = "float32",
     device: str = "cpu",
     attn_implementation: str = "sdpa",
     pack_weights: bool | None = None,
+    engine: str = "auto",
+    threads: int | None = None,
 ) -> Target:
     """Load any transformers causal LM by hub id or local path, or the embedded default.
     ``pack_weights`` (default: on for CPU targets in float32 / bfloat16) runs its linear
-    layers on prepacked weights (:meth:`Target.pack_weights`)."""
+    layers on prepacked weights (:meth:`Target.pack_weights`).
+
+    ``engine``: ``torch`` (transformers), ``llama.cpp`` (GGUF files, and the default target's
+    own GGUF; :mod:`prism_spec.targets.llamacpp`) or ``auto``: llama.cpp for ``.gguf`` paths,
+    torch otherwise (see :func:`resolve_engine`)."""
+    engine = resolve_engine(name_or_path, engine)
+    if engine == "llama.cpp":
+        from .default import default_gguf_path
+        from .llamacpp import load_llamacpp_target
+
+        if device != "cpu" or dtype not in ("float32", "fp32", "auto", torch.float32):
+            raise ValueError("the llama.cpp engine runs GGUF weights on the CPU: leave --dtype and --device at their defaults")
+        if name_or_path == DEFAULT_TARGET:
+            return load_llamacpp_target(default_gguf_path(), default_target_path(), threads=threads, name=DEFAULT_TARGET)
+        return load_llamacpp_target(name_or_path, threads=threads)
     path: str | Path = default_target_path() if name_or_path == DEFAULT_TARGET else name_or_path
     check_supported(AutoConfig.from_pretrained(path))  # before loading any weights
     tokenizer = AutoTokenizer.from_pretrained(path)

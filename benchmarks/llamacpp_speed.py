@@ -1,0 +1,87 @@
+"""GGUF targets on llama.cpp: llama.cpp's own plain decoding against prism-spec's vanilla and
+speculative decoding on its llama.cpp engine, interleaved per prompt in one process.
+
+    python benchmarks/llamacpp_speed.py [--prompts 2] [--max-new-tokens 96] [--trees chain:1,chain:2,4/0/3]
+        [--threads 2] [--json out.json]
+
+Prompts: the first turns of ``--prompts`` questions per benchmark, chat template. Every method
+decodes greedily (T=0). "llama.cpp plain" is llama-cpp-python's ``Llama.generate`` on the same
+GGUF with the engine's settings (flash attention on, same threads). Tokens/s are new tokens
+over the whole generate call (prefill included), summed over the prompts; "identical" counts
+prompts whose output equals llama.cpp plain's token for token. Run it on an idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+
+import torch
+
+from common import write_rows
+from prism_spec.bench.datasets import BENCHMARKS, conversation_prompt, load_benchmark
+from prism_spec.drafters.resolve import resolve_drafter
+from prism_spec.runtime import GenerationConfig, TreeConfig, generate
+from prism_spec.targets import load_target
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prompts", type=int, default=2, help="questions per benchmark")
+    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--trees", default="chain:1,chain:2,4/0/3")
+    parser.add_argument("--drafter", default="auto")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    import llama_cpp
+
+    engine = load_target(engine="llama.cpp", threads=args.threads)
+    drafter = resolve_drafter(args.drafter, engine)
+    plain = llama_cpp.Llama(str(engine.gguf_path), n_ctx=engine.n_ctx, n_threads=args.threads,
+                            flash_attn=engine.flash_attention, verbose=False)
+    prompts = [conversation_prompt(engine, q.turns[:1], [])
+               for name in BENCHMARKS for q in load_benchmark(name).questions[: args.prompts]]
+    methods = ["llama.cpp plain", "prism vanilla"] + [f"prism {t}" for t in args.trees.split(",")]
+    totals = {m: {"tokens": 0, "seconds": 0.0, "identical": 0, "rounds": 0, "accepted": 0} for m in methods}
+
+    for prompt in prompts:
+        start = time.perf_counter()
+        reference = list(itertools.islice(plain.generate(prompt, temp=0.0, top_k=1, reset=True), args.max_new_tokens))
+        eos = next((i for i, tok in enumerate(reference) if tok in engine.eos_token_ids), None)
+        reference = reference if eos is None else reference[: eos + 1]
+        totals["llama.cpp plain"]["seconds"] += time.perf_counter() - start
+        totals["llama.cpp plain"]["tokens"] += len(reference)
+        totals["llama.cpp plain"]["identical"] += 1
+        for method in methods[1:]:
+            tree = method.removeprefix("prism ")
+            config = GenerationConfig(max_new_tokens=args.max_new_tokens,
+                                      tree=TreeConfig.parse(tree if tree != "vanilla" else "chain:1"))
+            start = time.perf_counter()
+            result = generate(engine, prompt, None if tree == "vanilla" else drafter.drafter, config)
+            row = totals[method]
+            row["seconds"] += time.perf_counter() - start
+            row["tokens"] += len(result.token_ids)
+            row["identical"] += result.token_ids == reference
+            row["rounds"] += result.rounds
+            row["accepted"] += sum(result.accepted)
+
+    base = totals["llama.cpp plain"]["tokens"] / totals["llama.cpp plain"]["seconds"]
+    rows = []
+    print(f"{len(prompts)} prompts, {args.max_new_tokens} new tokens, {args.threads} threads, drafter: {drafter.label}")
+    print(f"{'method':18s} {'tokens/s':>9s} {'vs plain':>9s} {'AL':>5s} {'identical':>10s}")
+    for method, row in totals.items():
+        speed = row["tokens"] / row["seconds"]
+        al = (row["accepted"] + row["rounds"]) / row["rounds"] if row["rounds"] else float("nan")
+        rows.append({"method": method, "tokens_per_s": round(speed, 2), "vs_llama_cpp_plain": round(speed / base, 3),
+                     "acceptance_length": round(al, 3), "identical_to_plain": row["identical"], "prompts": len(prompts)})
+        print(f"{method:18s} {speed:9.1f} {speed / base:9.3f} {al:5.2f} {row['identical']:>5d}/{len(prompts)}")
+    write_rows(args.json, vars(args), rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

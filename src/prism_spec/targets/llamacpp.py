@@ -1,0 +1,332 @@
+"""GGUF targets on llama.cpp (llama-cpp-python's low-level API) behind the runtime's target surface.
+
+The engine runs the quantised model; a transformers copy of the same model (its *companion*)
+supplies what stays in PyTorch: the tokenizer and chat template, the config, the embeddings
+and LM head that feature drafters read, and the layers a stand-in standard drafter copies.
+
+How a draft tree is verified in one ``llama_decode``: the committed tokens live in sequence 0
+of a unified KV cache. Each leaf of the tree gets its own sequence id (the prefix is shared
+with it by ``seq_cp``, which only tags cells), and every node is placed, at its depth's
+position, in the sequences of the leaves below it, so it attends to the prefix and to its
+ancestors only. The same decode returns every node's logits and its final hidden state (the
+drafters' feature). Accepting a path drops the other sequences, trims the accepted leaf's
+sequence after the path, and tags the path's cells as sequence 0.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .hf import ForwardOutput, Target
+
+#: Sequence ids a context can hold: the committed sequence, one per tree leaf and the
+#: tombstone sequence (llama.cpp's own limit is 256).
+MAX_SEQUENCES = 128
+#: Rejected tree nodes stay in their cells under this sequence id, which nothing attends to:
+#: llama.cpp places new tokens in the first free cells, holes included, and a later token in
+#: a hole before an accepted node would change the cell order attention sums in (see
+#: LlamaCppKV.commit).
+TOMBSTONE = MAX_SEQUENCES - 1
+
+
+def llama_cpp_module():
+    """The llama_cpp module (its C library's log silenced unless PRISM_LLAMA_LOG is set), or
+    an ImportError saying how to install it."""
+    try:
+        import llama_cpp
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "the llama.cpp engine needs llama-cpp-python: pip install 'prism-spec[llamacpp]' "
+            "(see the README for the build flags this CPU needs)"
+        ) from error
+    global _SILENT_LOG
+    if _SILENT_LOG is None and not os.environ.get("PRISM_LLAMA_LOG"):
+        _SILENT_LOG = llama_cpp.llama_log_callback(lambda level, text, user_data: None)  # kept alive here
+        llama_cpp.llama_log_set(_SILENT_LOG, ctypes.c_void_p(0))
+    return llama_cpp
+
+
+_SILENT_LOG = None
+
+
+def depth_first_order(ancestors: torch.Tensor) -> list[int]:
+    """Tree nodes (``ancestors`` [n, n]: node i's ancestors and itself) in depth-first
+    preorder, children in their index order: the first-child chain comes first."""
+    n = ancestors.shape[0]
+    depth = ancestors.sum(-1)
+    parent = [-1] * n
+    for i in range(n):
+        above = [j for j in range(n) if j != i and bool(ancestors[i, j])]
+        if above:
+            parent[i] = max(above, key=lambda j: int(depth[j]))
+    children: dict[int, list[int]] = {}
+    for i in range(n):
+        children.setdefault(parent[i], []).append(i)
+    order, stack = [], list(reversed(children.get(-1, [])))
+    while stack:
+        node = stack.pop()
+        order.append(node)
+        stack.extend(reversed(children.get(node, [])))
+    return order
+
+
+class LlamaCppKV:
+    """The decode loop's KV-cache contract (``RaggedCache``'s) on a llama.cpp context, for one
+    sequence: ``lengths`` committed tokens in sequence 0, and the pending tree of the last
+    verify forward until it is committed or rolled back."""
+
+    def __init__(self, target: "LlamaCppTarget", capacity: int):
+        self.target = target
+        self.cache = self  # what forward_batch receives
+        self.lengths = torch.zeros(1, dtype=torch.long)
+        self.region = 0
+        self.capacity = capacity
+        self.pending: tuple[list[int], list[list[int]]] | None = None  # (leaf seq ids, node -> seq ids)
+        target.clear_memory()
+
+    def get_seq_length(self) -> int:
+        return self.region
+
+    def commit(self, keep: Sequence[torch.Tensor]) -> None:
+        (kept,) = keep
+        length, count = self.region, int(kept.numel())
+        llama_cpp, memory = self.target.llama_cpp, self.target.memory
+        if self.pending is None:  # a causal extend: its tokens are in sequence 0 already
+            llama_cpp.llama_memory_seq_rm(memory, 0, length + count, -1)
+        else:
+            # Rejected nodes become tombstones instead of holes, so that every later token lands
+            # after every accepted one, in position order, as in one-token decoding.
+            leaves, node_seqs = self.pending
+            last = int(kept[-1]) if count else 0
+            chosen = node_seqs[last][0]  # a leaf sequence through the path's last node
+            for seq in leaves:
+                if seq != chosen:
+                    llama_cpp.llama_memory_seq_cp(memory, seq, TOMBSTONE, length, -1)
+                    llama_cpp.llama_memory_seq_rm(memory, seq, -1, -1)
+            llama_cpp.llama_memory_seq_cp(memory, chosen, TOMBSTONE, length + count, -1)
+            llama_cpp.llama_memory_seq_rm(memory, chosen, length + count, -1)  # below the path
+            llama_cpp.llama_memory_seq_cp(memory, chosen, 0, length, length + count)
+            llama_cpp.llama_memory_seq_rm(memory, chosen, -1, -1)
+            self.pending = None
+        self.region = length + count
+        self.lengths = torch.tensor([self.region])
+
+    def rollback(self) -> None:
+        llama_cpp, memory = self.target.llama_cpp, self.target.memory
+        if self.pending is not None:
+            for seq in self.pending[0]:
+                llama_cpp.llama_memory_seq_rm(memory, seq, -1, -1)
+            self.pending = None
+        llama_cpp.llama_memory_seq_rm(memory, 0, self.region, -1)
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        if rows.tolist() != [0]:
+            raise ValueError("the llama.cpp engine decodes one sequence at a time")
+
+    def release(self) -> None:
+        """Nothing to hand back: the next generation clears the context's memory."""
+
+
+class LlamaCppTarget(Target):
+    """A GGUF model run by llama.cpp, with a transformers companion of the same model."""
+
+    engine = "llama.cpp"
+
+    def __init__(self, gguf_path: str | os.PathLike, companion: Target, n_ctx: int | None = None,
+                 threads: int | None = None, name: str | None = None, flash_attention: bool = True):
+        super().__init__(companion.model, companion.tokenizer, name=name or str(gguf_path))
+        self.llama_cpp = llama_cpp = llama_cpp_module()
+        self.gguf_path = Path(gguf_path)
+        llama_cpp.llama_backend_init()
+        model_params = llama_cpp.llama_model_default_params()
+        self._model = llama_cpp.llama_model_load_from_file(str(self.gguf_path).encode(), model_params)
+        if not self._model:
+            raise ValueError(f"llama.cpp could not load {self.gguf_path}")
+        vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(vocab))
+        self.n_embd = int(llama_cpp.llama_model_n_embd(self._model))
+        if self.n_vocab != companion.vocab_size or self.n_embd != companion.hidden_size:
+            raise ValueError(
+                f"{self.gguf_path.name} (vocabulary {self.n_vocab}, width {self.n_embd}) is not the model of its "
+                f"transformers companion {companion.name} ({companion.vocab_size}, {companion.hidden_size})"
+            )
+        params = llama_cpp.llama_context_default_params()
+        self.n_ctx = int(n_ctx or companion.max_context)
+        self.flash_attention = flash_attention
+        params.n_ctx = self.n_ctx
+        params.n_batch = params.n_ubatch = min(self.n_ctx, 512)
+        params.n_seq_max = MAX_SEQUENCES
+        params.n_threads = params.n_threads_batch = int(threads or torch.get_num_threads())
+        params.embeddings = True
+        params.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_NONE
+        params.kv_unified = True
+        # Flash attention: each query sums over the visible cells in cell order and skips masked
+        # ones, so a tree node whose path sits in consecutive cells gets its one-token step's
+        # attention. Without it, multi-token batches take other kernels than one-token steps
+        # and speculative output drifts from plain greedy output (measured: 11 of 12 prompts
+        # with chains of 3). llama-cpp-python's Llama class leaves it off by default: compare
+        # with Llama(..., flash_attn=True).
+        params.flash_attn_type = 1 if flash_attention else 0  # LLAMA_FLASH_ATTN_TYPE_ENABLED / _DISABLED
+        self._ctx = llama_cpp.llama_init_from_model(self._model, params)
+        if not self._ctx:
+            raise ValueError(f"llama.cpp could not create a context for {self.gguf_path}")
+        self.n_batch = int(params.n_batch)
+        self.memory = llama_cpp.llama_get_memory(self._ctx)
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, MAX_SEQUENCES)
+        self._embeddings_on = True
+
+    def __del__(self):  # free the C side with the object
+        llama_cpp = getattr(self, "llama_cpp", None)
+        if llama_cpp is None:
+            return
+        if getattr(self, "_batch", None) is not None:
+            llama_cpp.llama_batch_free(self._batch)
+        if getattr(self, "_ctx", None):
+            llama_cpp.llama_free(self._ctx)
+        if getattr(self, "_model", None):
+            llama_cpp.llama_model_free(self._model)
+
+    # ----------------------------------------------------------------- facts
+    @property
+    def max_context(self) -> int:
+        return self.n_ctx
+
+    @property
+    def vocab_size(self) -> int:
+        return self.n_vocab
+
+    def pack_weights(self, enabled: bool = True) -> int:
+        return 0  # llama.cpp's own kernels
+
+    def clear_memory(self) -> None:
+        self.llama_cpp.llama_memory_clear(self.memory, True)
+
+    def new_kv(self, batch: int, static_capacity: int | None = None) -> LlamaCppKV:
+        if batch != 1:
+            raise ValueError("the llama.cpp engine decodes one sequence at a time: pass one prompt per call")
+        return LlamaCppKV(self, self.n_ctx)
+
+    # ----------------------------------------------------------------- forward
+    def _decode(self, tokens: list[int], positions: list[int], seqs: list[list[int]], outputs: list[bool]) -> None:
+        batch = self._batch
+        batch.n_tokens = len(tokens)
+        for i, (token, pos, node_seqs, out) in enumerate(zip(tokens, positions, seqs, outputs)):
+            batch.token[i] = token
+            batch.pos[i] = pos
+            batch.n_seq_id[i] = len(node_seqs)
+            for j, seq in enumerate(node_seqs):
+                batch.seq_id[i][j] = seq
+            batch.logits[i] = int(out)
+        status = self.llama_cpp.llama_decode(self._ctx, batch)
+        if status == 1:  # no free cells: give the tombstones' cells back and try once more
+            self.llama_cpp.llama_memory_seq_rm(self.memory, TOMBSTONE, -1, -1)
+            status = self.llama_cpp.llama_decode(self._ctx, batch)
+        if status != 0:
+            raise RuntimeError(f"llama_decode failed with status {status} (KV cache full or bad batch)")
+
+    def _rows(self, getter, n_out: int, width: int) -> torch.Tensor:
+        pointer = getter(self._ctx)
+        array = np.ctypeslib.as_array(ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)), shape=(n_out, width))
+        return torch.from_numpy(array.copy())
+
+    @torch.inference_mode()
+    def forward_batch(self, input_ids, positions, cache, tree_mask=None, lengths=None, feature_layers=None,
+                      logits: bool = True, logit_rows: torch.Tensor | None = None,
+                      features: bool = True) -> ForwardOutput:
+        """One sequence ([1, n] tokens). See :meth:`Target.forward_batch`; ``features=False``
+        skips the hidden states (the embeddings output) where no drafter reads them."""
+        if input_ids.shape[0] != 1:
+            raise ValueError("the llama.cpp engine decodes one sequence at a time")
+        if feature_layers:
+            raise ValueError("the llama.cpp engine gives the last hidden state only: drafters that read "
+                             "intermediate target layers (PRISM*) need the PyTorch engine")
+        if not isinstance(cache, LlamaCppKV):
+            raise TypeError("a llama.cpp target runs on the KV cache of its own new_kv()")
+        tokens, pos = input_ids[0].tolist(), positions[0].tolist()
+        n = len(tokens)
+        if tree_mask is None:
+            seqs = [[0]] * n
+        else:
+            mask = tree_mask[0].bool()
+            is_leaf = ~(mask & ~torch.eye(n, dtype=torch.bool, device=mask.device)).any(0)
+            leaves = [int(i) for i in torch.nonzero(is_leaf).flatten()]
+            if len(leaves) + 2 > MAX_SEQUENCES:
+                raise ValueError(f"a tree with {len(leaves)} leaves: the llama.cpp engine takes {MAX_SEQUENCES - 2}")
+            leaf_seq = {leaf: s for s, leaf in enumerate(leaves, start=1)}
+            seqs = [[leaf_seq[leaf] for leaf in leaves if bool(mask[leaf, i])] for i in range(n)]
+            for seq in leaf_seq.values():
+                self.llama_cpp.llama_memory_seq_cp(self.memory, 0, seq, -1, -1)
+            cache.pending = (list(leaf_seq.values()), seqs)
+            # Cells are taken in batch order. Depth-first order puts the first-child chain (the
+            # drafter's best guess) in consecutive cells, laid out as one-token steps lay out
+            # their tokens: attention then sums over the same cell order when that chain is
+            # accepted.
+            order = depth_first_order(mask)
+            tokens, pos, seqs = [tokens[i] for i in order], [pos[i] for i in order], [seqs[i] for i in order]
+        want_all = logits or features
+        if want_all:
+            outputs = [True] * n
+        else:
+            outputs = [False] * n
+            for row in (logit_rows.tolist() if logit_rows is not None else [n - 1]):
+                outputs[row] = True
+        if features != self._embeddings_on:
+            self.llama_cpp.llama_set_embeddings(self._ctx, features)
+            self._embeddings_on = features
+        # Long inputs (prefill) in pieces of n_batch; trees fit in one.
+        all_logits, all_features = [], []
+        for start in range(0, n, self.n_batch):
+            stop = min(n, start + self.n_batch)
+            self._decode(tokens[start:stop], pos[start:stop], seqs[start:stop], outputs[start:stop])
+            n_out = sum(outputs[start:stop])
+            if n_out:
+                all_logits.append(self._rows(self.llama_cpp.llama_get_logits, n_out, self.n_vocab))
+                if features:
+                    all_features.append(self._rows(self.llama_cpp.llama_get_embeddings, n_out, self.n_embd))
+        out_logits = torch.cat(all_logits) if all_logits else torch.empty(0, self.n_vocab)
+        hidden = torch.cat(all_features)[None] if features else torch.zeros(1, n, self.n_embd)
+        if tree_mask is not None:  # back to the tree's node order
+            inverse = torch.empty(n, dtype=torch.long)
+            inverse[torch.tensor(order)] = torch.arange(n)
+            out_logits = out_logits[inverse] if want_all else out_logits
+            hidden = hidden[:, inverse] if features else hidden
+        if logit_rows is not None:
+            out_logits = out_logits[logit_rows.cpu()] if want_all else out_logits
+        elif not logits:
+            out_logits = None
+        return ForwardOutput(None if out_logits is None else out_logits[None], hidden.to(self.dtype), None)
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("a llama.cpp target's logits come from its forward (pass logit_rows), not from features")
+
+
+def load_llamacpp_target(gguf_path: str | os.PathLike, companion_path: str | os.PathLike | None = None,
+                         threads: int | None = None, n_ctx: int | None = None,
+                         name: str | None = None) -> LlamaCppTarget:
+    """A GGUF model on llama.cpp. The companion (tokenizer, config, embeddings and head for
+    the drafters) is a transformers folder of the same model, or the GGUF itself de-quantised
+    by transformers."""
+    from .hf import load_target
+
+    gguf_path = Path(gguf_path)
+    if not gguf_path.is_file():
+        raise FileNotFoundError(f"no GGUF file at {gguf_path}")
+    if companion_path is None:
+        companion = _companion_from_gguf(gguf_path)
+    else:
+        companion = load_target(str(companion_path), dtype="float32", pack_weights=False)
+    return LlamaCppTarget(gguf_path, companion, n_ctx=n_ctx, threads=threads, name=name)
+
+
+def _companion_from_gguf(gguf_path: Path) -> Target:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    return Target(model, tokenizer, name=gguf_path.name)
