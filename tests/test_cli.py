@@ -379,6 +379,26 @@ def test_a_tree_larger_than_the_context_is_refused(tiny_target, capsys):
     assert "Traceback" not in err
 
 
+def test_bench_refuses_a_tree_larger_than_the_context(tiny_target, tmp_path, capsys):
+    out = tmp_path / "bench"
+    rc, stdout, err = run_cli(capsys, "bench", "--target", tiny_target, "--tree", "300/5/10", "--method", "vanilla",
+                              "--method", "standard=layers:1", "--bench", "qa", "--limit", "1", "--out", out,
+                              "--no-progress", "--no-warmup")
+    assert rc == 2 and stdout == "" and "Traceback" not in err
+    (line,) = err.strip().splitlines()
+    assert line.startswith("prism bench: error: --tree 300/5/10:") and "context of 256" in line
+    assert not (out / "bench.json").exists() and not (out / "runs.jsonl").exists()  # nothing half-started
+
+
+def test_tree_bound_is_the_context():
+    from prism_spec.options import TreeTooLargeError, check_tree_fits
+    from prism_spec.runtime.tree import TreeConfig
+
+    check_tree_fits(TreeConfig.parse("255/5/10"), 256)  # one position left for the prompt
+    with pytest.raises(TreeTooLargeError, match=r"^--totals 256/5/10: .*context of 256 positions"):
+        check_tree_fits(TreeConfig.parse("256/5/10"), 256, "--totals")
+
+
 # ---------------------------------------------------------------------- serve options
 def test_serve_limits_and_access_options():
     serve = cli.build_parser().get_default("_subparsers")["serve"]

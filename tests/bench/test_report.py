@@ -547,6 +547,39 @@ def test_bench_tree_auto_tunes_each_drafter(tiny_target_dir, tmp_path, capsys, m
     assert (tmp_path / "cache" / "autotune.json").exists()
 
 
+class ShortTarget(FakeTarget):
+    max_context = 64
+
+
+def test_trees_that_cannot_fit_the_context_are_refused_before_loading(tmp_path):
+    loaded = []
+
+    def loader(spec, target):
+        loaded.append(spec.name)
+        return FakeMethod(spec, target, [])
+
+    def bench(methods, tree, out):
+        cfg = BenchConfig(benches=["qa"], limit=1, methods=methods, tree=tree, out=tmp_path / out, progress=False,
+                          warmup=False, max_new_tokens=4)
+        return run_bench(cfg, target=ShortTarget(), loader=loader)
+
+    with pytest.raises(BenchError, match=r"^--tree 64/5/8: .*context of 64 positions"):
+        bench(["vanilla", "standard=layers:1"], "64/5/8", "big")
+    assert loaded == [] and not (tmp_path / "big" / "bench.json").exists()
+    # A tree-sweep variant is named by the axis that made it too large.
+    base = TreeConfig.parse("16/3/4")
+    with pytest.raises(BenchError, match=r"^--totals 100/3/4: "):
+        bench(tree_sweep_specs("standard=layers:1", base, totals=[8, 100]), "16/3/4", "sweep")
+    assert loaded == []
+    # Vanilla and transformers' peers draft no tree: the bench's tree is not theirs to fit.
+    bench(["vanilla", "hf-lookup"], "64/5/8", "vanilla")
+    assert loaded == ["vanilla", "hf-lookup"]
+    with pytest.raises(BenchError, match=r"^--tree 64/5/8: "):
+        run_batch_sweep(BenchConfig(benches=["qa"], limit=1, methods=["standard=layers:1"], tree="64/5/8",
+                                    out=tmp_path / "batch", progress=False, max_new_tokens=4), [1],
+                        target=ShortTarget(), loader=loader)
+
+
 def test_bench_cuda_graphs_without_a_gpu_fails_before_writing(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
