@@ -358,6 +358,8 @@ def test_tree_label_spells_out_the_spec():
     (["generate", "--seed", str(2**64), "hi"], "--seed", "expected an integer in"),
     (["chat", "--seed", str(-(2**63) - 1)], "--seed", "expected an integer in"),
     (["bench", "--seed", "x"], "--seed", "expected an integer, got 'x'"),
+    (["train", "--seed", str(2**32)], "--seed", "expected an integer in [0, 4294967295] (32 bits), got 4294967296"),
+    (["train", "--seed", "-1"], "--seed", "expected an integer in [0, 4294967295] (32 bits), got -1"),
     (["corpus", "build", "--out", "x", "--shard-size", "0"], "--shard-size", "expected a positive integer"),
 ])
 def test_bad_flag_values_exit_2_naming_the_flag(capsys, argv, flag, message):

@@ -62,6 +62,21 @@ def seed(text: str) -> int:
     return value
 
 
+#: Training seeds go to numpy (accelerate's set_seed), which takes 0..2**32-1.
+TRAINING_SEED_MAX = 2**32 - 1
+
+
+def training_seed(text: str) -> int:
+    """An argparse type: a training seed, an integer numpy's seeding takes ([0, 2**32-1])."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value <= TRAINING_SEED_MAX:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, {TRAINING_SEED_MAX}] (32 bits), got {value}")
+    return value
+
+
 class TreeTooLargeError(ValueError):
     """A ``--tree`` that cannot fit in the target's context beside a prompt (found once the
     target is loaded). The message names the flag, so every command prints it as is."""

@@ -256,6 +256,11 @@ def test_bad_types_and_values_are_clear():
         build_config("prism", overrides=["stages.tuning.lr=0"], **base)
     with pytest.raises(ConfigError, match="step_mapping"):
         build_config("prism", overrides=["drafter.step_mapping=[0,2]"], **base)
+    # numpy seeds 0..2**32-1: a config file's seed outside it is refused by name, not by numpy.
+    for bad in (2**32, -1):
+        with pytest.raises(ConfigError, match=rf"seed must be an integer in \[0, 4294967295\].* got {bad}"):
+            build_config("prism", overrides=[f"seed={bad}"], **base)
+    assert build_config("prism", overrides=[f"seed={2**32 - 1}"], **base).seed == 2**32 - 1
     # Good overrides, by index and by stage name, with JSON and bare values.
     c = build_config("prism", overrides=["stages.tuning.lr=2e-5", "stages.0.betas=[0.8,0.9]", "drafter.input_layers=1,2",
                                          "stages.0.clip=null", "stages.0.clip_mode=norm"], **base)
