@@ -342,6 +342,46 @@ def test_chat_multi_turn_reset_and_exit(tiny_target, capsys, monkeypatch):
     assert "conversation cleared" in err
 
 
+def test_chat_keeps_the_history(tiny_target, capsys, monkeypatch):
+    """The second turn is rendered after the first question and the first reply, and its reply
+    is the greedy continuation of that whole conversation, not of the second question alone."""
+    from prism_spec.runtime import GenerationConfig, generate
+
+    loaded, rendered = [], []
+    load = cli.load_target_from_args
+
+    def spy(args):
+        target = load(args)
+        render = target.render_chat
+
+        def record(messages, **kwargs):
+            rendered.append([dict(m) for m in messages])
+            return render(messages, **kwargs)
+
+        target.render_chat = record
+        loaded.append(target)
+        return target
+
+    monkeypatch.setattr(cli, "load_target_from_args", spy)
+    monkeypatch.setattr("sys.stdin", io.StringIO("My name is Ada.\nWhat is my name?\n"))
+    code, out, err = run_cli(capsys, "chat", "--target", tiny_target, "--drafter", "layers:1", "--max-new-tokens", "6",
+                             "--system", "Be brief.")
+    assert code == 0, err
+    assert len(rendered) == 2 and [m["role"] for m in rendered[0]] == ["system", "user"]
+    first_reply = rendered[1][2]["content"]
+    assert rendered[1] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "My name is Ada."},
+                           {"role": "assistant", "content": first_reply}, {"role": "user", "content": "What is my name?"}]
+    assert first_reply and out.startswith(first_reply + "\n") and out.endswith("\n")
+    second_reply = out[len(first_reply) + 1 : -1]
+
+    (target,) = loaded
+    config = GenerationConfig(max_new_tokens=6)
+    with_history = generate(target, target.render_chat(rendered[1]), None, config).text
+    alone = generate(target, target.render_chat([rendered[1][0], rendered[1][3]]), None, config).text
+    assert second_reply == with_history
+    assert with_history != alone  # the reply depends on the first turn
+
+
 def test_tree_label_spells_out_the_spec():
     from prism_spec.cli import tree_label
     from prism_spec.runtime.tree import TreeConfig
