@@ -80,7 +80,17 @@ def test_generate_args_and_file_match_vanilla(tiny_target, tmp_path, capsys):
     assert rc == 0, err
     spec = read_jsonl(spec_out)
     check_records(spec, prompts, "standard", 12)
-    assert any(r["acceptance_length"] >= 1 for r in spec)
+    # A drafter that is the whole target (both layers) has every draft accepted: a chain of 3
+    # commits 4 tokens a round, so the recorded acceptance length is 4 (the last round may be
+    # cut short by EOS).
+    rc, _, err = run_cli(capsys, *GEN, *prompts, "--target", tiny_target, "--drafter", "layers:2", "--tree", "chain:3",
+                         "-o", tmp_path / "whole.jsonl")
+    assert rc == 0, err
+    whole = read_jsonl(tmp_path / "whole.jsonl")
+    for record, standard in zip(whole, spec):
+        assert record["token_ids"] == standard["token_ids"]
+        assert record["acceptance_length"] == pytest.approx(record["new_tokens"] / -(-record["new_tokens"] // 4))
+    assert whole[0]["new_tokens"] == 12 and whole[0]["acceptance_length"] == 4.0
 
     # Same prompts from a plain text file (blank lines skipped), vanilla decoding.
     prompt_file = tmp_path / "prompts.txt"
