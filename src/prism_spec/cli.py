@@ -20,7 +20,14 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from .options import TreeTooLargeError, check_tree_fits, device, non_empty, positive, seed
+from .options import (
+    TreeTooLargeError,
+    check_tree_fits,
+    device,
+    non_empty,
+    positive,
+    seed,
+)
 
 EXIT_USER_ERROR = 2
 
