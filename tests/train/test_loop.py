@@ -445,8 +445,8 @@ def test_kill_during_a_checkpoint_write_keeps_the_previous_one_and_resumes_exact
 
     root = out / CHECKPOINTS
     half = root / ".tmp-step-00000006" / "model.pt"
-    assert half.exists()
-    with pytest.raises(RuntimeError):  # really cut in the middle
+    assert 0 < half.stat().st_size < 0.6 * (root / "step-00000004" / "model.pt").stat().st_size  # about half
+    with pytest.raises((RuntimeError, OSError)):  # really cut in the middle: unreadable
         torch.load(half, weights_only=True)
     assert not (root / "step-00000006").exists()
     assert (root / "latest").resolve().name == "step-00000004"
