@@ -80,7 +80,17 @@ def test_generate_args_and_file_match_vanilla(tiny_target, tmp_path, capsys):
     assert rc == 0, err
     spec = read_jsonl(spec_out)
     check_records(spec, prompts, "standard", 12)
-    assert any(r["acceptance_length"] >= 1 for r in spec)
+    # A drafter that is the whole target (both layers) has every draft accepted: a chain of 3
+    # commits 4 tokens a round, so the recorded acceptance length is 4 (the last round may be
+    # cut short by EOS).
+    rc, _, err = run_cli(capsys, *GEN, *prompts, "--target", tiny_target, "--drafter", "layers:2", "--tree", "chain:3",
+                         "-o", tmp_path / "whole.jsonl")
+    assert rc == 0, err
+    whole = read_jsonl(tmp_path / "whole.jsonl")
+    for record, standard in zip(whole, spec):
+        assert record["token_ids"] == standard["token_ids"]
+        assert record["acceptance_length"] == pytest.approx(record["new_tokens"] / -(-record["new_tokens"] // 4))
+    assert whole[0]["new_tokens"] == 12 and whole[0]["acceptance_length"] == 4.0
 
     # Same prompts from a plain text file (blank lines skipped), vanilla decoding.
     prompt_file = tmp_path / "prompts.txt"
@@ -342,6 +352,46 @@ def test_chat_multi_turn_reset_and_exit(tiny_target, capsys, monkeypatch):
     assert "conversation cleared" in err
 
 
+def test_chat_keeps_the_history(tiny_target, capsys, monkeypatch):
+    """The second turn is rendered after the first question and the first reply, and its reply
+    is the greedy continuation of that whole conversation, not of the second question alone."""
+    from prism_spec.runtime import GenerationConfig, generate
+
+    loaded, rendered = [], []
+    load = cli.load_target_from_args
+
+    def spy(args):
+        target = load(args)
+        render = target.render_chat
+
+        def record(messages, **kwargs):
+            rendered.append([dict(m) for m in messages])
+            return render(messages, **kwargs)
+
+        target.render_chat = record
+        loaded.append(target)
+        return target
+
+    monkeypatch.setattr(cli, "load_target_from_args", spy)
+    monkeypatch.setattr("sys.stdin", io.StringIO("My name is Ada.\nWhat is my name?\n"))
+    code, out, err = run_cli(capsys, "chat", "--target", tiny_target, "--drafter", "layers:1", "--max-new-tokens", "6",
+                             "--system", "Be brief.")
+    assert code == 0, err
+    assert len(rendered) == 2 and [m["role"] for m in rendered[0]] == ["system", "user"]
+    first_reply = rendered[1][2]["content"]
+    assert rendered[1] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "My name is Ada."},
+                           {"role": "assistant", "content": first_reply}, {"role": "user", "content": "What is my name?"}]
+    assert first_reply and out.startswith(first_reply + "\n") and out.endswith("\n")
+    second_reply = out[len(first_reply) + 1 : -1]
+
+    (target,) = loaded
+    config = GenerationConfig(max_new_tokens=6)
+    with_history = generate(target, target.render_chat(rendered[1]), None, config).text
+    alone = generate(target, target.render_chat([rendered[1][0], rendered[1][3]]), None, config).text
+    assert second_reply == with_history
+    assert with_history != alone  # the reply depends on the first turn
+
+
 def test_tree_label_spells_out_the_spec():
     from prism_spec.cli import tree_label
     from prism_spec.runtime.tree import TreeConfig
@@ -358,6 +408,8 @@ def test_tree_label_spells_out_the_spec():
     (["generate", "--seed", str(2**64), "hi"], "--seed", "expected an integer in"),
     (["chat", "--seed", str(-(2**63) - 1)], "--seed", "expected an integer in"),
     (["bench", "--seed", "x"], "--seed", "expected an integer, got 'x'"),
+    (["train", "--seed", str(2**32)], "--seed", "expected an integer in [0, 4294967295] (32 bits), got 4294967296"),
+    (["train", "--seed", "-1"], "--seed", "expected an integer in [0, 4294967295] (32 bits), got -1"),
     (["corpus", "build", "--out", "x", "--shard-size", "0"], "--shard-size", "expected a positive integer"),
 ])
 def test_bad_flag_values_exit_2_naming_the_flag(capsys, argv, flag, message):
@@ -377,6 +429,26 @@ def test_a_tree_larger_than_the_context_is_refused(tiny_target, capsys):
     (line,) = err.strip().splitlines()[-1:]
     assert line.startswith("error: --tree 300/5/10:") and "context of 256" in line
     assert "Traceback" not in err
+
+
+def test_bench_refuses_a_tree_larger_than_the_context(tiny_target, tmp_path, capsys):
+    out = tmp_path / "bench"
+    rc, stdout, err = run_cli(capsys, "bench", "--target", tiny_target, "--tree", "300/5/10", "--method", "vanilla",
+                              "--method", "standard=layers:1", "--bench", "qa", "--limit", "1", "--out", out,
+                              "--no-progress", "--no-warmup")
+    assert rc == 2 and stdout == "" and "Traceback" not in err
+    (line,) = err.strip().splitlines()
+    assert line.startswith("prism bench: error: --tree 300/5/10:") and "context of 256" in line
+    assert not (out / "bench.json").exists() and not (out / "runs.jsonl").exists()  # nothing half-started
+
+
+def test_tree_bound_is_the_context():
+    from prism_spec.options import TreeTooLargeError, check_tree_fits
+    from prism_spec.runtime.tree import TreeConfig
+
+    check_tree_fits(TreeConfig.parse("255/5/10"), 256)  # one position left for the prompt
+    with pytest.raises(TreeTooLargeError, match=r"^--totals 256/5/10: .*context of 256 positions"):
+        check_tree_fits(TreeConfig.parse("256/5/10"), 256, "--totals")
 
 
 # ---------------------------------------------------------------------- serve options

@@ -20,7 +20,14 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from .options import device, non_empty, positive, seed
+from .options import (
+    TreeTooLargeError,
+    check_tree_fits,
+    device,
+    non_empty,
+    positive,
+    seed,
+)
 
 EXIT_USER_ERROR = 2
 
@@ -191,12 +198,11 @@ def resolve_tree_from_args(args: argparse.Namespace, target, resolved):
     given tree must fit in the target's context beside a prompt: a larger one is refused here,
     the first moment the context is known, rather than decoding at a crawl."""
     if args.tree != "auto":
-        tree = args.tree
-        if tree.total_tokens >= target.max_context:
-            raise CLIError(f"--tree {tree.total_tokens}/{tree.depth}/{tree.top_k}: a tree of {tree.total_tokens} "
-                           f"nodes does not fit in the target's context of {target.max_context} positions "
-                           "beside a prompt; use a smaller tree")
-        return tree
+        try:
+            check_tree_fits(args.tree, target.max_context)
+        except TreeTooLargeError as exc:
+            raise CLIError(str(exc)) from None
+        return args.tree
     from .runtime.autotune import resolve_tree
 
     return resolve_tree("auto", target, resolved.drafter, resolved.label, progress=_status,

@@ -60,3 +60,32 @@ def seed(text: str) -> int:
     if not SEED_MIN <= value <= SEED_MAX:
         raise argparse.ArgumentTypeError(f"expected an integer in [{SEED_MIN}, {SEED_MAX}] (64 bits), got {value}")
     return value
+
+
+#: Training seeds go to numpy (accelerate's set_seed), which takes 0..2**32-1.
+TRAINING_SEED_MAX = 2**32 - 1
+
+
+def training_seed(text: str) -> int:
+    """An argparse type: a training seed, an integer numpy's seeding takes ([0, 2**32-1])."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value <= TRAINING_SEED_MAX:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, {TRAINING_SEED_MAX}] (32 bits), got {value}")
+    return value
+
+
+class TreeTooLargeError(ValueError):
+    """A ``--tree`` that cannot fit in the target's context beside a prompt (found once the
+    target is loaded). The message names the flag, so every command prints it as is."""
+
+
+def check_tree_fits(tree, max_context: int, flag: str = "--tree") -> None:
+    """Refuse a draft tree of ``max_context`` nodes or more: it leaves no room for a prompt
+    (and decodes at a crawl long before that). ``flag`` is the option the tree came from."""
+    if tree.total_tokens >= max_context:
+        raise TreeTooLargeError(
+            f"{flag} {tree.total_tokens}/{tree.depth}/{tree.top_k}: a tree of {tree.total_tokens} nodes does not "
+            f"fit in the target's context of {max_context} positions beside a prompt; use a smaller tree")

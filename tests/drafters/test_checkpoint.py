@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,6 +137,75 @@ def test_bad_folders_give_clear_errors(target, tmp_path):
     (tmp_path / "e" / "config.json").write_text(json.dumps({**config, "num_modules": 3, "step_mapping": [0, 1, 2]}))
     with pytest.raises(CheckpointError, match="do not fit its config.json"):
         load_drafter(tmp_path / "e", target)
+
+
+#: ``python -c STALLED_WRITER FOLDER MARKER WHERE`` rewrites FOLDER with atomic_folder_write and
+#: stalls (MARKER created) either halfway through writing the new files (WHERE=write) or between
+#: moving the previous folder aside and moving the new one in (WHERE=swap), for a SIGKILL there.
+STALLED_WRITER = """
+import os, sys, time
+from pathlib import Path
+from prism_spec.drafters import checkpoint
+
+folder, marker, where = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+
+def stall():
+    marker.touch()
+    time.sleep(600)
+
+replace = os.replace
+def stalling_replace(src, dst):
+    replace(src, dst)
+    if where == "swap" and Path(src) == folder:
+        stall()
+checkpoint.os.replace = stalling_replace
+
+def write(tmp):
+    (tmp / "config.json").write_text("{}")
+    (tmp / "model.safetensors").write_bytes(b"half a checkpoint")
+    if where == "write":
+        stall()
+
+checkpoint.atomic_folder_write(folder, write)
+"""
+
+
+def _kill_writer_at(where: str, folder: Path, tmp_path: Path) -> None:
+    marker = tmp_path / f"stalled-{where}"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+    proc = subprocess.Popen([sys.executable, "-c", STALLED_WRITER, str(folder), str(marker), where], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert proc.poll() is None, f"the writer exited ({proc.returncode}): {proc.stderr.read()[-2000:]}"
+            assert time.monotonic() < deadline, "the writer never stalled"
+            time.sleep(0.05)
+        proc.kill()  # SIGKILL: no except / finally clause of the writer runs
+        assert proc.wait(timeout=60) == -9
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+
+
+@pytest.mark.parametrize("where", ["write", "swap"])
+def test_kill_9_during_a_write_keeps_the_previous_checkpoint(target, tmp_path, where):
+    """SIGKILL halfway through writing the new files, or between moving the previous folder
+    aside and moving the new one in: the previous drafter still loads, bit for bit, and the
+    next write succeeds and leaves no temporary folder behind."""
+    model = FeatureDrafterModel(prism_config(target), target)
+    folder = save_feature_drafter(model, tmp_path / "d")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    _kill_writer_at(where, folder, tmp_path)
+    if where == "swap":
+        assert not folder.exists()  # the window: the previous folder is aside, the new one not in
+    reference = first_round_logits(load_drafter(folder, target), target)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    again = save_feature_drafter(model, folder)
+    torch.testing.assert_close(first_round_logits(load_drafter(again, target), target), reference, rtol=0, atol=0)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".d.")) == []
 
 
 def test_failed_write_keeps_the_previous_checkpoint(target, tmp_path):

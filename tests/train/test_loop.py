@@ -40,6 +40,7 @@ from prism_spec.train.loop import (
     DataOrder,
     Trainer,
     TrainingError,
+    find_latest_checkpoint,
     state_sha256,
     train,
 )
@@ -256,6 +257,11 @@ def test_bad_types_and_values_are_clear():
         build_config("prism", overrides=["stages.tuning.lr=0"], **base)
     with pytest.raises(ConfigError, match="step_mapping"):
         build_config("prism", overrides=["drafter.step_mapping=[0,2]"], **base)
+    # numpy seeds 0..2**32-1: a config file's seed outside it is refused by name, not by numpy.
+    for bad in (2**32, -1):
+        with pytest.raises(ConfigError, match=rf"seed must be an integer in \[0, 4294967295\].* got {bad}"):
+            build_config("prism", overrides=[f"seed={bad}"], **base)
+    assert build_config("prism", overrides=[f"seed={2**32 - 1}"], **base).seed == 2**32 - 1
     # Good overrides, by index and by stage name, with JSON and bare values.
     c = build_config("prism", overrides=["stages.tuning.lr=2e-5", "stages.0.betas=[0.8,0.9]", "drafter.input_layers=1,2",
                                          "stages.0.clip=null", "stages.0.clip_mode=norm"], **base)
@@ -328,23 +334,44 @@ def test_cli_errors_and_print_config(tiny_target, data_files, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- exact resume
-def test_kill_and_resume_is_bitwise_exact(tiny_target, data_files, tmp_path, one_thread):
-    """A run SIGKILLed right after its checkpoint at global step 3 (mid warmup stage), resumed,
-    ends with bitwise the same weights as an uninterrupted run: PRISM (noise generator, stage
-    switch, module copy) with gradient accumulation."""
+#: PRISM (noise generator, stage switch, module copy) with gradient accumulation, 4 steps a
+#: stage: checkpoints at global steps 3 (mid warm-up), 4 (stage end), 6 (mid tuning).
+RESUME_EXTRA = ["--set", "checkpoint_every=3", "--set", "stages.0.grad_accum=2"]
+RESUME_STEPS = 4
+
+
+def _resume_args(target, data_files, out, *more) -> list[str]:
     data = [data_files["qa"], data_files["chat"]]
-    extra = ["--set", "checkpoint_every=3", "--set", "stages.0.grad_accum=2"]
-    steps = 4
+    return _cli_args(target, data, out, "prism", RESUME_STEPS, RESUME_EXTRA) + ["--quiet", *more]
 
-    # Uninterrupted, in this process (one thread, like the subprocess).
-    args = train_cli.build_parser().parse_args(_cli_args(tiny_target, data, tmp_path / "ref", "prism", steps, extra)
-                                               + ["--quiet"])
-    assert train_cli.run_train(args) == 0
-    reference = _weights(tmp_path / "ref" / "drafter")
 
-    # Killed hard right after the step-3 checkpoint.
+@pytest.fixture(scope="module")
+def uninterrupted_run(tiny_target, data_files, tmp_path_factory, one_thread) -> Path:
+    """The run the interrupted ones must reproduce bit for bit (in this process, one thread,
+    like the subprocesses)."""
+    out = tmp_path_factory.mktemp("uninterrupted") / "ref"
+    assert train_cli.run_train(train_cli.build_parser().parse_args(_resume_args(tiny_target, data_files, out))) == 0
+    return out
+
+
+def _steps_logged(run: Path) -> list[tuple]:
+    lines = (run / "train_log.jsonl").read_text().splitlines()
+    return [(r["split"], r["stage"], r["step"]) for r in map(json.loads, lines)]
+
+
+def _assert_resumed_run_equals(out: Path, reference: Path) -> None:
+    _assert_bitwise_equal(_weights(reference / "drafter"), _weights(out / "drafter"))
+    _assert_bitwise_equal(_weights(reference / "stages" / "0-warmup"), _weights(out / "stages" / "0-warmup"))
+    assert _steps_logged(out) == _steps_logged(reference)  # each step logged once, as uninterrupted
+    kept = sorted(p.name for p in (out / CHECKPOINTS).glob("step-*"))
+    assert len(kept) == 2  # keep_checkpoints
+
+
+def test_kill_and_resume_is_bitwise_exact(tiny_target, data_files, tmp_path, uninterrupted_run):
+    """A run SIGKILLed right after its checkpoint at global step 3 (mid warmup stage), resumed,
+    ends with bitwise the same weights as an uninterrupted run."""
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "prism_spec.train", *_cli_args(tiny_target, data, out, "prism", steps, extra), "--quiet"]
+    cmd = [sys.executable, "-m", "prism_spec.train", *_resume_args(tiny_target, data_files, out)]
     proc = subprocess.run(cmd, env=_subprocess_env(**{KILL_ENV: 3}), capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == -9, proc.stderr[-3000:]
     latest = out / CHECKPOINTS / "latest"
@@ -354,19 +381,86 @@ def test_kill_and_resume_is_bitwise_exact(tiny_target, data_files, tmp_path, one
     assert not (out / "drafter").exists()
 
     # Resume (in this process) to the end.
-    args = train_cli.build_parser().parse_args(_cli_args(tiny_target, data, out, "prism", steps, extra)
-                                               + ["--quiet", "--resume"])
+    args = train_cli.build_parser().parse_args(_resume_args(tiny_target, data_files, out, "--resume"))
     assert train_cli.run_train(args) == 0
-    _assert_bitwise_equal(reference, _weights(out / "drafter"))
-    _assert_bitwise_equal(_weights(tmp_path / "ref" / "stages" / "0-warmup"), _weights(out / "stages" / "0-warmup"))
-    # The log holds each step once, as in the uninterrupted run.
-    def steps_logged(run):
-        lines = (tmp_path / run / "train_log.jsonl").read_text().splitlines()
-        return [(r["split"], r["stage"], r["step"]) for r in map(json.loads, lines)]
+    _assert_resumed_run_equals(out, uninterrupted_run)
 
-    assert steps_logged("killed") == steps_logged("ref")
-    kept = sorted(p.name for p in (out / CHECKPOINTS).glob("step-*"))
-    assert len(kept) == 2  # keep_checkpoints
+
+#: Runs ``python -m prism_spec.train ARGS`` with torch.save stalled halfway through the model
+#: file of one checkpoint (half its bytes on disk, synced), so the test can SIGKILL the process
+#: in the middle of that checkpoint write. $STALL_IN names the checkpoint's folder, $MARKER is
+#: created once the half file is on disk.
+STALLING_TRAINER = """
+import io, os, sys, time
+from pathlib import Path
+import torch
+real_save = torch.save
+def save(obj, f, *args, **kwargs):
+    path = Path(str(f))
+    if path.name == "model.pt" and path.parent.name == os.environ["STALL_IN"]:
+        buffer = io.BytesIO()
+        real_save(obj, buffer, *args, **kwargs)
+        with open(path, "wb") as fh:
+            fh.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+            fh.flush()
+            os.fsync(fh.fileno())
+        Path(os.environ["MARKER"]).touch()
+        time.sleep(600)
+    return real_save(obj, f, *args, **kwargs)
+torch.save = save
+from prism_spec.train.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"the trainer exited ({proc.returncode}) before the stall:\n{proc.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("the trainer never reached the stalled checkpoint write")
+        time.sleep(0.05)
+
+
+def test_kill_during_a_checkpoint_write_keeps_the_previous_one_and_resumes_exactly(
+        tiny_target, data_files, tmp_path, uninterrupted_run):
+    """kill -9 while the step-6 checkpoint is half written: the step-4 checkpoint stays the
+    latest and intact, the half-written one is never taken for a checkpoint, and resuming
+    ends bitwise where the uninterrupted run does."""
+    out, marker = tmp_path / "killed", tmp_path / "stalled"
+    cmd = [sys.executable, "-c", STALLING_TRAINER, *_resume_args(tiny_target, data_files, out)]
+    env = _subprocess_env(STALL_IN=".tmp-step-00000006", MARKER=marker)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(marker, proc, timeout=300)
+        proc.kill()  # SIGKILL, mid-write
+        assert proc.wait(timeout=60) == -9
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+
+    root = out / CHECKPOINTS
+    half = root / ".tmp-step-00000006" / "model.pt"
+    assert 0 < half.stat().st_size < 0.6 * (root / "step-00000004" / "model.pt").stat().st_size  # about half
+    with pytest.raises((RuntimeError, OSError)):  # really cut in the middle: unreadable
+        torch.load(half, weights_only=True)
+    assert not (root / "step-00000006").exists()
+    assert (root / "latest").resolve().name == "step-00000004"
+    assert find_latest_checkpoint(out) == (root / "step-00000004").resolve()
+    previous = root / "step-00000004"
+    state = json.loads((previous / "trainer_state.json").read_text())
+    assert (state["stage_index"], state["stage_step"], state["global_step"]) == (1, 0, 4)
+    assert torch.load(previous / "model.pt", weights_only=True)  # intact
+    assert not (out / "drafter").exists()
+
+    args = train_cli.build_parser().parse_args(_resume_args(tiny_target, data_files, out, "--resume"))
+    assert train_cli.run_train(args) == 0
+    _assert_resumed_run_equals(out, uninterrupted_run)
+    assert not (root / ".tmp-step-00000006").exists()  # the half write was cleared and redone
 
 
 # ----------------------------------------------------------------------------- multi-process

@@ -29,6 +29,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
+from ..options import TreeTooLargeError, check_tree_fits
 from ..runtime.decode import PromptError
 from ..runtime.tree import TreeConfig
 from ..targets.default import DEFAULT_TARGET
@@ -357,6 +358,7 @@ def run_bench(
     if target.tokenizer is None:
         raise BenchError("benchmarks need a target with a tokenizer (prompts are chat-rendered text)")
     needed = {spec.name for *_, spec, _ in jobs}
+    _check_trees_fit(target, [s for s in specs if s.name in needed], None if auto_tree else tree)
     loaded = {spec.name: loader(spec, target) for spec in specs if spec.name in needed}
     for method in loaded.values():
         method.static_cache = cfg.static_cache
@@ -388,6 +390,27 @@ def run_bench(
         meta["sessions"][-1]["finished"] = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
         _write_meta(meta_path, meta)
     return runs_path
+
+
+def _check_trees_fit(target: Target, specs: Sequence[MethodSpec], tree: TreeConfig | None) -> None:
+    """Refuse, before any drafter loads, a tree that cannot fit in the target's context beside a
+    prompt (``tree``: the bench's --tree, None when auto-tuned; a method's own tree overrides it).
+    Vanilla and transformers' peers draft no tree and are not checked."""
+    max_context = getattr(target, "max_context", None)
+    if max_context is None:
+        return
+    for spec in specs:
+        if spec.is_vanilla or spec.is_hf:
+            continue
+        shape = spec.tree or tree
+        if shape is None:
+            continue
+        swept = dict(spec.extra).get("tree_sweep_axes", ())
+        flag = "--totals" if spec.tree is not None and "total_tokens" in swept else "--tree"
+        try:
+            check_tree_fits(shape, max_context, flag)
+        except TreeTooLargeError as exc:
+            raise BenchError(str(exc)) from None
 
 
 def _progress(total: int, enabled: bool):
@@ -476,8 +499,9 @@ def run_batch_sweep(
         raise BenchError("no prompts: check --bench and --limit")
     if cfg.tree == "auto":
         raise BenchError("the batch-size sweep needs a fixed --tree (auto tunes batch-1 decoding)")
-    loaded = {spec.name: loader(spec, target) for spec in specs}
     tree = TreeConfig.parse(cfg.tree) if isinstance(cfg.tree, str) else cfg.tree
+    _check_trees_fit(target, specs, tree)
+    loaded = {spec.name: loader(spec, target) for spec in specs}
     turns: dict[tuple[str, int], list[dict]] = {(s.name, b): [] for s in specs for b in batch_sizes}
     total = sum(len(range(0, len(jobs), b)) for b in batch_sizes) * len(specs)
     progress = _progress(total, cfg.progress)

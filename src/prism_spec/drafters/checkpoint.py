@@ -9,6 +9,7 @@ Writes are atomic: a crash leaves the old folder or none, never half a checkpoin
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -33,10 +34,37 @@ class CheckpointError(ValueError):
     """A checkpoint folder is missing, corrupt, partial or of an unknown layout."""
 
 
+def _leftovers(folder: Path, kind: str) -> list[Path]:
+    """``.NAME.tmp-*`` / ``.NAME.old-*`` siblings of ``folder``, oldest first."""
+    if not folder.parent.is_dir():
+        return []
+    found = [p for p in folder.parent.glob(f".{glob.escape(folder.name)}.{kind}-*") if p.is_dir()]
+    return sorted(found, key=lambda p: p.stat().st_mtime)
+
+
+def recover_interrupted_write(folder: str | os.PathLike) -> None:
+    """Undo what a write killed outright (SIGKILL, power loss) left behind: when it died between
+    moving the previous ``folder`` aside and moving the new one in, ``folder`` is missing and
+    the previous content sits in ``.NAME.old-*/x``: put it back. Called before every write and
+    by the readers, so a killed write never loses the checkpoint that was there."""
+    folder = Path(folder)
+    if folder.exists() or folder.is_symlink():
+        return
+    aside = [old / "x" for old in _leftovers(folder, "old") if (old / "x").is_dir()]
+    if aside:
+        os.replace(aside[-1], folder)
+        shutil.rmtree(aside[-1].parent, ignore_errors=True)
+
+
 def atomic_folder_write(folder: str | os.PathLike, write) -> Path:
-    """Call ``write(tmp_folder)`` then move the result to ``folder`` in one rename."""
+    """Call ``write(tmp_folder)`` then move the result to ``folder`` in one rename. A write
+    killed outright leaves the previous folder (or, in the instant between the two renames,
+    the previous folder set aside, which the next write or read puts back); temporary folders
+    of killed writes are removed once a later write of ``folder`` succeeds (one writer per
+    folder at a time)."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
+    recover_interrupted_write(folder)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     old = None
     try:
@@ -53,6 +81,8 @@ def atomic_folder_write(folder: str | os.PathLike, write) -> Path:
     finally:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+    for stale in _leftovers(folder, "tmp") + _leftovers(folder, "old"):  # of writes killed earlier
+        shutil.rmtree(stale, ignore_errors=True)
     return folder
 
 
@@ -95,6 +125,7 @@ def save_standard_drafter(drafter: StandardDrafter, target: Target, folder: str 
 
 
 def _read_config(folder: Path) -> dict:
+    recover_interrupted_write(folder)
     if not folder.is_dir():
         raise CheckpointError(f"drafter checkpoint {folder} is not a folder")
     path = folder / CONFIG

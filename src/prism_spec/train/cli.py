@@ -19,6 +19,7 @@ import json
 import sys
 from typing import Sequence
 
+from ..options import TRAINING_SEED_MAX, training_seed
 from .config import RECIPES, ConfigError, build_config
 
 DESCRIPTION = "Train a speculative-decoding drafter for a target model (EAGLE-2, HASS, PRISM, stacked, standard)."
@@ -84,7 +85,8 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"],
                    help="autocast for the drafter (its master weights stay float32); fp16 needs a GPU")
     p.add_argument("--save-dtype", metavar="DTYPE", help="dtype of the saved drafter folders, e.g. bf16 for shipping")
-    p.add_argument("--seed", type=int, help="seed of initialisation, data order and noise")
+    p.add_argument("--seed", type=training_seed, metavar="S",
+                   help=f"seed of initialisation, data order and noise, 0..{TRAINING_SEED_MAX}")
     p.add_argument("--init-from", metavar="DRAFTER_DIR",
                    help="start from this trained feature drafter instead of a fresh one (fine-tuning); its "
                         "shape must match the recipe's drafter. With PRISM, --set stages.warmup.enabled=false "

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence, Union
 
+from ..options import TRAINING_SEED_MAX
+
 ARCHITECTURES = ("eagle", "prism", "stacked", "standard")
 OBJECTIVES = ("warmup", "tuning", "eagle", "standard")
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -199,6 +201,8 @@ class TrainConfig:
         need(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
         need(self.eval_every >= 0, "eval_every must be >= 0")
         need(self.log_every >= 1, "log_every must be >= 1")
+        need(0 <= self.seed <= TRAINING_SEED_MAX,
+             f"seed must be an integer in [0, {TRAINING_SEED_MAX}] (numpy's seed range), got {self.seed}")
         # drafter
         need(d.num_modules >= 1, "drafter.num_modules must be >= 1")
         need(d.layers_per_module >= 1, "drafter.layers_per_module must be >= 1")
