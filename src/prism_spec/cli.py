@@ -402,6 +402,10 @@ def run_demo(args: argparse.Namespace) -> int:
         warm.tree = cfg.tree
         generate(target, ids, None, warm)
         generate(target, ids, resolved.drafter, warm)
+    plain = None
+    if target.engine == "llama.cpp":  # llama.cpp's own decoding of the same GGUF, as the baseline
+        _status("llama.cpp plain decoding ...")
+        plain = llama_cpp_plain_generate(target, ids, cfg)
     _status("vanilla decoding ...")
     vanilla = generate(target, ids, None, cfg)
     _status("speculative decoding ...")
@@ -420,14 +424,25 @@ def run_demo(args: argparse.Namespace) -> int:
         print(result.text)
     print()
     print(f"{'':12} {'tokens':>6} {'seconds':>8} {'tokens/s':>9} {'accept len':>10}")
+    if plain is not None:
+        tokens, seconds = plain
+        print(f"{'llama.cpp':12} {len(tokens):6d} {seconds:8.2f} {len(tokens) / seconds:9.1f} {'':>10}")
     for title, result in (("vanilla", vanilla), ("speculative", spec)):
         print(f"{title:12} {len(result.token_ids):6d} {result.total_s:8.2f} {result.tokens_per_second:9.1f} "
               f"{result.acceptance_length:10.2f}")
     speedup = spec.tokens_per_second / vanilla.tokens_per_second if vanilla.tokens_per_second else float("nan")
     print(f"speedup      {speedup:.2f}x (speculative tokens/s / vanilla tokens/s, same run)")
+    if plain is not None:
+        print(f"vs llama.cpp {spec.tokens_per_second * plain[1] / len(plain[0]):.2f}x (speculative / llama.cpp's own "
+              "decoding of the same GGUF)")
     if cfg.sampling.greedy:
         same = spec.token_ids == vanilla.token_ids
         print(f"identical    {'yes' if same else 'NO'} (greedy decoding must give the same tokens)")
+        if plain is not None:
+            own = "the same" if plain[0] == vanilla.token_ids else (
+                "differs (its one-sequence context rounds differently from the engine's multi-sequence one: "
+                "docs/llamacpp.md)")
+            print(f"             llama.cpp's own greedy reply: {own}")
     else:
         print("identical    not compared: at T>0 both replies are samples from the same distribution")
     if not resolved.trained:
@@ -436,6 +451,25 @@ def run_demo(args: argparse.Namespace) -> int:
     if busy:
         print(f"note         {busy}")
     return 0
+
+
+def llama_cpp_plain_generate(target, ids, cfg) -> tuple[list[int], float]:
+    """(tokens, seconds) of llama-cpp-python's own greedy decoding of ``target``'s GGUF with the
+    engine's settings, cut at EOS and max_new_tokens as the runtime cuts."""
+    import itertools
+    import time
+
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(target.gguf_path), n_ctx=target.n_ctx, n_threads=target.threads,
+                          flash_attn=target.flash_attention, verbose=False)
+    start = time.perf_counter()
+    tokens = []
+    for token in itertools.islice(llm.generate(ids, temp=0.0, top_k=1, reset=True), cfg.max_new_tokens):
+        tokens.append(token)
+        if cfg.stop_on_eos and token in target.eos_token_ids:
+            break
+    return tokens, time.perf_counter() - start
 
 
 def _machine_busy_note() -> str | None:

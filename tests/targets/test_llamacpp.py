@@ -127,3 +127,16 @@ def test_sampling_matches_the_engines_distribution(engine, prompts):
     assert not seen, f"samples outside the support: {seen}"
     p = chi_square_pvalue(np.array(cells), np.array(expected), n)
     assert p > 0.001, p
+
+
+def test_demo_shows_llama_cpp_plain_vanilla_and_speculative_side_by_side(engine, capsys):
+    from prism_spec.cli import main
+
+    rc = main(["demo", "--engine", "llama.cpp", "--threads", "2", "--tree", "chain:2", "--max-new-tokens", "16",
+               "--no-warmup"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "engine: llama.cpp" in err
+    rows = {line.split()[0] for line in out.splitlines() if line.split()}
+    assert {"llama.cpp", "vanilla", "speculative"} <= rows
+    assert "vs llama.cpp" in out and "identical    yes" in out

@@ -137,20 +137,19 @@ def _timed(fn, repeats: int, device=None) -> float:
 
 def measure_verify_latency(target, ns=TOTALS, prefix_len: int = 300, repeats: int = 5) -> dict[int, float]:
     """Seconds for one target forward over n new tokens (causal) after ``prefix_len``."""
-    from ..targets.hf import truncate_cache
-
     gen = torch.Generator().manual_seed(0)
     prefix = torch.randint(0, target.vocab_size, (prefix_len,), generator=gen).to(target.device)
-    cache = target.new_cache()
-    target.forward(prefix, torch.arange(prefix_len, device=target.device), cache)
+    kv = target.new_kv(1)  # the engine's own cache (transformers or llama.cpp)
+    target.forward_batch(prefix[None], torch.arange(prefix_len, device=target.device)[None], kv.cache, None, kv.lengths)
+    kv.commit([torch.arange(prefix_len, device=target.device)])
     out = {}
     for n in ns:
         tokens = torch.randint(0, target.vocab_size, (n,), generator=gen).to(target.device)
         positions = torch.arange(prefix_len, prefix_len + n, device=target.device)
 
         def run():
-            target.forward(tokens, positions, cache)
-            truncate_cache(cache, prefix_len)
+            target.forward_batch(tokens[None], positions[None], kv.cache, None, kv.lengths)
+            kv.rollback()
 
         out[n] = _timed(run, repeats, target.device)
     return out
@@ -159,10 +158,11 @@ def measure_verify_latency(target, ns=TOTALS, prefix_len: int = 300, repeats: in
 def measure_draft_cost(target, drafter, top_ks=TOP_KS, repeats: int = 5) -> tuple[float, dict[int, float]]:
     """(seconds of one extend with 3 committed tokens, {k: seconds of one expand of k nodes})."""
     prompt = torch.arange(1, 200, device=target.device) % target.vocab_size
-    cache = target.new_cache()
+    kv = target.new_kv(1)
     layers = drafter.feature_layers if isinstance(drafter.feature_layers, tuple) else None
-    out = target.forward(prompt, torch.arange(prompt.numel(), device=target.device), cache, feature_layers=layers)
-    feats = None if drafter.feature_layers is None else (out.layer_features if layers else out.features)
+    out = target.forward_batch(prompt[None], torch.arange(prompt.numel(), device=target.device)[None], kv.cache, None,
+                               kv.lengths, feature_layers=layers)
+    feats = None if drafter.feature_layers is None else (out.layer_features if layers else out.features)[0]
     drafter.begin(prompt[:-3], int(prompt[-3]), None if feats is None else feats[:-3])
     tokens3 = prompt[-2:].clone()
 
@@ -435,7 +435,7 @@ def _cache_key(target, drafter, drafter_label: str, static_cache: bool = False) 
     # Prepacked CPU weights, the static cache and CUDA graphs change the costs: separate entries.
     packed = "packed" if getattr(target, "packed_weights", False) else "plain"
     runtime = ("static" if static_cache else "dynamic") + ("+graphs" if getattr(target, "uses_cuda_graphs", False) else "")
-    return "|".join([str(target.name), drafter_label, drafter_fingerprint(drafter), str(target.dtype),
+    return "|".join([str(target.name), getattr(target, "engine", "torch"), drafter_label, drafter_fingerprint(drafter), str(target.dtype),
                      str(target.device), str(torch.get_num_threads()), packed, runtime, calibration_id()])
 
 

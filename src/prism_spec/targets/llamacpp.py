@@ -162,7 +162,8 @@ class LlamaCppTarget(Target):
         params.n_ctx = self.n_ctx
         params.n_batch = params.n_ubatch = min(self.n_ctx, 512)
         params.n_seq_max = MAX_SEQUENCES
-        params.n_threads = params.n_threads_batch = int(threads or torch.get_num_threads())
+        self.threads = int(threads or torch.get_num_threads())
+        params.n_threads = params.n_threads_batch = self.threads
         params.embeddings = True
         params.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_NONE
         params.kv_unified = True
