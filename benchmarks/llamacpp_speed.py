@@ -49,6 +49,7 @@ def main(argv=None) -> int:
     totals = {m: {"tokens": 0, "seconds": 0.0, "identical": 0, "rounds": 0, "accepted": 0} for m in methods}
 
     for prompt in prompts:
+        plain.reset()  # else generate() reuses the KV entries of a shared prefix and skips its prefill
         start = time.perf_counter()
         reference = list(itertools.islice(plain.generate(prompt, temp=0.0, top_k=1, reset=True), args.max_new_tokens))
         eos = next((i for i, tok in enumerate(reference) if tok in engine.eos_token_ids), None)

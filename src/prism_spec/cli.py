@@ -440,8 +440,8 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"identical    {'yes' if same else 'NO'} (greedy decoding must give the same tokens)")
         if plain is not None:
             own = "the same" if plain[0] == vanilla.token_ids else (
-                "differs (its one-sequence context rounds differently from the engine's multi-sequence one: "
-                "docs/llamacpp.md)")
+                "differs (with several threads llama.cpp's one-token and multi-token attention round "
+                "differently on long contexts: docs/llamacpp.md)")
             print(f"             llama.cpp's own greedy reply: {own}")
     else:
         print("identical    not compared: at T>0 both replies are samples from the same distribution")

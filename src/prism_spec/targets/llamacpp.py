@@ -251,7 +251,12 @@ class LlamaCppTarget(Target):
             raise TypeError("a llama.cpp target runs on the KV cache of its own new_kv()")
         tokens, pos = input_ids[0].tolist(), positions[0].tolist()
         n = len(tokens)
-        if tree_mask is None:
+        chain = tree_mask is None or bool(tree_mask[0].bool().equal(torch.ones(n, n, dtype=torch.bool).tril()))
+        if chain:
+            # Causal input, or a chain (vanilla's one-node rounds, chain trees): sequence 0 itself.
+            # Rejected tail entries are cut at commit, and the holes they leave sit right after
+            # the kept ones, where the next tokens go in position order.
+            tree_mask = None
             seqs = [[0]] * n
         else:
             mask = tree_mask[0].bool()
