@@ -14,7 +14,6 @@ prompts whose output equals llama.cpp plain's token for token. Run it on an idle
 from __future__ import annotations
 
 import argparse
-import itertools
 import time
 
 import torch
@@ -24,6 +23,7 @@ from prism_spec.bench.datasets import BENCHMARKS, conversation_prompt, load_benc
 from prism_spec.drafters.resolve import resolve_drafter
 from prism_spec.runtime import GenerationConfig, TreeConfig, generate
 from prism_spec.targets import load_target
+from prism_spec.targets.llamacpp import plain_greedy, plain_llama
 
 
 def main(argv=None) -> int:
@@ -37,23 +37,17 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    import llama_cpp
-
     engine = load_target(engine="llama.cpp", threads=args.threads)
     drafter = resolve_drafter(args.drafter, engine)
-    plain = llama_cpp.Llama(str(engine.gguf_path), n_ctx=engine.n_ctx, n_threads=args.threads,
-                            flash_attn=engine.flash_attention, verbose=False)
+    plain = plain_llama(engine)
     prompts = [conversation_prompt(engine, q.turns[:1], [])
                for name in BENCHMARKS for q in load_benchmark(name).questions[: args.prompts]]
     methods = ["llama.cpp plain", "prism vanilla"] + [f"prism {t}" for t in args.trees.split(",")]
     totals = {m: {"tokens": 0, "seconds": 0.0, "identical": 0, "rounds": 0, "accepted": 0} for m in methods}
 
     for prompt in prompts:
-        plain.reset()  # else generate() reuses the KV entries of a shared prefix and skips its prefill
         start = time.perf_counter()
-        reference = list(itertools.islice(plain.generate(prompt, temp=0.0, top_k=1, reset=True), args.max_new_tokens))
-        eos = next((i for i, tok in enumerate(reference) if tok in engine.eos_token_ids), None)
-        reference = reference if eos is None else reference[: eos + 1]
+        reference = plain_greedy(plain, prompt, args.max_new_tokens, engine.eos_token_ids)
         totals["llama.cpp plain"]["seconds"] += time.perf_counter() - start
         totals["llama.cpp plain"]["tokens"] += len(reference)
         totals["llama.cpp plain"]["identical"] += 1

@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -222,8 +223,6 @@ def load_target_from_args(args: argparse.Namespace):
         torch.set_num_threads(args.threads)
     if args.target != DEFAULT_TARGET and _looks_like_path(args.target) and not Path(args.target).exists():
         raise FileNotFoundError(f"target folder {args.target!r} not found")
-    if args.target != DEFAULT_TARGET and args.target.lower().endswith(".gguf") and not Path(args.target).is_file():
-        raise FileNotFoundError(f"GGUF file {args.target!r} not found")
     engine = resolve_engine(args.target, getattr(args, "engine", "auto"))
     if engine == "llama.cpp":
         _status(f"engine: llama.cpp ({'GGUF target' if args.target.lower().endswith('.gguf') else '--engine llama.cpp'}, "
@@ -404,8 +403,13 @@ def run_demo(args: argparse.Namespace) -> int:
         generate(target, ids, resolved.drafter, warm)
     plain = None
     if target.engine == "llama.cpp":  # llama.cpp's own decoding of the same GGUF, as the baseline
+        from .targets.llamacpp import plain_greedy, plain_llama
+
         _status("llama.cpp plain decoding ...")
-        plain = llama_cpp_plain_generate(target, ids, cfg)
+        llm = plain_llama(target)
+        started = time.perf_counter()
+        eos = target.eos_token_ids if cfg.stop_on_eos else ()
+        plain = plain_greedy(llm, ids, cfg.max_new_tokens, eos), time.perf_counter() - started
     _status("vanilla decoding ...")
     vanilla = generate(target, ids, None, cfg)
     _status("speculative decoding ...")
@@ -451,25 +455,6 @@ def run_demo(args: argparse.Namespace) -> int:
     if busy:
         print(f"note         {busy}")
     return 0
-
-
-def llama_cpp_plain_generate(target, ids, cfg) -> tuple[list[int], float]:
-    """(tokens, seconds) of llama-cpp-python's own greedy decoding of ``target``'s GGUF with the
-    engine's settings, cut at EOS and max_new_tokens as the runtime cuts."""
-    import itertools
-    import time
-
-    import llama_cpp
-
-    llm = llama_cpp.Llama(str(target.gguf_path), n_ctx=target.n_ctx, n_threads=target.threads,
-                          flash_attn=target.flash_attention, verbose=False)
-    start = time.perf_counter()
-    tokens = []
-    for token in itertools.islice(llm.generate(ids, temp=0.0, top_k=1, reset=True), cfg.max_new_tokens):
-        tokens.append(token)
-        if cfg.stop_on_eos and token in target.eos_token_ids:
-            break
-    return tokens, time.perf_counter() - start
 
 
 def _machine_busy_note() -> str | None:

@@ -4,7 +4,6 @@ T>0 draws from its distribution, and what it cannot do fails clearly."""
 
 from __future__ import annotations
 
-import itertools
 
 import numpy as np
 import pytest
@@ -18,8 +17,8 @@ from prism_spec.drafters.resolve import resolve_drafter  # noqa: E402
 from prism_spec.runtime import GenerationConfig, SamplingConfig, TreeConfig, generate, generate_batch  # noqa: E402
 from prism_spec.runtime.verify import target_probs  # noqa: E402
 from prism_spec.targets import load_target  # noqa: E402
-from prism_spec.targets.default import default_gguf_path  # noqa: E402
 from prism_spec.targets.hf import resolve_engine  # noqa: E402
+from prism_spec.targets.llamacpp import plain_greedy, plain_llama  # noqa: E402
 
 QUESTIONS = ["Write a short poem about the sea.", "What is 17 times 23? Explain step by step.",
              "def fibonacci(n):"]
@@ -47,12 +46,9 @@ def vanilla(engine, prompts):
 
 
 def test_vanilla_is_llama_cpps_own_greedy_decoding(engine, prompts, vanilla):
-    plain = llama_cpp.Llama(str(default_gguf_path()), n_ctx=1024, n_threads=2, flash_attn=engine.flash_attention,
-                            verbose=False)
+    plain = plain_llama(engine)
     for prompt, ours in zip(prompts, vanilla):
-        plain.reset()
-        reference = list(itertools.islice(plain.generate(prompt, temp=0.0, top_k=1, reset=True), MAX_NEW))
-        assert ours == reference
+        assert ours == plain_greedy(plain, prompt, MAX_NEW)
 
 
 @pytest.mark.parametrize("tree", ["4/0/3", "10/3/3", "chain:4"])

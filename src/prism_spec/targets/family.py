@@ -34,7 +34,7 @@ NATIVE_DRAFTER_LAYERS = frozenset({"llama", "qwen2", "qwen3", "mistral", "gemma"
 STATE_SPACE_OR_HYBRID = frozenset({
     "mamba", "mamba2", "falcon_mamba", "rwkv", "xlstm", "recurrent_gemma", "jamba", "zamba", "zamba2", "bamba",
     "falcon_h1", "granitemoehybrid", "nemotron_h", "lfm2", "lfm2_moe", "qwen3_next", "kimi_linear", "minimax",
-    "olmo_hybrid", "mimi",
+    "olmo_hybrid",
 })
 
 

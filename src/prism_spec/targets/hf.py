@@ -605,7 +605,8 @@ def with_attention_fallback(build, attn_implementation: str = "sdpa"):
     try:
         return build(attn_implementation)
     except ValueError as error:
-        if attn_implementation == "eager" or "attn_implementation" not in str(error) and "support" not in str(error):
+        message = str(error)
+        if attn_implementation == "eager" or ("attn_implementation" not in message and "support" not in message):
             raise
         return build("eager")
 

@@ -55,27 +55,6 @@ def llama_cpp_module():
 _SILENT_LOG = None
 
 
-def depth_first_order(ancestors: torch.Tensor) -> list[int]:
-    """Tree nodes (``ancestors`` [n, n]: node i's ancestors and itself) in depth-first
-    preorder, children in their index order: the first-child chain comes first."""
-    n = ancestors.shape[0]
-    depth = ancestors.sum(-1)
-    parent = [-1] * n
-    for i in range(n):
-        above = [j for j in range(n) if j != i and bool(ancestors[i, j])]
-        if above:
-            parent[i] = max(above, key=lambda j: int(depth[j]))
-    children: dict[int, list[int]] = {}
-    for i in range(n):
-        children.setdefault(parent[i], []).append(i)
-    order, stack = [], list(reversed(children.get(-1, [])))
-    while stack:
-        node = stack.pop()
-        order.append(node)
-        stack.extend(reversed(children.get(node, [])))
-    return order
-
-
 class LlamaCppKV:
     """The decode loop's KV-cache contract (``RaggedCache``'s) on a llama.cpp context, for one
     sequence: ``lengths`` committed tokens in sequence 0, and the pending tree of the last
@@ -89,9 +68,6 @@ class LlamaCppKV:
         self.capacity = capacity
         self.pending: tuple[list[int], list[list[int]]] | None = None  # (leaf seq ids, node -> seq ids)
         target.clear_memory()
-
-    def get_seq_length(self) -> int:
-        return self.region
 
     def commit(self, keep: Sequence[torch.Tensor]) -> None:
         (kept,) = keep
@@ -269,18 +245,12 @@ class LlamaCppTarget(Target):
             for seq in leaf_seq.values():
                 self.llama_cpp.llama_memory_seq_cp(self.memory, 0, seq, -1, -1)
             cache.pending = (list(leaf_seq.values()), seqs)
-            # Cells are taken in batch order. Depth-first order puts the first-child chain (the
-            # drafter's best guess) in consecutive cells, laid out as one-token steps lay out
-            # their tokens: attention then sums over the same cell order when that chain is
-            # accepted.
-            order = depth_first_order(mask)
-            tokens, pos, seqs = [tokens[i] for i in order], [pos[i] for i in order], [seqs[i] for i in order]
-        want_all = logits or features
-        if want_all:
-            outputs = [True] * n
-        else:
-            outputs = [False] * n
-            for row in (logit_rows.tolist() if logit_rows is not None else [n - 1]):
+        # Every token is an output when all logits or all hidden states are asked for (llama.cpp
+        # computes both for an output); else only the rows of logit_rows.
+        every_token = logits or features
+        outputs = [every_token] * n
+        if not every_token and logit_rows is not None:
+            for row in logit_rows.tolist():
                 outputs[row] = True
         if features != self._embeddings_on:
             self.llama_cpp.llama_set_embeddings(self._ctx, features)
@@ -297,19 +267,35 @@ class LlamaCppTarget(Target):
                     all_features.append(self._rows(self.llama_cpp.llama_get_embeddings, n_out, self.n_embd))
         out_logits = torch.cat(all_logits) if all_logits else torch.empty(0, self.n_vocab)
         hidden = torch.cat(all_features)[None] if features else torch.zeros(1, n, self.n_embd)
-        if tree_mask is not None:  # back to the tree's node order
-            inverse = torch.empty(n, dtype=torch.long)
-            inverse[torch.tensor(order)] = torch.arange(n)
-            out_logits = out_logits[inverse] if want_all else out_logits
-            hidden = hidden[:, inverse] if features else hidden
         if logit_rows is not None:
-            out_logits = out_logits[logit_rows.cpu()] if want_all else out_logits
+            out_logits = out_logits[logit_rows.cpu()] if every_token else out_logits
         elif not logits:
             out_logits = None
         return ForwardOutput(None if out_logits is None else out_logits[None], hidden.to(self.dtype), None)
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("a llama.cpp target's logits come from its forward (pass logit_rows), not from features")
+
+
+def plain_greedy(llm, prompt: Sequence[int], max_new_tokens: int, eos_token_ids=()) -> list[int]:
+    """llama-cpp-python's own greedy decoding (``Llama.generate``) of ``prompt``, cut after the
+    first EOS: the reference the engine's decoding is compared with. ``reset`` first, else
+    ``generate`` reuses the KV entries of a prefix shared with the previous prompt and skips
+    their prefill (its output then differs)."""
+    llm.reset()
+    tokens = []
+    for token in llm.generate(list(prompt), temp=0.0, top_k=1, reset=True):
+        tokens.append(token)
+        if len(tokens) >= max_new_tokens or token in eos_token_ids:
+            break
+    return tokens
+
+
+def plain_llama(target: "LlamaCppTarget"):
+    """A llama-cpp-python ``Llama`` on ``target``'s GGUF with the engine's settings (context,
+    threads, flash attention): plain llama.cpp decoding to compare with."""
+    return llama_cpp_module().Llama(str(target.gguf_path), n_ctx=target.n_ctx, n_threads=target.threads,
+                                    flash_attn=target.flash_attention, verbose=False)
 
 
 def load_llamacpp_target(gguf_path: str | os.PathLike, companion_path: str | os.PathLike | None = None,
