@@ -104,7 +104,7 @@ def test_method_specs():
                            "hf-lookup", "prism*@multi=dir", "eagle2=e", "hass=h"])
     assert [s.name for s in specs] == ["vanilla", "prism", "standard", "hf-assisted", "hf-lookup", "multi", "eagle2", "hass"]
     assert specs[1].arg == "results/x/prism" and specs[5].kind == "prism*"
-    assert specs[3].is_hf and specs[4].is_hf and not specs[1].is_hf
+    assert specs[3].is_peer and specs[4].is_peer and not specs[1].is_peer
     assert MethodSpec.parse("prism@p25=a=b").arg == "a=b"
     for bad in ("prism", "nope=x", "vanilla=x", "standard="):
         with pytest.raises(MethodError):
@@ -466,6 +466,42 @@ def test_end_to_end_transformers_peers(tiny_target_dir, tmp_path):
     assert results["runs"][0]["info"]["target_weights_bytes"] > 0
     lookup = [r for r in results["runs"] if r["method"] == "hf-lookup"]
     assert all(r["info"]["prompt_lookup_num_tokens"] == 3 for r in lookup)
+
+
+def test_llama_cpp_peer_needs_the_llama_cpp_engine(tiny_target_dir):
+    from prism_spec.bench.methods import MethodError, load_method
+    from prism_spec.targets import load_target
+
+    with pytest.raises(MethodError, match="llama.cpp engine"):
+        load_method("llama.cpp", load_target(str(tiny_target_dir), dtype="float64"))
+    with pytest.raises(MethodError, match="takes no argument"):
+        MethodSpec.parse("llama.cpp=3")
+
+
+def test_end_to_end_llama_cpp_peer(tmp_path):
+    """llama.cpp's own decoding is a method of a bench on the llama.cpp engine, measured in the
+    same run; at T=0 prism-spec's vanilla decoding on the engine matches it, and its sampled
+    runs are reproducible from the bench seed."""
+    pytest.importorskip("llama_cpp", reason="the llamacpp extra (llama-cpp-python) is not installed")
+    out = tmp_path / "llama.cpp"
+    argv = ["--engine", "llama.cpp", "--threads", "2", "--limit", "1", "--bench", "qa", "--method", "vanilla",
+            "--method", "llama.cpp", "--temperature", "0", "--temperature", "1", "--max-new-tokens", "8",
+            "--out", str(out), "--no-progress", "--no-warmup"]
+    try:
+        assert main(argv) == 0
+    except RuntimeError as error:  # the default target's wheel is missing
+        pytest.skip(str(error))
+    results = json.loads((out / "results.json").read_text())
+    runs = {(r["method"], r["temperature"]): r for r in results["runs"]}
+    peer = runs[("llama.cpp", 0.0)]
+    assert peer["info"]["gguf"].endswith(".gguf") and peer["turns"][0]["al_source"] == "one-token-steps"
+    assert peer["turns"][0]["token_ids"] == runs[("vanilla", 0.0)]["turns"][0]["token_ids"]
+    assert json.loads((out / "bench.json").read_text())["settings"]["engine"] == "llama.cpp"
+    again = tmp_path / "again"
+    assert main(argv[:argv.index("--method")] + ["--method", "llama.cpp", "--temperature", "1", "--max-new-tokens", "8",
+                                                 "--out", str(again), "--no-progress", "--no-warmup"]) == 0
+    rerun = json.loads((again / "results.json").read_text())["runs"][0]
+    assert rerun["turns"][0]["token_ids"] == runs[("llama.cpp", 1.0)]["turns"][0]["token_ids"]
 
 
 @pytest.mark.usefixtures("one_thread")

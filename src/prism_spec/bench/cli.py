@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ..options import device, seed
 from ..targets.default import DEFAULT_TARGET
+from ..targets.hf import ENGINES
 from .datasets import BENCHMARKS, BenchmarkError, parse_max_new_tokens
 
 DESCRIPTION = (
@@ -31,7 +32,7 @@ DESCRIPTION = (
 
 METHOD_HELP = (
     "KIND[@LABEL][=ARG], repeatable: vanilla | standard=DIR|layers:N | eagle2=DIR | hass=DIR | prism=DIR | "
-    "prism*=DIR | stacked=DIR | hf-assisted=DIR|layers:N | hf-lookup[=N]"
+    "prism*=DIR | stacked=DIR | hf-assisted=DIR|layers:N | hf-lookup[=N] | llama.cpp (its own decoding of a GGUF target)"
 )
 
 
@@ -44,6 +45,8 @@ def _add_common(p: argparse.ArgumentParser, sub: bool) -> None:
 
     g = p.add_argument_group("bench options")
     g.add_argument("--target", default=d(DEFAULT_TARGET), help=f"hub id or folder of the target (default {DEFAULT_TARGET})")
+    g.add_argument("--engine", choices=ENGINES, default=d("auto"),
+                   help="what runs the target: torch, llama.cpp (GGUF, CPU) or auto: llama.cpp for .gguf targets (default auto)")
     g.add_argument("--dtype", default=d("float32"), help="target dtype: float32, bfloat16, float16, float64 (default float32)")
     g.add_argument("--device", type=device, default=d("auto"),
                    help="cpu, cuda, cuda:N or auto (a GPU when there is one) (default auto)")
@@ -149,6 +152,7 @@ def _config(args, methods, command: str, **extra):
         raise BenchmarkError("--resume needs the --out folder of the bench to continue")
     return BenchConfig(
         target=args.target,
+        engine=args.engine,
         dtype=args.dtype,
         device=args.device,
         benches=args.bench or BENCHMARKS,

@@ -14,12 +14,15 @@ prism*=DIR     PRISM with multi-layer target features
 hf-assisted=X  transformers ``generate(assistant_model=...)`` with the standard drafter's
                model (folder or ``layers:N``); its own candidate schedule
 hf-lookup[=N]  transformers ``generate(prompt_lookup_num_tokens=N)`` (default 10)
+llama.cpp      llama.cpp's own plain decoding (llama-cpp-python ``Llama.generate``) of a
+               GGUF target on the llama.cpp engine (``--engine llama.cpp``)
 =============  =====================================================================
 
-The ``hf-*`` peers run transformers' own loop: greedy at T=0, transformers' own sampling
-(temperature only, top-k/top-p off) at T>0. Their AL is measured from ``generate``'s own
-forwards (new tokens / target forwards, counted with a forward hook); they have no per-round
-trace, so no per-step acceptance rates and no drafting share.
+The peers (``hf-*``, ``llama.cpp``) run their own loop: greedy at T=0, their own sampling
+(temperature only, top-k/top-p/min-p off) at T>0. The ``hf-*`` AL is measured from
+``generate``'s own forwards (new tokens / target forwards, counted with a forward hook);
+``llama.cpp`` decodes one token per forward (AL 1). Peers have no per-round trace, so no
+per-step acceptance rates and no drafting share.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ class MethodError(ValueError):
 @dataclass(frozen=True)
 class KindInfo:
     needs_arg: bool
-    drafter: str  # "none" | "standard" | "feature" | "hf"
+    drafter: str  # "none" | "standard" | "feature" | "peer" (its own decoding loop)
     expected_architecture: str | None  # for feature drafters: what load_drafter should return
     help: str
 
@@ -65,8 +68,9 @@ KINDS: dict[str, KindInfo] = {
     "prism": KindInfo(True, "feature", "prism", "PRISM drafter folder"),
     "prism*": KindInfo(True, "feature", "prism", "PRISM drafter folder with multi-layer input"),
     "stacked": KindInfo(True, "feature", "stacked", "stacked-layer HASS drafter folder (HASS-2 / HASS-3)"),
-    "hf-assisted": KindInfo(True, "hf", None, "transformers assistant_model: drafter folder or layers:N"),
-    "hf-lookup": KindInfo(False, "hf", None, "transformers prompt lookup (N candidate tokens, default 10)"),
+    "hf-assisted": KindInfo(True, "peer", None, "transformers assistant_model: drafter folder or layers:N"),
+    "hf-lookup": KindInfo(False, "peer", None, "transformers prompt lookup (N candidate tokens, default 10)"),
+    "llama.cpp": KindInfo(False, "peer", None, "llama.cpp's own plain decoding of the GGUF target"),
 }
 
 
@@ -84,16 +88,17 @@ class MethodSpec:
         info = KINDS[self.kind]
         if info.needs_arg and not self.arg:
             raise MethodError(f"method {self.kind} needs an argument: {self.kind}=<{info.help}>")
-        if self.kind == "vanilla" and self.arg:
-            raise MethodError("vanilla takes no argument")
+        if self.kind in ("vanilla", "llama.cpp") and self.arg:
+            raise MethodError(f"{self.kind} takes no argument")
 
     @property
     def name(self) -> str:
         return self.label or self.kind
 
     @property
-    def is_hf(self) -> bool:
-        return KINDS[self.kind].drafter == "hf"
+    def is_peer(self) -> bool:
+        """Runs another project's decoding loop (transformers, llama.cpp): no tree, no drafter here."""
+        return KINDS[self.kind].drafter == "peer"
 
     @property
     def is_vanilla(self) -> bool:
@@ -184,6 +189,7 @@ class LoadedMethod:
     static_cache: bool = False  # see GenerationConfig.static_cache
     _hf_model: object = None
     _hf_assistant_gc: object = None
+    _llama: object = None  # llama-cpp-python Llama for the llama.cpp peer
 
     @property
     def name(self) -> str:
@@ -192,7 +198,7 @@ class LoadedMethod:
     # ------------------------------------------------------------------ our decode loop
     def _kv(self, result: GenerationResult, tree: TreeConfig) -> int:
         t = self.target
-        t_bpt = kv_bytes_per_token(t.config, dtype_bytes=t.dtype.itemsize)
+        t_bpt = kv_bytes_per_token(t.config, dtype_bytes=_kv_dtype_bytes(t))
         d = self.drafter
         if d is None:
             return peak_kv_cache_bytes(result.prompt_len, result.accepted, result.tree_sizes, t_bpt)
@@ -210,7 +216,9 @@ class LoadedMethod:
         )
 
     def run_turn(self, prompt_ids, max_new_tokens: int, temperature: float, seed: int, tree: TreeConfig) -> dict:
-        if self.spec.is_hf:
+        if self.spec.kind == "llama.cpp":
+            return self._run_llama_cpp(prompt_ids, max_new_tokens, temperature, seed)
+        if self.spec.is_peer:
             return self._run_hf(prompt_ids, max_new_tokens, temperature, seed)
         tree = self.spec.tree or tree
         cfg = GenerationConfig(
@@ -239,7 +247,36 @@ class LoadedMethod:
             "kv_method": "replay",
         }
 
-    # ------------------------------------------------------------------ transformers peers
+    # ------------------------------------------------------------------ peers
+    def _run_llama_cpp(self, prompt_ids, max_new_tokens: int, temperature: float, seed: int) -> dict:
+        from ..targets.llamacpp import plain_generate
+
+        t = self.target
+        start = time.perf_counter()
+        ids = plain_generate(self._llama, prompt_ids, max_new_tokens, t.eos_token_ids, temperature, seed)
+        total = time.perf_counter() - start
+        t_bpt = kv_bytes_per_token(t.config, dtype_bytes=_kv_dtype_bytes(t))
+        return {
+            "prompt_len": len(prompt_ids),
+            "new_tokens": len(ids),
+            "token_ids": ids,
+            "text": t.decode(ids),
+            "finish_reason": "eos" if ids and ids[-1] in t.eos_token_ids else "length",
+            "accepted": None,
+            "exhausted": None,
+            "tree_sizes": None,
+            "tree_depths": None,
+            "rounds": len(ids),
+            "accepted_total": 0,
+            "al_source": "one-token-steps",
+            "prefill_s": None,
+            "draft_s": None,
+            "verify_s": None,
+            "total_s": total,
+            "kv_peak_bytes": kv_cache_bound_bytes(len(prompt_ids), len(ids), 0, t_bpt, 0),
+            "kv_method": "bound",
+        }
+
     def _run_hf(self, prompt_ids, max_new_tokens: int, temperature: float, seed: int) -> dict:
         t = self.target
         x = torch.as_tensor(list(prompt_ids), dtype=torch.long, device=t.device)[None]
@@ -321,6 +358,11 @@ _HF_ASSISTANT_DEFAULTS = {
 }
 
 
+def _kv_dtype_bytes(target: Target) -> int:
+    """Bytes per KV-cache element: llama.cpp keeps its cache in float16 whatever the weights."""
+    return 2 if getattr(target, "engine", "torch") == "llama.cpp" else target.dtype.itemsize
+
+
 def _sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
@@ -346,9 +388,12 @@ def load_method(spec: MethodSpec | str, target: Target) -> LoadedMethod:
     spec = MethodSpec.parse(spec) if isinstance(spec, str) else spec
     kind = KINDS[spec.kind]
     seen: set = set()
-    target_bytes = _unique_param_bytes([target.model], seen)
+    gguf_path = getattr(target, "gguf_path", None)
+    # On the llama.cpp engine the target's weights are the GGUF file; its transformers
+    # companion only lends embeddings and head rows to the drafters.
+    target_bytes = Path(gguf_path).stat().st_size if gguf_path else _unique_param_bytes([target.model], seen)
     info: dict = {"kind": spec.kind, "arg": spec.arg, **dict(spec.extra)}
-    drafter, hf_model, hf_gc = None, None, None
+    drafter, hf_model, hf_gc, llama = None, None, None, None
     if kind.drafter == "standard":
         drafter = _standard_drafter(spec.arg, target)
         drafter_modules = [drafter.lm.model]
@@ -384,12 +429,22 @@ def load_method(spec: MethodSpec | str, target: Target) -> LoadedMethod:
             raise MethodError(f"hf-lookup takes a token count, got {spec.arg!r}") from None
         info["prompt_lookup_num_tokens"] = n
         drafter_modules = []
+    elif spec.kind == "llama.cpp":
+        if getattr(target, "engine", "torch") != "llama.cpp":
+            raise MethodError("the llama.cpp method decodes a GGUF target with llama.cpp itself: run the bench "
+                              "on the llama.cpp engine (a .gguf --target, or --engine llama.cpp)")
+        from ..targets.llamacpp import plain_llama
+
+        llama = plain_llama(target)
+        info.update(gguf=Path(gguf_path).name, threads=target.threads, flash_attention=target.flash_attention)
+        drafter_modules = []
     else:
         drafter_modules = []
     drafter_bytes = _unique_param_bytes(drafter_modules, seen)
     info.update(target_weights_bytes=target_bytes, drafter_weights_bytes=drafter_bytes)
     return LoadedMethod(
-        spec, target, drafter, target_bytes + drafter_bytes, info, _hf_model=hf_model, _hf_assistant_gc=hf_gc
+        spec, target, drafter, target_bytes + drafter_bytes, info, _hf_model=hf_model, _hf_assistant_gc=hf_gc,
+        _llama=llama,
     )
 
 

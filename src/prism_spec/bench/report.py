@@ -320,7 +320,8 @@ def markdown_table(aggregates: Sequence[dict], summary: Sequence[dict], meta: di
     head = [
         "# prism bench",
         "",
-        f"Target `{settings.get('target', '?')}` ({settings.get('dtype', '?')}), tree "
+        f"Target `{settings.get('target', '?')}` "
+        f"({'llama.cpp engine, GGUF weights' if settings.get('engine') == 'llama.cpp' else settings.get('dtype', '?')}), tree "
         f"`{settings.get('tree', '?')}` (total/depth/top_k), max new tokens per turn "
         f"{_mnt(settings.get('max_new_tokens'))}; {machine.get('device', '?')}"
         f"{' ' + machine['gpu'] if machine.get('gpu') else ''}, {machine.get('cpu', '?')}, {machine.get('date', '')}.",

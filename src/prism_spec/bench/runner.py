@@ -33,7 +33,7 @@ from ..options import TreeTooLargeError, check_tree_fits
 from ..runtime.decode import PromptError
 from ..runtime.tree import TreeConfig
 from ..targets.default import DEFAULT_TARGET
-from ..targets.hf import Target, load_target
+from ..targets.hf import Target, load_target, resolve_engine
 from .datasets import BENCHMARKS, Benchmark, conversation_prompt, load_benchmarks
 from .methods import LoadedMethod, MethodSpec, load_method, parse_methods
 
@@ -48,6 +48,7 @@ class BenchError(RuntimeError):
 @dataclass
 class BenchConfig:
     target: str = DEFAULT_TARGET
+    engine: str = "auto"  # targets.hf.resolve_engine: llama.cpp for .gguf targets
     dtype: str = "float32"
     device: str = "auto"
     benches: Sequence[str] = BENCHMARKS
@@ -180,8 +181,10 @@ def resolve_device(device: str) -> str:
 
 # ----------------------------------------------------------------------------- the bench
 def _settings(cfg: BenchConfig, benches: list[Benchmark], tree: TreeConfig) -> dict:
+    engine = resolve_engine(cfg.target, cfg.engine)
     return {
         "target": cfg.target,
+        **({"engine": engine} if engine != "torch" else {}),
         "dtype": cfg.dtype,
         "tree": tree_tag(tree),
         "seed": cfg.seed,
@@ -239,7 +242,7 @@ def run_one(
     cuda_peak = int(torch.cuda.max_memory_allocated(target.device)) if cuda else None
     kv = max((t["kv_peak_bytes"] for t in turns), default=0)
     spec = method.spec
-    uses_tree = not spec.is_vanilla and not spec.is_hf
+    uses_tree = not spec.is_vanilla and not spec.is_peer
     return {
         "key": run_key(bench.name, question.question_id, method.name, temperature),
         "bench": bench.name,
@@ -350,7 +353,8 @@ def run_bench(
         return runs_path
 
     if target is None:
-        target = load_target(cfg.target, dtype=cfg.dtype, device=device, pack_weights=None if cfg.packed_weights else False)
+        target = load_target(cfg.target, dtype=cfg.dtype, device=device, engine=cfg.engine, threads=cfg.threads,
+                             pack_weights=None if cfg.packed_weights else False)
         if cfg.compile:
             target.compile_decoder()
         if cfg.cuda_graphs:
@@ -362,7 +366,7 @@ def run_bench(
     loaded = {spec.name: loader(spec, target) for spec in specs if spec.name in needed}
     for method in loaded.values():
         method.static_cache = cfg.static_cache
-        if auto_tree and method.drafter is not None and method.spec.tree is None and not method.spec.is_hf:
+        if auto_tree and method.drafter is not None and method.spec.tree is None and not method.spec.is_peer:
             from ..runtime.autotune import resolve_tree
 
             say = print if cfg.progress else (lambda *_: None)
@@ -400,7 +404,7 @@ def _check_trees_fit(target: Target, specs: Sequence[MethodSpec], tree: TreeConf
     if max_context is None:
         return
     for spec in specs:
-        if spec.is_vanilla or spec.is_hf:
+        if spec.is_vanilla or spec.is_peer:
             continue
         shape = spec.tree or tree
         if shape is None:
@@ -430,7 +434,7 @@ def tree_sweep_specs(
     """One drafter, one tree shape per variant: each axis varied alone around ``base``
     (paper Fig. 8). Labels are ``NAME@TOTAL/DEPTH/TOPK``; ``extra`` records the axis."""
     spec = MethodSpec.parse(spec) if isinstance(spec, str) else spec
-    if spec.is_vanilla or spec.is_hf:
+    if spec.is_vanilla or spec.is_peer:
         raise BenchError("a tree sweep needs a drafter method (standard, eagle2, hass, prism, prism*)")
     shapes: dict[TreeConfig, set[str]] = {base: {"base"}}
     for d in depths:
@@ -486,14 +490,15 @@ def run_batch_sweep(
     if not batch_sizes or any(b < 1 for b in batch_sizes):
         raise BenchError(f"batch sizes must be >= 1, got {list(batch_sizes)}")
     specs = parse_methods(cfg.methods)
-    if any(spec.is_hf for spec in specs):
-        raise BenchError("the batch sweep runs this runtime's methods; drop the hf-* peers")
+    if any(spec.is_peer for spec in specs):
+        raise BenchError("the batch sweep runs this runtime's methods; drop the peers (hf-*, llama.cpp)")
     benches = load_benchmarks(cfg.benches, cfg.limit, cfg.max_new_tokens)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     if target is None:
-        target = load_target(cfg.target, dtype=cfg.dtype, device=device, pack_weights=None if cfg.packed_weights else False)
+        target = load_target(cfg.target, dtype=cfg.dtype, device=device, engine=cfg.engine, threads=cfg.threads,
+                             pack_weights=None if cfg.packed_weights else False)
     jobs = [(conversation_prompt(target, q.turns[:1], []), b.max_new_tokens) for b in benches for q in b.questions]
     if not jobs:
         raise BenchError("no prompts: check --bench and --limit")

@@ -277,18 +277,30 @@ class LlamaCppTarget(Target):
         raise RuntimeError("a llama.cpp target's logits come from its forward (pass logit_rows), not from features")
 
 
-def plain_greedy(llm, prompt: Sequence[int], max_new_tokens: int, eos_token_ids=()) -> list[int]:
-    """llama-cpp-python's own greedy decoding (``Llama.generate``) of ``prompt``, cut after the
-    first EOS: the reference the engine's decoding is compared with. ``reset`` first, else
-    ``generate`` reuses the KV entries of a prefix shared with the previous prompt and skips
-    their prefill (its output then differs)."""
+def plain_generate(llm, prompt: Sequence[int], max_new_tokens: int, eos_token_ids=(), temperature: float = 0.0,
+                   seed: int = 0) -> list[int]:
+    """llama-cpp-python's own decoding (``Llama.generate``) of ``prompt``, cut after the first
+    EOS: the reference the engine's decoding is compared with. Greedy at ``temperature`` 0;
+    above it plain temperature sampling (top-k, top-p and min-p off) seeded with ``seed``.
+    ``reset`` first, else ``generate`` reuses the KV entries of a prefix shared with the
+    previous prompt and skips their prefill (its output then differs)."""
     llm.reset()
+    llm.set_seed(seed % 0xFFFFFFFF)  # 32-bit, and 0xFFFFFFFF would mean a random seed
+    if temperature > 0:
+        sampling = dict(temp=temperature, top_k=0, top_p=1.0, min_p=0.0)
+    else:
+        sampling = dict(temp=0.0, top_k=1)
     tokens = []
-    for token in llm.generate(list(prompt), temp=0.0, top_k=1, reset=True):
+    for token in llm.generate(list(prompt), reset=True, **sampling):
         tokens.append(token)
         if len(tokens) >= max_new_tokens or token in eos_token_ids:
             break
     return tokens
+
+
+def plain_greedy(llm, prompt: Sequence[int], max_new_tokens: int, eos_token_ids=()) -> list[int]:
+    """:func:`plain_generate` at temperature 0: llama.cpp's own greedy decoding."""
+    return plain_generate(llm, prompt, max_new_tokens, eos_token_ids)
 
 
 def plain_llama(target: "LlamaCppTarget"):
