@@ -1,8 +1,10 @@
 # Device call 1: keep the first half of the target for call 2; smoke test; 7B-shape cost model.
+# device-carry/: what the device call carried beside the working tree: env.sh (beside this file), the
+# default target's GGUF in two halves (partA, partB), the wheels the machine lacked (whl/), the prompts.
 set -x
-. gpu_xfer/env.sh
-[ -f gpu_xfer/partA ] && cp gpu_xfer/partA /tmp/partA
-[ -d gpu_xfer/prompts ] && cp -r gpu_xfer/prompts /tmp/prompts
+. device-carry/env.sh
+[ -f device-carry/partA ] && cp device-carry/partA /tmp/partA
+[ -d device-carry/prompts ] && cp -r device-carry/prompts /tmp/prompts
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a $OUT/run1.log
 python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__, torch.cuda.is_available())" 2>&1 | tee -a $OUT/run1.log
 timeout 100 python3 benchmarks/gpu_speed.py smoke --json $OUT/smoke.json 2>&1 | tee -a $OUT/run1.log

@@ -7,6 +7,8 @@
 # the first N lines are a balanced sample of all 21 training files).
 # Every drafter sees the same data and the same number of optimizer steps ($STEPS).
 #
+# The committed runs (results/README.md has the index): the first block on the 2-vCPU Intel Xeon VM,
+# the GPU steps on one H200, every other step on the 2-vCPU AMD EPYC VM, all on 2026-11-26.
 #   bash results/smollm2-135m/reproduce.sh regen            # answer the prompts (~1.8 s/reply at batch 16 on 2 cores)
 #   bash results/smollm2-135m/reproduce.sh features         # capture the target's features once
 #   bash results/smollm2-135m/reproduce.sh eagle2|hass|prism|prism3|prism-star|stacked2|standard
@@ -25,14 +27,17 @@
 #   bash results/smollm2-135m/reproduce.sh bench-ft        # fp32 paper-tree AL and bf16 --tree auto speed, before / after
 #   bash results/smollm2-135m/reproduce.sh prism-ft2       # a second pass from prism-ft (~34 min); now the packaged drafter
 #   bash results/smollm2-135m/reproduce.sh bench-ft2       # fp32 paper-tree AL of the two passes
-#   bash results/smollm2-135m/reproduce.sh bench-cpu-ft2   # bf16 CPU speed of the two passes (--tree auto, then 4/0/3)
+#   bash results/smollm2-135m/reproduce.sh bench-cpu-ft2   # bf16 CPU speed of the two passes (--tree auto, then 4/0/3; archived)
 #   bash results/smollm2-135m/reproduce.sh attention       # grouped-query SDPA without the KV copy: forward latency, A/B
-#   bash results/smollm2-135m/reproduce.sh bench-cpu-s6    # bf16 CPU speed, --tree auto with the eight-prompt calibration set
-#   bash results/smollm2-135m/reproduce.sh bench-cpu-s6-all  # the same runtime for the baselines (equal training) and the packaged PRISM
+#   bash results/smollm2-135m/reproduce.sh bench-cpu-packaged   # bf16 CPU speed, --tree auto with the eight-prompt calibration set
+#   bash results/smollm2-135m/reproduce.sh bench-cpu-baselines  # the same runtime for the baselines (equal training) and the packaged PRISM
+# Runs superseded by a later run of the same measurement are kept under results/archive/smollm2-135m
+# (results/archive/README.md); the commands that made them write there.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUNS=${RUNS:-runs/smollm2-135m}
 OUT=results/smollm2-135m
+ARCHIVE=results/archive/smollm2-135m   # superseded runs (results/archive/README.md)
 DATA=$OUT/data/smollm2-regenerated.jsonl
 N_EXAMPLES=${N_EXAMPLES:-1200}   # answered conversations used (train + 48 held out)
 STEPS=${STEPS:-320}              # optimizer steps per drafter (PRISM: 3/4 warmup + 1/4 tuning)
@@ -171,9 +176,11 @@ case "${1:-}" in
     prism bench --method vanilla --method prism@prism-gpu=$OUT/drafters/prism-gpu --method prism=$OUT/drafters/prism \
       --temperature 0 --tree paper --limit "${LIMIT:-1}" --max-new-tokens 64 --threads 2 --dtype float32 \
       --out "$OUT/bench-paper-tree-fp32-gpu-prism"
+    # The CPU speed run below predates prepacked weights (the default since; add --no-packed-weights to
+    # repeat its setting); `packing` runs the same bench with the default into $OUT/bench-cpu-packed.
     prism bench --method vanilla --method eagle2=$OUT/drafters/eagle2 --method prism=$OUT/drafters/prism \
       --method prism@prism-gpu=$OUT/drafters/prism-gpu --dtype bfloat16 --temperature 0 --tree auto \
-      --limit "${LIMIT:-1}" --max-new-tokens 64 --threads 2 --out "$OUT/bench-cpu-gpu-trained" ;;
+      --limit "${LIMIT:-1}" --max-new-tokens 64 --threads 2 --out "$ARCHIVE/bench-cpu-plain-weights" ;;
   prism-star-norm)  # PRISM* with each input layer RMS-normalised (drafter.input_norm, now the default)
     train_prism prism-star-norm --recipe 'prism*' "${STAR[@]}"
     finish prism-star-norm ;;
@@ -216,26 +223,27 @@ case "${1:-}" in
     packaged_weights
     prism bench --method vanilla --method prism@prism-gpu=$OUT/drafters/prism-gpu --method prism@prism-ft=$OUT/drafters/prism-ft \
       --temperature 0 --tree paper --limit "${LIMIT:-5}" --max-new-tokens 64 --threads 2 --dtype float32 \
-      --out "$OUT/bench-paper-tree-fp32-ft"
+      --out "$OUT/bench-paper-tree-fp32-gpu-trained-vs-fine-tuned"
     prism bench --method vanilla --method prism@prism-gpu=$OUT/drafters/prism-gpu --method prism@prism-ft=$OUT/drafters/prism-ft \
       --dtype bfloat16 --temperature 0 --tree auto --limit "${LIMIT:-5}" --max-new-tokens 64 --threads 2 \
-      --out "$OUT/bench-cpu-ft"
+      --out "$OUT/bench-cpu-gpu-trained-vs-fine-tuned"
     prism bench --method vanilla --method prism@prism-gpu=$OUT/drafters/prism-gpu --method prism@prism-ft=$OUT/drafters/prism-ft \
       --dtype bfloat16 --temperature 0 --tree 4/0/3 --limit "${LIMIT:-5}" --max-new-tokens 64 --threads 2 \
-      --out "$OUT/bench-cpu-ft-4-0-3" ;;
+      --out "$OUT/bench-cpu-gpu-trained-vs-fine-tuned-tree-4-0-3" ;;
   bench-ft2)  # the first and the second fine-tuning pass (prism-ft2 is the packaged drafter since)
     packaged_weights
     prism bench --method vanilla --method prism@prism-ft=$OUT/drafters/prism-ft --method prism@prism-ft2=$OUT/drafters/prism-ft2 \
       --temperature 0 --tree paper --limit "${LIMIT:-5}" --max-new-tokens 64 --threads 2 --dtype float32 \
-      --out "$OUT/bench-paper-tree-fp32-ft2" ;;
-  bench-cpu-ft2)  # CPU speed of the packaged drafter (prism-ft2) beside the first pass, bf16
+      --out "$OUT/bench-paper-tree-fp32-fine-tuning-passes" ;;
+  bench-cpu-ft2)  # CPU speed of the packaged drafter (prism-ft2) beside the first pass, bf16, with the tuner
+    # that estimated round costs (superseded by bench-cpu-packaged: the tuner that times real rounds)
     packaged_weights
     prism bench --method vanilla --method prism@prism-ft=$OUT/drafters/prism-ft --method prism@prism-ft2=$OUT/drafters/prism-ft2 \
       --dtype bfloat16 --temperature 0 --tree auto --limit "${LIMIT:-5}" --max-new-tokens 64 --threads 2 \
-      --out "$OUT/bench-cpu-ft2"
+      --out "$ARCHIVE/bench-cpu-fine-tuning-passes-old-tuner"
     prism bench --method vanilla --method prism@prism-ft=$OUT/drafters/prism-ft --method prism@prism-ft2=$OUT/drafters/prism-ft2 \
       --dtype bfloat16 --temperature 0 --tree 4/0/3 --limit "${LIMIT:-5}" --max-new-tokens 64 --threads 2 \
-      --out "$OUT/bench-cpu-ft2-4-0-3" ;;
+      --out "$ARCHIVE/bench-cpu-fine-tuning-passes-old-tuner-tree-4-0-3" ;;
   attention)  # prism_sdpa against transformers' sdpa (docs/performance.md)
     python benchmarks/gqa_attention.py --json results/cpu/gqa_attention_bf16.json
     python benchmarks/runtime_ab.py --compare attention --bench sum --prompts 5 --repeats 2 --tree 4/0/3 \
@@ -244,17 +252,17 @@ case "${1:-}" in
       --json results/cpu/attention_ab_sum_bf16_10-1-6.json
     python benchmarks/runtime_ab.py --compare attention --bench mt_bench --prompts 5 --repeats 2 --tree 4/0/3 \
       --json results/cpu/attention_ab_mt_bench_bf16_4-0-3.json ;;
-  bench-cpu-s6)  # the two fine-tuned drafters with --tree auto, tuned on the 8-prompt calibration set
+  bench-cpu-packaged)  # the two fine-tuned drafters with --tree auto, tuned on the 8-prompt calibration set
     packaged_weights
     prism bench --method vanilla --method prism@prism-ft=$OUT/drafters/prism-ft --method prism@prism-ft2=$OUT/drafters/prism-ft2 \
       --dtype bfloat16 --temperature 0 --tree auto --limit "${LIMIT:-5}" --max-new-tokens 64 --threads 2 \
-      --out "$OUT/bench-cpu-s6" ;;
-  bench-cpu-s6-all)  # the equal-budget EAGLE-2, HASS and PRISM (same data and budget) + the packaged PRISM
+      --out "$OUT/bench-cpu-packaged-prism" ;;
+  bench-cpu-baselines)  # the equal-budget EAGLE-2, HASS and PRISM (same data and budget) + the packaged PRISM
     packaged_weights
     prism bench --method vanilla "${DRAFTERS[@]}" --method prism@packaged=$OUT/drafters/prism-ft2 \
       --dtype bfloat16 --temperature 0 --tree auto --limit "${LIMIT:-5}" --max-new-tokens 64 --threads 2 \
-      --out "$OUT/bench-cpu-s6-all" ;;
+      --out "$OUT/bench-cpu-baselines-and-packaged" ;;
   *)
-    echo "usage: $0 regen|features|eagle2|hass|prism|prism3|prism-star|stacked2|standard|scaling|bench|bench-fp32|bench-ablations|bench-cpu|profile|regen-gpu|prism-gpu|bench-gpu-prism|packing|prism-star-norm|bench-star-norm|prism-ft|prism-ft2|bench-ft|bench-ft2|bench-cpu-ft2|attention|bench-cpu-s6|bench-cpu-s6-all" >&2
+    echo "usage: $0 regen|features|eagle2|hass|prism|prism3|prism-star|stacked2|standard|scaling|bench|bench-fp32|bench-ablations|bench-cpu|profile|regen-gpu|prism-gpu|bench-gpu-prism|packing|prism-star-norm|bench-star-norm|prism-ft|prism-ft2|bench-ft|bench-ft2|bench-cpu-ft2|attention|bench-cpu-packaged|bench-cpu-baselines" >&2
     exit 2 ;;
 esac
