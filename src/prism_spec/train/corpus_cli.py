@@ -56,7 +56,7 @@ def add_corpus_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--shard-size", type=positive(int), default=None, help="prompts per shard file (default 256)")
     r = b.add_argument_group("this run")
     r.add_argument("--batch-size", type=positive(int), default=None,
-                   help="sequences decoded together (default: 48 on a CPU, 256 on a GPU)")
+                   help="sequences decoded together (default: 48 on a CPU, 256 on a GPU, 16 on the llama.cpp engine)")
     r.add_argument("--shards", type=_shard_range, default=None, metavar="A:B",
                    help="only these shards (K, A:B or A:), e.g. to split the work between machines")
     r.add_argument("--reverse", action="store_true",
@@ -81,8 +81,13 @@ def add_corpus_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def make_engine(target, batch_size: int | None, static_cache: bool):
-    from .corpus import HFEngine
+    from .corpus import HFEngine, LlamaCppEngine
 
+    if getattr(target, "engine", "torch") == "llama.cpp":
+        if static_cache:
+            raise CLIError("--static-cache is a torch option; the llama.cpp engine keeps its own KV cache")
+        return LlamaCppEngine(target.gguf_path, target.eos_token_ids, batch_size=batch_size or 16,
+                              threads=target.threads, flash_attention=target.flash_attention)
     on_gpu = target.device.type == "cuda"
     return HFEngine(target, batch_size=batch_size or (256 if on_gpu else 48), static_cache=static_cache or None)
 
