@@ -10,14 +10,14 @@ from pathlib import Path
 
 import torch
 
-from prism_spec.bench.runner import _cpu_name
+from prism_spec.bench.machine import cpu_name
 
 
 def write_rows(path: str | None, settings: dict, rows: list[dict]) -> None:
     """The rows of a benchmark's table as JSON, with its settings and the machine it ran on."""
     if not path:
         return
-    meta = {"settings": settings, "cpu": _cpu_name(), "torch": torch.__version__,
+    meta = {"settings": settings, "cpu": cpu_name(), "torch": torch.__version__,
             "python": platform.python_version(), "date": str(datetime.date.today())}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps({**meta, "rows": rows}, indent=1))

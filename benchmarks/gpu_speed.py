@@ -30,13 +30,15 @@ from pathlib import Path
 import torch
 
 from prism_spec.bench.datasets import conversation_prompt, load_benchmarks
-from prism_spec.bench.runner import machine_info
+from prism_spec.bench.machine import machine_info
+from prism_spec.devices import median_seconds, synchronize
 from prism_spec.drafters.feature import FeatureDrafter, FeatureDrafterModel, prism_config
 from prism_spec.drafters.resolve import resolve_drafter
 from prism_spec.runtime import GenerationConfig, generate
-from prism_spec.runtime.autotune import _timed, measure_draft_cost
+from prism_spec.runtime.autotune import measure_draft_cost
 from prism_spec.runtime.tree import TreeConfig
-from prism_spec.targets.hf import StaticKV, Target, load_target
+from prism_spec.targets import load_target
+from prism_spec.targets.hf import StaticKV, Target
 
 MODES = ("eager", "static", "graphs")
 TREES = ("paper", "serving", "cpu", "chain:3", "24/4/4")
@@ -48,11 +50,6 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_atte
 
 def log(*args):
     print(*args, file=sys.stderr, flush=True)
-
-
-def sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def set_mode(target: Target, mode: str) -> GenerationConfig:
@@ -88,7 +85,7 @@ def random_prism(target: Target, seed: int = 0) -> FeatureDrafter:
 def run_one(target, ids, drafter, tree, max_new_tokens, static):
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, tree=tree, static_cache=static, stop_on_eos=False)
     res = generate(target, ids, drafter, cfg)
-    sync(target.device)
+    synchronize(target.device)
     return res
 
 
@@ -217,7 +214,7 @@ def verify_curve(target, sizes, prefix, mode, repeats) -> dict[int, float]:
             kv.rollback()
 
         run()  # capture (graphs) outside the timing
-        out[n] = _timed(run, repeats, target.device)
+        out[n] = median_seconds(run, repeats, target.device)
     target.use_cuda_graphs(False)
     return out
 
@@ -236,7 +233,7 @@ def section_shape7b(args) -> dict:
     torch.manual_seed(0)
     t0 = time.perf_counter()
     target = random_llama(shape, args.device, torch.bfloat16)
-    sync(args.device)
+    synchronize(args.device)
     log(f"random 7B-shaped Llama built in {time.perf_counter() - t0:.1f} s "
         f"({sum(p.numel() for p in target.model.parameters()) / 1e9:.2f} B parameters)")
     drafter = random_prism(target)

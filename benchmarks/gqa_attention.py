@@ -21,9 +21,10 @@ import time
 import torch
 
 from common import write_rows
-from prism_spec.bench.runner import _cpu_name
+from prism_spec.bench.machine import cpu_name
+from prism_spec.targets import load_target
 from prism_spec.targets.attention import GROUPED_SDPA
-from prism_spec.targets.hf import load_target, truncate_cache
+from prism_spec.targets.hf import truncate_cache
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -52,7 +53,7 @@ def main(argv=None) -> int:
     model = target.model
     groups = model.config.num_attention_heads // model.config.num_key_value_heads
     print(f"# {args.target} ({args.dtype}, {groups} query heads per KV head), one forward over n new tokens "
-          f"with a causal tree mask after L cached tokens; {args.threads} threads, {_cpu_name()}, "
+          f"with a causal tree mask after L cached tokens; {args.threads} threads, {cpu_name()}, "
           f"torch {torch.__version__}, {datetime.date.today()}\n")
     print("| L | n | sdpa ms | prism_sdpa ms | ratio | max abs logit diff |\n|--:|--:|--:|--:|--:|--:|")
     rows = []

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from prism_spec.bench.runner import _cpu_name
+from prism_spec.bench.machine import cpu_name
 from prism_spec.targets.packed import packed_linear, packed_linear_available
 
 # (out, in, copies): SmolLM2-135M's projections, its reduced draft head and its LM head.
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = []
-    print(f"# F.linear vs prepacked, {args.threads} threads, {_cpu_name()}, torch {torch.__version__}, "
+    print(f"# F.linear vs prepacked, {args.threads} threads, {cpu_name()}, torch {torch.__version__}, "
           f"{datetime.date.today()}\n")
     print("| weight | dtype | rows | F.linear µs | packed µs | ratio | max abs diff |\n|---|---|--:|--:|--:|--:|--:|")
     torch.manual_seed(0)
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
                 print(f"| {out_f} x {in_f} | {row['dtype']} | {n} | {plain:.1f} | {packed:.1f} | "
                       f"{plain / packed:.2f} | {diff:.2g} |", flush=True)
     if args.json:
-        record = {"date": str(datetime.date.today()), "cpu": _cpu_name(), "platform": platform.platform(),
+        record = {"date": str(datetime.date.today()), "cpu": cpu_name(), "platform": platform.platform(),
                   "torch": torch.__version__, "threads": args.threads, "rows": rows}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(record, indent=1))

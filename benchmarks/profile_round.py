@@ -24,7 +24,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from prism_spec.bench.datasets import conversation_prompt, load_benchmark
-from prism_spec.bench.runner import _cpu_name
+from prism_spec.bench.machine import cpu_name
 from prism_spec.drafters.resolve import resolve_drafter
 from prism_spec.runtime import GenerationConfig, TreeConfig, generate
 from prism_spec.runtime.autotune import timed_calls
@@ -133,7 +133,7 @@ def main(argv=None):
           f"{tree.depth}/{tree.top_k}), {args.prompts} MT-bench prompts x {args.max_new_tokens} tokens, "
           f"{args.threads} threads, {'static' if static else 'dynamic'} KV cache{', compiled' if args.compile else ''}, "
           f"{'prepacked' if target.packed_weights else 'plain nn.Linear'} weights, "
-          f"{_cpu_name()}, {datetime.date.today()}\n")
+          f"{cpu_name()}, {datetime.date.today()}\n")
     print("| phase | vanilla ms/round | speculative ms/round |\n|---|--:|--:|")
     for phase in spec["phases_ms_per_round"]:
         print(f"| {phase} | {vanilla['phases_ms_per_round'][phase]:.2f} | {spec['phases_ms_per_round'][phase]:.2f} |")
@@ -156,7 +156,7 @@ def main(argv=None):
         print(f"  {op:32s} {value:7.2f}")
     if args.json:
         record = {
-            "settings": vars(args), "machine": {"cpu": _cpu_name(), "platform": platform.platform(),
+            "settings": vars(args), "machine": {"cpu": cpu_name(), "platform": platform.platform(),
                                                 "torch": torch.__version__},
             "date": str(datetime.date.today()), "vanilla": vanilla, "speculative": spec, "speedup": speedup,
             "acceptance_needed": {f"{s:g}x": al for s, al in needed.items()},

@@ -24,7 +24,7 @@ import torch
 
 from common import write_rows
 from prism_spec.bench.datasets import conversation_prompt, load_benchmark
-from prism_spec.bench.runner import _cpu_name
+from prism_spec.bench.machine import cpu_name
 from prism_spec.drafters.resolve import resolve_drafter
 from prism_spec.runtime import GenerationConfig, TreeConfig, generate
 from prism_spec.targets import load_target
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     lengths = [len(p) for p in prompts]
     print(f"\n# {settings[1]} vs {settings[0]}: default target ({args.dtype}), drafter {args.drafter}, tree "
           f"{args.tree}, {len(prompts)} {args.bench} prompts ({min(lengths)}-{max(lengths)} tokens) x "
-          f"{args.max_new_tokens} tokens x {args.repeats} repeats, {args.threads} threads, {_cpu_name()}, "
+          f"{args.max_new_tokens} tokens x {args.repeats} repeats, {args.threads} threads, {cpu_name()}, "
           f"{datetime.date.today()}\n")
     print(f"| {column} | vanilla tok/s | speculative tok/s | AL | speculative / vanilla | spec = vanilla outputs |")
     print("|---|--:|--:|--:|--:|--:|")

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from prism_spec.bench.runner import _cpu_name
+from prism_spec.bench.machine import cpu_name
 import transformers
 
 from prism_spec.runtime import GenerationConfig, generate
@@ -361,7 +361,7 @@ def machine_info() -> dict:
     return {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "platform": platform.platform(),
-        "processor": _cpu_name(),
+        "processor": cpu_name(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,

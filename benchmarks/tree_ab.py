@@ -21,7 +21,7 @@ import torch
 
 from common import write_rows
 from prism_spec.bench.datasets import BENCHMARKS, conversation_prompt, load_benchmark
-from prism_spec.bench.runner import _cpu_name
+from prism_spec.bench.machine import cpu_name
 from prism_spec.drafters.resolve import resolve_drafter
 from prism_spec.runtime import GenerationConfig, generate
 from prism_spec.runtime.autotune import resolve_tree
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     base = tokens["vanilla"] / seconds["vanilla"]
     print(f"\n# tree shapes: default target ({args.dtype}), drafter {resolved.label}, {len(prompts)} prompts "
           f"({args.per_bench} per benchmark) x {args.max_new_tokens} tokens x {args.repeats} repeats, "
-          f"{args.threads} threads, {_cpu_name()}, {datetime.date.today()}\n")
+          f"{args.threads} threads, {cpu_name()}, {datetime.date.today()}\n")
     print("| tree | shape (total/depth/top-k) | tok/s | speedup | AL | ms per round |\n|---|---|--:|--:|--:|--:|")
     rows = []
     for name, tree in runs.items():

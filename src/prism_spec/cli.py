@@ -1,12 +1,23 @@
 """The ``prism`` command line.
 
     prism demo       vanilla vs speculative decoding on one prompt, side by side
-    prism generate   generate for prompts from arguments, a file or stdin; JSON lines out
+    prism generate   generate for prompts from arguments, a file or stdin; one JSON line per prompt
+    prism chat       interactive multi-turn chat with streaming speculative decoding
+    prism serve      OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions) with batching
+    prism corpus     build the target's own answer corpus (token ids, sharded, resumable)
+    prism train      train a drafter (EAGLE-2 / HASS / PRISM / stacked / standard)
+    prism bench      measure methods on the benchmarks (tables, JSON, figures)
 
-Layout: shared option groups (``add_*_options``) and argparse value types first, then one
-``add_<command>_parser`` / ``run_<command>`` pair per subcommand, registered in
-``build_parser``. Argument mistakes are argparse errors (usage + message, exit 2); user
-errors found while running (empty prompt, missing file, mismatched drafter, bad config) print
+Layout: argparse value types and shared option groups (``add_*_options``) first, then one
+``add_<command>_parser`` / ``run_<command>`` pair per subcommand defined here (demo, generate,
+chat, serve); corpus, train and bench are defined with the code they drive and only registered
+here. ``SUBCOMMANDS`` lists them all, in ``prism --help`` order, for ``build_parser``. What the
+subcommand modules share with this one (``CLIError``, ``add_subparser``, the target options
+and loading the target, atomic JSON-lines output, status lines) is in
+:mod:`prism_spec.cli_common`.
+
+Argument mistakes are argparse errors (usage + message, exit 2); user errors found while
+running (empty prompt, missing file, mismatched drafter, bad config) print
 ``error: <message>`` to stderr and exit 2, without a traceback (set PRISM_DEBUG=1 to see it).
 """
 
@@ -16,25 +27,27 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from .cli_common import (
+    CLIError,
+    add_subparser,
+    add_target_options,
+    load_target_from_args,
+    print_status,
+    write_jsonl_atomic,
+)
 from .options import (
     TreeTooLargeError,
     check_tree_fits,
-    device,
     non_empty,
     positive,
     seed,
 )
 
 EXIT_USER_ERROR = 2
-
-
-class CLIError(Exception):
-    """A user error found while running a command; printed as ``error: <message>``."""
 
 
 # ====================================================================== argparse value types
@@ -89,60 +102,8 @@ def _tree_spec(text: str):
         raise argparse.ArgumentTypeError(message) from None
 
 
-def _dtype(text: str) -> str:
-    from .targets.hf import parse_dtype
-
-    try:
-        parse_dtype(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
-
-
 # ====================================================================== shared option groups
-def add_target_options(parser: argparse.ArgumentParser) -> None:
-    from .targets import DEFAULT_TARGET
-
-    group = parser.add_argument_group("target")
-    group.add_argument(
-        "--target",
-        default=DEFAULT_TARGET,
-        help=f"hub id or local folder of a transformers causal LM, or a .gguf file (default: {DEFAULT_TARGET}, "
-        "the embedded SmolLM2-135M-Instruct)",
-    )
-    group.add_argument(
-        "--engine", choices=["auto", "torch", "llama.cpp"], default="auto",
-        help="what runs the target: torch (transformers) or llama.cpp (GGUF weights, CPU; needs the llamacpp "
-        "extra); auto: llama.cpp for .gguf targets, torch otherwise (default: auto)",
-    )
-    group.add_argument("--dtype", type=_dtype, default="float32", help="weight dtype (default: float32)")
-    group.add_argument("--device", type=device, default="cpu",
-                       help="cpu, cuda, cuda:N or auto (a GPU when there is one) (default: cpu)")
-    group.add_argument(
-        "--threads", type=_positive_int, default=None, metavar="N",
-        help="torch CPU threads (default: torch's choice, one per core); 1 is much faster when other "
-        "processes keep the cores busy",
-    )
-    group.add_argument(
-        "--no-packed-weights", dest="packed_weights", action="store_false",
-        help="on a CPU, keep plain nn.Linear layers instead of oneDNN-prepacked weights (the default "
-        "for float32/bfloat16: faster small products, about twice the linear layers' memory)",
-    )
-    group.add_argument(
-        "--static-cache", action="store_true",
-        help="preallocated KV cache written in place (fixed addresses; needed by --compile)",
-    )
-    group.add_argument(
-        "--compile", action="store_true",
-        help="torch.compile decode and verify forwards (CUDA graphs on GPUs); implies --static-cache",
-    )
-    group.add_argument(
-        "--cuda-graphs", action="store_true",
-        help="replay the target's decode and verify forwards and a feature drafter's steps as captured "
-        "CUDA graphs (no compile step; CUDA devices only); implies --static-cache",
-    )
-
-
+# add_target_options is in cli_common (the corpus subcommand uses it too).
 def add_drafter_options(parser: argparse.ArgumentParser, default: str = "auto", tree: str = "cpu") -> None:
     group = parser.add_argument_group("drafter")
     group.add_argument(
@@ -206,51 +167,14 @@ def resolve_tree_from_args(args: argparse.Namespace, target, resolved):
         return args.tree
     from .runtime.autotune import resolve_tree
 
-    return resolve_tree("auto", target, resolved.drafter, resolved.label, progress=_status,
+    return resolve_tree("auto", target, resolved.drafter, resolved.label, progress=print_status,
                         static_cache=wants_static_cache(args))
-
-
-def load_target_from_args(args: argparse.Namespace):
-    from transformers.utils import logging as hf_logging
-
-    from .targets import DEFAULT_TARGET, load_target
-    from .targets.hf import resolve_engine
-
-    hf_logging.disable_progress_bar()  # "Loading weights" bars would clutter stderr
-    if args.threads is not None:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    if args.target != DEFAULT_TARGET and _looks_like_path(args.target) and not Path(args.target).exists():
-        raise FileNotFoundError(f"target folder {args.target!r} not found")
-    engine = resolve_engine(args.target, getattr(args, "engine", "auto"))
-    if engine == "llama.cpp":
-        _status(f"engine: llama.cpp ({'GGUF target' if args.target.lower().endswith('.gguf') else '--engine llama.cpp'}, "
-                f"the target's own quantised weights)")
-    target = load_target(args.target, dtype=args.dtype, device=args.device, engine=engine, threads=args.threads,
-                         pack_weights=None if getattr(args, "packed_weights", True) else False)
-    if getattr(args, "compile", False):
-        target.compile_decoder()
-    if getattr(args, "cuda_graphs", False):
-        target.use_cuda_graphs()
-    return target
-
-
-def _looks_like_path(name: str) -> bool:
-    """A local folder rather than a hub id ("org/name")."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
 def tree_label(tree) -> str:
     """The shape as ``--tree`` takes it (TOTAL/DEPTH/TOPK), spelled out."""
     levels = f"{tree.max_depth} drafted level{'s' * (tree.max_depth > 1)}"
     return f"{tree.total_tokens}/{tree.depth}/{tree.top_k} ({tree.total_tokens} nodes with the root, {levels}, top-k {tree.top_k})"
-
-
-def add_subparser(subparsers, name: str, **kwargs) -> argparse.ArgumentParser:
-    """Every subcommand parser: no option abbreviations, so a mistyped option is an error and
-    adding an option later cannot break a command line that used an abbreviation."""
-    return subparsers.add_parser(name, allow_abbrev=False, **kwargs)
 
 
 # ====================================================================== prompts
@@ -304,28 +228,6 @@ def collect_prompts(args: argparse.Namespace, stdin=None) -> list[str]:
 
 
 # ====================================================================== output
-def write_jsonl_atomic(path: str | Path, records: Iterable[dict]) -> None:
-    """Write JSON lines to ``path`` through a temporary file in the same folder + os.replace."""
-    path = Path(path)
-    folder = path.parent
-    if not folder.is_dir():
-        raise CLIError(f"output folder {str(folder)!r} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 class TextStreamer:
     """Prints decoded text as tokens arrive; holds back an incomplete UTF-8 tail."""
 
@@ -386,7 +288,7 @@ def run_demo(args: argparse.Namespace) -> int:
     if not args.prompt.strip():
         raise CLIError("the prompt is empty")
     cfg = generation_config(args)
-    _status(f"loading target {args.target} ({args.dtype}, {args.device}) ...")
+    print_status(f"loading target {args.target} ({args.dtype}, {args.device}) ...")
     target = load_target_from_args(args)
     resolved = resolve_drafter(args.drafter, target)
     if resolved.drafter is None:
@@ -395,7 +297,7 @@ def run_demo(args: argparse.Namespace) -> int:
     ids = target.encode_prompt(args.prompt)
 
     if args.warmup:  # one-time costs (allocator, kernels) should not land on either side
-        _status("warming up ...")
+        print_status("warming up ...")
         warm = generation_config(args)
         warm.max_new_tokens = min(8, cfg.max_new_tokens)
         warm.tree = cfg.tree
@@ -405,14 +307,14 @@ def run_demo(args: argparse.Namespace) -> int:
     if target.engine == "llama.cpp":  # llama.cpp's own decoding of the same GGUF, as the baseline
         from .targets.llamacpp import plain_greedy, plain_llama
 
-        _status("llama.cpp plain decoding ...")
+        print_status("llama.cpp plain decoding ...")
         llm = plain_llama(target)
         started = time.perf_counter()
         eos = target.eos_token_ids if cfg.stop_on_eos else ()
         plain = plain_greedy(llm, ids, cfg.max_new_tokens, eos), time.perf_counter() - started
-    _status("vanilla decoding ...")
+    print_status("vanilla decoding ...")
     vanilla = generate(target, ids, None, cfg)
-    _status("speculative decoding ...")
+    print_status("speculative decoding ...")
     spec = generate(target, ids, resolved.drafter, cfg)
 
     print(f"target       {target.name} ({target.num_layers} layers, {args.dtype}, {args.device}, "
@@ -513,7 +415,7 @@ def run_generate(args: argparse.Namespace) -> int:
     resolved = resolve_drafter("none" if args.vanilla else args.drafter, target)
     cfg.tree = resolve_tree_from_args(args, target, resolved)
     if resolved.drafter is not None and not resolved.trained:
-        _status(f"drafter: {resolved.label} (lossless, but expect little or no speedup)")
+        print_status(f"drafter: {resolved.label} (lossless, but expect little or no speedup)")
     method = resolved.drafter.method if resolved.drafter is not None else "vanilla"
 
     records = []
@@ -523,8 +425,8 @@ def run_generate(args: argparse.Namespace) -> int:
         result = generate(target, ids, resolved.drafter, cfg, on_tokens=streamer)
         if streamer is not None:
             streamer.finish(result.text or "")
-            _status(f"[{len(result.token_ids)} tokens, {result.tokens_per_second:.1f} tokens/s, "
-                    f"acceptance {result.acceptance_length:.2f}, finish: {result.finish_reason}]")
+            print_status(f"[{len(result.token_ids)} tokens, {result.tokens_per_second:.1f} tokens/s, "
+                         f"acceptance {result.acceptance_length:.2f}, finish: {result.finish_reason}]")
         record = {
             "prompt": prompt,
             "text": result.text,
@@ -540,7 +442,7 @@ def run_generate(args: argparse.Namespace) -> int:
             print(json.dumps(record, ensure_ascii=False), flush=True)
     if args.output is not None:
         write_jsonl_atomic(args.output, records)
-        _status(f"wrote {len(records)} line(s) to {args.output}")
+        print_status(f"wrote {len(records)} line(s) to {args.output}")
     return 0
 
 
@@ -571,7 +473,7 @@ def run_chat(args: argparse.Namespace, stdin=None, stdout=None) -> int:
     target = load_target_from_args(args)
     resolved = resolve_drafter(args.drafter, target)
     cfg.tree = resolve_tree_from_args(args, target, resolved)
-    _status(f"chatting with {args.target} (drafter: {resolved.label}); /reset clears, /exit quits")
+    print_status(f"chatting with {args.target} (drafter: {resolved.label}); /reset clears, /exit quits")
     messages = [{"role": "system", "content": args.system}] if args.system else []
     interactive = stdin.isatty()
     while True:
@@ -588,7 +490,7 @@ def run_chat(args: argparse.Namespace, stdin=None, stdout=None) -> int:
             break
         if text == "/reset":
             messages = messages[:1] if args.system else []
-            _status("(conversation cleared)")
+            print_status("(conversation cleared)")
             continue
         messages.append({"role": "user", "content": text})
         ids = target.render_chat(messages)
@@ -601,11 +503,11 @@ def run_chat(args: argparse.Namespace, stdin=None, stdout=None) -> int:
                     streamer(item)
         except PromptError as exc:  # e.g. the conversation outgrew the context
             messages.pop()
-            _status(f"error: {exc} (use /reset)")
+            print_status(f"error: {exc} (use /reset)")
             continue
         streamer.finish(result.text or "")
         messages.append({"role": "assistant", "content": result.text or ""})
-        _status(
+        print_status(
             f"[{len(result.token_ids)} tokens, {result.tokens_per_second:.1f} tokens/s, "
             f"acceptance length {result.acceptance_length:.2f}, finish: {result.finish_reason}]"
         )
@@ -672,12 +574,12 @@ def run_serve(args: argparse.Namespace) -> int:
     tree = resolve_tree_from_args(args, target, resolved)
     engine = BatchingEngine(target, resolved.drafter, max_batch=args.max_batch).start()
     name = args.model_name or args.target
-    _status(f"serving {name} on http://{args.host}:{args.port}/v1 (drafter: {resolved.label}, "
-            f"tree {tree_label(tree)}, batches up to {engine.max_batch}, "
-            f"{'API key required' if api_key else 'no API key'})")
+    print_status(f"serving {name} on http://{args.host}:{args.port}/v1 (drafter: {resolved.label}, "
+                 f"tree {tree_label(tree)}, batches up to {engine.max_batch}, "
+                 f"{'API key required' if api_key else 'no API key'})")
     warning = exposure_warning(args.host, api_key)
     if warning:
-        _status(warning)
+        print_status(warning)
     try:
         app = create_app(engine, name, tree, args.max_tokens, static_cache=wants_static_cache(args),
                          max_tokens_cap=args.max_tokens_cap,
@@ -689,11 +591,14 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 # ====================================================================== other subcommands
-# `prism train`, `prism bench`, `prism chat` and `prism serve` are added here by their
-# owners: write an add_<name>_parser(subparsers) -> parser (created with add_subparser; it
-# sets func=run_<name> and reuses the add_*_options helpers above) plus run_<name>(args) -> exit code, and append
-# add_<name>_parser to SUBCOMMANDS below.
-# Nothing is registered for them until they work.
+# `prism corpus`, `prism train` and `prism bench` live with the code they drive
+# (train/corpus_cli.py, train/cli.py, bench/cli.py; train and bench also run on their own as
+# `python -m prism_spec.train` / `python -m prism_spec.bench`). Each of those modules has an
+# add_<name>_parser(subparsers) -> parser whose commands set func; the wrappers below import it
+# only when the parser is built. To add a subcommand: an add_<name>_parser (its parser created
+# with add_subparser, setting func=run_<name>, reusing the add_*_options helpers) plus
+# run_<name>(args) -> exit code, and add_<name>_parser appended to SUBCOMMANDS below. Every
+# subcommand in SUBCOMMANDS is registered and listed by `prism --help`.
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
     from .train.cli import add_train_parser as add
@@ -726,10 +631,6 @@ SUBCOMMANDS: list[Callable] = [
 
 
 # ====================================================================== entry point
-def _status(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 

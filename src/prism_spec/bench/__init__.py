@@ -4,12 +4,12 @@ See ``docs/bench.md`` for how to read the outputs and how acceptance length is d
 """
 
 from .datasets import BENCHMARKS, Benchmark, Question, load_benchmark, load_benchmarks
-from .methods import KINDS, MethodSpec, load_method, parse_methods
+from .methods import MethodSpec, load_method, method_kinds, parse_methods
 from .runner import BenchConfig, run_bench
 
 __all__ = [
     "BENCHMARKS",
-    "KINDS",
+    "method_kinds",
     "BenchConfig",
     "Benchmark",
     "MethodSpec",

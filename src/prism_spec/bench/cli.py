@@ -30,10 +30,12 @@ DESCRIPTION = (
     "writes runs.jsonl (resumable), runs.csv, results.json, table.md, summary.json and figures."
 )
 
-METHOD_HELP = (
-    "KIND[@LABEL][=ARG], repeatable: vanilla | standard=DIR|layers:N | eagle2=DIR | hass=DIR | prism=DIR | "
-    "prism*=DIR | stacked=DIR | hf-assisted=DIR|layers:N | hf-lookup[=N] | llama.cpp (its own decoding of a GGUF target)"
-)
+def method_help() -> str:
+    """The --method help: every method kind, the registered drafter kinds included."""
+    from .methods import method_kinds
+
+    kinds = " | ".join(f"{name}{'=ARG' if info.needs_arg else ''}" for name, info in method_kinds().items())
+    return f"KIND[@LABEL][=ARG], repeatable: {kinds} (see docs/bench.md)"
 
 
 def _add_common(p: argparse.ArgumentParser, sub: bool) -> None:
@@ -53,7 +55,7 @@ def _add_common(p: argparse.ArgumentParser, sub: bool) -> None:
     g.add_argument("--bench", action="append", default=d(None), metavar="NAME|PATH",
                    help=f"repeatable; packaged {', '.join(BENCHMARKS)} or a JSONL file of the same schema (default: all six)")
     g.add_argument("--limit", type=int, default=d(None), help="first N questions of each benchmark")
-    g.add_argument("--method", action="append", default=d(None), metavar="SPEC", help=METHOD_HELP)
+    g.add_argument("--method", action="append", default=d(None), metavar="SPEC", help=method_help())
     g.add_argument("--temperature", action="append", type=float, default=d(None), metavar="T",
                    help="repeatable (default 0 = greedy); T > 0 samples with a fixed seed per (prompt, method)")
     g.add_argument("--tree", default=d("paper"), help="tree shape: paper, serving, cpu, chain:N, TOTAL/DEPTH/TOP_K, or auto (tuned per drafter on "
@@ -204,7 +206,7 @@ def _guard(fn):
         from ..drafters.base import DrafterMismatchError
         from ..drafters.checkpoint import CheckpointError
         from .methods import MethodError
-        from .runner import BenchError
+        from .runs import BenchError
 
         try:
             return fn(args)

@@ -37,7 +37,8 @@ from typing import Callable
 import torch
 from transformers.utils import logging as hf_logging
 
-from ..drafters.base import Drafter
+from ..devices import synchronize
+from ..drafters.base import Drafter, registered_bench_kinds
 from ..drafters.checkpoint import load_drafter
 from ..drafters.standard import StandardDrafter
 from ..runtime.decode import GenerationConfig, GenerationResult, generate
@@ -58,20 +59,26 @@ class KindInfo:
     drafter: str  # "none" | "standard" | "feature" | "peer" (its own decoding loop)
     expected_architecture: str | None  # for feature drafters: what load_drafter should return
     help: str
+    multi_layer: bool | None = None  # see drafters.base.BenchKind
 
 
-KINDS: dict[str, KindInfo] = {
-    "vanilla": KindInfo(False, "none", None, "no drafter (the baseline every speedup divides by)"),
-    "standard": KindInfo(True, "standard", None, "drafter folder or layers:N"),
-    "eagle2": KindInfo(True, "feature", "eagle", "EAGLE-2 drafter folder"),
-    "hass": KindInfo(True, "feature", "eagle", "HASS drafter folder"),
-    "prism": KindInfo(True, "feature", "prism", "PRISM drafter folder"),
-    "prism*": KindInfo(True, "feature", "prism", "PRISM drafter folder with multi-layer input"),
-    "stacked": KindInfo(True, "feature", "stacked", "stacked-layer HASS drafter folder (HASS-2 / HASS-3)"),
+_VANILLA = {"vanilla": KindInfo(False, "none", None, "no drafter (the baseline every speedup divides by)")}
+_PEERS = {
     "hf-assisted": KindInfo(True, "peer", None, "transformers assistant_model: drafter folder or layers:N"),
     "hf-lookup": KindInfo(False, "peer", None, "transformers prompt lookup (N candidate tokens, default 10)"),
     "llama.cpp": KindInfo(False, "peer", None, "llama.cpp's own plain decoding of the GGUF target"),
 }
+
+
+def method_kinds() -> dict[str, KindInfo]:
+    """Every method kind a bench takes: vanilla, the bench kinds of the registered drafter
+    architectures (drafters.base.register), and the peers that run their own loop."""
+    drafters = {
+        name: KindInfo(True, kind.trains_as, kind.architecture if kind.trains_as == "feature" else None, bench.help,
+                       bench.multi_layer)
+        for name, (kind, bench) in registered_bench_kinds().items()
+    }
+    return {**_VANILLA, **drafters, **_PEERS}
 
 
 @dataclass(frozen=True)
@@ -83,9 +90,10 @@ class MethodSpec:
     extra: tuple[tuple[str, object], ...] = ()  # recorded with each run (e.g. data_fraction)
 
     def __post_init__(self):
-        if self.kind not in KINDS:
-            raise MethodError(f"unknown method {self.kind!r}: choose from {', '.join(KINDS)}")
-        info = KINDS[self.kind]
+        kinds = method_kinds()
+        if self.kind not in kinds:
+            raise MethodError(f"unknown method {self.kind!r}: choose from {', '.join(kinds)}")
+        info = kinds[self.kind]
         if info.needs_arg and not self.arg:
             raise MethodError(f"method {self.kind} needs an argument: {self.kind}=<{info.help}>")
         if self.kind in ("vanilla", "llama.cpp") and self.arg:
@@ -98,7 +106,7 @@ class MethodSpec:
     @property
     def is_peer(self) -> bool:
         """Runs another project's decoding loop (transformers, llama.cpp): no tree, no drafter here."""
-        return KINDS[self.kind].drafter == "peer"
+        return method_kinds()[self.kind].drafter == "peer"
 
     @property
     def is_vanilla(self) -> bool:
@@ -309,10 +317,10 @@ class LoadedMethod:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                _sync(t.device)
+                synchronize(t.device)
                 start = time.perf_counter()
                 out = t.model.generate(x, **kwargs)
-                _sync(t.device)
+                synchronize(t.device)
                 total = time.perf_counter() - start
         finally:
             hook.remove()
@@ -363,22 +371,19 @@ def _kv_dtype_bytes(target: Target) -> int:
     return 2 if getattr(target, "engine", "torch") == "llama.cpp" else target.dtype.itemsize
 
 
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _check_architecture(spec: MethodSpec, drafter: Drafter) -> None:
-    expected = KINDS[spec.kind].expected_architecture
+    info = method_kinds()[spec.kind]
     got = getattr(getattr(drafter, "config", None), "architecture", getattr(drafter, "method", None))
     multi = bool(getattr(getattr(drafter, "config", None), "input_layers", None))
     problems = []
-    if expected and got != expected:
-        problems.append(f"its architecture is {got!r}, {spec.kind} drafters are {expected!r}")
-    if spec.kind == "prism*" and not multi:
-        problems.append("it reads only the last hidden state (prism* uses multi-layer features)")
-    if spec.kind == "prism" and multi:
-        problems.append("it reads multi-layer features: that is prism*")
+    if info.expected_architecture and got != info.expected_architecture:
+        problems.append(f"its architecture is {got!r}, {spec.kind} drafters are {info.expected_architecture!r}")
+    if info.multi_layer is True and not multi:
+        problems.append(f"it reads only the last hidden state ({spec.kind} uses multi-layer features)")
+    if info.multi_layer is False and multi:
+        others = [name for name, k in method_kinds().items()
+                  if k.expected_architecture == info.expected_architecture and k.multi_layer]
+        problems.append(f"it reads multi-layer features: that is {' or '.join(others) or 'another kind'}")
     if problems:
         warnings.warn(f"method {spec.name} ({spec.arg}): " + "; ".join(problems), stacklevel=3)
 
@@ -386,7 +391,7 @@ def _check_architecture(spec: MethodSpec, drafter: Drafter) -> None:
 def load_method(spec: MethodSpec | str, target: Target) -> LoadedMethod:
     """Load the drafter a method needs and measure its weights."""
     spec = MethodSpec.parse(spec) if isinstance(spec, str) else spec
-    kind = KINDS[spec.kind]
+    kind = method_kinds()[spec.kind]
     seen: set = set()
     gguf_path = getattr(target, "gguf_path", None)
     # On the llama.cpp engine the target's weights are the GGUF file; its transformers

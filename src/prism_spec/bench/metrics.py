@@ -27,7 +27,9 @@ def iter_turns(runs: Iterable[Mapping]) -> Iterable[Mapping]:
         yield from run.get("turns") or ()
 
 
-def _rounds_accepted(turn: Mapping) -> tuple[int, int]:
+def rounds_accepted(turn: Mapping) -> tuple[int, int]:
+    """(verify rounds, drafted tokens accepted) of one turn trace: from its per-round
+    ``accepted`` list, or for peers without one from ``rounds`` / ``accepted_total``."""
     accepted = turn.get("accepted")
     if accepted is not None:
         return len(accepted), int(sum(accepted))
@@ -48,7 +50,7 @@ def acceptance_length(turns: Iterable[Mapping]) -> float | None:
     """
     rounds = accepted = 0
     for turn in turns:
-        r, a = _rounds_accepted(turn)
+        r, a = rounds_accepted(turn)
         rounds += r
         accepted += a
     return (accepted + rounds) / rounds if rounds else None

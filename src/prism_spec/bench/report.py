@@ -27,7 +27,8 @@ from typing import Iterable, Sequence
 
 from . import metrics as M
 from .datasets import BENCHMARKS, DISPLAY_NAMES
-from .runner import META_FILE, RUNS_FILE, machine_info, read_runs, temperature_tag
+from .machine import machine_info
+from .runs import META_FILE, RUNS_FILE, read_runs, temperature_tag
 
 CSV_COLUMNS = [
     "key", "bench", "question_id", "category", "method", "kind", "temperature", "tree", "max_new_tokens",
@@ -105,8 +106,8 @@ def vanilla_differences(runs: Sequence[dict]) -> dict[str, bool | None]:
 def run_row(run: dict, differs: bool | None = None) -> dict:
     turns = run.get("turns") or []
     has = bool(turns)
-    rounds = sum(M._rounds_accepted(t)[0] for t in turns)
-    accepted = sum(M._rounds_accepted(t)[1] for t in turns)
+    rounds = sum(M.rounds_accepted(t)[0] for t in turns)
+    accepted = sum(M.rounds_accepted(t)[1] for t in turns)
 
     def total(key):
         vals = [t.get(key) for t in turns]
@@ -187,7 +188,7 @@ def aggregate(runs: Sequence[dict]) -> list[dict]:
                     "errors": len(group) - len(ok),
                     "new_tokens": M.total_new_tokens(turns),
                     "total_s": sum(t["total_s"] for t in turns),
-                    "rounds": sum(M._rounds_accepted(t)[0] for t in turns),
+                    "rounds": sum(M.rounds_accepted(t)[0] for t in turns),
                     "acceptance_length": M.acceptance_length(turns),
                     "al_source": ",".join(sources) or None,
                     "tokens_per_s": tps,

@@ -19,7 +19,6 @@ import dataclasses
 import datetime as _dt
 import json
 import os
-import platform
 import sys
 import time
 import zlib
@@ -33,16 +32,12 @@ from ..options import TreeTooLargeError, check_tree_fits
 from ..runtime.decode import PromptError
 from ..runtime.tree import TreeConfig
 from ..targets.default import DEFAULT_TARGET
-from ..targets.hf import Target, load_target, resolve_engine
+from ..targets.hf import Target, resolve_engine
+from ..targets.loader import load_target
 from .datasets import BENCHMARKS, Benchmark, conversation_prompt, load_benchmarks
+from .machine import machine_info
 from .methods import LoadedMethod, MethodSpec, load_method, parse_methods
-
-RUNS_FILE = "runs.jsonl"
-META_FILE = "bench.json"
-
-
-class BenchError(RuntimeError):
-    """A bench that cannot start or resume as asked."""
+from .runs import META_FILE, RUNS_FILE, BenchError, append_run, read_runs, temperature_tag
 
 
 @dataclass
@@ -72,10 +67,6 @@ class BenchConfig:
 
 
 # ----------------------------------------------------------------------------- keys, seeds
-def temperature_tag(t: float) -> str:
-    return f"T={float(t):g}"
-
-
 def run_key(bench: str, question_id, method: str, temperature: float) -> str:
     return f"{bench}|{question_id}|{method}|{temperature_tag(temperature)}"
 
@@ -97,82 +88,7 @@ def tree_tag(tree: TreeConfig) -> str:
     return f"{tree.total_tokens}/{tree.depth}/{tree.top_k}"
 
 
-# ----------------------------------------------------------------------------- the runs file
-def read_runs(path: str | os.PathLike, repair: bool = False) -> list[dict]:
-    """Records of a runs file. A last line cut short by a crash (no newline, or not JSON) is
-    ignored; with ``repair`` it is also cut from the file so appends start on a clean line.
-    A bad line anywhere else is an error."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    records: list[dict] = []
-    pos = good = 0  # good: bytes up to the end of the last complete record line
-    missing_newline = False
-    while pos < len(data):
-        nl = data.find(b"\n", pos)
-        line = data[pos:] if nl == -1 else data[pos:nl]
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                if nl != -1 and data[nl + 1 :].strip():
-                    raise BenchError(f"{path}: a line in the middle of the file is not valid JSON") from None
-                break  # the truncated last line of an interrupted bench
-        if nl == -1:  # a complete record without its newline
-            good, missing_newline = len(data), bool(line.strip())
-            break
-        pos = good = nl + 1
-    if repair and (good != len(data) or missing_newline):
-        with open(path, "r+b") as f:
-            f.truncate(good)
-            if missing_newline:
-                f.seek(good)
-                f.write(b"\n")
-    return records
-
-
-def _append(f, record: dict) -> None:
-    f.write(json.dumps(record, separators=(",", ":")) + "\n")
-    f.flush()
-    os.fsync(f.fileno())
-
-
 # ----------------------------------------------------------------------------- machine
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_info(device: str | torch.device = "cpu") -> dict:
-    import transformers
-
-    from .. import __version__
-
-    device = torch.device(device)
-    gpu = None
-    if device.type == "cuda" and torch.cuda.is_available():
-        gpu = torch.cuda.get_device_name(device)
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu": _cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "gpu": gpu,
-        "device": str(device),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "prism_spec": __version__,
-        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-    }
-
-
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -387,7 +303,7 @@ def run_bench(
                 record = run_one(loaded[spec.name], bench, question, temperature, cfg.seed, tree)
                 record["order"] = pos
                 record["time"] = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
-                _append(f, record)
+                append_run(f, record)
                 progress.update(1)
     finally:
         progress.close()

@@ -1,7 +1,9 @@
 """Drafters: one interface, one registry, one module per method."""
 
-from .base import REGISTRY, Drafter, DrafterMismatchError, register
-from .checkpoint import CheckpointError, load_drafter, save_feature_drafter, save_standard_drafter
+from . import kinds  # noqa: F401  (registers the built-in architectures)
+from .base import REGISTRY, BenchKind, Drafter, DrafterKind, DrafterMismatchError, Recipe, register
+from .checkpoint import (CheckpointError, load_drafter, load_feature_model, save_feature_drafter,
+                         save_standard_drafter)
 from .feature import FeatureDrafter, FeatureDrafterConfig, FeatureDrafterModel, prism_config
 from .standard import StandardDrafter
 
@@ -11,6 +13,10 @@ __all__ = [
     "save_feature_drafter",
     "save_standard_drafter",
     "REGISTRY",
+    "BenchKind",
+    "DrafterKind",
+    "Recipe",
+    "load_feature_model",
     "Drafter",
     "DrafterMismatchError",
     "FeatureDrafter",

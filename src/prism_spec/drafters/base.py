@@ -1,4 +1,5 @@
-"""The one drafter interface every method implements, and the registry of architectures.
+"""The one drafter interface every method implements, and the registry of architectures
+(:class:`DrafterKind`: how each is loaded, trained and benched).
 
 A round, seen from the drafter:
 
@@ -14,6 +15,7 @@ A round, seen from the drafter:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -34,9 +36,13 @@ class Drafter(ABC):
     feature_layers: tuple[int, ...] | str | None = None
     #: Name shown in tables.
     method: str = "drafter"
+    #: Whether it drafts for several sequences at once (it implements the ``*_batch`` methods);
+    #: set for every subclass from what it implements.
+    supports_batches: bool = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        cls.supports_batches = cls.expand_batch is not Drafter.expand_batch
         for single, batch in (("begin", "begin_batch"), ("extend", "extend_batch"), ("expand", "expand_batch")):
             if getattr(cls, single) is getattr(Drafter, single) and getattr(cls, batch) is getattr(Drafter, batch):
                 if not getattr(cls, "__abstractmethods__", None) and not cls.__name__.startswith("_"):
@@ -95,6 +101,11 @@ class Drafter(ABC):
     def check_target(self, target) -> None:
         """Raise DrafterMismatchError when this drafter cannot serve ``target``."""
 
+    def use_static_cache(self, capacity: int | None, cuda_graphs: bool = False) -> None:
+        """Follow the target's cache mode: a preallocated KV cache of ``capacity`` positions
+        (None: a growing one), optionally replayed as CUDA graphs. Drafters without a cache
+        of their own ignore it."""
+
     def pack_weights(self) -> int:
         """On a CPU, run the drafter's linear layers on prepacked weights (see
         :mod:`prism_spec.targets.packed`); returns how many layers changed. Loaders call it when
@@ -109,14 +120,81 @@ def follow_target_packing(drafter: Drafter, target) -> Drafter:
     return drafter
 
 
-REGISTRY: dict[str, Callable] = {}
+# ----------------------------------------------------------------- the registry
+@dataclass(frozen=True)
+class Recipe:
+    """A training recipe (``prism train --recipe NAME``): the partial training config (its
+    ``drafter`` and ``stages`` sections) a run starts from."""
+
+    name: str
+    description: str
+    config: Callable[[], dict]
 
 
-def register(architecture: str):
-    """Class decorator: make a drafter loadable from a checkpoint whose config names it."""
+@dataclass(frozen=True)
+class BenchKind:
+    """A ``prism bench`` method kind (``--method NAME=FOLDER``) whose drafter folders hold this
+    architecture. ``multi_layer``: True when the drafter must read intermediate target layers
+    (PRISM*), False when it must not, None either way."""
 
-    def wrap(cls):
-        REGISTRY[architecture] = cls
-        return cls
+    name: str
+    help: str
+    multi_layer: bool | None = None
 
-    return wrap
+
+#: How a kind's drafters train: "feature" (a FeatureDrafterModel on the target's features,
+#: the EAGLE/HASS/PRISM objectives) or "standard" (a small causal LM distilled on the
+#: target's next-token distribution).
+TRAINING_FAMILIES = ("feature", "standard")
+
+
+@dataclass(frozen=True)
+class DrafterKind:
+    """Everything load, save, train and bench need to know about one drafter architecture."""
+
+    architecture: str  # the name in a checkpoint's config.json
+    load: Callable  # (folder: Path, config: dict, target) -> Drafter
+    trains_as: str = "feature"  # one of TRAINING_FAMILIES
+    recipes: tuple[Recipe, ...] = ()
+    bench_kinds: tuple[BenchKind, ...] = ()
+
+    def __post_init__(self):
+        if self.trains_as not in TRAINING_FAMILIES:
+            raise ValueError(f"trains_as must be one of {TRAINING_FAMILIES}, got {self.trains_as!r}")
+
+
+#: architecture -> its kind. Read through the functions below (tests may add kinds to it).
+REGISTRY: dict[str, DrafterKind] = {}
+
+
+def register(kind: DrafterKind) -> DrafterKind:
+    """Make an architecture loadable, its recipes trainable and its bench kinds benchable.
+    Registering an architecture again replaces it; a recipe or bench-kind name already taken by
+    another architecture is an error."""
+    for other in REGISTRY.values():
+        if other.architecture == kind.architecture:
+            continue
+        for what, mine, theirs in (("recipe", kind.recipes, other.recipes),
+                                   ("bench kind", kind.bench_kinds, other.bench_kinds)):
+            taken = {x.name for x in mine} & {x.name for x in theirs}
+            if taken:
+                raise ValueError(f"{what} {sorted(taken)[0]!r} already belongs to architecture {other.architecture!r}")
+    REGISTRY[kind.architecture] = kind
+    return kind
+
+
+def drafter_kind(architecture: str | None) -> DrafterKind:
+    """The registered kind of ``architecture``, or a ValueError listing the known ones."""
+    if architecture not in REGISTRY:
+        raise ValueError(f"unknown drafter architecture {architecture!r}; registered: {', '.join(REGISTRY)}")
+    return REGISTRY[architecture]
+
+
+def registered_recipes() -> dict[str, tuple[DrafterKind, Recipe]]:
+    """Recipe name -> (its kind, the recipe), over every registered architecture."""
+    return {r.name: (kind, r) for kind in REGISTRY.values() for r in kind.recipes}
+
+
+def registered_bench_kinds() -> dict[str, tuple[DrafterKind, BenchKind]]:
+    """Bench method kind -> (its drafter kind, the bench kind)."""
+    return {b.name: (kind, b) for kind in REGISTRY.values() for b in kind.bench_kinds}

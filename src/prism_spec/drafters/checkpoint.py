@@ -1,6 +1,7 @@
 """Drafter checkpoints: a folder with ``config.json`` and ``model.safetensors``.
 
-Our own layout names the architecture (``eagle``, ``prism``, ``stacked`` or ``standard``) and
+Our own layout names the architecture (``eagle``, ``prism``, ``stacked``, ``standard`` or any
+other registered one: :mod:`prism_spec.drafters.base`, which says how to load it) and
 the target the drafter was trained for, so loading against another target fails clearly. The
 public EAGLE-1/2 and HASS layout (an EAGLE config.json with ``fc.*`` and ``layers.0.*`` weights
 in ``model.safetensors`` or ``pytorch_model.bin``) loads as a one-module ``eagle`` drafter.
@@ -21,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..targets.hf import Target, parse_dtype
-from .base import Drafter, DrafterMismatchError, follow_target_packing
+from .base import REGISTRY, Drafter, DrafterMismatchError, drafter_kind, follow_target_packing
 from .feature import FeatureDrafter, FeatureDrafterConfig, FeatureDrafterModel, check_d2t
 from .standard import StandardDrafter
 
@@ -184,8 +185,9 @@ def _check_draft_vocab(folder: Path, config: FeatureDrafterConfig, state: dict[s
 
 def _feature_config(folder: Path, config: dict) -> FeatureDrafterConfig:
     arch = config.get("architecture")
-    if arch not in ("eagle", "prism", "stacked"):
-        raise CheckpointError(f"{folder}: unknown drafter architecture {arch!r}")
+    if arch not in REGISTRY or REGISTRY[arch].trains_as != "feature":
+        feature = [a for a, kind in REGISTRY.items() if kind.trains_as == "feature"]
+        raise CheckpointError(f"{folder}: unknown feature-drafter architecture {arch!r} (registered: {', '.join(feature)})")
     fields = {k: v for k, v in config.items() if k in FeatureDrafterConfig.__dataclass_fields__}
     try:
         return FeatureDrafterConfig(**fields)
@@ -204,25 +206,50 @@ def read_feature_drafter(path: str | os.PathLike) -> tuple[FeatureDrafterConfig,
 
 
 def load_drafter(path: str | os.PathLike, target: Target) -> Drafter:
-    """Load a drafter folder for ``target``; a mismatched target raises DrafterMismatchError."""
+    """Load a drafter folder for ``target`` through the registry entry of the architecture its
+    config.json names; a mismatched target raises DrafterMismatchError."""
     folder = Path(path)
     config = _read_config(folder)
     arch = config.get("architecture")
-    if arch == "standard":
-        if int(config.get("target_vocab_size", config.get("vocab_size", -1))) != target.vocab_size:
-            raise DrafterMismatchError(
-                f"standard drafter {folder} was made for {config.get('target_name')} "
-                f"(vocabulary {config.get('target_vocab_size')}), not {target.name} ({target.vocab_size})"
-            )
-        _read_weights(folder)  # verify before handing to transformers
-        return follow_target_packing(
-            StandardDrafter.from_pretrained(str(folder), dtype=target.dtype, device=str(target.device)), target
+    if arch is None:
+        weights = _read_weights(folder)
+        if "fc.weight" in weights:  # the public EAGLE / HASS layout
+            drafter_config, state = _eagle_public_to_ours(config, weights, target)
+            drafter = FeatureDrafter(_feature_model(folder, drafter_config, state, target))
+            drafter.check_target(target)
+            return follow_target_packing(drafter, target)
+    try:
+        kind = drafter_kind(arch)
+    except ValueError as e:
+        raise CheckpointError(f"{folder}: {e}") from None
+    return follow_target_packing(kind.load(folder, config, target), target)
+
+
+def load_standard_drafter(folder: Path, config: dict, target: Target) -> StandardDrafter:
+    """The ``load`` of the ``standard`` architecture: a transformers causal LM folder."""
+    if int(config.get("target_vocab_size", config.get("vocab_size", -1))) != target.vocab_size:
+        raise DrafterMismatchError(
+            f"standard drafter {folder} was made for {config.get('target_name')} "
+            f"(vocabulary {config.get('target_vocab_size')}), not {target.name} ({target.vocab_size})"
         )
-    weights = _read_weights(folder)
-    if arch is None and "fc.weight" in weights:
-        drafter_config, state = _eagle_public_to_ours(config, weights, target)
-    else:
-        drafter_config, state = _feature_config(folder, config), weights
+    _read_weights(folder)  # verify before handing to transformers
+    return StandardDrafter.from_pretrained(str(folder), dtype=target.dtype, device=str(target.device))
+
+
+def load_feature_model(folder: Path, config: dict, target: Target) -> FeatureDrafterModel:
+    """The checked FeatureDrafterModel of a feature-drafter folder (any registered architecture
+    that trains as "feature"), in the target's dtype."""
+    return _feature_model(folder, _feature_config(folder, config), _read_weights(folder), target)
+
+
+def load_feature_drafter(folder: Path, config: dict, target: Target) -> FeatureDrafter:
+    """The ``load`` of the feature architectures (eagle, prism, stacked)."""
+    drafter = FeatureDrafter(load_feature_model(folder, config, target))
+    drafter.check_target(target)
+    return drafter
+
+
+def _feature_model(folder: Path, drafter_config: FeatureDrafterConfig, state: dict, target: Target) -> FeatureDrafterModel:
     if drafter_config.vocab_size != target.vocab_size or drafter_config.hidden_size != target.hidden_size:
         raise DrafterMismatchError(
             f"drafter {folder} was trained for {drafter_config.target_name or 'another target'} (vocabulary "
@@ -238,7 +265,4 @@ def load_drafter(path: str | os.PathLike, target: Target) -> Drafter:
         )
     except RuntimeError as e:
         raise CheckpointError(f"weights in {folder} do not fit its config.json: {e}") from None
-    drafter = FeatureDrafter(model)
-    drafter.check_target(target)
-    return follow_target_packing(drafter, target)
-
+    return model

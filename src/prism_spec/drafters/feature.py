@@ -41,7 +41,7 @@ from ..targets.hf import (
 )
 from ..targets.family import full_attention_config, generic_layer_config
 from ..targets.packed import pack_linears, packed_linear
-from .base import Drafter, DrafterMismatchError, register
+from .base import Drafter, DrafterMismatchError
 
 
 @dataclass
@@ -310,9 +310,6 @@ class FeatureDrafterModel(nn.Module):
         return F.linear(predicted, weight, bias) if packed_head is None else packed_head(predicted)
 
 
-@register("eagle")
-@register("prism")
-@register("stacked")
 class FeatureDrafter(Drafter):
     """Runs a FeatureDrafterModel inside the decode loop, for a batch of sequences."""
 

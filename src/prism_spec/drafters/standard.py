@@ -8,10 +8,9 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from ..targets.hf import RaggedCache, Target, pad_ragged
-from .base import Drafter, DrafterMismatchError, register
+from .base import Drafter, DrafterMismatchError
 
 
-@register("standard")
 class StandardDrafter(Drafter):
     """Drafts with its own LM and KV cache; needs no target features."""
 

@@ -46,6 +46,7 @@ from typing import Sequence
 
 import torch
 
+from ..devices import median_seconds
 from ..targets.default import cache_dir
 from .decode import GenerationConfig, generate
 from .tree import DraftTree, TreeConfig
@@ -118,23 +119,6 @@ class AutotuneReport:
         return d
 
 
-def _timed(fn, repeats: int, device=None) -> float:
-    """Median seconds of ``fn()``; on a GPU each sample waits for the queued kernels."""
-    def sync():
-        if device is not None and torch.device(device).type == "cuda":
-            torch.cuda.synchronize(device)
-
-    fn()  # warm-up
-    samples = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
-
-
 def measure_verify_latency(target, ns=TOTALS, prefix_len: int = 300, repeats: int = 5) -> dict[int, float]:
     """Seconds for one target forward over n new tokens (causal) after ``prefix_len``."""
     gen = torch.Generator().manual_seed(0)
@@ -151,7 +135,7 @@ def measure_verify_latency(target, ns=TOTALS, prefix_len: int = 300, repeats: in
             target.forward_batch(tokens[None], positions[None], kv.cache, None, kv.lengths)
             kv.rollback()
 
-        out[n] = _timed(run, repeats, target.device)
+        out[n] = median_seconds(run, repeats, target.device)
     return out
 
 
@@ -170,7 +154,7 @@ def measure_draft_cost(target, drafter, top_ks=TOP_KS, repeats: int = 5) -> tupl
         drafter.extend(tokens3, None if feats is None else feats[-3:-1])
         drafter.end_round()
 
-    extend_s = _timed(extend, repeats, target.device)
+    extend_s = median_seconds(extend, repeats, target.device)
     expand = {}
     for k in top_ks:
         tokens = prompt[:k].clone()
@@ -181,7 +165,7 @@ def measure_draft_cost(target, drafter, top_ks=TOP_KS, repeats: int = 5) -> tupl
             drafter.expand(tokens, parents, mask, 1)
             drafter.end_round()
 
-        expand[k] = _timed(run, repeats, target.device)
+        expand[k] = median_seconds(run, repeats, target.device)
     return extend_s, expand
 
 

@@ -15,6 +15,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch.profiler import record_function
 
+from ..devices import synchronize
 from ..drafters.base import Drafter
 from ..targets.hf import Target, pad_ragged
 from .tree import DraftTree, DraftTreeBatch, TreeConfig, draft_tree_batch
@@ -89,11 +90,6 @@ class PromptError(ValueError):
     """An empty prompt or one that does not fit in the target's context."""
 
 
-def _sync(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def stream_generate_batch(
     target: Target,
     prompts: Sequence[Sequence[int] | torch.Tensor],
@@ -126,7 +122,7 @@ def stream_generate_batch(
             )
     if drafter is not None:
         drafter.check_target(target)
-        if batch > 1 and type(drafter).expand_batch is Drafter.expand_batch:
+        if batch > 1 and not drafter.supports_batches:
             raise ValueError(f"{type(drafter).__name__} drafts for one sequence at a time: decode one prompt per call")
     generators = []
     for cfg in configs:
@@ -166,14 +162,13 @@ def stream_generate_batch(
     kv.commit([torch.arange(int(n), device=device) for n in prompt_lens])
     roots = [pick(b, DraftTree.root_only(0, device), out.logits[b])[1] for b in range(batch)]
     if drafter is not None:
-        static_drafter = getattr(drafter, "use_static_cache", None)  # feature drafters
-        if static_drafter is not None:  # the target's cache mode and CUDA graphs carry over to it
-            static_drafter(kv.capacity if configs[0].static_cache else None,
-                           cuda_graphs=configs[0].static_cache and target.uses_cuda_graphs)
+        # The target's cache mode and CUDA graphs carry over to the drafter's own cache.
+        drafter.use_static_cache(kv.capacity if configs[0].static_cache else None,
+                                 cuda_graphs=configs[0].static_cache and target.uses_cuda_graphs)
         root_logits = drafter.begin_batch(
             prompts, roots, [drafter_features(out, b, slice(0, int(n))) for b, n in enumerate(prompt_lens)]
         )
-    _sync(device)
+    synchronize(device)
     prefill_s = time.perf_counter() - start
     results = [GenerationResult(prompt_len=int(n), token_ids=[], finish_reason="length", prefill_s=prefill_s)
                for n in prompt_lens]
@@ -219,7 +214,7 @@ def stream_generate_batch(
             with record_function("draft_tree"):
                 trees = draft_tree_batch(drafter, roots_t, root_logits, shape)
                 drafter.end_round()
-        _sync(device)
+        synchronize(device)
         t1 = time.perf_counter()
 
         # Verify every tree in one target forward, accept a path per row, keep its KV entries.
@@ -251,7 +246,7 @@ def stream_generate_batch(
         if drafter is not None:
             with record_function("drafter_extend"):
                 root_logits = drafter.extend_batch([torch.tensor(t, device=device) for t in new_tokens], features)
-        _sync(device)
+        synchronize(device)
         t2 = time.perf_counter()
         for row in active:  # rows share the round's wall time
             results[row].draft_s += t1 - t0

@@ -41,7 +41,7 @@ class BatchingEngine:
     ):
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
-        if drafter is not None and type(drafter).expand_batch is Drafter.expand_batch:
+        if drafter is not None and not drafter.supports_batches:
             max_batch = 1  # this drafter drafts for one sequence at a time
         self.target, self.drafter = target, drafter
         self.max_batch, self.batch_window_s = max_batch, batch_window_s

@@ -2,7 +2,8 @@
 
 from .default import DEFAULT_TARGET, cache_dir, default_target_path
 from .family import TargetFamily, UnsupportedTargetError
-from .hf import ForwardOutput, Target, default_feature_layers, load_target, parse_dtype
+from .hf import ForwardOutput, Target, default_feature_layers, parse_dtype
+from .loader import load_target
 
 __all__ = [
     "DEFAULT_TARGET",

@@ -22,7 +22,7 @@ from .default import DEFAULT_TARGET, default_target_path
 from .family import TargetFamily, UnsupportedTargetError, check_supported, full_attention_config
 from .packed import PackedLinear, available_memory_bytes, linear_weight_bytes, pack_linears, unpack_linears
 
-#: load_target packs by default only when the packed copy takes at most this share of the
+#: load_hf_target packs by default only when the packed copy takes at most this share of the
 #: memory still free (the rest is left for activations, the KV cache and other processes).
 PACKING_MEMORY_SHARE = 0.5
 
@@ -625,32 +625,19 @@ def resolve_engine(name_or_path: str, engine: str = "auto") -> str:
     return engine
 
 
-def load_target(
+def load_hf_target(
     name_or_path: str = DEFAULT_TARGET,
     dtype: str | torch.dtype = "float32",
     device: str = "cpu",
     attn_implementation: str = "sdpa",
     pack_weights: bool | None = None,
-    engine: str = "auto",
-    threads: int | None = None,
 ) -> Target:
-    """Load any transformers causal LM by hub id or local path, or the embedded default.
-    ``pack_weights`` (default: on for CPU targets in float32 / bfloat16) runs its linear
-    layers on prepacked weights (:meth:`Target.pack_weights`).
+    """Load any transformers causal LM by hub id or local path, or the embedded default, on
+    the torch engine. ``pack_weights`` (default: on for CPU targets in float32 / bfloat16)
+    runs its linear layers on prepacked weights (:meth:`Target.pack_weights`).
 
-    ``engine``: ``torch`` (transformers), ``llama.cpp`` (GGUF files, and the default target's
-    own GGUF; :mod:`prism_spec.targets.llamacpp`) or ``auto``: llama.cpp for ``.gguf`` paths,
-    torch otherwise (see :func:`resolve_engine`)."""
-    engine = resolve_engine(name_or_path, engine)
-    if engine == "llama.cpp":
-        from .default import default_gguf_path
-        from .llamacpp import load_llamacpp_target
-
-        if device != "cpu" or dtype not in ("float32", "fp32", "auto", torch.float32):
-            raise ValueError("the llama.cpp engine runs GGUF weights on the CPU: leave --dtype and --device at their defaults")
-        if name_or_path == DEFAULT_TARGET:
-            return load_llamacpp_target(default_gguf_path(), default_target_path(), threads=threads, name=DEFAULT_TARGET)
-        return load_llamacpp_target(name_or_path, threads=threads)
+    :func:`prism_spec.targets.load_target` is the usual entry point: it picks the engine
+    (this one, or llama.cpp for GGUF files) and calls this for torch."""
     path: str | Path = default_target_path() if name_or_path == DEFAULT_TARGET else name_or_path
     check_supported(AutoConfig.from_pretrained(path))  # before loading any weights
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -675,7 +662,7 @@ def load_target(
                     f"not prepacking the CPU weights of {name_or_path}: the packed copy needs "
                     f"{need / 2**30:.1f} GiB and {free / 2**30:.1f} GiB are free (pass pack_weights=True "
                     "to force it); decoding runs on plain nn.Linear layers, slower",
-                    stacklevel=2,
+                    stacklevel=3,  # the caller of targets.load_target
                 )
                 pack_weights = False
     if pack_weights:

@@ -33,6 +33,10 @@ MAX_SEQUENCES = 128
 #: a hole before an accepted node would change the cell order attention sums in (see
 #: LlamaCppKV.commit).
 TOMBSTONE = MAX_SEQUENCES - 1
+#: The context a GGUF target gets unless ``n_ctx`` says otherwise: its trained context, at most
+#: this. llama.cpp allocates the KV cache of the whole context up front, and recent GGUFs
+#: declare 128k positions (16 GiB of float16 KV for an 8B Llama). The default target's is 8192.
+DEFAULT_MAX_N_CTX = 8192
 
 
 def llama_cpp_module():
@@ -133,7 +137,7 @@ class LlamaCppTarget(Target):
                 f"transformers companion {companion.name} ({companion.vocab_size}, {companion.hidden_size})"
             )
         params = llama_cpp.llama_context_default_params()
-        self.n_ctx = int(n_ctx or companion.max_context)
+        self.n_ctx = int(n_ctx or min(companion.max_context, DEFAULT_MAX_N_CTX))
         self.flash_attention = flash_attention
         params.n_ctx = self.n_ctx
         params.n_batch = params.n_ubatch = min(self.n_ctx, 512)
@@ -315,8 +319,9 @@ def load_llamacpp_target(gguf_path: str | os.PathLike, companion_path: str | os.
                          name: str | None = None) -> LlamaCppTarget:
     """A GGUF model on llama.cpp. The companion (tokenizer, config, embeddings and head for
     the drafters) is a transformers folder of the same model, or the GGUF itself de-quantised
-    by transformers."""
-    from .hf import load_target
+    by transformers. ``n_ctx``: the context (KV cells); by default the model's trained context,
+    at most :data:`DEFAULT_MAX_N_CTX`."""
+    from .hf import load_hf_target
 
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
@@ -324,7 +329,7 @@ def load_llamacpp_target(gguf_path: str | os.PathLike, companion_path: str | os.
     if companion_path is None:
         companion = _companion_from_gguf(gguf_path)
     else:
-        companion = load_target(str(companion_path), dtype="float32", pack_weights=False)
+        companion = load_hf_target(str(companion_path), dtype="float32", pack_weights=False)
     return LlamaCppTarget(gguf_path, companion, n_ctx=n_ctx, threads=threads, name=name)
 
 

@@ -20,7 +20,7 @@ import sys
 from typing import Sequence
 
 from ..options import TRAINING_SEED_MAX, training_seed
-from .config import RECIPES, ConfigError, build_config
+from .config import ConfigError, build_config, recipe_descriptions
 
 DESCRIPTION = "Train a speculative-decoding drafter for a target model (EAGLE-2, HASS, PRISM, stacked, standard)."
 
@@ -46,7 +46,7 @@ checkpoints/ (training state for --resume; the last --set keep_checkpoints=N are
 
 
 def _recipes_help() -> str:
-    return "\n".join(f"  {name:<10} {desc}" for name, (desc, _) in RECIPES.items())
+    return "\n".join(f"  {name:<10} {desc}" for name, desc in recipe_descriptions().items())
 
 
 def _positive_int(text: str) -> int:
@@ -61,7 +61,7 @@ def _positive_int(text: str) -> int:
 
 def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--recipe", metavar="NAME",
-                   help=f"training recipe: {', '.join(RECIPES)} (default: prism, or the config file's 'recipe')")
+                   help=f"training recipe: {', '.join(recipe_descriptions())} (default: prism, or the config file's 'recipe')")
     p.add_argument("--target", metavar="NAME_OR_PATH",
                    help="target model: 'smollm2-135m' (embedded default), a hub id or a local folder")
     p.add_argument("--data", nargs="+", metavar="FILE",

@@ -14,7 +14,8 @@ A run is described by one :class:`TrainConfig` tree::
                              batch_size, grad_accum, warmup_ratio, weight_decay, betas,
                              clip, clip_mode, copy_module0_after, enabled
 
-Layering, each on top of the previous one: a recipe (``RECIPES``), a config file, explicit
+Layering, each on top of the previous one: a recipe (registered with its drafter kind, see
+:mod:`prism_spec.drafters.kinds`), a config file, explicit
 keyword values (what the CLI flags give), then dotted ``key=value`` overrides. Every layer is
 type checked; an unknown key raises :class:`ConfigError` naming the key and the valid ones.
 """
@@ -31,9 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence, Union
 
+from ..drafters.base import REGISTRY, registered_recipes
 from ..options import TRAINING_SEED_MAX
 
-ARCHITECTURES = ("eagle", "prism", "stacked", "standard")
 OBJECTIVES = ("warmup", "tuning", "eagle", "standard")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "float64")
@@ -46,7 +47,8 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------- the tree
 @dataclass
 class DrafterSpec:
-    architecture: Literal["eagle", "prism", "stacked", "standard"] = "eagle"
+    #: A registered drafter architecture (drafters.base.REGISTRY): eagle, prism, stacked, standard, ...
+    architecture: str = "eagle"
     #: Processing modules (PRISM: 2; EAGLE/HASS/stacked: 1).
     num_modules: int = 1
     #: Draft step -> module; None: step j -> module min(j, num_modules - 1).
@@ -67,6 +69,11 @@ class DrafterSpec:
 
     def resolved_step_mapping(self) -> list[int]:
         return list(self.step_mapping) if self.step_mapping else list(range(self.num_modules))
+
+    @property
+    def trains_as(self) -> str:
+        """How this architecture trains: "feature" or "standard" (drafters.base.DrafterKind)."""
+        return REGISTRY[self.architecture].trains_as
 
 
 @dataclass
@@ -129,20 +136,6 @@ class StageConfig:
     #: PRISM: copy module 0 into every other module when this stage ends.
     copy_module0_after: bool = False
 
-    def objective_config(self):
-        from .objectives import ObjectiveConfig
-
-        return ObjectiveConfig(
-            stage=self.objective,
-            aligned_steps=self.aligned_steps,
-            feature_weight=self.feature_weight,
-            ce_weight=self.ce_weight,
-            topk_weight=self.topk_weight,
-            topk=self.topk,
-            noise_std=self.noise_std,
-            step_weights=list(self.step_weights) if self.step_weights is not None else None,
-        )
-
 
 @dataclass
 class TrainConfig:
@@ -204,11 +197,15 @@ class TrainConfig:
         need(0 <= self.seed <= TRAINING_SEED_MAX,
              f"seed must be an integer in [0, {TRAINING_SEED_MAX}] (numpy's seed range), got {self.seed}")
         # drafter
+        if d.architecture not in REGISTRY:
+            raise ConfigError(f"drafter.architecture: {d.architecture!r} is not one of the registered architectures "
+                              f"{list(REGISTRY)}")
+        standard = REGISTRY[d.architecture].trains_as == "standard"
         need(d.num_modules >= 1, "drafter.num_modules must be >= 1")
         need(d.layers_per_module >= 1, "drafter.layers_per_module must be >= 1")
         need(d.standard_layers >= 1, "drafter.standard_layers must be >= 1")
         need(d.draft_vocab_size is None or d.draft_vocab_size >= 1, "drafter.draft_vocab_size must be >= 1")
-        need(d.draft_vocab_size is None or d.architecture != "standard",
+        need(d.draft_vocab_size is None or not standard,
              "drafter.draft_vocab_size applies to feature drafters, not the standard drafter")
         if d.step_mapping is not None:
             need(bool(d.step_mapping) and all(0 <= m < d.num_modules for m in d.step_mapping),
@@ -219,7 +216,7 @@ class TrainConfig:
         if d.architecture in ("eagle",):
             need(d.num_modules == 1 and d.layers_per_module == 1,
                  "drafter.architecture 'eagle' has one module of one layer (use 'prism' or 'stacked')")
-        if d.architecture == "standard":
+        if standard:
             need(d.input_layers == "none", "a standard drafter takes no target features (input_layers must be 'none')")
             need(self.init_from is None, "init_from applies to feature drafters, not the standard drafter")
         need(self.time_limit_s is None or self.time_limit_s > 0,
@@ -267,11 +264,11 @@ class TrainConfig:
                 need(s.steps >= 1, f"{where}: steps must be >= 1")
             else:
                 need(s.epochs is not None and s.epochs > 0, f"{where}: give steps or epochs (> 0)")
-            if d.architecture == "standard":
+            if standard:
                 need(s.objective == "standard", f"{where}: a standard drafter trains with objective 'standard'")
             else:
                 need(s.objective != "standard",
-                     f"{where}: objective 'standard' is for architecture 'standard' only")
+                     f"{where}: objective 'standard' is for standard drafters only")
             if s.copy_module0_after:
                 need(d.num_modules >= 2, f"{where}: copy_module0_after needs num_modules >= 2")
         if errors:
@@ -288,77 +285,27 @@ def stage_total_steps(stage: StageConfig, num_examples: int, world_size: int = 1
 
 
 # --------------------------------------------------------------------------- recipes
-def _hass_stage(**kw) -> dict:
-    base = dict(name="hass", objective="warmup", aligned_steps=3, feature_weight=1.0, ce_weight=0.1,
-                noise_std=0.2, lr=3e-5)
-    base.update(kw)
-    return base
-
-
-def _recipe_eagle2() -> dict:
-    return {"drafter": {"architecture": "eagle"},
-            "stages": [dict(name="eagle", objective="eagle", aligned_steps=1, feature_weight=1.0, ce_weight=0.1,
-                            noise_std=0.2, lr=3e-5)]}
-
-
-def _recipe_hass(topk: bool = False) -> dict:
-    return {"drafter": {"architecture": "eagle"},
-            "stages": [_hass_stage(),
-                       _hass_stage(name="topk", topk_weight=1.0, topk=10, lr=1e-5, enabled=topk)]}
-
-
-def _recipe_prism(star: bool = False) -> dict:
-    return {
-        "drafter": {"architecture": "prism", "num_modules": 2, "step_mapping": [0, 1],
-                    "input_layers": "auto" if star else "none"},
-        "stages": [
-            _hass_stage(name="warmup", copy_module0_after=True, noise_std=0.0 if star else 0.2),
-            dict(name="tuning", objective="tuning", aligned_steps=3, feature_weight=0.0, ce_weight=0.1,
-                 noise_std=0.0 if star else 0.2, lr=1e-5),
-        ],
-    }
-
-
-def _recipe_stacked(layers: int) -> dict:
-    return {"drafter": {"architecture": "stacked", "layers_per_module": layers},
-            "stages": [_hass_stage(name=f"hass{layers}")]}
-
-
-def _recipe_standard() -> dict:
-    return {"drafter": {"architecture": "standard", "standard_layers": 2},
-            "stages": [dict(name="distill", objective="standard", aligned_steps=1, feature_weight=0.0,
-                            ce_weight=1.0, noise_std=0.0, lr=1e-4)]}
-
-
-#: name -> (description, builder of the partial config dict)
-RECIPES: dict[str, tuple[str, Any]] = {
-    "eagle2": ("EAGLE-2 drafter: one module, one stage, no context alignment (aligned_steps=1)", _recipe_eagle2),
-    "hass": ("HASS: one module, 3-step context alignment; optional top-K stage "
-             "(enable with --set stages.1.enabled=true or use hass-topk)", _recipe_hass),
-    "hass-topk": ("HASS with its second top-K distillation stage enabled", lambda: _recipe_hass(topk=True)),
-    "prism": ("PRISM: 2 modules; HASS warmup stage, copy module 0 -> 1, CE-only tuning stage "
-              "(lr 1e-5, no detach across aligned steps)", _recipe_prism),
-    "prism*": ("PRISM* : PRISM with multi-layer target input (input_layers auto, EAGLE-3 style)",
-               lambda: _recipe_prism(star=True)),
-    "stacked2": ("HASS-2: one module of 2 stacked decoder layers", lambda: _recipe_stacked(2)),
-    "stacked3": ("HASS-3: one module of 3 stacked decoder layers", lambda: _recipe_stacked(3)),
-    "standard": ("standard drafter: the target's first N layers (drafter.standard_layers) "
-                 "distilled on the target's distribution", _recipe_standard),
-}
+# Recipes belong to the drafter kinds that define them (drafters.kinds, drafters.base.register).
 _ALIASES = {"prism-star": "prism*", "prism_star": "prism*", "prismstar": "prism*", "eagle": "eagle2",
             "hass_topk": "hass-topk", "stacked-2": "stacked2", "stacked-3": "stacked3"}
 
 
+def recipe_descriptions() -> dict[str, str]:
+    """Recipe name -> one-line description, for every registered drafter kind."""
+    return {name: r.description for name, (_, r) in registered_recipes().items()}
+
+
 def recipe_names() -> list[str]:
-    return list(RECIPES)
+    return list(registered_recipes())
 
 
 def recipe_dict(name: str) -> dict:
     """The partial config dict of a recipe (merge it onto TrainConfig defaults)."""
+    recipes = registered_recipes()
     key = _ALIASES.get(name.lower(), name.lower())
-    if key not in RECIPES:
-        raise ConfigError(f"unknown recipe {name!r}; choose one of {list(RECIPES)}")
-    out = copy.deepcopy(RECIPES[key][1]())
+    if key not in recipes:
+        raise ConfigError(f"unknown recipe {name!r}; choose one of {list(recipes)}")
+    out = copy.deepcopy(recipes[key][1].config())
     out["recipe"] = key
     return out
 

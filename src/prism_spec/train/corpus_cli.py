@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from ..cli import CLIError, add_subparser, add_target_options, load_target_from_args, write_jsonl_atomic
+from ..cli_common import CLIError, add_subparser, add_target_options, load_target_from_args, write_jsonl_atomic
 from ..options import positive, seed
 
 

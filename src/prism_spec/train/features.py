@@ -65,7 +65,10 @@ def _entry_file(k: int) -> str:
     return f"shard-{k:05d}.json"
 
 
-def _example_pair(example: Any) -> tuple[list[int], list[int]]:
+def example_ids_and_mask(example: Any) -> tuple[list[int], list[int]]:
+    """(token ids, loss mask) as int lists of a TokenizedExample / train-loop Example (an
+    object with ``input_ids`` and ``loss_mask``), a dict with those keys or a plain id list;
+    no mask means every token. Refuses an empty example or a mask of another length."""
     if isinstance(example, dict):
         ids, mask = example["input_ids"], example.get("loss_mask")
     elif hasattr(example, "input_ids"):
@@ -260,7 +263,7 @@ def capture_features(
 
     mine = list(range(shard_index, meta["num_shards"], num_shards))
     for k in tqdm(mine, desc=f"features {shard_index}/{num_shards}", disable=not progress):
-        pairs = [_example_pair(ex) for ex in examples[k * shard_size : (k + 1) * shard_size]]
+        pairs = [example_ids_and_mask(ex) for ex in examples[k * shard_size : (k + 1) * shard_size]]
         ex_hash = _examples_hash(pairs)
         if _shard_done(out_dir, k, ex_hash):
             continue

@@ -46,6 +46,7 @@ from ..drafters.standard import StandardDrafter
 from ..targets.default import DEFAULT_TARGET, default_target_path
 from ..targets.hf import Target, default_feature_layers, parse_dtype
 from .config import ConfigError, StageConfig, TrainConfig, stage_total_steps
+from .objectives import ObjectiveConfig
 from .vocab import build_draft_vocab
 
 #: Test hook: ``PRISM_TRAIN_KILL_AFTER_CHECKPOINT=k`` SIGKILLs the process right after the
@@ -320,7 +321,7 @@ def build_drafter(
 ) -> nn.Module:
     """A fresh trainable drafter for ``target`` (float32 master weights, train mode)."""
     d = config.drafter
-    if d.architecture == "standard":
+    if d.trains_as == "standard":
         shallow = StandardDrafter.from_target_layers(target, d.standard_layers)
         # from_target_layers SHARES the target's tensors: train a deep copy, never the target.
         model = copy.deepcopy(shallow.lm.model)
@@ -338,7 +339,7 @@ def build_drafter(
         )
         model = FeatureDrafterModel(fcfg, target, d2t=d2t)
     model = model.float()
-    if d.architecture == "standard":
+    if d.trains_as == "standard":
         from .objectives import attach_target_head
 
         attach_target_head(model, target.lm_head)  # the distillation target, never trained
@@ -546,7 +547,7 @@ class Trainer:
             raise ConfigError(f"cannot load target {config.target!r}: {e}") from None
         num_layers = int(target_config.num_hidden_layers)
         self.input_layers = resolve_input_layers(config, num_layers)
-        if config.drafter.architecture == "standard" and not 1 <= config.drafter.standard_layers <= num_layers:
+        if config.drafter.trains_as == "standard" and not 1 <= config.drafter.standard_layers <= num_layers:
             raise ConfigError(f"drafter.standard_layers must be in 1..{num_layers} for {config.target}")
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
@@ -593,7 +594,7 @@ class Trainer:
             self._load_init(drafter, init_state)
         self.loss_module = LossModule(drafter)
         self.generator = torch.Generator(device=acc.device)
-        if config.drafter.architecture == "standard":
+        if config.drafter.trains_as == "standard":
             self.feature_layers = None
         else:
             self.feature_layers = tuple(self.input_layers) if self.input_layers else None
@@ -737,7 +738,7 @@ class Trainer:
             return {}
         acc = self.accelerator
         unwrapped = acc.unwrap_model(self.model)
-        objective = dataclasses.replace(stage.objective_config(), noise_std=0.0)
+        objective = dataclasses.replace(ObjectiveConfig.for_stage(stage), noise_std=0.0)
         saved = unwrapped.objective, unwrapped.generator
         unwrapped.objective, unwrapped.generator = objective, None
         self.model.eval()
@@ -827,7 +828,7 @@ class Trainer:
         config, acc = self.config, self.accelerator
         total = self.stage_steps[index]
         unwrapped = acc.unwrap_model(self.model)
-        unwrapped.objective = stage.objective_config()
+        unwrapped.objective = ObjectiveConfig.for_stage(stage)
         unwrapped.generator = self.generator
         optimizer, scheduler = self._optimizer(stage, total)
         if resume_state is not None:
@@ -953,7 +954,7 @@ class Trainer:
             info = {"training": {"recipe": self.config.recipe, "stage": index,
                                  "stage_name": stage.name if stage else "final",
                                  "target": self.config.target}}
-            if self.config.drafter.architecture == "standard":
+            if self.config.drafter.trains_as == "standard":
                 head = drafter.__dict__.get("target_head")
                 model = copy.deepcopy(drafter, memo={id(head): None} if head is not None else None).eval()
                 model.__dict__.pop("target_head", None)

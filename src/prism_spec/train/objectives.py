@@ -32,6 +32,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from ..drafters.feature import FeatureDrafterModel
+from .config import OBJECTIVES
 from .losses import (
     TargetDistribution,
     distillation_terms,
@@ -39,7 +40,7 @@ from .losses import (
     smooth_l1_per_position,
 )
 
-STAGES = ("warmup", "tuning", "eagle", "standard")
+STAGES = OBJECTIVES  # the objective names StageConfig.objective takes
 
 
 @dataclass
@@ -52,6 +53,15 @@ class ObjectiveConfig:
     topk: int = 10
     noise_std: float = 0.2  # EAGLE-style uniform noise on input target features (last-hidden variant only)
     step_weights: list[float] | None = None  # optional per-aligned-step weights
+
+    @classmethod
+    def for_stage(cls, stage) -> "ObjectiveConfig":
+        """The objective of a training stage (a config.StageConfig)."""
+        return cls(
+            stage=stage.objective, aligned_steps=stage.aligned_steps, feature_weight=stage.feature_weight,
+            ce_weight=stage.ce_weight, topk_weight=stage.topk_weight, topk=stage.topk, noise_std=stage.noise_std,
+            step_weights=list(stage.step_weights) if stage.step_weights is not None else None,
+        )
 
     def __post_init__(self):
         if self.stage not in STAGES:

@@ -8,13 +8,13 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from .features import _example_pair
+from .features import example_ids_and_mask
 
 
 def _example_arrays(example: Any) -> tuple[np.ndarray, np.ndarray]:
     """(ids, bool mask) of a TokenizedExample / train-loop Example / dict / plain id list
     (no mask: every token)."""
-    ids, mask = _example_pair(example)
+    ids, mask = example_ids_and_mask(example)
     return np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=bool)
 
 
