@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
-from .options import device, positive
+from .options import device, dtype, threads
 
 
 class CLIError(Exception):
@@ -31,18 +31,9 @@ def add_subparser(subparsers, name: str, **kwargs) -> argparse.ArgumentParser:
 
 
 # ====================================================================== the target
-def _dtype(text: str) -> str:
-    from .targets.hf import parse_dtype
-
-    try:
-        parse_dtype(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
-
-
 def add_target_options(parser: argparse.ArgumentParser) -> None:
     from .targets import DEFAULT_TARGET
+    from .targets.hf import ENGINES
 
     group = parser.add_argument_group("target")
     group.add_argument(
@@ -52,15 +43,15 @@ def add_target_options(parser: argparse.ArgumentParser) -> None:
         "the embedded SmolLM2-135M-Instruct)",
     )
     group.add_argument(
-        "--engine", choices=["auto", "torch", "llama.cpp"], default="auto",
+        "--engine", choices=ENGINES, default="auto",
         help="what runs the target: torch (transformers) or llama.cpp (GGUF weights, CPU; needs the llamacpp "
         "extra); auto: llama.cpp for .gguf targets, torch otherwise (default: auto)",
     )
-    group.add_argument("--dtype", type=_dtype, default="float32", help="weight dtype (default: float32)")
+    group.add_argument("--dtype", type=dtype, default="float32", help="weight dtype (default: float32)")
     group.add_argument("--device", type=device, default="cpu",
                        help="cpu, cuda, cuda:N or auto (a GPU when there is one) (default: cpu)")
     group.add_argument(
-        "--threads", type=positive(int), default=None, metavar="N",
+        "--threads", type=threads, default=None, metavar="N",
         help="torch CPU threads (default: torch's choice, one per core); 1 is much faster when other "
         "processes keep the cores busy",
     )

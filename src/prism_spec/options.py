@@ -89,3 +89,32 @@ def check_tree_fits(tree, max_context: int, flag: str = "--tree") -> None:
         raise TreeTooLargeError(
             f"{flag} {tree.total_tokens}/{tree.depth}/{tree.top_k}: a tree of {tree.total_tokens} nodes does not "
             f"fit in the target's context of {max_context} positions beside a prompt; use a smaller tree")
+
+
+def dtype(text: str) -> str:
+    """An argparse type: a dtype name torch and the targets take (float32, bfloat16, float16,
+    float64 and their short forms fp32, bf16, fp16), kept as written."""
+    from .targets.hf import parse_dtype
+
+    try:
+        parse_dtype(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def tree_shape(text: str) -> str:
+    """An argparse type: a draft-tree shape (paper, serving, cpu, chain:N, TOTAL/DEPTH/TOP_K)
+    or auto, checked at parse time and kept as written."""
+    from .runtime.tree import TreeConfig
+
+    if text != "auto":
+        try:
+            TreeConfig.parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+#: ``--threads``: torch (and llama.cpp) CPU threads, a positive integer everywhere.
+threads = positive(int)

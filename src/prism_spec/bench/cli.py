@@ -20,9 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-from ..options import device, seed
-from ..targets.default import DEFAULT_TARGET
+from ..options import device, dtype, seed, threads, tree_shape
 from ..targets.hf import ENGINES
+from ..targets.default import DEFAULT_TARGET
 from .datasets import BENCHMARKS, BenchmarkError, parse_max_new_tokens
 
 DESCRIPTION = (
@@ -49,7 +49,7 @@ def _add_common(p: argparse.ArgumentParser, sub: bool) -> None:
     g.add_argument("--target", default=d(DEFAULT_TARGET), help=f"hub id or folder of the target (default {DEFAULT_TARGET})")
     g.add_argument("--engine", choices=ENGINES, default=d("auto"),
                    help="what runs the target: torch, llama.cpp (GGUF, CPU) or auto: llama.cpp for .gguf targets (default auto)")
-    g.add_argument("--dtype", default=d("float32"), help="target dtype: float32, bfloat16, float16, float64 (default float32)")
+    g.add_argument("--dtype", type=dtype, default=d("float32"), help="target dtype: float32, bfloat16, float16, float64 (default float32)")
     g.add_argument("--device", type=device, default=d("auto"),
                    help="cpu, cuda, cuda:N or auto (a GPU when there is one) (default auto)")
     g.add_argument("--bench", action="append", default=d(None), metavar="NAME|PATH",
@@ -58,14 +58,14 @@ def _add_common(p: argparse.ArgumentParser, sub: bool) -> None:
     g.add_argument("--method", action="append", default=d(None), metavar="SPEC", help=method_help())
     g.add_argument("--temperature", action="append", type=float, default=d(None), metavar="T",
                    help="repeatable (default 0 = greedy); T > 0 samples with a fixed seed per (prompt, method)")
-    g.add_argument("--tree", default=d("paper"), help="tree shape: paper, serving, cpu, chain:N, TOTAL/DEPTH/TOP_K, or auto (tuned per drafter on "
+    g.add_argument("--tree", type=tree_shape, default=d("paper"), help="tree shape: paper, serving, cpu, chain:N, TOTAL/DEPTH/TOP_K, or auto (tuned per drafter on "
                    "this machine, cached; see docs/performance.md) (default paper)")
     g.add_argument("--max-new-tokens", action="append", default=d(None), metavar="N|BENCH=N",
                    help="per turn; N for every benchmark or BENCH=N for one, repeatable (default: paper, 512 and mt_bench 1024)")
     g.add_argument("--out", default=d(None), help="output folder (default runs/bench-DATE)")
     g.add_argument("--resume", action="store_true", default=d(False), help="continue the bench in --out, skipping finished runs")
     g.add_argument("--seed", type=seed, default=d(0), help="base seed for sampled runs (default 0)")
-    g.add_argument("--threads", type=int, default=d(None), help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--threads", type=threads, default=d(None), help="torch CPU threads (default: torch's choice)")
     g.add_argument("--no-packed-weights", dest="packed_weights", action="store_false", default=d(True),
                    help="on a CPU, plain nn.Linear layers instead of oneDNN-prepacked weights (see prism generate --help)")
     g.add_argument("--static-cache", action="store_true", default=d(False),

@@ -19,7 +19,7 @@ import json
 import sys
 from typing import Sequence
 
-from ..options import TRAINING_SEED_MAX, training_seed
+from ..options import TRAINING_SEED_MAX, dtype, training_seed
 from .config import ConfigError, build_config, recipe_descriptions
 
 DESCRIPTION = "Train a speculative-decoding drafter for a target model (EAGLE-2, HASS, PRISM, stacked, standard)."
@@ -81,10 +81,10 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, metavar="N", help="examples per process per micro-batch, every stage")
     p.add_argument("--grad-accum", type=_positive_int, metavar="N", help="micro-batches per optimizer step, every stage")
     p.add_argument("--lr", type=float, metavar="LR", help="learning rate of EVERY stage (use --set stages.i.lr for one)")
-    p.add_argument("--dtype", metavar="DTYPE", help="dtype of the frozen target (float32, bf16, fp16)")
+    p.add_argument("--dtype", type=dtype, metavar="DTYPE", help="dtype of the frozen target (float32, bf16, fp16)")
     p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"],
                    help="autocast for the drafter (its master weights stay float32); fp16 needs a GPU")
-    p.add_argument("--save-dtype", metavar="DTYPE", help="dtype of the saved drafter folders, e.g. bf16 for shipping")
+    p.add_argument("--save-dtype", type=dtype, metavar="DTYPE", help="dtype of the saved drafter folders, e.g. bf16 for shipping")
     p.add_argument("--seed", type=training_seed, metavar="S",
                    help=f"seed of initialisation, data order and noise, 0..{TRAINING_SEED_MAX}")
     p.add_argument("--init-from", metavar="DRAFTER_DIR",
