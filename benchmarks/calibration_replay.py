@@ -8,7 +8,7 @@ on the built-in calibration prompts and on the benchmarks' first turns.
 Greedy generations with the calibration tree record which drafted nodes the target confirms;
 ``runtime.autotune.simulate`` replays each round on the sub-tree a shape would have built.
 Acceptance does not depend on timing, so this can run beside other work. ``--builtin-first
-N`` also replays the first N built-in prompts alone (4: the set used until the sixth session).
+N`` also replays the first N built-in prompts alone (4: the set the earlier calibration runs used).
 """
 
 from __future__ import annotations

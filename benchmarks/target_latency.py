@@ -9,7 +9,7 @@
 (b) Vanilla decoding: our ``generate(target, ids, None, cfg)`` vs transformers'
     ``model.generate(do_sample=False)`` on the same chat prompt; token ids must match.
 (c) Variants: plain nn.Linear instead of prepacked weights (load_target's CPU default since
-    the fourth session), one torch thread, bfloat16 weights, the
+    2026-11-26), one torch thread, bfloat16 weights, the
     model de-quantised straight from the GGUF file by transformers, and the float32 model
     while a competing busy process occupies one core (a loaded, shared machine).
 
