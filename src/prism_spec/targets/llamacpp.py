@@ -59,6 +59,20 @@ def llama_cpp_module():
 _SILENT_LOG = None
 
 
+def free_llama(owner) -> None:
+    """Free what an object holding ``llama_cpp``, ``_batch``, ``_ctx`` and ``_model`` (any of
+    them possibly missing: a constructor that failed half way) created on the C side."""
+    llama_cpp = getattr(owner, "llama_cpp", None)
+    if llama_cpp is None:
+        return
+    if getattr(owner, "_batch", None) is not None:
+        llama_cpp.llama_batch_free(owner._batch)
+    if getattr(owner, "_ctx", None):
+        llama_cpp.llama_free(owner._ctx)
+    if getattr(owner, "_model", None):
+        llama_cpp.llama_model_free(owner._model)
+
+
 class LlamaCppKV:
     """The decode loop's KV-cache contract (``RaggedCache``'s) on a llama.cpp context, for one
     sequence: ``lengths`` committed tokens in sequence 0, and the pending tree of the last
@@ -163,15 +177,7 @@ class LlamaCppTarget(Target):
         self._embeddings_on = True
 
     def __del__(self):  # free the C side with the object
-        llama_cpp = getattr(self, "llama_cpp", None)
-        if llama_cpp is None:
-            return
-        if getattr(self, "_batch", None) is not None:
-            llama_cpp.llama_batch_free(self._batch)
-        if getattr(self, "_ctx", None):
-            llama_cpp.llama_free(self._ctx)
-        if getattr(self, "_model", None):
-            llama_cpp.llama_model_free(self._model)
+        free_llama(self)
 
     # ----------------------------------------------------------------- facts
     @property

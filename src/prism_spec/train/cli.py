@@ -19,7 +19,7 @@ import json
 import sys
 from typing import Sequence
 
-from ..options import TRAINING_SEED_MAX, dtype, training_seed
+from ..options import TRAINING_SEED_MAX, dtype, positive, training_seed
 from .config import ConfigError, build_config, recipe_descriptions
 
 DESCRIPTION = "Train a speculative-decoding drafter for a target model (EAGLE-2, HASS, PRISM, stacked, standard)."
@@ -49,14 +49,8 @@ def _recipes_help() -> str:
     return "\n".join(f"  {name:<10} {desc}" for name, desc in recipe_descriptions().items())
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+#: An argparse type: a positive integer (the one every prism command uses).
+_positive_int = positive(int)
 
 
 def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -466,15 +466,9 @@ class LlamaCppEngine:
                 "flash_attention": self.flash_attention}
 
     def __del__(self):
-        llama_cpp = getattr(self, "llama_cpp", None)
-        if llama_cpp is None:
-            return
-        if getattr(self, "_batch", None) is not None:
-            llama_cpp.llama_batch_free(self._batch)
-        if getattr(self, "_ctx", None):
-            llama_cpp.llama_free(self._ctx)
-        if getattr(self, "_model", None):
-            llama_cpp.llama_model_free(self._model)
+        from ..targets.llamacpp import free_llama
+
+        free_llama(self)
 
     def _context(self, per_sequence: int):
         """A context with ``batch_size`` streams of at least ``per_sequence`` cells each."""
