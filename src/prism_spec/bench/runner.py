@@ -399,7 +399,7 @@ def run_batch_sweep(
     batch delivered. Writes ``batch_sweep.jsonl``, ``batch_sweep.md`` and ``batch_sweep.png``.
     """
     from ..runtime.decode import GenerationConfig, generate_batch
-    from .report import plot_batch_sweep
+    from .figures import plot_batch_sweep
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

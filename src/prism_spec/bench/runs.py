@@ -64,3 +64,20 @@ def append_run(f: IO[str], record: dict) -> None:
     f.write(json.dumps(record, separators=(",", ":")) + "\n")
     f.flush()
     os.fsync(f.fileno())
+
+
+def finished_runs(runs) -> list[dict]:
+    """The runs that finished without an error."""
+    return [r for r in runs if not r.get("error")]
+
+
+def method_order(runs) -> list[str]:
+    """Method names in first-seen order, vanilla first."""
+    seen = list(dict.fromkeys(r["method"] for r in runs))
+    return (["vanilla"] if "vanilla" in seen else []) + [m for m in seen if m != "vanilla"]
+
+
+def temperatures(runs) -> list[float]:
+    """The temperatures the runs used, ascending."""
+    return sorted({float(r["temperature"]) for r in runs})
+
