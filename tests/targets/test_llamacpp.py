@@ -1,6 +1,7 @@
-"""The llama.cpp engine on the default target's own GGUF: its vanilla decoding is llama.cpp's
-plain greedy decoding, speculative decoding on it equals its vanilla decoding token for token,
-T>0 draws from its distribution, and what it cannot do fails clearly."""
+"""The llama.cpp engine, on the default target's own GGUF and on a tiny random GGUF the tests
+write (``tiny_gguf_path``, fast): its vanilla decoding is llama.cpp's plain greedy decoding,
+speculative decoding on it equals its vanilla decoding token for token, T>0 draws from its
+distribution, and what it cannot do fails clearly."""
 
 from __future__ import annotations
 
@@ -11,18 +12,25 @@ import torch
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="the llamacpp extra (llama-cpp-python) is not installed")
 
-from helpers import chi_square_pvalue  # noqa: E402
+from helpers import NoisyDrafter, chi_square_pvalue  # noqa: E402
 from prism_spec.drafters import FeatureDrafter, FeatureDrafterModel, StandardDrafter, prism_config  # noqa: E402
 from prism_spec.drafters.resolve import resolve_drafter  # noqa: E402
 from prism_spec.runtime import GenerationConfig, SamplingConfig, TreeConfig, generate, generate_batch  # noqa: E402
 from prism_spec.runtime.verify import target_probs  # noqa: E402
 from prism_spec.targets import load_target  # noqa: E402
-from prism_spec.targets.hf import resolve_engine  # noqa: E402
-from prism_spec.targets.llamacpp import plain_greedy, plain_llama  # noqa: E402
+from prism_spec.targets.hf import Target, resolve_engine  # noqa: E402
+from prism_spec.targets.llamacpp import (  # noqa: E402
+    DEFAULT_MAX_N_CTX,
+    LlamaCppTarget,
+    load_llamacpp_target,
+    plain_greedy,
+    plain_llama,
+)
 
 QUESTIONS = ["Write a short poem about the sea.", "What is 17 times 23? Explain step by step.",
              "def fibonacci(n):"]
 MAX_NEW = 32
+N_TINY_SAMPLES = 600
 
 
 @pytest.fixture(scope="module")
@@ -136,3 +144,134 @@ def test_demo_shows_llama_cpp_plain_vanilla_and_speculative_side_by_side(engine,
     rows = {line.split()[0] for line in out.splitlines() if line.split()}
     assert {"llama.cpp", "vanilla", "speculative"} <= rows
     assert "vs llama.cpp" in out and "identical    yes" in out
+
+
+# --------------------------------------------------------------------------- a tiny GGUF
+# A random 2-layer Llama (hidden 64, float32, the default target's tokenizer) written by the
+# tests: the engine on a GGUF that is not the default target, with its companion de-quantised
+# by transformers, in seconds. One thread on both sides: llama.cpp's threads meet at a barrier
+# after every op, and on a busy 2-core machine a second thread made this model's decoding
+# ~70x slower (230 ms a token instead of 3); torch's second thread cost 2.5x.
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_gguf_path, one_thread):
+    return load_llamacpp_target(tiny_gguf_path, threads=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_prompts(tiny_engine):
+    return [tiny_engine.encode_prompt(q) for q in QUESTIONS]
+
+
+@pytest.fixture(scope="module")
+def tiny_vanilla(tiny_engine, tiny_prompts):
+    config = GenerationConfig(max_new_tokens=MAX_NEW, stop_on_eos=False)
+    return [generate(tiny_engine, p, None, config).token_ids for p in tiny_prompts]
+
+
+def last_logits(engine, ids) -> torch.Tensor:
+    """The engine's next-token logits after ``ids`` (a fresh KV cache)."""
+    kv = engine.new_kv(1)
+    ids = torch.tensor(ids)
+    out = engine.forward_batch(ids[None], torch.arange(len(ids))[None], kv.cache, None, kv.lengths,
+                               logits=False, logit_rows=torch.tensor([len(ids) - 1]), features=False)
+    return out.logits[0, 0]
+
+
+def test_tiny_gguf_loads_with_a_companion_of_the_same_model(tiny_engine, tiny_prompts):
+    assert (tiny_engine.vocab_size, tiny_engine.hidden_size, tiny_engine.max_context) == (49152, 64, 512)
+    assert tiny_engine.num_layers == 2 and tiny_engine.eos_token_ids == {2}
+    assert tiny_engine.decode(tiny_prompts[0], skip_special_tokens=False).startswith("<|im_start|>system")
+    # The companion (transformers' de-quantised copy, which drafters read) is the engine's model:
+    # the same logits up to llama.cpp's rounding (float16 KV cache): measured 0.4% of the largest
+    # logit, and 140% with Q and K left in llama.cpp's rope order (transformers permutes them back).
+    prompt = torch.tensor(tiny_prompts[0])
+    kv = tiny_engine.new_kv(1)
+    ours = tiny_engine.forward_batch(prompt[None], torch.arange(len(prompt))[None], kv.cache, None,
+                                     kv.lengths).logits[0]
+    with torch.no_grad():
+        theirs = tiny_engine.model(prompt[None]).logits[0]
+    assert (ours - theirs).abs().max() < 0.02 * theirs.abs().max()
+    assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean() > 0.9
+    # Not degenerate: some entropy at T=1, far from uniform (ln 49152 = 10.8 nats).
+    probs = torch.softmax(ours.double(), -1)
+    entropy = -(probs * probs.clamp_min(1e-300).log()).sum(-1)
+    assert 0.5 < float(entropy.mean()) < 6.0, entropy
+
+
+def test_tiny_gguf_context_is_its_trained_one_capped(tiny_gguf_path, tiny_engine, monkeypatch):
+    """The context defaults to the model's trained one (512 here), at most DEFAULT_MAX_N_CTX:
+    llama.cpp allocates the whole KV cache up front, and GGUFs declare up to 128k positions."""
+    companion = Target(tiny_engine.model, tiny_engine.tokenizer)
+    monkeypatch.setattr(companion.config, "max_position_embeddings", 131072)
+    assert LlamaCppTarget(tiny_gguf_path, companion, threads=1).max_context == DEFAULT_MAX_N_CTX
+    assert LlamaCppTarget(tiny_gguf_path, companion, n_ctx=1024, threads=1).max_context == 1024
+
+
+def test_tiny_vanilla_is_llama_cpps_own_greedy_decoding(tiny_engine, tiny_prompts, tiny_vanilla):
+    plain = plain_llama(tiny_engine)
+    for prompt, ours in zip(tiny_prompts, tiny_vanilla):
+        assert len(set(ours)) > MAX_NEW // 2  # a real continuation, not one token repeated
+        assert ours == plain_greedy(plain, prompt, MAX_NEW)
+
+
+@pytest.mark.parametrize("tree", ["4/0/3", "10/3/3", "chain:4"])
+@pytest.mark.parametrize("drafter_kind", ["standard", "untrained-prism", "noisy-self"])
+def test_tiny_speculative_equals_vanilla(tiny_engine, tiny_prompts, tiny_vanilla, tree, drafter_kind):
+    if drafter_kind == "standard":  # the first layer: a few drafts accepted (AL ~1.1)
+        drafter = StandardDrafter.from_target_layers(tiny_engine, 1)
+    elif drafter_kind == "untrained-prism":  # no draft accepted
+        torch.manual_seed(0)
+        drafter = FeatureDrafter(FeatureDrafterModel(prism_config(tiny_engine), tiny_engine))
+    else:  # the whole model plus noise: paths of every depth accepted and rejected (AL 1.3-2.4)
+        drafter = NoisyDrafter(StandardDrafter.from_target_layers(tiny_engine, 2), scale=2.0, seed=0)
+    config = GenerationConfig(max_new_tokens=MAX_NEW, stop_on_eos=False, tree=TreeConfig.parse(tree))
+    accepted, rounds = 0, 0
+    for prompt, expected in zip(tiny_prompts, tiny_vanilla):
+        result = generate(tiny_engine, prompt, drafter, config)
+        assert result.token_ids == expected
+        accepted, rounds = accepted + sum(result.accepted), rounds + len(result.accepted)
+    if drafter_kind == "standard":
+        assert accepted > 0  # rounds that commit accepted tree paths
+    elif drafter_kind == "noisy-self":
+        assert accepted > 0.3 * rounds
+
+
+def test_tiny_sampling_matches_the_engines_distribution(tiny_engine, tiny_prompts):
+    """First three tokens at T=1 with top-k 4 (a small exact support), speculative with a
+    1-layer standard drafter on depth-1 trees of 3 drafts, against the distribution computed
+    from the engine's one-sequence logits. The third token comes from an accepted draft's logits
+    (computed inside the tree: a wrong tree mask puts samples outside the support) or from the
+    next round (after the KV commit). Measured with these N and seeds: p = 0.41; a bonus drawn
+    from p instead of the residual gives p ~ 5e-15, accepting with min(1, 2p) ~ 6e-50,
+    sampling at T=0.8 ~ 2e-5, the engine ignoring the tree mask p = 0."""
+    cfg = SamplingConfig(temperature=1.0, top_k=4)
+    prompt = tiny_prompts[0]
+    drafter = StandardDrafter.from_target_layers(tiny_engine, 1)
+    n = N_TINY_SAMPLES
+    seen: dict[tuple[int, ...], int] = {}
+    accepted = 0
+    for seed in range(n):
+        config = GenerationConfig(max_new_tokens=3, stop_on_eos=False, seed=seed, sampling=cfg,
+                                  tree=TreeConfig(depth=1, top_k=3, total_tokens=4))
+        result = generate(tiny_engine, prompt, drafter, config)
+        seen[tuple(result.token_ids)] = seen.get(tuple(result.token_ids), 0) + 1
+        accepted += result.accepted[0]
+    assert accepted > 0.2 * n  # the second token often is an accepted draft, the third its bonus
+    cells, expected = [], []
+
+    def walk(prefix: list[int], prob: float) -> None:  # every 3-token continuation in the support
+        if len(prefix) == 3:
+            cells.append(seen.pop(tuple(prefix), 0))
+            expected.append(prob)
+            return
+        probs = target_probs(last_logits(tiny_engine, prompt + prefix), cfg)
+        for token in torch.nonzero(probs).flatten().tolist():
+            walk(prefix + [token], prob * float(probs[token]))
+
+    walk([], 1.0)
+    assert not seen, f"samples outside the support: {seen}"
+    p = chi_square_pvalue(np.array(cells), np.array(expected), n)
+    print(f"chi-square p = {p:.3g} (N = {n}, accepted drafts in the first round per sample {accepted / n:.2f})")
+    assert p > 0.001, p
