@@ -23,6 +23,7 @@ the target produced (finish ``stop``) or is cut at ``max_new_tokens`` (finish ``
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import hashlib
 import json
@@ -503,8 +504,6 @@ class LlamaCppEngine:
             raise RuntimeError(f"llama_decode failed with status {status}")
 
     def _logits(self, ctx, row: int) -> np.ndarray:
-        import ctypes
-
         pointer = self.llama_cpp.llama_get_logits_ith(ctx, row)
         return np.ctypeslib.as_array(ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)), shape=(self.n_vocab,))
 
