@@ -17,7 +17,7 @@ import pytest
 import torch
 from helpers import tiny_chat_target
 
-from prism_spec import cli
+from prism_spec import cli, generate_cli
 
 # Tiny models gain nothing from a second thread, and on a shared 2-core machine it makes them
 # far slower (the `one_thread` fixture lives in tests/conftest.py).
@@ -358,7 +358,7 @@ def test_chat_keeps_the_history(tiny_target, capsys, monkeypatch):
     from prism_spec.runtime import GenerationConfig, generate
 
     loaded, rendered = [], []
-    load = cli.load_target_from_args
+    load = generate_cli.load_target_from_args
 
     def spy(args):
         target = load(args)
@@ -372,7 +372,7 @@ def test_chat_keeps_the_history(tiny_target, capsys, monkeypatch):
         loaded.append(target)
         return target
 
-    monkeypatch.setattr(cli, "load_target_from_args", spy)
+    monkeypatch.setattr(generate_cli, "load_target_from_args", spy)
     monkeypatch.setattr("sys.stdin", io.StringIO("My name is Ada.\nWhat is my name?\n"))
     code, out, err = run_cli(capsys, "chat", "--target", tiny_target, "--drafter", "layers:1", "--max-new-tokens", "6",
                              "--system", "Be brief.")
@@ -393,7 +393,7 @@ def test_chat_keeps_the_history(tiny_target, capsys, monkeypatch):
 
 
 def test_tree_label_spells_out_the_spec():
-    from prism_spec.cli import tree_label
+    from prism_spec.cli_common import tree_label
     from prism_spec.runtime.tree import TreeConfig
 
     assert tree_label(TreeConfig.parse("10/1/6")) == "10/1/6 (10 nodes with the root, 2 drafted levels, top-k 6)"
@@ -471,7 +471,7 @@ def test_bad_serve_flags_exit_2_naming_the_flag(capsys, argv, flag, message):
 
 
 def test_serving_beyond_localhost_without_a_key_is_warned_about():
-    from prism_spec.cli import exposure_warning
+    from prism_spec.serve_cli import exposure_warning
 
     for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
         assert exposure_warning(host, None) is None

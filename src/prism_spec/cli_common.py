@@ -1,10 +1,12 @@
-"""What the ``prism`` command and its subcommand modules share: the error a command reports
-as ``error: <message>``, subcommand parsers, the target option group and loading the target it
-names, atomic JSON-lines output and status lines.
+"""What the ``prism`` subcommand modules share: the error a command reports as
+``error: <message>``, subcommand parsers, the option groups (target, drafter and tree,
+sampling) and what they turn into (the loaded target, the generation config, the resolved
+tree), atomic JSON-lines output and status lines.
 
-:mod:`prism_spec.cli` registers every subcommand; subcommands that live with the code they
-drive (:mod:`prism_spec.train.corpus_cli`) build on this module rather than on the entry point
-that imports them.
+:mod:`prism_spec.cli` registers every subcommand; the subcommand modules
+(:mod:`prism_spec.demo_cli`, :mod:`prism_spec.generate_cli`, :mod:`prism_spec.serve_cli`,
+:mod:`prism_spec.train.corpus_cli`) build on this module rather than on the entry point that
+imports them. Argparse value types are in :mod:`prism_spec.options`.
 """
 
 from __future__ import annotations
@@ -15,9 +17,21 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
-from .options import device, dtype, threads
+from .options import (
+    TreeTooLargeError,
+    check_tree_fits,
+    device,
+    dtype,
+    non_negative_int,
+    positive_int,
+    seed,
+    temperature,
+    threads,
+    top_p,
+    tree_config,
+)
 
 
 class CLIError(Exception):
@@ -104,6 +118,81 @@ def load_target_from_args(args: argparse.Namespace):
 def _looks_like_path(name: str) -> bool:
     """A local folder rather than a hub id ("org/name")."""
     return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+# ====================================================================== drafter, sampling and tree
+def add_drafter_options(parser: argparse.ArgumentParser, default: str = "auto", tree: str = "cpu") -> None:
+    group = parser.add_argument_group("drafter")
+    group.add_argument(
+        "--drafter",
+        default=default,
+        metavar="SPEC",
+        help="auto (best available for the target), layers:N (the target's first N layers, untrained), "
+        f"none (vanilla decoding) or a drafter checkpoint path (default: {default})",
+    )
+    group.add_argument(
+        "--tree",
+        type=tree_config,
+        default=tree,
+        metavar="SPEC",
+        help="draft tree: paper, serving, cpu, chain:N, TOTAL/DEPTH/TOPK, or auto (measured on this "
+        f"machine for this drafter, cached) (default: {tree})",
+    )
+
+
+def add_sampling_options(parser: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument(
+        "--max-new-tokens", type=positive_int, default=max_new_tokens, metavar="N",
+        help=f"tokens to generate at most (default: {max_new_tokens})",
+    )
+    group.add_argument(
+        "--temperature", type=temperature, default=0.0, metavar="T", help="0 = greedy (default: 0)"
+    )
+    group.add_argument("--top-p", type=top_p, default=1.0, metavar="P", help="nucleus sampling mass (default: 1)")
+    group.add_argument("--top-k", type=non_negative_int, default=0, metavar="K", help="0 disables (default: 0)")
+    group.add_argument("--seed", type=seed, default=None, metavar="S", help="random seed for sampling")
+
+
+def generation_config(args: argparse.Namespace, stop_strings: Sequence[str] = ()):
+    from .runtime import GenerationConfig, SamplingConfig, TreeConfig
+
+    return GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        sampling=SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k),
+        tree=TreeConfig.parse("cpu") if args.tree == "auto" else args.tree,
+        stop_strings=tuple(stop_strings),
+        seed=args.seed,
+        static_cache=wants_static_cache(args),
+    )
+
+
+def wants_static_cache(args: argparse.Namespace) -> bool:
+    """--static-cache, or a runtime that needs one (--compile, --cuda-graphs)."""
+    return any(getattr(args, flag, False) for flag in ("static_cache", "compile", "cuda_graphs"))
+
+
+def resolve_tree_from_args(args: argparse.Namespace, target, resolved):
+    """The tree shape: the parsed --tree, or for ``auto`` the autotuned one (cached on disk). A
+    given tree must fit in the target's context beside a prompt: a larger one is refused here,
+    the first moment the context is known, rather than decoding at a crawl."""
+    if args.tree != "auto":
+        try:
+            check_tree_fits(args.tree, target.max_context)
+        except TreeTooLargeError as exc:
+            raise CLIError(str(exc)) from None
+        return args.tree
+    from .runtime.autotune import resolve_tree
+
+    return resolve_tree("auto", target, resolved.drafter, resolved.label, progress=print_status,
+                        static_cache=wants_static_cache(args))
+
+
+def tree_label(tree) -> str:
+    """The shape as ``--tree`` takes it (TOTAL/DEPTH/TOPK), spelled out."""
+    levels = f"{tree.max_depth} drafted level{'s' * (tree.max_depth > 1)}"
+    return f"{tree.total_tokens}/{tree.depth}/{tree.top_k} ({tree.total_tokens} nodes with the root, {levels}, top-k {tree.top_k})"
+
 
 
 # ====================================================================== output

@@ -23,6 +23,43 @@ def positive(kind: type = int) -> Callable[[str], float]:
     return parse
 
 
+#: An argparse type: a positive integer (counts, lengths, sizes, ports).
+positive_int = positive(int)
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer >= 0 (``--top-k``, where 0 disables)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def temperature(text: str) -> float:
+    """An argparse type: a sampling temperature, a finite number >= 0 (0 = greedy)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"temperature must be a finite number >= 0, got {text}")
+    return value
+
+
+def top_p(text: str) -> float:
+    """An argparse type: a nucleus-sampling mass in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"top-p must be in (0, 1], got {text}")
+    return value
+
+
 def device(text: str) -> str:
     """An argparse type: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (a GPU when there is one),
     refused at parse time when the machine lacks the device."""
@@ -114,6 +151,27 @@ def tree_shape(text: str) -> str:
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
     return text
+
+
+def tree_config(text: str):
+    """An argparse type: a draft-tree shape parsed to a TreeConfig, or ``auto`` kept as written
+    (resolved once the drafter is loaded, by runtime.autotune). The decoding commands take
+    it; bench keeps the spec as written (:func:`tree_shape`)."""
+    from .runtime.tree import TreeConfig
+
+    if text == "auto":
+        return text
+    try:
+        return TreeConfig.parse(text)
+    except ValueError as exc:
+        message = str(exc)
+        if "invalid literal" in message:
+            message = f"bad tree spec {text!r}: chain:N needs an integer N"
+        if not message.startswith(("bad tree spec", "invalid tree shape", "a chain")):
+            message = f"bad tree spec {text!r}: {message}"
+        if "paper" not in message:
+            message += " (use paper, serving, cpu, chain:N or TOTAL/DEPTH/TOPK)"
+        raise argparse.ArgumentTypeError(message) from None
 
 
 #: ``--threads``: torch (and llama.cpp) CPU threads, a positive integer everywhere.
