@@ -12,43 +12,31 @@ any error or mismatch.
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import platform
 import statistics
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import openai
-import torch
 
-from prism_spec.drafters.resolve import resolve_drafter
-from prism_spec.runtime import GenerationConfig, TreeConfig, generate
-from prism_spec.serve import BatchingEngine, create_app, serve_in_thread
-from prism_spec.targets import load_target
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_common import (  # noqa: E402
+    MODEL,
+    PROMPTS,
+    build_parser,
+    greedy_replies,
+    load_target_and_drafter,
+    run_header,
+    running_server,
+)
 
-PROMPTS = [
-    "What is the capital of France?",
-    "Give me three tips for sleeping better.",
-    "Write a haiku about autumn.",
-    "Explain what a hash table is.",
-    "How many legs does a spider have?",
-    "Translate 'good morning' into Spanish.",
-    "What is 12 times 7?",
-    "Name a famous painting by Leonardo da Vinci.",
-]
-
-
-def start_server(target, drafter, tree, max_batch, max_tokens):
-    engine = BatchingEngine(target, drafter, max_batch=max_batch, batch_window_s=0.02).start()
-    server, thread, base = serve_in_thread(create_app(engine, "model", tree, max_tokens))
-    return engine, server, thread, base
+from prism_spec.runtime import TreeConfig  # noqa: E402
 
 
 def run_load(base: str, expected: dict[str, str], clients: int, seconds: float, max_tokens: int,
-             model: str = "model") -> dict:
+             model: str = MODEL) -> dict:
     deadline = time.monotonic() + seconds
     lock = threading.Lock()
     stats = {"requests": 0, "errors": 0, "mismatches": 0, "latencies": [], "error_messages": []}
@@ -87,35 +75,14 @@ def run_load(base: str, expected: dict[str, str], clients: int, seconds: float, 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--target", default="smollm2-135m")
-    parser.add_argument("--drafter", default="auto")
-    parser.add_argument("--tree", default="cpu")
-    parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--seconds", type=float, default=60)
-    parser.add_argument("--max-tokens", type=int, default=24)
-    parser.add_argument("--max-batch", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    target = load_target(args.target)
-    drafter = resolve_drafter(args.drafter, target)
+    args = build_parser(__doc__, max_tokens=24).parse_args(argv)
+    target, drafter = load_target_and_drafter(args)
     tree = TreeConfig.parse(args.tree)
-    expected = {}
-    for prompt in PROMPTS:
-        ids = target.render_chat([{"role": "user", "content": prompt}])
-        expected[prompt] = target.decode(generate(target, ids, None, GenerationConfig(max_new_tokens=args.max_tokens)).token_ids)
-    engine, server, thread, base = start_server(target, drafter.drafter, tree, args.max_batch, args.max_tokens)
-    try:
+    expected = greedy_replies(target, args.max_tokens)
+    with running_server(target, drafter.drafter, tree, args.max_batch, args.max_tokens) as (engine, base):
         stats = run_load(base, expected, args.clients, args.seconds, args.max_tokens)
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        engine.stop()
     lat = sorted(stats["latencies"])
-    print(f"date {datetime.date.today()}  machine {platform.machine()} {platform.processor() or ''} "
-          f"torch threads {torch.get_num_threads()}  target {args.target}  drafter {drafter.label}  tree {args.tree}")
+    print(run_header(args, drafter.label))
     print(f"clients {args.clients}  seconds {args.seconds:g}  max_tokens {args.max_tokens}")
     print(f"requests {stats['requests']}  errors {stats['errors']}  mismatches vs greedy {stats['mismatches']}  "
           f"largest batch {engine.largest_batch}  batches {engine.batches_run}")

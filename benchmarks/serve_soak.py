@@ -17,10 +17,7 @@ of a second or more.
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
-import platform
 import sys
 import threading
 import time
@@ -29,15 +26,19 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_load import PROMPTS  # noqa: E402
+from serve_common import (  # noqa: E402
+    MODEL,
+    PROMPTS,
+    build_parser,
+    greedy_replies,
+    load_target_and_drafter,
+    run_header,
+    running_server,
+)
 
-from prism_spec.drafters.resolve import resolve_drafter  # noqa: E402
-from prism_spec.runtime import GenerationConfig, TreeConfig, generate  # noqa: E402
-from prism_spec.serve import BatchingEngine, create_app, serve_in_thread  # noqa: E402
-from prism_spec.targets import load_target  # noqa: E402
+from prism_spec.runtime import TreeConfig  # noqa: E402
 
 KINDS = ("good", "good_stream", "malformed", "abandon_stream", "abandon_plain", "oversized")
 
@@ -75,7 +76,7 @@ def resident_mb() -> float:
 
 
 def run_soak(base: str, expected: dict[str, str], clients: int, seconds: float, max_tokens: int,
-             max_body_bytes: int, model: str = "model") -> dict:
+             max_body_bytes: int, model: str = MODEL) -> dict:
     deadline = time.monotonic() + seconds
     lock = threading.Lock()
     stats = {"requests": Counter(), "server_errors": 0, "mismatches": 0, "error_messages": [],
@@ -177,36 +178,14 @@ def run_soak(base: str, expected: dict[str, str], clients: int, seconds: float, 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--target", default="smollm2-135m")
-    parser.add_argument("--drafter", default="auto")
-    parser.add_argument("--tree", default="cpu")
-    parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--seconds", type=float, default=60)
-    parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--max-batch", type=int, default=16)
-    parser.add_argument("--max-body-bytes", type=int, default=64 * 1024)
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    target = load_target(args.target)
-    resolved = resolve_drafter(args.drafter, target)
-    expected = {}
-    for prompt in PROMPTS:
-        ids = target.render_chat([{"role": "user", "content": prompt}])
-        expected[prompt] = target.decode(generate(target, ids, None, GenerationConfig(max_new_tokens=args.max_tokens)).token_ids)
-    engine = BatchingEngine(target, resolved.drafter, max_batch=args.max_batch, batch_window_s=0.02).start()
-    app = create_app(engine, "model", TreeConfig.parse(args.tree), args.max_tokens, max_body_bytes=args.max_body_bytes)
-    server, thread, base = serve_in_thread(app)
-    try:
+    args = build_parser(__doc__, max_tokens=16, max_body_bytes=64 * 1024).parse_args(argv)
+    target, resolved = load_target_and_drafter(args)
+    tree = TreeConfig.parse(args.tree)
+    expected = greedy_replies(target, args.max_tokens)
+    with running_server(target, resolved.drafter, tree, args.max_batch, args.max_tokens,
+                        max_body_bytes=args.max_body_bytes) as (engine, base):
         stats = run_soak(base, expected, args.clients, args.seconds, args.max_tokens, args.max_body_bytes)
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        engine.stop()
-    print(f"date {datetime.date.today()}  machine {platform.machine()} {platform.processor() or ''}  "
-          f"torch threads {torch.get_num_threads()}  target {args.target}  drafter {resolved.label}  tree {args.tree}")
+    print(run_header(args, resolved.label))
     print(f"clients {args.clients}  seconds {args.seconds:g}  max_tokens {args.max_tokens}  "
           f"max_body_bytes {args.max_body_bytes}")
     print("requests " + "  ".join(f"{k} {stats['requests'][k]}" for k in KINDS))
