@@ -7,15 +7,21 @@ import argparse
 from typing import Callable
 
 
+def _number(kind: type, text: str, what: str):
+    """``text`` as a ``kind`` (int or float); an argparse error saying ``expected <what>`` when
+    it is not one."""
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+
+
 def positive(kind: type = int) -> Callable[[str], float]:
     """An argparse type: a number of ``kind`` (int or float) greater than 0."""
     what = "a positive integer" if kind is int else "a positive number"
 
     def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        value = _number(kind, text, what)
         if not value > 0:
             raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
         return value
@@ -29,10 +35,7 @@ positive_int = positive(int)
 
 def non_negative_int(text: str) -> int:
     """An argparse type: an integer >= 0 (``--top-k``, where 0 disables)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    value = _number(int, text, "an integer >= 0")
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
     return value
@@ -40,10 +43,7 @@ def non_negative_int(text: str) -> int:
 
 def temperature(text: str) -> float:
     """An argparse type: a sampling temperature, a finite number >= 0 (0 = greedy)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    value = _number(float, text, "a number >= 0")
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"temperature must be a finite number >= 0, got {text}")
     return value
@@ -51,10 +51,7 @@ def temperature(text: str) -> float:
 
 def top_p(text: str) -> float:
     """An argparse type: a nucleus-sampling mass in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    value = _number(float, text, "a number in (0, 1]")
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"top-p must be in (0, 1], got {text}")
     return value
@@ -90,10 +87,7 @@ def seed(text: str) -> int:
     signed or unsigned)."""
     from .runtime.decode import SEED_MAX, SEED_MIN
 
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    value = _number(int, text, "an integer")
     if not SEED_MIN <= value <= SEED_MAX:
         raise argparse.ArgumentTypeError(f"expected an integer in [{SEED_MIN}, {SEED_MAX}] (64 bits), got {value}")
     return value
@@ -105,10 +99,7 @@ TRAINING_SEED_MAX = 2**32 - 1
 
 def training_seed(text: str) -> int:
     """An argparse type: a training seed, an integer numpy's seeding takes ([0, 2**32-1])."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    value = _number(int, text, "an integer")
     if not 0 <= value <= TRAINING_SEED_MAX:
         raise argparse.ArgumentTypeError(f"expected an integer in [0, {TRAINING_SEED_MAX}] (32 bits), got {value}")
     return value
