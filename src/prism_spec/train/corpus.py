@@ -393,7 +393,7 @@ class HFEngine:
         import torch
         from transformers import GenerationConfig
 
-        from ..targets.hf import attention_backends
+        from ..targets.attention import attention_backends
 
         sampling = settings.temperature > 0
         config = GenerationConfig(
