@@ -5,8 +5,8 @@
 
 Each engine answers the same ``--prompts`` prompts (the first ones of the corpus's last shard,
 greedy, ``--max-new-tokens``) through its ``generate``; tokens/s is reply tokens over wall time.
-"llama.cpp" is the GGUF model with continuous batching (train.corpus.LlamaCppEngine);
-"transformers" is the float32 model with left-padded batches (train.corpus.HFEngine). Run it
+"llama.cpp" is the GGUF model with continuous batching (train.corpus.engines.LlamaCppEngine);
+"transformers" is the float32 model with left-padded batches (train.corpus.engines.HFEngine). Run it
 on an idle machine.
 """
 
@@ -19,7 +19,9 @@ import torch
 
 from common import write_rows
 from prism_spec.targets import load_target
-from prism_spec.train.corpus import DecodingSettings, HFEngine, LlamaCppEngine, load_prompts, read_manifest
+from prism_spec.train.corpus.engines import HFEngine, LlamaCppEngine
+from prism_spec.train.corpus.prompts import load_prompts
+from prism_spec.train.corpus.store import DecodingSettings, read_manifest
 
 
 def main(argv=None) -> int:

@@ -38,7 +38,8 @@ from prism_spec.runtime import GenerationConfig, generate
 from prism_spec.runtime.autotune import measure_draft_cost
 from prism_spec.runtime.tree import TreeConfig
 from prism_spec.targets import load_target
-from prism_spec.targets.hf import StaticKV, Target
+from prism_spec.targets.hf import Target
+from prism_spec.targets.kv_cache import StaticKV
 
 MODES = ("eager", "static", "graphs")
 TREES = ("paper", "serving", "cpu", "chain:3", "24/4/4")

@@ -24,7 +24,7 @@ from common import write_rows
 from prism_spec.bench.machine import cpu_name
 from prism_spec.targets import load_target
 from prism_spec.targets.attention import GROUPED_SDPA
-from prism_spec.targets.hf import truncate_cache
+from prism_spec.targets.kv_cache import truncate_cache
 
 
 def median_ms(fn, repeats: int) -> float:

@@ -41,7 +41,8 @@ from prism_spec.runtime import GenerationConfig, generate
 from prism_spec.runtime.tree import ancestor_mask
 from prism_spec.targets import default_target_path, load_target
 from prism_spec.targets.default import GGUF_FILE, _gguf_folder
-from prism_spec.targets.hf import Target, cache_kwarg, truncate_cache
+from prism_spec.targets.hf import Target, cache_kwarg
+from prism_spec.targets.kv_cache import truncate_cache
 
 SIZES = (1, 2, 4, 8, 16, 32, 64)
 VARIANT_SIZES = (1, 2, 8)

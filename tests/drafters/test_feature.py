@@ -16,7 +16,7 @@ from prism_spec.drafters import (
     prism_config,
 )
 from prism_spec.runtime.tree import TreeConfig, draft_tree
-from prism_spec.targets.hf import attention_mask_4d
+from prism_spec.targets.masks import attention_mask_4d
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -543,7 +543,7 @@ def test_reused_static_caches_give_the_same_tokens(target, prompts, vanilla):
 def test_static_cache_drafts_what_the_dynamic_cache_drafts(target, prompts, drafter_name):
     # With static_cache the feature drafter keeps its own KV cache in a StaticCache too: every
     # tree it drafts (tokens and scores) must be the growing cache's, to float64 precision.
-    from prism_spec.targets.hf import RaggedCache, StaticKV
+    from prism_spec.targets.kv_cache import RaggedCache, StaticKV
 
     drafter = DRAFTERS[drafter_name](target)
     shape = TreeConfig(depth=4, top_k=3, total_tokens=12)

@@ -15,7 +15,10 @@ import pytest
 from helpers import tiny_chat_target
 
 from prism_spec.targets import load_target
-from prism_spec.train.corpus import DecodingSettings, HFEngine, build_corpus, create_corpus, read_corpus
+from prism_spec.train.corpus.build import build_corpus, create_corpus
+from prism_spec.train.corpus.engines import HFEngine
+from prism_spec.train.corpus.read import read_corpus
+from prism_spec.train.corpus.store import DecodingSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = ROOT / "scripts" / "device"

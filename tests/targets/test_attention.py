@@ -10,7 +10,9 @@ import torch.nn.functional as F
 
 from helpers import tiny_llama
 from prism_spec.targets.attention import GROUPED_SDPA, folds_query_groups, grouped_sdpa_attention, use_grouped_sdpa
-from prism_spec.targets.hf import batch_attention_mask, cache_kwarg, truncate_cache
+from prism_spec.targets.hf import cache_kwarg
+from prism_spec.targets.kv_cache import truncate_cache
+from prism_spec.targets.masks import batch_attention_mask
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

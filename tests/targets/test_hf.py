@@ -7,14 +7,9 @@ import torch
 
 from helpers import RandomDrafter, tiny_llama
 from prism_spec.runtime.tree import DraftTree, TreeConfig, draft_tree
-from prism_spec.targets.hf import (
-    attention_mask_4d,
-    default_feature_layers,
-    compact_cache,
-    keep_in_cache,
-    parse_dtype,
-    truncate_cache,
-)
+from prism_spec.targets.hf import default_feature_layers, parse_dtype
+from prism_spec.targets.kv_cache import compact_cache, keep_in_cache, truncate_cache
+from prism_spec.targets.masks import attention_mask_4d
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -256,7 +251,7 @@ def test_parse_dtype():
 def test_attention_backends_leave_cudnn_out_on_cuda_only():
     import contextlib
 
-    from prism_spec.targets.hf import attention_backends
+    from prism_spec.targets.attention import attention_backends
 
     assert isinstance(attention_backends("cpu"), contextlib.nullcontext)
     before = torch.backends.cuda.cudnn_sdp_enabled()

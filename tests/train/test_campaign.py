@@ -13,7 +13,9 @@ from safetensors import safe_open
 from prism_spec.drafters import load_drafter
 from prism_spec.targets import load_target
 from prism_spec.train import campaign as camp
-from prism_spec.train.corpus import DecodingSettings, HFEngine, build_corpus, create_corpus
+from prism_spec.train.corpus.build import build_corpus, create_corpus
+from prism_spec.train.corpus.engines import HFEngine
+from prism_spec.train.corpus.store import DecodingSettings
 
 
 @pytest.fixture(scope="module")

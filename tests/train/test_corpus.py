@@ -12,19 +12,11 @@ from prism_spec.cli import main as cli_main
 from prism_spec.runtime import GenerationConfig, generate
 from prism_spec.targets import load_target
 from prism_spec.train.config import build_config
-from prism_spec.train.corpus import (
-    MANIFEST,
-    CorpusError,
-    DecodingSettings,
-    HFEngine,
-    build_corpus,
-    collect_prompts,
-    corpus_status,
-    create_corpus,
-    finished_shards,
-    read_corpus,
-    shard_name,
-)
+from prism_spec.train.corpus.build import build_corpus, create_corpus
+from prism_spec.train.corpus.engines import HFEngine
+from prism_spec.train.corpus.prompts import collect_prompts
+from prism_spec.train.corpus.read import corpus_status, finished_shards, read_corpus
+from prism_spec.train.corpus.store import MANIFEST, CorpusError, DecodingSettings, shard_name
 from prism_spec.train.loop import load_examples
 
 
@@ -216,7 +208,7 @@ def test_llama_cpp_engine_answers_like_llama_cpps_own_decoding(tmp_path):
     pytest.importorskip("llama_cpp", reason="the llamacpp extra (llama-cpp-python) is not installed")
     from prism_spec.targets import load_target
     from prism_spec.targets.llamacpp import plain_greedy, plain_llama
-    from prism_spec.train.corpus import LlamaCppEngine
+    from prism_spec.train.corpus.engines import LlamaCppEngine
 
     try:
         gguf = load_target(engine="llama.cpp", threads=2)

@@ -1,4 +1,5 @@
-"""The machine a bench runs on, recorded with its results (and by the benchmark scripts)."""
+"""The machine a bench runs on, recorded with its results (and by the benchmark scripts and the
+corpus shards)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,13 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def machine_description() -> str:
+    """The GPU's name, else the CPU model and core count: where a corpus shard was produced."""
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} (CUDA)"
+    return f"{cpu_name()}, {os.cpu_count()} logical cores"
 
 
 def machine_info(device: str | torch.device = "cpu") -> dict:

@@ -28,18 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
-from ..targets.hf import (
-    RaggedCache,
-    StaticCachePool,
-    StaticKV,
-    Target,
-    attention_backends,
-    batch_attention_mask,
-    cache_kwarg,
-    fit_mask_to_cache,
-    pad_ragged,
-)
+from ..targets.attention import attention_backends
 from ..targets.family import full_attention_config, generic_layer_config
+from ..targets.hf import Target, cache_kwarg
+from ..targets.kv_cache import RaggedCache, StaticCachePool, StaticKV
+from ..targets.masks import batch_attention_mask, fit_mask_to_cache, pad_ragged
 from ..targets.packed import pack_linears, packed_linear
 from .base import Drafter, DrafterMismatchError
 

@@ -7,7 +7,9 @@ import copy
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from ..targets.hf import RaggedCache, Target, pad_ragged
+from ..targets.hf import Target
+from ..targets.kv_cache import RaggedCache
+from ..targets.masks import pad_ragged
 from .base import Drafter, DrafterMismatchError
 
 

@@ -17,7 +17,8 @@ from torch.profiler import record_function
 
 from ..devices import synchronize
 from ..drafters.base import Drafter
-from ..targets.hf import Target, pad_ragged
+from ..targets.hf import Target
+from ..targets.masks import pad_ragged
 from .tree import DraftTree, DraftTreeBatch, TreeConfig, draft_tree_batch
 from .verify import SamplingConfig, verify_greedy, verify_sampling
 

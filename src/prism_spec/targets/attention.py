@@ -26,6 +26,9 @@ query row attends, in its own one-token call to transformers' ``sdpa`` function,
 the keys its mask row shows (the prefix and its ancestors in the tree), in cache order: the
 same kernel, shapes and reduction order as the decode step that vanilla decoding runs. The
 rest of a layer (linear layers, norms, rotary embeddings) is computed row by row already.
+
+:func:`attention_backends` picks the SDPA kernels that the runtime's, the drafters' and
+training's forwards may use on CUDA (cuDNN attention left out).
 """
 
 from __future__ import annotations
@@ -70,6 +73,20 @@ def row_invariant_attention(enabled: bool = True):
         yield
     finally:
         _ROW_INVARIANT.reset(token)
+
+
+def attention_backends(device) -> contextlib.AbstractContextManager:
+    """SDPA backends for forwards whose shapes change every call (decode steps over a growing
+    cache, drafter steps, padded training batches). On CUDA this leaves cuDNN attention out:
+    recent torch builds try it first for masked attention on Hopper/Blackwell GPUs, and it
+    builds a new execution plan for every new shape (reported at 10-1000 ms each), which at
+    one new cache length per step swamps decoding. Flash, memory-efficient and math kernels
+    remain. A no-op on other devices."""
+    if torch.device(device).type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def visible_key_runs(attention_mask: torch.Tensor, kv_len: int) -> list[list[torch.Tensor | int]]:

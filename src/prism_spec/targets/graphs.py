@@ -24,6 +24,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from .kv_cache import filled_layers
+
 Outputs = tuple  # of tensors (or None)
 
 
@@ -32,11 +34,6 @@ class _Captured:
     graph: "torch.cuda.CUDAGraph"
     inputs: list[torch.Tensor]  # static copies the graph reads
     outputs: Outputs  # written by each replay
-
-
-def cache_layers(cache) -> list:
-    """The allocated layers of a StaticCache (allocation is lazy, at the first write)."""
-    return [layer for layer in cache.layers if getattr(layer, "keys", None) is not None]
 
 
 class CudaGraphRunner:
@@ -85,7 +82,7 @@ class CudaGraphRunner:
         return _Captured(graph, static, tuple(outputs))
 
     def __call__(self, fn: Callable[..., Outputs], inputs: Sequence[torch.Tensor], cache, key=()) -> Outputs:
-        layers = cache_layers(cache)
+        layers = filled_layers(cache)  # a StaticCache allocates a layer at its first write
         if not layers or not all(hasattr(layer, "cumulative_length") for layer in layers):
             return tuple(fn(*inputs))  # not allocated yet (or not a StaticCache): eager
         full_key = self._key(key, inputs, layers)

@@ -1,13 +1,13 @@
 """A transformers causal LM behind the one small surface the runtime needs.
 
 Everything model-family specific stays here: a forward over new tokens (optionally a draft
-tree) on top of a KV cache, the hidden states drafters consume, cache compaction after
-acceptance, and chat-template rendering.
+tree) on top of a KV cache, the hidden states drafters consume, chat-template rendering, and
+loading a model by hub id or path. The masks of those forwards are :mod:`.masks`', the KV
+caches and their compaction after acceptance :mod:`.kv_cache`'s.
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import warnings
 from dataclasses import dataclass
@@ -17,9 +17,11 @@ from typing import Sequence
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel, StaticCache
 
-from .attention import row_invariant_attention, use_grouped_sdpa
+from .attention import attention_backends, row_invariant_attention, use_grouped_sdpa
 from .default import DEFAULT_TARGET, default_target_path
 from .family import TargetFamily, UnsupportedTargetError, check_supported, full_attention_config
+from .kv_cache import RaggedCache, StaticCachePool, StaticKV
+from .masks import batch_attention_mask, fit_mask_to_cache
 from .packed import PackedLinear, available_memory_bytes, linear_weight_bytes, pack_linears, unpack_linears
 
 #: load_hf_target packs by default only when the packed copy takes at most this share of the
@@ -53,87 +55,6 @@ class ForwardOutput:
     layer_features: torch.Tensor | None = None  # [n, len(layers) * hidden] when asked for
 
 
-def batch_attention_mask(
-    lengths: torch.Tensor | None,
-    past_len: int,
-    n_new: int,
-    tree_mask: torch.Tensor | None,
-    dtype: torch.dtype,
-    device,
-    positions: torch.Tensor | None = None,
-    window: int | None = None,
-) -> torch.Tensor:
-    """Additive 4D mask [B, 1, n_new, past_len + n_new] for new tokens on top of a cache.
-
-    The cache holds a committed region followed by this round's tree entries. ``tree_mask``
-    (bool, [B, n_new, t]) says which of the last ``t`` entries (the tree entries, the new ones
-    included) each new token may see; without it the new tokens are causal among themselves.
-    In the committed region row b sees its first ``lengths[b]`` entries (rows are ragged: the
-    rest is padding); ``lengths=None`` means all of it.
-
-    ``window`` (sliding-window attention): a token at position p also sees only keys at
-    positions above ``p - window``, as transformers' sliding masks do. Committed entry i sits
-    at position i and the new tokens at ``positions`` [B, n_new]."""
-    if tree_mask is None:
-        tree_mask = torch.ones(n_new, n_new, dtype=torch.bool, device=device).tril()[None]
-    batch = tree_mask.shape[0] if lengths is None else lengths.shape[0]
-    t = tree_mask.shape[-1]
-    tree_mask = tree_mask.to(device).expand(batch, n_new, t)
-    region = past_len + n_new - t
-    if lengths is None:
-        committed = torch.ones(batch, region, dtype=torch.bool, device=device)
-    else:
-        committed = torch.arange(region, device=device)[None, :] < lengths.to(device)[:, None]
-    visible = torch.cat([committed[:, None, :].expand(batch, n_new, region), tree_mask], dim=-1)
-    if window is not None:
-        if positions is None:
-            raise ValueError("a sliding-window mask needs the new tokens' positions")
-        positions = positions.to(device).expand(batch, n_new)
-        # Tree entries written by earlier forwards (a drafter's previous tree levels) lie within
-        # the tree's depth of every query and stay visible: exact while the window is longer
-        # than the tree is deep. A target's verify writes the whole tree at once (t == n_new).
-        committed_positions = torch.arange(region, device=device).expand(batch, n_new, region)
-        earlier_positions = positions[:, :, None].expand(batch, n_new, t - n_new)  # seen as the query's own
-        new_positions = positions[:, None, :].expand(batch, n_new, n_new)
-        key_positions = torch.cat([committed_positions, earlier_positions, new_positions], dim=-1)
-        visible = visible & (positions[:, :, None] - key_positions < window)
-    mask = torch.zeros(visible.shape, dtype=dtype, device=device)
-    mask.masked_fill_(~visible, torch.finfo(dtype).min)
-    return mask[:, None]
-
-
-def attention_mask_4d(
-    past_len: int, n_new: int, tree_mask: torch.Tensor | None, dtype: torch.dtype, device
-) -> torch.Tensor:
-    """One sequence: [1, 1, n_new, past_len + n_new]; ``tree_mask`` is [n_new, t] (see
-    :func:`batch_attention_mask`; the whole committed region is visible)."""
-    return batch_attention_mask(None, past_len, n_new, None if tree_mask is None else tree_mask[None], dtype, device)
-
-
-def pad_ragged(rows: Sequence[torch.Tensor], pad_value=0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad 1-D (or [m, h]) tensors to one batch; returns (padded, lengths)."""
-    counts = torch.tensor([r.shape[0] for r in rows], device=rows[0].device)
-    width = int(counts.max())
-    padded = rows[0].new_full((len(rows), width, *rows[0].shape[1:]), pad_value)
-    for i, r in enumerate(rows):
-        padded[i, : r.shape[0]] = r
-    return padded, counts
-
-
-def attention_backends(device) -> contextlib.AbstractContextManager:
-    """SDPA backends for forwards whose shapes change every call (decode steps over a growing
-    cache, drafter steps, padded training batches). On CUDA this leaves cuDNN attention out:
-    recent torch builds try it first for masked attention on Hopper/Blackwell GPUs, and it
-    builds a new execution plan for every new shape (reported at 10-1000 ms each), which at
-    one new cache length per step swamps decoding. Flash, memory-efficient and math kernels
-    remain. A no-op on other devices."""
-    if torch.device(device).type != "cuda":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
-
-
 def cache_kwarg(module) -> str:
     """transformers renamed `past_key_values` to `cache`; accept both generations."""
     params = inspect.signature(module.forward).parameters
@@ -143,48 +64,6 @@ def cache_kwarg(module) -> str:
 def default_feature_layers(num_layers: int) -> tuple[int, int, int]:
     """Low, middle and high layers for EAGLE-3-style input (indices into HF hidden_states)."""
     return (min(3, num_layers), num_layers // 2 + 1, max(num_layers - 2, 1))
-
-
-def fit_mask_to_cache(mask: torch.Tensor, cache, dtype: torch.dtype) -> torch.Tensor:
-    """On a StaticCache the keys span the whole buffer: widen the additive mask to it, the
-    unwritten tail hidden. Other caches: the mask as it is."""
-    if not isinstance(cache, StaticCache):
-        return mask
-    width = int(cache.get_max_length())
-    if mask.shape[-1] > width:
-        raise ValueError(f"static KV cache of {width} entries cannot take {mask.shape[-1]}")
-    return torch.nn.functional.pad(mask, (0, width - mask.shape[-1]), value=torch.finfo(dtype).min)
-
-
-class StaticCachePool:
-    """StaticCaches for one model config. With ``reuse`` on (CUDA graphs turn it on), a
-    released cache is kept for the next generation of the same size, write positions reset,
-    so the graphs captured on its buffers replay instead of being captured again. One
-    generation at a time per pool, then (the serving engine decodes on one thread)."""
-
-    def __init__(self, config, max_kept: int = 4):
-        self.config = config
-        self.reuse = False
-        self.max_kept = max_kept
-        self.free: dict[tuple[int, int], StaticCache] = {}
-
-    def acquire(self, batch: int, capacity: int) -> StaticCache:
-        cache = self.free.pop((batch, capacity), None)
-        if cache is None:
-            return StaticCache(config=self.config, max_cache_len=capacity)
-        with torch.inference_mode():
-            for layer in filled_layers(cache):
-                layer.cumulative_length.zero_()  # stale entries stay, hidden by the mask
-        return cache
-
-    def release(self, cache: StaticCache, batch: int, capacity: int) -> None:
-        if not self.reuse:
-            return
-        layers = filled_layers(cache)
-        if layers and all(layer.keys.shape[0] == batch for layer in layers):  # keep_rows shrinks them
-            if len(self.free) >= self.max_kept:  # bound the memory held
-                self.free.pop(next(iter(self.free)))
-            self.free[(batch, capacity)] = cache
 
 
 #: Forwards over at most this many new tokens use the compiled decoder (decode and verify, not prefill).
@@ -453,150 +332,6 @@ class Target:
                 f"{self.family.model_type}: the runtime's forward differs from the model's own "
                 f"(relative logit error {error:.2g}); this family is not supported"
             )
-
-
-def filled_layers(cache) -> list:
-    """The cache's layers that hold key/value tensors (layers not written yet have none)."""
-    return [layer for layer in cache.layers if getattr(layer, "keys", None) is not None]
-
-
-def truncate_cache(cache: DynamicCache, length: int) -> None:
-    """Drop every cache entry from position ``length`` on."""
-    for layer in filled_layers(cache):
-        if layer.keys.shape[-2] > length:
-            layer.keys = layer.keys[..., :length, :]
-            layer.values = layer.values[..., :length, :]
-
-
-def move_kept_entries(
-    layers: Sequence, lengths: torch.Tensor, region: int, keep: Sequence[torch.Tensor]
-) -> torch.Tensor:
-    """Per row b copy the entries ``region + keep[b]`` (``keep[b]`` sorted: the accepted tree
-    nodes, or the real tokens of a padded extend) down to positions ``lengths[b]..``, in place
-    in each layer's ``keys`` / ``values``; returns the new lengths. Only entries not already in
-    place move (a chain accepted along first children moves nothing), so a round costs what it
-    accepted, not the length of the cache. Entries past a row's new length are left as they
-    are: padding, hidden by :func:`batch_attention_mask`."""
-    device = lengths.device
-    counts = torch.tensor([k.numel() for k in keep], device=device)
-    rows = torch.repeat_interleave(torch.arange(len(keep), device=device), counts)
-    src = region + torch.cat([k.to(device) for k in keep])
-    dst = torch.cat([lengths[b] + torch.arange(k.numel(), device=device) for b, k in enumerate(keep)])
-    moved = src != dst
-    if bool(moved.any()):
-        rows, src, dst = rows[moved], src[moved], dst[moved]
-        # src >= dst everywhere (keep is sorted and region >= lengths): the right-hand side is
-        # gathered into a new tensor before the write, so overlapping moves are safe.
-        with torch.inference_mode():  # cache tensors are made under inference mode
-            for layer in layers:
-                layer.keys[rows, :, dst] = layer.keys[rows, :, src]
-                layer.values[rows, :, dst] = layer.values[rows, :, src]
-    return lengths + counts
-
-
-def compact_cache(
-    cache: DynamicCache, lengths: torch.Tensor, region: int, keep: Sequence[torch.Tensor]
-) -> torch.Tensor:
-    """Per row b keep its first ``lengths[b]`` entries plus the entries ``region + keep[b]``
-    (``keep[b]`` sorted), moved down to follow them, and cut the cache after the longest row;
-    returns the new lengths. Rows shorter than the longest end in padding (masked out by
-    ``batch_attention_mask``)."""
-    new_lengths = move_kept_entries(filled_layers(cache), lengths, region, keep)
-    truncate_cache(cache, int(new_lengths.max()))
-    return new_lengths
-
-
-def keep_in_cache(cache: DynamicCache, prefix_len: int, keep: torch.Tensor) -> None:
-    """One sequence: keep the first ``prefix_len`` entries plus the tree entries ``keep``."""
-    compact_cache(cache, torch.tensor([prefix_len], device=keep.device), prefix_len, [keep])
-
-
-def select_cache_rows(cache: DynamicCache, rows: torch.Tensor) -> None:
-    """Keep only the batch rows ``rows`` (finished sequences leave the batch)."""
-    for layer in filled_layers(cache):
-        layer.keys = layer.keys.index_select(0, rows.to(layer.keys.device))
-        layer.values = layer.values.index_select(0, rows.to(layer.values.device))
-
-
-class RaggedCache:
-    """A KV cache over a batch of ragged sequences.
-
-    Slots ``[0, region)`` hold the committed entries (row b: its first ``lengths[b]``, the rest
-    padding); a round's tree entries go after them, are masked per row by
-    :func:`batch_attention_mask`, and are either kept (``commit``) or dropped (``rollback``).
-    """
-
-    def __init__(self, cache: DynamicCache, batch: int, device, capacity: int | None = None):
-        self.cache = cache
-        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
-        self.region = 0
-        self.capacity = capacity  # most entries it can hold (None: the model's context)
-
-    def commit(self, keep: Sequence[torch.Tensor]) -> None:
-        """Per row, keep the new entries at indices ``keep[b]`` (counted from ``region``)."""
-        self.lengths = compact_cache(self.cache, self.lengths, self.region, keep)
-        self.region = int(self.lengths.max())
-
-    def rollback(self) -> None:
-        """Drop every entry written since the last commit."""
-        truncate_cache(self.cache, self.region)
-
-    def release(self) -> None:
-        """The generation is over (nothing to hand back: the cache is simply dropped)."""
-
-    def keep_rows(self, rows: torch.Tensor) -> None:
-        select_cache_rows(self.cache, rows)
-        self.lengths = self.lengths[rows.to(self.lengths.device)]
-        self.region = int(self.lengths.max())
-        truncate_cache(self.cache, self.region)
-
-
-class StaticKV:
-    """:class:`RaggedCache`'s contract on a preallocated transformers ``StaticCache``.
-
-    The key/value buffers never move or grow: a forward writes its entries in place after the
-    current region, acceptance copies the kept tree entries down inside the buffer, and
-    dropping entries only resets the write position. Fixed tensor addresses are what CUDA
-    graphs and ``torch.compile`` need, and no per-step ``torch.cat`` of the whole cache is
-    paid. Entries past a row's length are stale and hidden by the attention mask.
-    """
-
-    def __init__(self, pool: StaticCachePool, batch: int, capacity: int, device):
-        self.pool, self.batch = pool, batch
-        self.cache = pool.acquire(batch, capacity)
-        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
-        self.region = 0
-        self.capacity = capacity
-
-    def _set_write_position(self, n: int) -> None:
-        for layer in self.cache.layers:
-            if not hasattr(layer, "cumulative_length"):
-                raise RuntimeError("this transformers version's StaticCache has no write position to reset")
-            layer.cumulative_length.fill_(n)
-
-    def commit(self, keep: Sequence[torch.Tensor]) -> None:
-        self.lengths = move_kept_entries(filled_layers(self.cache), self.lengths, self.region, keep)
-        self.region = int(self.lengths.max())
-        with torch.inference_mode():  # the buffers were made under inference mode
-            self._set_write_position(self.region)
-
-    @torch.inference_mode()
-    def rollback(self) -> None:
-        self._set_write_position(self.region)
-
-    def release(self) -> None:
-        """The generation is over: the pool may keep the buffers for the next one."""
-        self.pool.release(self.cache, self.batch, self.capacity)
-
-    @torch.inference_mode()
-    def keep_rows(self, rows: torch.Tensor) -> None:
-        # New, smaller buffers: a compiled graph sees new addresses (it re-captures once).
-        for layer in filled_layers(self.cache):
-            layer.keys = layer.keys.index_select(0, rows.to(layer.keys.device))
-            layer.values = layer.values.index_select(0, rows.to(layer.values.device))
-        self.lengths = self.lengths[rows.to(self.lengths.device)]
-        self.region = int(self.lengths.max())
-        self._set_write_position(self.region)
 
 
 def with_attention_fallback(build, attn_implementation: str = "sdpa"):

@@ -81,7 +81,7 @@ def add_corpus_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def make_engine(target, batch_size: int | None, static_cache: bool):
-    from .corpus import HFEngine, LlamaCppEngine
+    from .corpus.engines import HFEngine, LlamaCppEngine
 
     if getattr(target, "engine", "torch") == "llama.cpp":
         if static_cache:
@@ -98,7 +98,7 @@ CORPUS_DEFAULTS = {"max_new_tokens": 384, "temperature": 0.0, "top_p": 1.0, "top
 
 def _corpus_settings(args: argparse.Namespace) -> dict:
     """The corpus's own settings when it exists, else the defaults; values given override."""
-    from .corpus import is_corpus, read_manifest
+    from .corpus.store import is_corpus, read_manifest
 
     values = dict(CORPUS_DEFAULTS)
     if is_corpus(args.out):
@@ -110,7 +110,9 @@ def _corpus_settings(args: argparse.Namespace) -> dict:
 
 
 def run_corpus_build(args: argparse.Namespace) -> int:
-    from .corpus import DecodingSettings, build_corpus, corpus_status, create_corpus, read_manifest, is_corpus
+    from .corpus.build import build_corpus, create_corpus
+    from .corpus.read import corpus_status
+    from .corpus.store import DecodingSettings, is_corpus, read_manifest
 
     if args.compile or args.cuda_graphs:
         raise CLIError("--compile and --cuda-graphs are not used by `prism corpus build` (--static-cache is)")
@@ -165,7 +167,7 @@ def _print_status(status: dict) -> None:
 
 
 def run_corpus_status(args: argparse.Namespace) -> int:
-    from .corpus import corpus_status
+    from .corpus.read import corpus_status
 
     status = corpus_status(args.folder)
     if args.json:
@@ -179,7 +181,8 @@ def run_corpus_export(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from ..targets import DEFAULT_TARGET, default_target_path
-    from .corpus import read_corpus, read_manifest
+    from .corpus.read import read_corpus
+    from .corpus.store import read_manifest
 
     manifest = read_manifest(args.folder)
     name = args.target or manifest["target"]["name"]

@@ -40,7 +40,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..targets.hf import attention_backends
+from ..targets.attention import attention_backends
 
 FORMAT = "prism-spec-features/1"
 INDEX = "index.json"

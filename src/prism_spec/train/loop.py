@@ -87,7 +87,8 @@ def load_examples(config: TrainConfig, tokenizer) -> tuple[list[Example], list[E
     from .chat import tokenize_conversation
     from .data import load_training_mix, sample, split_heldout
 
-    from .corpus import CorpusExample, is_corpus, read_corpus
+    from .corpus.read import CorpusExample, read_corpus
+    from .corpus.store import is_corpus
 
     data = config.data
     paths = [str(p) for p in data.paths]

@@ -22,7 +22,7 @@ from typing import Sequence
 
 import torch
 
-from ..targets.hf import attention_backends
+from ..targets.attention import attention_backends
 from .chat import has_chat_template, render
 from .data import Conversation, conversation_key, strip_think_blocks
 
