@@ -38,7 +38,9 @@ from typing import Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 
-from .data import Conversation, conversation_key, expand_sources, read_file
+from .conversations import Conversation, conversation_key
+from .mix import expand_sources
+from .records import read_file
 
 FORMAT = "prism-spec-corpus/1"
 MANIFEST = "corpus.json"

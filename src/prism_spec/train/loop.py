@@ -85,9 +85,8 @@ def load_examples(config: TrainConfig, tokenizer) -> tuple[list[Example], list[E
     training part (nested, seeded subsets), so data-scaling runs share one validation set.
     """
     from .chat import tokenize_conversation
-    from .data import load_training_mix, sample, split_heldout
-
     from .corpus import CorpusExample, is_corpus, read_corpus
+    from .mix import load_training_mix, sample, split_heldout
 
     data = config.data
     paths = [str(p) for p in data.paths]
