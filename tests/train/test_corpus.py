@@ -25,7 +25,7 @@ from prism_spec.train.corpus import (
     read_corpus,
     shard_name,
 )
-from prism_spec.train.loop import load_examples
+from prism_spec.train.examples import load_examples
 
 
 @pytest.fixture(scope="module")

@@ -24,26 +24,23 @@ from prism_spec.drafters import FeatureDrafter, StandardDrafter, load_drafter
 from prism_spec.runtime import GenerationConfig, generate
 from prism_spec.targets import load_target
 from prism_spec.train import cli as train_cli
+from prism_spec.train.checkpoints import CHECKPOINTS, find_latest_checkpoint, state_sha256
 from prism_spec.train.config import (
-    ConfigError,
     TrainConfig,
     build_config,
-    parse_override,
     read_config_file,
     recipe,
     recipe_names,
 )
+from prism_spec.train.data_order import DataOrder
+from prism_spec.train.errors import ConfigError, TrainingError
 from prism_spec.train.loop import (
-    CHECKPOINTS,
     DIGEST_ENV,
     KILL_ENV,
-    DataOrder,
     Trainer,
-    TrainingError,
-    find_latest_checkpoint,
-    state_sha256,
     train,
 )
+from prism_spec.train.overrides import parse_override
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 
@@ -503,7 +500,7 @@ def test_add_train_parser_wires_into_a_top_level_cli():
 def test_repeated_conversations_are_dropped_before_the_split(tiny_target, tmp_path):
     from transformers import AutoTokenizer
 
-    from prism_spec.train.loop import load_examples
+    from prism_spec.train.examples import load_examples
 
     data = tmp_path / "repeats.jsonl"
     rows = [{"prompt": "What is up?", "answer": "Not much."}] * 6
