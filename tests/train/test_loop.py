@@ -214,7 +214,7 @@ def test_recipes_have_the_paper_shapes():
     p = build_config("prism", values={"data.paths": ["x"]}, **check)
     warm, tune = p.stages
     assert p.drafter.num_modules == 2 and p.drafter.resolved_step_mapping() == [0, 1]
-    assert warm.objective == "warmup" and warm.copy_module0_after and warm.lr == 3e-5
+    assert warm.objective == "hass" and warm.copy_module0_after and warm.lr == 3e-5
     assert tune.objective == "tuning" and tune.feature_weight == 0 and tune.ce_weight == 0.1 and tune.lr == 1e-5
     assert warm.betas == (0.9, 0.95) and warm.clip == 0.5 and warm.clip_mode == "value"
     assert build_config("prism-star", values={"data.paths": ["x"]}, **check).drafter.input_layers == "auto"

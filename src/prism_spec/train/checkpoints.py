@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .config import resolve_aliases
 from .errors import TrainingError
 
 CHECKPOINTS = "checkpoints"
@@ -191,5 +192,6 @@ def _diff(a, b, path="") -> list[str]:
 
 def config_changes(state: dict, config_dict: dict) -> list[str]:
     """The settings (``path: old -> new``) in which ``config_dict`` differs from the config that
-    wrote checkpoint ``state``, leaving out those a resume may change."""
-    return _diff(state.get("config", {}), config_fingerprint(config_dict))
+    wrote checkpoint ``state``, leaving out those a resume may change; old objective names in the
+    checkpoint are read as the current ones (config.OBJECTIVE_ALIASES)."""
+    return _diff(resolve_aliases(state.get("config", {})), config_fingerprint(config_dict))

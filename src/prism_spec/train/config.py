@@ -19,7 +19,7 @@ Layering, each on top of the previous one: a recipe (registered with its drafter
 keyword values (what the CLI flags give), then dotted ``key=value`` overrides
 (:mod:`prism_spec.train.overrides`). Every layer is type checked (:mod:`prism_spec.train.schema`);
 an unknown key raises :class:`~prism_spec.train.errors.ConfigError` naming the key and the valid
-ones.
+ones. Old objective names in saved configs are read as the current ones (:data:`OBJECTIVE_ALIASES`).
 """
 
 from __future__ import annotations
@@ -38,7 +38,12 @@ from .errors import ConfigError
 from .overrides import apply_override, merge, parse_override
 from .schema import from_dict, table_list, to_plain
 
-OBJECTIVES = ("warmup", "tuning", "eagle", "standard")
+OBJECTIVES = ("hass", "tuning", "eagle", "standard")
+#: Old objective names that saved configs and checkpoints may hold, read as the current name
+#: (:func:`resolve_aliases`, applied wherever a config dict becomes a TrainConfig). "warmup" is
+#: the HASS objective's name from before it was called "hass" (the PRISM recipe's stage that
+#: uses it is still *named* "warmup").
+OBJECTIVE_ALIASES = {"warmup": "hass"}
 MIXED_PRECISION = ("no", "bf16", "fp16")
 DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "float64")
 
@@ -107,8 +112,8 @@ class DataConfig:
 @dataclass
 class StageConfig:
     name: str = "train"
-    #: Loss family (see train/objectives.py): warmup (HASS), tuning (PRISM stage 2), eagle, standard.
-    objective: Literal["warmup", "tuning", "eagle", "standard"] = "warmup"
+    #: Loss family (see train/objectives.py): hass, tuning (PRISM stage 2), eagle, standard.
+    objective: Literal["hass", "tuning", "eagle", "standard"] = "hass"
     #: A disabled stage is skipped (recipes ship optional stages this way).
     enabled: bool = True
     aligned_steps: int = 3
@@ -355,6 +360,21 @@ def read_config_file(path: str | Path) -> dict:
 
 
 # --------------------------------------------------------------------------- entry point
+def resolve_aliases(data: Mapping) -> dict:
+    """A copy of the (partial) config dict ``data`` whose stages name their objective by its
+    current name: an old name of :data:`OBJECTIVE_ALIASES` ("warmup") becomes the new one ("hass")."""
+    out = dict(data)
+    stages = out.get("stages")
+    if isinstance(stages, list):
+        out["stages"] = [
+            {**s, "objective": OBJECTIVE_ALIASES[s["objective"]]}
+            if isinstance(s, Mapping) and isinstance(s.get("objective"), str) and s["objective"] in OBJECTIVE_ALIASES
+            else s
+            for s in stages
+        ]
+    return out
+
+
 def build_config(
     recipe: str | None = None,
     config_file: str | Path | None = None,
@@ -384,14 +404,14 @@ def build_config(
                 data = apply_override(data, f"stages.{i}.{key}", value, TrainConfig)
     for item in overrides:
         data = apply_override(data, *parse_override(item), TrainConfig)
-    config = from_dict(TrainConfig, data)
+    config = from_dict(TrainConfig, resolve_aliases(data))
     return config.validate(check_files=check_files) if validate else config
 
 
 def config_from_dict(data: Mapping, validate: bool = True, check_files: bool = True) -> TrainConfig:
     """A TrainConfig from a whole or partial config dict (e.g. a saved ``train_config.json``
-    without its ``resolved`` part)."""
-    config = from_dict(TrainConfig, data)
+    without its ``resolved`` part); old objective names are read as the current ones."""
+    config = from_dict(TrainConfig, resolve_aliases(data))
     return config.validate(check_files=check_files) if validate else config
 
 
