@@ -25,7 +25,8 @@ import torch
 
 from common import write_rows
 from prism_spec.train.config import build_config
-from prism_spec.train.loop import DataOrder, Trainer
+from prism_spec.train.data_order import DataOrder
+from prism_spec.train.loop import Trainer
 
 RECIPES = {
     "eagle2": ("eagle2", False),

@@ -15,7 +15,7 @@ import random
 from pathlib import Path
 
 from prism_spec.targets import load_target
-from prism_spec.train.data import load_training_mix, sample
+from prism_spec.train.mix import load_training_mix, sample
 from prism_spec.train.regenerate import regenerate_responses
 
 

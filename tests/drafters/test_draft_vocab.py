@@ -338,7 +338,7 @@ def _batch(target, lengths=(12, 9), seed=0, loss_from=3):
     return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss_mask, "hidden": hidden}
 
 
-@pytest.mark.parametrize("stage", ["warmup", "tuning"])
+@pytest.mark.parametrize("stage", ["hass", "tuning"])
 def test_compute_loss_over_the_draft_vocabulary(target, stage):
     batch = _batch(target)
     # Half the target's greedy tokens at the loss rows are draftable, half are not.
@@ -347,12 +347,12 @@ def test_compute_loss_over_the_draft_vocabulary(target, stage):
     d2t = torch.tensor(sorted(set(greedy[::2]) | {0, 1, 50, 51, 52}))
     assert set(greedy) - set(d2t.tolist())
     model = reduced_model(target, d2t, num_modules=2).eval()
-    cfg = ObjectiveConfig(stage=stage, aligned_steps=3, topk_weight=0.5, topk=3, step_weights=[1.0, 0.7, 0.5])
+    cfg = ObjectiveConfig(objective=stage, aligned_steps=3, topk_weight=0.5, topk=3, step_weights=[1.0, 0.7, 0.5])
     loss, metrics = compute_loss(model, batch, cfg)
     with torch.no_grad():
         outs = draft_passes(
             model, batch["input_ids"], batch["hidden"], batch["attention_mask"], 3,
-            pass_modules(model, stage, 3), detach=stage == "warmup",
+            pass_modules(model, stage, 3), detach=stage == "hass",
         )
     hidden, lm = batch["hidden"], batch["loss_mask"]
     n, expected, all_hits = hidden.shape[1], 0.0, []
@@ -377,7 +377,7 @@ def test_compute_loss_over_the_draft_vocabulary(target, stage):
         assert metrics[f"acc_step{j}"] == pytest.approx(sum(hits) / len(hits))
         all_hits += hits
         w = cfg.step_weights[j - 1]
-        expected += w * (0.1 * c + 0.5 * t + (f if stage == "warmup" else 0.0))
+        expected += w * (0.1 * c + 0.5 * t + (f if stage == "hass" else 0.0))
     assert loss.item() == pytest.approx(expected, rel=1e-9)
     model.train()
     loss, _ = compute_loss(model, batch, cfg, torch.Generator().manual_seed(0))
@@ -395,7 +395,7 @@ def test_compute_loss_accuracy_uses_the_full_vocabulary_argmax(target):
     model = reduced_model(target, d2t).eval()
     # Replace the drafter's prediction by the target feature itself (an oracle drafter).
     model.step = lambda module, tokens, features, *a, **k: batch["hidden"][:, 1:]
-    _, metrics = compute_loss(model, batch, ObjectiveConfig(stage="eagle", noise_std=0.0))
+    _, metrics = compute_loss(model, batch, ObjectiveConfig(objective="eagle", noise_std=0.0))
     lm = batch["loss_mask"][:, 2:].bool()
     target_next = greedy[:, 1:-1][lm]  # argmax of softmax(head(f[i+1])) at loss rows
     draftable = torch.isin(target_next, d2t).double().mean().item()

@@ -16,7 +16,8 @@ from prism_spec.drafters import (REGISTRY, BenchKind, CheckpointError, DrafterKi
                                  load_drafter, load_feature_model, register)
 from prism_spec.runtime import GenerationConfig, TreeConfig, generate
 from prism_spec.targets import load_target
-from prism_spec.train.config import ConfigError, recipe_dict
+from prism_spec.train.config import recipe_dict
+from prism_spec.train.errors import ConfigError
 
 
 class EchoDrafter(FeatureDrafter):

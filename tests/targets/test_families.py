@@ -84,7 +84,7 @@ def test_feature_drafter_trains_a_step_and_round_trips(family, tmp_path):
              "hidden": capture_batch(target, ids, attention)["hidden"]}
     before = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
-    loss, _ = compute_loss(model.train(), batch, ObjectiveConfig(stage="tuning", aligned_steps=2))
+    loss, _ = compute_loss(model.train(), batch, ObjectiveConfig(objective="tuning", aligned_steps=2))
     assert torch.isfinite(loss)
     loss.backward()
     optimizer.step()

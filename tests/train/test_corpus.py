@@ -17,7 +17,7 @@ from prism_spec.train.corpus.engines import HFEngine
 from prism_spec.train.corpus.prompts import collect_prompts
 from prism_spec.train.corpus.read import corpus_status, finished_shards, read_corpus
 from prism_spec.train.corpus.store import MANIFEST, CorpusError, DecodingSettings, shard_name
-from prism_spec.train.loop import load_examples
+from prism_spec.train.examples import load_examples
 
 
 @pytest.fixture(scope="module")

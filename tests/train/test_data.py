@@ -10,18 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from prism_spec.train import data as D
-from prism_spec.train.data import (
+from prism_spec.train import conversations as D
+from prism_spec.train.conversations import conversation_key, strip_think_blocks
+from prism_spec.train.mix import load_training_mix, sample, split_heldout
+from prism_spec.train.records import (
     SkipStats,
-    conversation_key,
     detect_file_format,
     load_hf_dataset,
-    load_training_mix,
     read_file,
     read_records,
-    sample,
-    split_heldout,
-    strip_think_blocks,
     write_conversations,
 )
 

@@ -24,26 +24,23 @@ from prism_spec.drafters import FeatureDrafter, StandardDrafter, load_drafter
 from prism_spec.runtime import GenerationConfig, generate
 from prism_spec.targets import load_target
 from prism_spec.train import cli as train_cli
+from prism_spec.train.checkpoints import CHECKPOINTS, find_latest_checkpoint, state_sha256
 from prism_spec.train.config import (
-    ConfigError,
     TrainConfig,
     build_config,
-    parse_override,
     read_config_file,
     recipe,
     recipe_names,
 )
+from prism_spec.train.data_order import DataOrder
+from prism_spec.train.errors import ConfigError, TrainingError
 from prism_spec.train.loop import (
-    CHECKPOINTS,
     DIGEST_ENV,
     KILL_ENV,
-    DataOrder,
     Trainer,
-    TrainingError,
-    find_latest_checkpoint,
-    state_sha256,
     train,
 )
+from prism_spec.train.overrides import parse_override
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 
@@ -217,7 +214,7 @@ def test_recipes_have_the_paper_shapes():
     p = build_config("prism", values={"data.paths": ["x"]}, **check)
     warm, tune = p.stages
     assert p.drafter.num_modules == 2 and p.drafter.resolved_step_mapping() == [0, 1]
-    assert warm.objective == "warmup" and warm.copy_module0_after and warm.lr == 3e-5
+    assert warm.objective == "hass" and warm.copy_module0_after and warm.lr == 3e-5
     assert tune.objective == "tuning" and tune.feature_weight == 0 and tune.ce_weight == 0.1 and tune.lr == 1e-5
     assert warm.betas == (0.9, 0.95) and warm.clip == 0.5 and warm.clip_mode == "value"
     assert build_config("prism-star", values={"data.paths": ["x"]}, **check).drafter.input_layers == "auto"
@@ -503,7 +500,7 @@ def test_add_train_parser_wires_into_a_top_level_cli():
 def test_repeated_conversations_are_dropped_before_the_split(tiny_target, tmp_path):
     from transformers import AutoTokenizer
 
-    from prism_spec.train.loop import load_examples
+    from prism_spec.train.examples import load_examples
 
     data = tmp_path / "repeats.jsonl"
     rows = [{"prompt": "What is up?", "answer": "Not much."}] * 6

@@ -193,9 +193,9 @@ def test_training_passes_match_inference(target, name):
     assert checked == 3 * (8 + 5) - 3 * 2  # (L-1) - (j-1) positions per pass and sequence
 
 
-def test_warmup_uses_module0_for_every_pass(target):
+def test_hass_uses_module0_for_every_pass(target):
     model = make_drafter(target, **DRAFTERS["prism2"])
-    assert pass_modules(model, "warmup", 3) == [0, 0, 0]
+    assert pass_modules(model, "hass", 3) == [0, 0, 0]
     assert pass_modules(model, "tuning", 3) == [0, 1, 1]
     assert pass_modules(make_drafter(target, **DRAFTERS["prism3"]), "tuning", 4) == [0, 1, 2, 2]
 
@@ -221,16 +221,16 @@ def _smooth_l1_by_hand(a, b):
 
 
 @pytest.mark.parametrize(
-    "name, stage", [("prism2", "eagle"), ("prism2", "warmup"), ("prism2", "tuning"), ("prism_star", "warmup")]
+    "name, stage", [("prism2", "eagle"), ("prism2", "hass"), ("prism2", "tuning"), ("prism_star", "hass")]
 )
 def test_compute_loss_matches_explicit_loop(target, name, stage):
     model = make_drafter(target, **DRAFTERS[name]).eval()
     batch = make_batch(target, input_layers=DRAFTERS[name].get("input_layers"))
-    cfg = ObjectiveConfig(stage=stage, aligned_steps=3, topk_weight=0.5, topk=3, step_weights=[1.0, 0.7, 0.5])
+    cfg = ObjectiveConfig(objective=stage, aligned_steps=3, topk_weight=0.5, topk=3, step_weights=[1.0, 0.7, 0.5])
     loss, metrics = compute_loss(model, batch, cfg)
     steps = cfg.num_passes()
     with torch.no_grad():
-        outs = pass_features(model, batch, stage, steps, detach=stage == "warmup")
+        outs = pass_features(model, batch, stage, steps, detach=stage == "hass")
     hidden, lm, am = batch["hidden"], batch["loss_mask"], batch["attention_mask"]
     n = hidden.shape[1]
     expected = 0.0
@@ -264,7 +264,7 @@ def test_compute_loss_matches_explicit_loop(target, name, stage):
 
 def test_masked_positions_do_not_change_the_loss(target):
     model = make_drafter(target, **DRAFTERS["prism2"]).eval()
-    cfg = ObjectiveConfig(stage="tuning", topk_weight=1.0)
+    cfg = ObjectiveConfig(objective="tuning", topk_weight=1.0)
     batch = make_batch(target, lengths=(10, 7))
     loss, _metrics = compute_loss(model, batch, cfg)
     # Padded slots: other hidden / token values change nothing.
@@ -288,7 +288,7 @@ def test_no_loss_rows_gives_zero_loss_and_backward_works(target):
     model = make_drafter(target)
     batch = make_batch(target)
     batch["loss_mask"].zero_()
-    loss, metrics = compute_loss(model, batch, ObjectiveConfig(stage="warmup", topk_weight=1.0))
+    loss, metrics = compute_loss(model, batch, ObjectiveConfig(objective="hass", topk_weight=1.0))
     loss.backward()
     assert loss.item() == 0.0 and metrics["count_step1"] == 0 and metrics["acc_step1"] == 0.0
 
@@ -298,7 +298,7 @@ def test_lower_precision_runs(dtype):
     low = Target(llama(0).to(dtype), None, name="tiny-low")
     model = make_drafter(low, **DRAFTERS["prism2"]).train()
     batch = make_batch(Target(llama(0), None), input_layers=None)  # float64 features, cast inside
-    loss, metrics = compute_loss(model, batch, ObjectiveConfig(stage="tuning", topk_weight=1.0), torch.Generator().manual_seed(0))
+    loss, metrics = compute_loss(model, batch, ObjectiveConfig(objective="tuning", topk_weight=1.0), torch.Generator().manual_seed(0))
     loss.backward()
     assert loss.dtype == torch.float32 and math.isfinite(loss.item())
     assert all(math.isfinite(v) for v in metrics.values())
@@ -310,7 +310,7 @@ def test_float32_drafter_on_bf16_target():
     low = Target(llama(0).to(torch.bfloat16), None, name="tiny-bf16")
     model = make_drafter(low, **DRAFTERS["prism2"]).float().train()
     batch = make_batch(Target(llama(0), None))
-    loss, _metrics = compute_loss(model, batch, ObjectiveConfig(stage="warmup", topk_weight=1.0))
+    loss, _metrics = compute_loss(model, batch, ObjectiveConfig(objective="hass", topk_weight=1.0))
     loss.backward()
     assert math.isfinite(loss.item()) and model.processing[0].fc.weight.grad.dtype == torch.float32
 
@@ -319,21 +319,21 @@ def test_tuning_trains_module1_only_through_later_passes(target):
     model = make_drafter(target, **DRAFTERS["prism2"]).eval()
     copy_module0_into_others(model)
     batch = make_batch(target)
-    loss, _ = compute_loss(model, batch, ObjectiveConfig(stage="tuning", aligned_steps=1))
+    loss, _ = compute_loss(model, batch, ObjectiveConfig(objective="tuning", aligned_steps=1))
     loss.backward()
     assert all(p.grad is None or not p.grad.any() for p in model.processing[1].parameters())
     assert any(p.grad is not None and p.grad.any() for p in model.processing[0].parameters())
     model.zero_grad(set_to_none=True)
     # Only pass 2's loss: module 1 runs pass 2, module 0 gets gradient through the prefix KV and
     # the fed-back pass-1 prediction (nothing is detached in tuning).
-    loss, _ = compute_loss(model, batch, ObjectiveConfig(stage="tuning", aligned_steps=2, step_weights=[0.0, 1.0]))
+    loss, _ = compute_loss(model, batch, ObjectiveConfig(objective="tuning", aligned_steps=2, step_weights=[0.0, 1.0]))
     loss.backward()
     assert all(p.grad is not None for p in model.processing[1].parameters())
     assert model.processing[1].fc.weight.grad.any()
     assert model.processing[0].fc.weight.grad.any()
 
 
-def test_warmup_detaches_cross_step_inputs(target):
+def test_hass_detaches_cross_step_inputs(target):
     model = make_drafter(target).eval()
     batch = make_batch(target)
     valid = torch.arange(batch["input_ids"].shape[1] - 1) >= 1
@@ -347,10 +347,10 @@ def test_warmup_detaches_cross_step_inputs(target):
         else:
             assert outs[0].grad.abs().sum() > 0 and feats.grad.abs().sum() > 0
     # Same through compute_loss: a loss on pass 2 only gives the input features no gradient in
-    # warmup (the targets are constants), and some in tuning.
-    for stage, expect in (("warmup", False), ("tuning", True)):
+    # hass (the targets are constants), and some in tuning.
+    for stage, expect in (("hass", False), ("tuning", True)):
         b = dict(batch, hidden=batch["hidden"].clone().requires_grad_(True))
-        loss, _ = compute_loss(model, b, ObjectiveConfig(stage=stage, aligned_steps=2, step_weights=[0.0, 1.0]))
+        loss, _ = compute_loss(model, b, ObjectiveConfig(objective=stage, aligned_steps=2, step_weights=[0.0, 1.0]))
         loss.backward()
         has = b["hidden"].grad is not None and bool(b["hidden"].grad.abs().sum() > 0)
         assert has == expect, stage
@@ -359,7 +359,7 @@ def test_warmup_detaches_cross_step_inputs(target):
 def test_noise_only_in_training_and_reproducible(target):
     model = make_drafter(target)
     batch = make_batch(target)
-    cfg = ObjectiveConfig(stage="eagle")
+    cfg = ObjectiveConfig(objective="eagle")
     clean = compute_loss(model.eval(), batch, cfg)[0].item()
     assert compute_loss(model.eval(), batch, cfg, torch.Generator().manual_seed(0))[0].item() == clean
     model.train()
@@ -367,7 +367,7 @@ def test_noise_only_in_training_and_reproducible(target):
     b = compute_loss(model, batch, cfg, torch.Generator().manual_seed(0))[0].item()
     c = compute_loss(model, batch, cfg, torch.Generator().manual_seed(1))[0].item()
     assert a == b and a != c and a != clean
-    assert compute_loss(model, batch, ObjectiveConfig(stage="eagle", noise_std=0.0))[0].item() == clean
+    assert compute_loss(model, batch, ObjectiveConfig(objective="eagle", noise_std=0.0))[0].item() == clean
     star = make_drafter(target, **DRAFTERS["prism_star"]).train()
     sbatch = make_batch(target, input_layers=[0, 1, 2])
     x = compute_loss(star, sbatch, cfg, torch.Generator().manual_seed(0))[0].item()
@@ -406,18 +406,18 @@ def _sgd_losses(params, step, n_steps=6, lr=0.05):
 @pytest.mark.parametrize(
     "name, cfg",
     [
-        ("eagle", ObjectiveConfig(stage="eagle")),
-        ("eagle", ObjectiveConfig(stage="warmup")),
-        ("eagle", ObjectiveConfig(stage="warmup", topk_weight=1.0)),
-        ("prism2", ObjectiveConfig(stage="tuning")),
-        ("stacked2", ObjectiveConfig(stage="warmup")),
-        ("prism_star", ObjectiveConfig(stage="tuning")),
+        ("eagle", ObjectiveConfig(objective="eagle")),
+        ("eagle", ObjectiveConfig(objective="hass")),
+        ("eagle", ObjectiveConfig(objective="hass", topk_weight=1.0)),
+        ("prism2", ObjectiveConfig(objective="tuning")),
+        ("stacked2", ObjectiveConfig(objective="hass")),
+        ("prism_star", ObjectiveConfig(objective="tuning")),
     ],
 )
 def test_sgd_reduces_loss(target, name, cfg):
     kwargs = DRAFTERS[name]
     model = make_drafter(target, **kwargs).train()
-    if cfg.stage == "tuning":
+    if cfg.objective == "tuning":
         copy_module0_into_others(model)
     batch = make_batch(target, input_layers=kwargs.get("input_layers"))
     gen = torch.Generator()
@@ -426,7 +426,7 @@ def test_sgd_reduces_loss(target, name, cfg):
         gen.manual_seed(0)  # the same noise every step: a fixed objective
         return compute_loss(model, batch, cfg, gen)
 
-    losses = _sgd_losses(model.parameters(), step, lr=0.5 if cfg.stage == "tuning" else 0.05)
+    losses = _sgd_losses(model.parameters(), step, lr=0.5 if cfg.objective == "tuning" else 0.05)
     assert losses[-1] < losses[0], losses
 
 
@@ -436,7 +436,7 @@ def test_standard_objective(target):
     for p in lm.parameters():
         p.requires_grad_(True)
     batch = make_batch(target)
-    cfg = ObjectiveConfig(stage="standard")
+    cfg = ObjectiveConfig(objective="standard")
     with pytest.raises(ValueError, match="target's LM head"):
         compute_loss(drafter, batch, cfg)
     attach_target_head(lm, target.lm_head)

@@ -9,7 +9,7 @@ from .checkpoint import load_feature_drafter, load_standard_drafter
 
 
 def _hass_stage(**kw) -> dict:
-    base = dict(name="hass", objective="warmup", aligned_steps=3, feature_weight=1.0, ce_weight=0.1,
+    base = dict(name="hass", objective="hass", aligned_steps=3, feature_weight=1.0, ce_weight=0.1,
                 noise_std=0.2, lr=3e-5)
     base.update(kw)
     return base

@@ -52,7 +52,7 @@ class CampaignConfig:
     dtype: str = "bfloat16"
     mixed_precision: str = "bf16"
     seed: int = 0
-    #: Batches of similar-length examples (far less padding; see loop.DataOrder).
+    #: Batches of similar-length examples (far less padding; see data_order.DataOrder).
     group_by_length: bool = True
 
     def __post_init__(self):

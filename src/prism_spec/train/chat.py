@@ -23,7 +23,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from .data import Conversation, has_assistant
+from .conversations import Conversation, has_assistant
 
 
 @dataclass

@@ -20,7 +20,8 @@ import sys
 from typing import Sequence
 
 from ..options import TRAINING_SEED_MAX, dtype, positive, training_seed
-from .config import ConfigError, build_config, recipe_descriptions
+from .config import build_config, recipe_descriptions
+from .errors import ConfigError, TrainingError
 
 DESCRIPTION = "Train a speculative-decoding drafter for a target model (EAGLE-2, HASS, PRISM, stacked, standard)."
 
@@ -162,7 +163,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.list_recipes:
         print(_recipes_help())
         return 0
-    from .loop import TrainingError, capture_only, train
+    from .loop import capture_only, train
 
     try:
         config = config_from_args(args, check_files=not args.print_config)

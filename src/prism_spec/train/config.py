@@ -16,8 +16,10 @@ A run is described by one :class:`TrainConfig` tree::
 
 Layering, each on top of the previous one: a recipe (registered with its drafter kind, see
 :mod:`prism_spec.drafters.kinds`), a config file, explicit
-keyword values (what the CLI flags give), then dotted ``key=value`` overrides. Every layer is
-type checked; an unknown key raises :class:`ConfigError` naming the key and the valid ones.
+keyword values (what the CLI flags give), then dotted ``key=value`` overrides
+(:mod:`prism_spec.train.overrides`). Every layer is type checked (:mod:`prism_spec.train.schema`);
+an unknown key raises :class:`~prism_spec.train.errors.ConfigError` naming the key and the valid
+ones. Old objective names in saved configs are read as the current ones (:data:`OBJECTIVE_ALIASES`).
 """
 
 from __future__ import annotations
@@ -26,22 +28,24 @@ import copy
 import dataclasses
 import json
 import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence, Union
 
 from ..drafters.base import REGISTRY, registered_recipes
 from ..options import TRAINING_SEED_MAX
+from .errors import ConfigError
+from .overrides import apply_override, merge, parse_override
+from .schema import from_dict, table_list, to_plain
 
-OBJECTIVES = ("warmup", "tuning", "eagle", "standard")
+OBJECTIVES = ("hass", "tuning", "eagle", "standard")
+#: Old objective names that saved configs and checkpoints may hold, read as the current name
+#: (:func:`resolve_aliases`, applied wherever a config dict becomes a TrainConfig). "warmup" is
+#: the HASS objective's name from before it was called "hass" (the PRISM recipe's stage that
+#: uses it is still *named* "warmup").
+OBJECTIVE_ALIASES = {"warmup": "hass"}
 MIXED_PRECISION = ("no", "bf16", "fp16")
 DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "float64")
-
-
-class ConfigError(ValueError):
-    """A training configuration is malformed: unknown key, wrong type or bad value."""
 
 
 # --------------------------------------------------------------------------- the tree
@@ -93,7 +97,7 @@ class DataConfig:
     #: the split inflates the validation accuracy).
     dedupe: bool = True
     #: Batches of examples of similar length (shuffled windows sorted by length, see
-    #: loop.DataOrder): far less padding, so more trained tokens per second; off by default so
+    #: data_order.DataOrder): far less padding, so more trained tokens per second; off by default so
     #: that earlier runs' data order is kept.
     group_by_length: bool = False
     #: Held-out validation examples: a fraction (< 1) or a count (>= 1); 0 disables validation.
@@ -108,8 +112,8 @@ class DataConfig:
 @dataclass
 class StageConfig:
     name: str = "train"
-    #: Loss family (see train/objectives.py): warmup (HASS), tuning (PRISM stage 2), eagle, standard.
-    objective: Literal["warmup", "tuning", "eagle", "standard"] = "warmup"
+    #: Loss family (see train/objectives.py): hass, tuning (PRISM stage 2), eagle, standard.
+    objective: Literal["hass", "tuning", "eagle", "standard"] = "hass"
     #: A disabled stage is skipped (recipes ship optional stages this way).
     enabled: bool = True
     aligned_steps: int = 3
@@ -145,7 +149,9 @@ class TrainConfig:
     dtype: str = "float32"
     drafter: DrafterSpec = field(default_factory=DrafterSpec)
     data: DataConfig = field(default_factory=DataConfig)
-    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
+    #: A table list (schema.table_list): overrides and merged files address a stage by index or name.
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()],
+                                      metadata=table_list("stage", example="lr=1e-4"))
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     output_dir: str = "runs/drafter"
     #: dtype of the shipped drafter folders (None: as trained, float32).
@@ -171,7 +177,7 @@ class TrainConfig:
 
     # ------------------------------------------------------------------ helpers
     def to_dict(self) -> dict:
-        return _to_plain(dataclasses.asdict(self))
+        return to_plain(dataclasses.asdict(self))
 
     def enabled_stages(self) -> list[tuple[int, StageConfig]]:
         return [(i, s) for i, s in enumerate(self.stages) if s.enabled]
@@ -353,245 +359,22 @@ def read_config_file(path: str | Path) -> dict:
     return data
 
 
-# --------------------------------------------------------------------------- merging
-def merge(base: dict, update: Mapping, path: str = "") -> dict:
-    """Deep-merge ``update`` into a copy of ``base``.
-
-    Mappings merge key by key; lists are replaced -- except ``stages``, which may also be given
-    as a mapping from stage index (or stage name) to a partial stage: ``{"1": {"lr": 1e-5}}``.
-    """
-    out = copy.deepcopy(base)
-    for key, value in update.items():
-        key = str(key)
-        where = f"{path}.{key}" if path else key
-        if key == "stages" and not path and isinstance(value, Mapping):
-            stages = list(out.get("stages") or [{}])
-            for k, partial in value.items():
-                index = _stage_index(stages, str(k))
-                if not isinstance(partial, Mapping):
-                    raise ConfigError(f"stages.{k} must be a table of stage fields")
-                stages[index] = merge(stages[index], partial, f"stages.{index}")
-            out["stages"] = stages
-        elif isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = merge(out[key], value, where)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-def _stage_index(stages: list, key: str) -> int:
-    if key.lstrip("-").isdigit():
-        index = int(key)
-        if not -len(stages) <= index < len(stages):
-            raise ConfigError(f"stages.{key}: there are {len(stages)} stages (0..{len(stages) - 1})")
-        return index % len(stages)
-    for i, s in enumerate(stages):
-        if isinstance(s, Mapping) and s.get("name") == key:
-            return i
-    names = [s.get("name") for s in stages if isinstance(s, Mapping)]
-    raise ConfigError(f"stages.{key}: no stage named {key!r}; stages are {names} (or use an index)")
-
-
-def parse_override(item: str) -> tuple[str, Any]:
-    """``a.b.c=value`` -> ("a.b.c", value); the value is JSON when it parses, else a string."""
-    if "=" not in item:
-        raise ConfigError(f"override {item!r} must look like key=value (e.g. stages.0.lr=1e-4)")
-    key, raw = item.split("=", 1)
-    key = key.strip()
-    if not key:
-        raise ConfigError(f"override {item!r} has an empty key")
-    raw = raw.strip()
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        low = raw.lower()
-        if low in ("true", "false"):
-            value = low == "true"
-        elif low in ("none", "null"):
-            value = None
-        elif "," in raw and not raw.startswith(("[", "{")):
-            value = [_scalar(v.strip()) for v in raw.split(",") if v.strip()]
-        else:
-            value = raw
-    return key, value
-
-
-def _scalar(raw: str):
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError:
-        return raw
-
-
-def apply_override(data: dict, key: str, value: Any) -> dict:
-    """Set dotted ``key`` in the (partial) dict ``data``; list indices are numbers or stage names.
-
-    Keys are checked against the TrainConfig schema so a typo fails here with the valid keys.
-    """
-    parts = key.split(".")
-    out = copy.deepcopy(data)
-    node: Any = out
-    cls: Any = TrainConfig
-    for depth, part in enumerate(parts):
-        where = ".".join(parts[: depth + 1])
-        last = depth == len(parts) - 1
-        if isinstance(node, list):  # stages
-            index = _stage_index(node, part)
-            if last:
-                raise ConfigError(f"{where}: set a field of the stage (e.g. {where}.lr=1e-4)")
-            node = node[index]
-            cls = StageConfig
-            continue
-        names = {f.name: f for f in dataclasses.fields(cls)}
-        if part not in names:
-            raise ConfigError(_unknown_key_message(where, cls))
-        if last:
-            node[part] = value
-            break
-        hint = typing.get_type_hints(cls)[part]
-        if part == "stages":
-            if not isinstance(node.get("stages"), list):
-                node["stages"] = [dataclasses.asdict(s) for s in TrainConfig().stages]
-            node = node["stages"]
-            continue
-        if not (dataclasses.is_dataclass(hint)):
-            raise ConfigError(f"{where} is a {_type_name(hint)}, it has no field {parts[depth + 1]!r}")
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"{where} must be a table")
-        cls = hint
-    return out
-
-
-def _unknown_key_message(where: str, cls) -> str:
-    valid = [f.name for f in dataclasses.fields(cls)]
-    return f"unknown config key {where!r}; valid keys here: {', '.join(valid)}"
-
-
-# --------------------------------------------------------------------------- typing
-def _type_name(tp) -> str:
-    if tp is type(None):
-        return "null"
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin in (list, tuple):
-        args = typing.get_args(tp)
-        inner = _type_name(args[0]) if args else "any"
-        return f"list of {inner}" + (f" (length {len(args)})" if origin is tuple else "")
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp, where: str):
-    """Check ``value`` against the annotation ``tp``; returns the value in its field type."""
-    origin = typing.get_origin(tp)
-    bad = ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
-    if tp is Any:
-        return value
-    if tp is type(None):
-        if value is None:
-            return None
-        raise bad
-    if origin in (Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError:
-                continue
-        raise bad
-    if origin is Literal:
-        if value in typing.get_args(tp) and isinstance(value, str):
-            return value
-        raise ConfigError(f"{where}: {value!r} is not one of {list(typing.get_args(tp))}")
-    if origin in (list, tuple):
-        if isinstance(value, tuple):
-            value = list(value)
-        if not isinstance(value, list):
-            if origin is list and isinstance(value, (str, int, float)) and not isinstance(value, bool):
-                value = [value]  # a single item where a list is expected (e.g. --set data.paths=a.jsonl)
-            else:
-                raise bad
-        args = typing.get_args(tp)
-        if origin is tuple:
-            if len(value) != len(args):
-                raise bad
-            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else value
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, Mapping):
-            raise bad
-        return from_dict(tp, value, where)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-        raise bad
-    if tp is int:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise bad
-    if tp is float:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise bad
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise bad
-    raise ConfigError(f"{where}: unsupported field type {tp}")
-
-
-def from_dict(cls, data: Mapping, where: str = ""):
-    """Build dataclass ``cls`` from a (partial) mapping with full type checking."""
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{where or 'config'} must be a table/mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        key = str(key)
-        path = f"{where}.{key}" if where else key
-        if key not in names:
-            raise ConfigError(_unknown_key_message(path, cls))
-        if key == "stages" and cls is TrainConfig:
-            if not isinstance(value, list) or not value:
-                raise ConfigError("stages must be a non-empty list of stage tables")
-            kwargs[key] = [_coerce(v, StageConfig, f"stages.{i}") for i, v in enumerate(value)]
-        else:
-            kwargs[key] = _coerce(value, hints[key], path)
-    return cls(**kwargs)
-
-
-def _to_plain(obj):
-    if isinstance(obj, dict):
-        return {k: _to_plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_to_plain(v) for v in obj]
-    return obj
-
-
 # --------------------------------------------------------------------------- entry point
+def resolve_aliases(data: Mapping) -> dict:
+    """A copy of the (partial) config dict ``data`` whose stages name their objective by its
+    current name: an old name of :data:`OBJECTIVE_ALIASES` ("warmup") becomes the new one ("hass")."""
+    out = dict(data)
+    stages = out.get("stages")
+    if isinstance(stages, list):
+        out["stages"] = [
+            {**s, "objective": OBJECTIVE_ALIASES[s["objective"]]}
+            if isinstance(s, Mapping) and isinstance(s.get("objective"), str) and s["objective"] in OBJECTIVE_ALIASES
+            else s
+            for s in stages
+        ]
+    return out
+
+
 def build_config(
     recipe: str | None = None,
     config_file: str | Path | None = None,
@@ -605,28 +388,30 @@ def build_config(
     on every stage, e.g. ``{"steps": 20}``) -> ``key=value`` overrides."""
     data: dict = {}
     if recipe:
-        data = merge(data, recipe_dict(recipe))
+        data = merge(data, recipe_dict(recipe), TrainConfig)
     if config_file:
         file_data = read_config_file(config_file)
         if not recipe and file_data.get("recipe"):
-            data = merge(data, recipe_dict(str(file_data["recipe"])))
-        data = merge(data, file_data)
+            data = merge(data, recipe_dict(str(file_data["recipe"])), TrainConfig)
+        data = merge(data, file_data, TrainConfig)
     for key, value in (values or {}).items():
-        data = apply_override(data, key, value)
+        data = apply_override(data, key, value, TrainConfig)
     if all_stages:
         if not isinstance(data.get("stages"), list):
             data["stages"] = [dataclasses.asdict(s) for s in TrainConfig().stages]
         for i in range(len(data["stages"])):
             for key, value in all_stages.items():
-                data = apply_override(data, f"stages.{i}.{key}", value)
+                data = apply_override(data, f"stages.{i}.{key}", value, TrainConfig)
     for item in overrides:
-        data = apply_override(data, *parse_override(item))
-    config = from_dict(TrainConfig, data)
+        data = apply_override(data, *parse_override(item), TrainConfig)
+    config = from_dict(TrainConfig, resolve_aliases(data))
     return config.validate(check_files=check_files) if validate else config
 
 
 def config_from_dict(data: Mapping, validate: bool = True, check_files: bool = True) -> TrainConfig:
-    config = from_dict(TrainConfig, data)
+    """A TrainConfig from a whole or partial config dict (e.g. a saved ``train_config.json``
+    without its ``resolved`` part); old objective names are read as the current ones."""
+    config = from_dict(TrainConfig, resolve_aliases(data))
     return config.validate(check_files=check_files) if validate else config
 
 

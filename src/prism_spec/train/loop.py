@@ -16,36 +16,38 @@ or under FSDP / DeepSpeed through an accelerate config file. What it guarantees:
   ``load_drafter`` reads), ``output_dir/drafter/`` (the final drafter), ``train_log.jsonl``
   (one JSON line per logged step and per validation) and ``train_config.json`` (the resolved
   configuration).
+
+The trainer's parts live beside it: :mod:`.examples` (data -> tokenised examples -> batches),
+:mod:`.data_order`, :mod:`.checkpoints`, :mod:`.build` (the drafter trained and saved),
+:mod:`.engine` (the accelerate side: accelerator, wrapped module, evaluation, schedule) and
+:mod:`.metrics`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import dataclasses
-import hashlib
 import json
-import math
 import os
-import random
 import shutil
 import signal
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate.utils import DistributedType
-from torch import nn
 
-from ..drafters.checkpoint import save_feature_drafter, save_standard_drafter
-from ..drafters.feature import FeatureDrafterConfig, FeatureDrafterModel
-from ..drafters.standard import StandardDrafter
-from ..targets.default import DEFAULT_TARGET, default_target_path
-from ..targets.hf import Target, default_feature_layers, parse_dtype
-from .config import ConfigError, StageConfig, TrainConfig, stage_total_steps
+from ..targets.hf import Target, parse_dtype
+from .build import (build_drafter, export_drafter, load_init_state, read_init_state, resolve_input_layers,
+                    resolve_target_path)
+from .checkpoints import (CHECKPOINTS, config_changes, config_fingerprint, find_latest_checkpoint, load_model_state,
+                          read_checkpoint, resolve_resume, restore_training_state, save_checkpoint, state_sha256)
+from .config import StageConfig, TrainConfig, stage_total_steps
+from .data_order import DataOrder, mix_seed
+from .engine import LossModule, evaluate_heldout, hf_progress_bars, linear_schedule, make_accelerator, progress_bar
+from .errors import ConfigError, TrainingError
+from .examples import BatchSource, Example, data_summary, load_examples, offline_features
+from .metrics import aggregate_metrics, metric_floats
 from .objectives import ObjectiveConfig
 from .vocab import build_draft_vocab
 
@@ -56,429 +58,13 @@ KILL_ENV = "PRISM_TRAIN_KILL_AFTER_CHECKPOINT"
 #: the sha256 of its own final drafter state dict (data-parallel ranks must agree bitwise).
 DIGEST_ENV = "PRISM_TRAIN_RANK_DIGEST"
 
-CHECKPOINTS = "checkpoints"
-LATEST = "latest"
-STATE_FILE = "trainer_state.json"
 LOG_FILE = "train_log.jsonl"
 CONFIG_FILE = "train_config.json"
-
-
-class TrainingError(RuntimeError):
-    """Training cannot start or go on (empty data, incompatible checkpoint, ...)."""
-
-
-# =========================================================================== data
-@dataclasses.dataclass
-class Example:
-    input_ids: torch.Tensor  # [T] long
-    loss_mask: torch.Tensor  # [T] bool/long
-
-
-def _as_long(x) -> torch.Tensor:
-    return x.detach().long().flatten() if isinstance(x, torch.Tensor) else torch.tensor(list(x), dtype=torch.long)
-
-
-def load_examples(config: TrainConfig, tokenizer) -> tuple[list[Example], list[Example], dict]:
-    """Read, split, subset and tokenize the training data; returns (train, holdout, stats).
-
-    The held-out split is taken first and ``fraction`` / ``max_examples`` then sample the
-    training part (nested, seeded subsets), so data-scaling runs share one validation set.
-    """
-    from .chat import tokenize_conversation
-    from .data import load_training_mix, sample, split_heldout
-
-    from .corpus.read import CorpusExample, read_corpus
-    from .corpus.store import is_corpus
-
-    data = config.data
-    paths = [str(p) for p in data.paths]
-    corpora = [p for p in paths if is_corpus(p)]  # token-id corpora (prism corpus build)
-    try:
-        conversations, reader_stats = load_training_mix([p for p in paths if p not in corpora], dedupe=data.dedupe)
-        corpus_examples = [ex for folder in corpora for ex in read_corpus(folder)]
-    except (FileNotFoundError, ValueError) as e:
-        raise ConfigError(f"cannot read the training data: {e}") from None
-    stats = reader_stats.as_dict() if hasattr(reader_stats, "as_dict") else {"reader": str(reader_stats)}
-    stats.pop("sources", None)
-    if corpora:
-        stats["corpus_replies"] = len(corpus_examples)
-        if not corpus_examples and not conversations:
-            raise TrainingError(f"the corpora {corpora} hold no finished shard yet (prism corpus status)")
-    conversations = conversations + corpus_examples
-    if not conversations:
-        raise TrainingError(f"no conversation could be read from {list(data.paths)} ({reader_stats})")
-    holdout = int(data.holdout) if data.holdout >= 1 else float(data.holdout)
-    if 0 < data.holdout < 1 and len(conversations) >= 2 and round(len(conversations) * data.holdout) == 0:
-        holdout = 1  # a tiny data set still gets a validation example
-    if isinstance(holdout, int):
-        holdout = min(holdout, len(conversations) - 1)
-    train_convs, held_convs = split_heldout(conversations, holdout, seed=data.seed)
-    if data.fraction < 1.0:
-        train_convs = sample(train_convs, float(data.fraction), seed=data.seed)
-    if data.max_examples is not None and len(train_convs) > data.max_examples:
-        train_convs = sample(train_convs, int(data.max_examples), seed=data.seed)
-
-    def tokenize(convs) -> tuple[list[Example], int]:
-        out, dropped = [], 0
-        for conv in convs:
-            tok = conv if isinstance(conv, CorpusExample) else tokenize_conversation(tokenizer, conv, data.max_length)
-            ids, mask = _as_long(tok.input_ids[:data.max_length]), _as_long(tok.loss_mask[:data.max_length])
-            # Usable: at least 3 tokens and an assistant token that some earlier token predicts.
-            if ids.numel() < 3 or int(mask[2:].sum()) == 0:
-                dropped += 1
-                continue
-            out.append(Example(ids, mask.bool()))
-        return out, dropped
-
-    train, dropped = tokenize(train_convs)
-    held, dropped_held = tokenize(held_convs)
-    if not train:
-        hint = ""
-        if stats.get("prompt_only"):
-            hint = (f"; {stats['prompt_only']} conversations are prompt-only (no assistant reply): "
-                    "generate replies with the target first (prism_spec.train.regenerate)")
-        raise TrainingError(
-            f"the training data is empty after filtering: {len(train_convs)} conversations from "
-            f"{list(data.paths)}, none has an assistant token to train on within max_length={data.max_length}{hint}"
-        )
-    stats.update(
-        {"train_conversations": len(train_convs), "holdout_conversations": len(held_convs),
-         "dropped_no_target_tokens": dropped + dropped_held,
-         "train_examples": len(train), "holdout_examples": len(held),
-         "train_tokens": int(sum(e.input_ids.numel() for e in train)),
-         "train_loss_tokens": int(sum(int(e.loss_mask.sum()) for e in train))}
-    )
-    return train, held, stats
-
-
-class BatchSource:
-    """Turns lists of example indices into model-ready batches (online or offline features)."""
-
-    def __init__(self, examples: list[Example], target: Target, feature_layers, device, pad_id: int,
-                 feature_dataset=None):
-        self.examples = examples
-        self.target = target
-        self.feature_layers = feature_layers
-        self.device = device
-        self.pad_id = pad_id
-        self.features = feature_dataset  # offline: indexable like ``examples``
-
-    def __len__(self):
-        return len(self.examples)
-
-    def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        if self.features is not None:
-            from .batching import collate
-
-            items = [self.features[i] for i in indices]
-            batch = collate(items, pad_token_id=self.pad_id)
-            return {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-        batch = _collate_tokens([self.examples[i] for i in indices], self.pad_id)
-        batch = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-        from .features import capture_batch
-
-        with torch.no_grad():
-            feats = capture_batch(self.target, batch["input_ids"], batch["attention_mask"], self.feature_layers)
-        for key, value in feats.items():
-            if isinstance(value, torch.Tensor):
-                # Inference-mode tensors cannot be saved for backward: give autograd a plain copy.
-                batch[key] = value.clone() if value.is_inference() else value
-            elif value is not None:
-                batch[key] = value
-        return batch
-
-
-def _collate_tokens(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    from .batching import collate
-
-    return collate([{"input_ids": e.input_ids, "loss_mask": e.loss_mask.long()} for e in examples],
-                   pad_token_id=pad_id)
-
-
-class DataOrder:
-    """Which example each (stage, step, micro-batch, rank) reads: a pure function of the seed.
-
-    With ``lengths`` (group by length), each epoch's shuffled order is cut into windows of
-    ``GROUP_WINDOW`` micro-batches, each window sorted by length and cut into micro-batches,
-    and the micro-batches shuffled: a batch holds examples of similar length, so little of it
-    is padding, while every example is still seen once per epoch in a random batch order."""
-
-    GROUP_WINDOW = 64
-
-    def __init__(self, num_examples: int, seed: int, stage_index: int, batch_size: int, grad_accum: int,
-                 world_size: int, rank: int, lengths: Sequence[int] | None = None):
-        self.n, self.seed, self.stage = num_examples, seed, stage_index
-        self.b, self.a, self.w, self.r = batch_size, grad_accum, world_size, rank
-        if lengths is not None and len(lengths) != num_examples:
-            raise ValueError(f"{len(lengths)} lengths for {num_examples} examples")
-        self.lengths = list(lengths) if lengths is not None else None
-        self._perms: dict[int, list[int]] = {}
-
-    def permutation(self, epoch: int) -> list[int]:
-        if epoch not in self._perms:
-            if len(self._perms) > 4:
-                self._perms.clear()
-            g = torch.Generator().manual_seed(_mix_seed(self.seed, 7919 * (self.stage + 1), epoch))
-            perm = torch.randperm(self.n, generator=g).tolist()
-            if self.lengths is not None:
-                window = self.b * self.GROUP_WINDOW
-                blocks = []
-                for start in range(0, self.n, window):
-                    chunk = sorted(perm[start:start + window], key=lambda i: -self.lengths[i])
-                    blocks += [chunk[k:k + self.b] for k in range(0, len(chunk), self.b)]
-                order = torch.randperm(len(blocks), generator=g).tolist()
-                perm = [i for k in order for i in blocks[k]]
-            self._perms[epoch] = perm
-        return self._perms[epoch]
-
-    def indices(self, step: int, micro: int) -> list[int]:
-        global_batch = self.b * self.a * self.w
-        start = step * global_batch + (micro * self.w + self.r) * self.b
-        out = []
-        for k in range(start, start + self.b):
-            epoch, pos = divmod(k, self.n)
-            out.append(self.permutation(epoch)[pos])
-        return out
-
-    def epoch_at(self, step: int) -> float:
-        return step * self.b * self.a * self.w / self.n
-
-
-def _mix_seed(*parts: int) -> int:
-    h = hashlib.sha256(":".join(str(int(p)) for p in parts).encode()).digest()
-    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
-
-
-# =========================================================================== model
-class LossModule(nn.Module):
-    """Wraps the trainable drafter so that DDP / FSDP / DeepSpeed see one ``forward``.
-
-    ``forward(batch)`` runs the stage's objective and returns (loss, metrics); the objective
-    config and noise generator are set per stage on the unwrapped module.
-    """
-
-    def __init__(self, drafter: nn.Module):
-        super().__init__()
-        self.drafter = drafter
-        self.objective = None
-        self.generator: torch.Generator | None = None
-
-    def forward(self, batch: dict):
-        from .objectives import compute_loss
-
-        return compute_loss(self.drafter, batch, self.objective, self.generator)
-
-
-def _metric_floats(metrics: dict) -> dict[str, float]:
-    out = {}
-    for k, v in (metrics or {}).items():
-        if isinstance(v, torch.Tensor) and v.numel() == 1:
-            out[k] = float(v.detach().float())
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[k] = float(v)
-    return out
-
-
-def _aggregate(sums: dict[str, float], count: float, accelerator=None) -> dict[str, float]:
-    """Means of summed metrics over ``count`` batches (and over processes when given an
-    accelerator with several); ``acc_step{j}`` is recomputed token-weighted from
-    ``correct_step{j}`` / ``count_step{j}`` when the objective reports those."""
-    keys = sorted(sums)
-    vec = torch.tensor([sums[k] for k in keys] + [float(count)], dtype=torch.float64)
-    if accelerator is not None and accelerator.num_processes > 1:
-        vec = accelerator.reduce(vec.to(accelerator.device), "sum").cpu()
-    n = max(float(vec[-1]), 1.0)
-    total = dict(zip(keys, vec[:-1].tolist()))
-    out = {k: v / n for k, v in total.items()}
-    for k in keys:
-        if k.startswith("acc_step"):
-            j = k[len("acc_step"):]
-            c = total.get(f"count_step{j}")
-            if c:
-                out[k] = total[f"correct_step{j}"] / c if f"correct_step{j}" in total else out[k]
-    return out
-
-
-def resolve_target_path(name: str) -> str:
-    return str(default_target_path()) if name == DEFAULT_TARGET else name
-
-
-def resolve_input_layers(config: TrainConfig, num_layers: int) -> list[int] | None:
-    spec = config.drafter.input_layers
-    if spec == "none":
-        return None
-    layers = list(default_feature_layers(num_layers)) if spec == "auto" else list(spec)
-    bad = [i for i in layers if not 0 <= i <= num_layers]
-    if bad:
-        raise ConfigError(
-            f"drafter.input_layers {layers}: the target has {num_layers} layers, so HF hidden_states "
-            f"indices run 0..{num_layers}"
-        )
-    return layers
-
-
-def build_drafter(
-    config: TrainConfig, target: Target, input_layers: list[int] | None, d2t: torch.Tensor | None = None
-) -> nn.Module:
-    """A fresh trainable drafter for ``target`` (float32 master weights, train mode)."""
-    d = config.drafter
-    if d.trains_as == "standard":
-        shallow = StandardDrafter.from_target_layers(target, d.standard_layers)
-        # from_target_layers SHARES the target's tensors: train a deep copy, never the target.
-        model = copy.deepcopy(shallow.lm.model)
-        del shallow
-    else:
-        fcfg = FeatureDrafterConfig.for_target(
-            target,
-            architecture=d.architecture,
-            num_modules=d.num_modules,
-            layers_per_module=d.layers_per_module,
-            step_mapping=d.resolved_step_mapping(),
-            input_layers=input_layers,
-            input_norm=bool(input_layers) and d.input_norm,
-            draft_vocab_size=d.draft_vocab_size,
-        )
-        model = FeatureDrafterModel(fcfg, target, d2t=d2t)
-    model = model.float()
-    if d.trains_as == "standard":
-        from .objectives import attach_target_head
-
-        attach_target_head(model, target.lm_head)  # the distillation target, never trained
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return model.train()
-
-
-def state_sha256(model_or_state: nn.Module | dict) -> str:
-    """sha256 over a state dict (sorted names + dtype + shape + raw bytes): equal iff bitwise equal."""
-    state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
-    h = hashlib.sha256()
-    for k, v in sorted(state.items()):
-        v = v.detach().cpu().contiguous()
-        h.update(f"{k}|{v.dtype}|{tuple(v.shape)}|".encode())
-        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
-    return h.hexdigest()
-
-
-# =========================================================================== checkpoints
-def _rng_state(generator: torch.Generator | None) -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    if generator is not None:
-        state["generator"] = generator.get_state()
-    return state
-
-
-def _set_rng_state(state: dict, generator: torch.Generator | None) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if generator is not None and "generator" in state:
-        generator.set_state(state["generator"])
-
-
-def find_latest_checkpoint(output_dir: str | Path) -> Path | None:
-    root = Path(output_dir) / CHECKPOINTS
-    latest = root / LATEST
-    if latest.exists() and (latest / STATE_FILE).exists():
-        return latest.resolve()
-    done = sorted(p for p in root.glob("step-*") if (p / STATE_FILE).exists()) if root.is_dir() else []
-    return done[-1] if done else None
-
-
-def _resolve_resume(resume: bool | str | os.PathLike | None, output_dir: Path) -> Path | None:
-    if resume in (None, False):
-        return None
-    if resume is True or resume == "auto":
-        return find_latest_checkpoint(output_dir)
-    path = Path(resume)
-    if path.is_dir() and (path / STATE_FILE).exists():
-        return path
-    if path.is_dir():
-        found = find_latest_checkpoint(path.parent if path.name == CHECKPOINTS else path)
-        if found is not None:
-            return found
-    raise TrainingError(f"--resume {path}: not a training checkpoint (no {STATE_FILE} in it)")
-
-
-# =========================================================================== helpers
-def _make_accelerator(config: TrainConfig):
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, PartialState
-    from accelerate.utils import DistributedDataParallelKwargs
-
-    mp = config.mixed_precision
-    state = AcceleratorState._shared_state
-    if state and state.get("_mixed_precision", mp) != mp:
-        if PartialState().num_processes > 1:
-            raise ConfigError(
-                f"mixed_precision {mp!r} differs from the one accelerate was launched with "
-                f"({state.get('_mixed_precision')!r}); pass --mixed_precision {mp} to accelerate launch"
-            )
-        AcceleratorState._reset_state()  # a second run in the same (single) process
-    # PRISM's warmup stage trains module 0 only: the other modules get no gradient there.
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=config.drafter.num_modules > 1)
-    # torchrun / accelerate launch on a machine without GPUs: accelerate only forms a
-    # (gloo) process group on CPU when told cpu=True.
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("LOCAL_RANK", "-1")) != -1
-    cpu = launched and not torch.cuda.is_available()
-    return Accelerator(mixed_precision=mp, kwargs_handlers=[ddp], step_scheduler_with_optimizer=False, cpu=cpu)
-
-
-def _linear_schedule(optimizer, warmup: int, total: int):
-    def factor(step: int) -> float:
-        if warmup > 0 and step < warmup:
-            return step / warmup
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-@contextlib.contextmanager
-def _hf_progress_bars(enabled: bool):
-    """transformers' own bars ("Loading weights") follow --quiet too. Their switch is global,
-    so it is put back afterwards."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    if not enabled:
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled and not enabled:
-            hf_logging.enable_progress_bar()
-
-
-def _tqdm(**kw):
-    from tqdm.auto import tqdm
-
-    return tqdm(**kw)
 
 
 def _stage_folder(output_dir: Path, index: int, stage: StageConfig) -> Path:
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in stage.name)
     return output_dir / "stages" / f"{index}-{safe}"
-
-
-def _fingerprint(config_dict: dict) -> dict:
-    """The parts of a config that must not change across a resume."""
-    keep = {k: v for k, v in config_dict.items() if k not in ("output_dir", "log_every", "eval_every",
-                                                               "checkpoint_every", "keep_checkpoints",
-                                                               "time_limit_s")}
-    return keep
-
-
-def _diff(a, b, path="") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in sorted(set(a) | set(b)):
-            out += _diff(a.get(k), b.get(k), f"{path}.{k}" if path else k)
-        return out
-    return [] if a == b else [f"{path}: {a!r} -> {b!r}"]
 
 
 # =========================================================================== trainer
@@ -495,7 +81,7 @@ class Trainer:
         self.quiet = quiet
         self.stopped_at: tuple[int, int] | None = None  # (stage, step) where a time limit stopped training
         self.output_dir = Path(config.output_dir)
-        self.accelerator = _make_accelerator(config)
+        self.accelerator = make_accelerator(config)
         acc = self.accelerator
         if config.mixed_precision == "fp16" and acc.device.type == "cpu":
             raise ConfigError("mixed_precision fp16 needs a GPU; use bf16 (or no) on CPU")
@@ -506,7 +92,7 @@ class Trainer:
             )
         self.rank, self.world = acc.process_index, acc.num_processes
         self.is_main = acc.is_main_process
-        self.resume_from = _resolve_resume(resume, self.output_dir) if resume else None
+        self.resume_from = resolve_resume(resume, self.output_dir) if resume else None
         if resume is True and self.resume_from is None:
             self._print(f"[train] no checkpoint in {self.output_dir / CHECKPOINTS}: starting fresh")
         if not resume and not overwrite and find_latest_checkpoint(self.output_dir) is not None:
@@ -530,7 +116,7 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def setup(self):
         """Everything that can fail on bad input runs here, before any training work."""
-        with _hf_progress_bars(self.is_main and not self.quiet):
+        with hf_progress_bars(self.is_main and not self.quiet):
             self._setup()
 
     def _setup(self):
@@ -554,19 +140,8 @@ class Trainer:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         t0 = time.perf_counter()
         self.train_examples, self.holdout_examples, self.data_stats = load_examples(config, tokenizer)
-        self._print(
-            f"[train] data: {self.data_stats['train_examples']} training / {self.data_stats['holdout_examples']} "
-            f"held-out examples, {self.data_stats['train_loss_tokens']} trained tokens "
-            f"({time.perf_counter() - t0:.1f} s)"
-        )
-        skipped = self.data_stats.get("skipped") or {}
-        if skipped:  # bad records never stop a run, so say how many there were
-            reasons = ", ".join(f"{reason}={n}" for reason, n in skipped.items())
-            self._print(f"[train] data: skipped {sum(skipped.values())} malformed record(s) of "
-                        f"{self.data_stats.get('read', '?')} read ({reasons})")
-        if self.data_stats.get("dropped_no_target_tokens"):
-            self._print(f"[train] data: dropped {self.data_stats['dropped_no_target_tokens']} conversation(s) with "
-                        f"no assistant token to train on within max_length={config.data.max_length}")
+        for line in data_summary(self.data_stats, time.perf_counter() - t0, config.data.max_length):
+            self._print(line)
         self.stage_steps = {
             i: stage_total_steps(s, len(self.train_examples), self.world) for i, s in config.enabled_stages()
         }
@@ -579,7 +154,10 @@ class Trainer:
             # Its forwards (feature capture, online features) run without autograd: prepacked
             # CPU weights make them faster (docs/performance.md); autocast steps aside by itself.
             self.target.pack_weights()
-        init_state = self._init_state() if config.init_from and self.resume_from is None else None
+        init_state = None
+        if config.init_from and self.resume_from is None:
+            init_state = read_init_state(config, self.target, self.input_layers)
+            self._print(f"[train] starting from the drafter in {config.init_from}")
         d2t = None
         if init_state is not None and "d2t" in init_state:
             d2t = init_state["d2t"]  # the weights were trained on this vocabulary
@@ -592,7 +170,7 @@ class Trainer:
             )
         drafter = build_drafter(config, self.target, self.input_layers, d2t)
         if init_state is not None:
-            self._load_init(drafter, init_state)
+            load_init_state(drafter, init_state)
         self.loss_module = LossModule(drafter)
         self.generator = torch.Generator(device=acc.device)
         if config.drafter.trains_as == "standard":
@@ -605,33 +183,6 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         acc.wait_for_everyone()
 
-    def _init_state(self) -> dict:
-        """The ``init_from`` drafter's weights, after checking its shape against the config."""
-        from ..drafters.checkpoint import CheckpointError, read_feature_drafter
-
-        try:
-            saved, state = read_feature_drafter(self.config.init_from)
-        except (CheckpointError, OSError, ValueError) as e:
-            raise ConfigError(f"init_from: {e}") from None
-        d = self.config.drafter
-        wanted = {"architecture": d.architecture, "num_modules": d.num_modules,
-                  "layers_per_module": d.layers_per_module, "step_mapping": d.resolved_step_mapping(),
-                  "input_layers": self.input_layers, "draft_vocab_size": d.draft_vocab_size,
-                  "hidden_size": int(self.target.hidden_size), "vocab_size": int(self.target.vocab_size)}
-        got = {k: getattr(saved, k) for k in wanted}
-        wrong = {k: (got[k], v) for k, v in wanted.items() if got[k] != v}
-        if wrong:
-            detail = ", ".join(f"{k}: drafter {a!r} vs config {b!r}" for k, (a, b) in wrong.items())
-            raise ConfigError(f"init_from {self.config.init_from} does not match this run's drafter ({detail})")
-        self._print(f"[train] starting from the drafter in {self.config.init_from}")
-        return state
-
-    @staticmethod
-    def _load_init(drafter: nn.Module, state: dict) -> None:
-        with torch.no_grad():
-            drafter.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()},
-                                    strict=True)
-
     def _prepare_model(self):
         """Hand the drafter to accelerate (DDP / FSDP wrapping) -- after any checkpoint load,
         so resumed weights go into the plain module whatever the wrapper."""
@@ -640,92 +191,35 @@ class Trainer:
     def _source(self, examples: list[Example], split: str) -> BatchSource:
         dataset = None
         if self.config.data.feature_cache:
-            dataset = self._offline_features(examples, split)
+            folder = Path(self.config.data.feature_cache) / split
+            dataset = offline_features(self.accelerator, self.target, examples, folder, self.feature_layers,
+                                       parse_dtype(self.config.data.feature_dtype), self.is_main and not self.quiet)
         return BatchSource(examples, self.target, self.feature_layers, self.accelerator.device, self.pad_id, dataset)
-
-    def _offline_features(self, examples: list[Example], split: str):
-        """Capture the target's features into the cache (shards split over the processes;
-        shards already there are reused), then read them lazily."""
-        from . import features
-
-        folder = Path(self.config.data.feature_cache) / split
-        acc = self.accelerator
-        try:
-            features.capture_features(
-                self.target, [{"input_ids": e.input_ids, "loss_mask": e.loss_mask} for e in examples], folder,
-                feature_layers=self.feature_layers, dtype=parse_dtype(self.config.data.feature_dtype),
-                shard_index=self.rank, num_shards=self.world, progress=self.is_main and not self.quiet,
-            )
-        except features.FeatureCacheMismatch as e:
-            raise TrainingError(f"feature cache {folder}: {e}") from None
-        acc.wait_for_everyone()
-        return features.FeatureDataset(folder)
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint(self, stage_index: int, stage_step: int, global_step: int, optimizer, scheduler, elapsed: float):
-        acc = self.accelerator
-        root = self.output_dir / CHECKPOINTS
-        name = f"step-{global_step:08d}"
-        tmp = root / f".tmp-{name}"
+        state = None
         if self.is_main:
-            root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-        acc.wait_for_everyone()
-        torch.save(_rng_state(self.generator), tmp / f"rng_state_{self.rank}.pt")
-        if optimizer is not None:  # per rank: identical under DDP, this rank's shard under FSDP
-            torch.save(optimizer.state_dict(), tmp / f"optimizer_{self.rank}.pt")
-        state_dict = acc.get_state_dict(self.model)  # collective under FSDP / DeepSpeed
-        if self.is_main:
-            state_dict = {k.removeprefix("drafter."): v for k, v in state_dict.items()}
-            torch.save(state_dict, tmp / "model.pt")
-            if optimizer is not None:
-                torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            if acc.scaler is not None:
-                torch.save(acc.scaler.state_dict(), tmp / "scaler.pt")
             log = self.output_dir / LOG_FILE
             state = {
                 "stage_index": stage_index, "stage_step": stage_step, "global_step": global_step,
                 "world_size": self.world, "elapsed": elapsed,
                 "log_bytes": log.stat().st_size if log.exists() else 0,
-                "config": _fingerprint(self.config.to_dict()),
+                "config": config_fingerprint(self.config.to_dict()),
             }
-            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
-        acc.wait_for_everyone()
-        if self.is_main:
-            for f in tmp.iterdir():  # durable before it becomes visible
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-            final = root / name
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            link_tmp = root / f".{LATEST}.tmp"
-            if link_tmp.is_symlink() or link_tmp.exists():
-                link_tmp.unlink()
-            os.symlink(name, link_tmp)
-            os.replace(link_tmp, root / LATEST)
-            done = sorted(p for p in root.glob("step-*") if p.is_dir())
-            for old in done[: -self.config.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
-        acc.wait_for_everyone()
+        save_checkpoint(self.accelerator, self.model, self.generator, self.output_dir / CHECKPOINTS, global_step, state,
+                        optimizer, scheduler, keep=self.config.keep_checkpoints)
         kill = os.environ.get(KILL_ENV)
         if kill and int(kill) == global_step:
             sys.stderr.flush()
             os.kill(os.getpid(), signal.SIGKILL)
 
     def _load_checkpoint(self, folder: Path) -> dict:
-        state = json.loads((folder / STATE_FILE).read_text())
-        if state["world_size"] != self.world:
-            raise TrainingError(
-                f"checkpoint {folder} was written by {state['world_size']} processes; resume it with the same "
-                f"number (now {self.world}) so the data order and the result stay exact"
-            )
-        changed = _diff(state.get("config", {}), _fingerprint(self.config.to_dict()))
+        state = read_checkpoint(folder, self.world)
+        changed = config_changes(state, self.config.to_dict())
         if changed:
             self._print("[train] warning: the config differs from the checkpoint's: " + "; ".join(changed[:8]))
-        weights = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
-        self.loss_module.drafter.load_state_dict(weights)
+        self.loss_module.drafter.load_state_dict(load_model_state(folder))
         log = self.output_dir / LOG_FILE
         if self.is_main and log.exists() and log.stat().st_size > state["log_bytes"]:
             with open(log, "r+b") as f:  # drop lines written after the checkpoint
@@ -733,45 +227,23 @@ class Trainer:
         return state
 
     # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
     def evaluate(self, stage: StageConfig) -> dict[str, float]:
+        """Held-out metrics under ``stage``'s objective ({} without held-out data)."""
         if self.eval_source is None:
             return {}
-        acc = self.accelerator
-        unwrapped = acc.unwrap_model(self.model)
-        objective = dataclasses.replace(ObjectiveConfig.for_stage(stage), noise_std=0.0)
-        saved = unwrapped.objective, unwrapped.generator
-        unwrapped.objective, unwrapped.generator = objective, None
-        self.model.eval()
-        n = len(self.eval_source)
-        bs = stage.batch_size
-        batches = [list(range(i, min(i + bs, n))) for i in range(0, n, bs)]
-        per_rank = math.ceil(len(batches) / self.world)
-        sums: dict[str, float] = {}
-        try:
-            for j in range(per_rank):  # every rank runs the same number of forwards
-                idx = batches[(self.rank + j * self.world) % len(batches)]
-                loss, metrics = self.model(self.eval_source.batch(idx))
-                m = _metric_floats(metrics)
-                m.setdefault("loss", float(loss.detach().float()))
-                for k, v in m.items():
-                    sums[k] = sums.get(k, 0.0) + v
-        finally:
-            self.model.train()
-            unwrapped.objective, unwrapped.generator = saved
-        return _aggregate(sums, per_rank, acc)
+        return evaluate_heldout(self.model, self.eval_source, stage, self.accelerator)
 
     # ------------------------------------------------------------------ training
     def _optimizer(self, stage: StageConfig, total: int):
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=stage.lr, betas=tuple(stage.betas), weight_decay=stage.weight_decay)
         warmup = int(stage.warmup_ratio * total)
-        scheduler = _linear_schedule(optimizer, warmup, total)
+        scheduler = linear_schedule(optimizer, warmup, total)
         return self.accelerator.prepare_optimizer(optimizer), scheduler
 
     def run(self) -> Path:
         """Train every enabled stage (resuming when asked); returns the final drafter's folder."""
-        with _hf_progress_bars(self.is_main and not self.quiet):
+        with hf_progress_bars(self.is_main and not self.quiet):
             return self._run()
 
     def _run(self) -> Path:
@@ -833,17 +305,12 @@ class Trainer:
         unwrapped.generator = self.generator
         optimizer, scheduler = self._optimizer(stage, total)
         if resume_state is not None:
-            folder = self.resume_from
-            rng = torch.load(folder / f"rng_state_{self.rank}.pt", map_location="cpu", weights_only=False)
-            _set_rng_state(rng, self.generator)
             if start_step > 0:  # mid-stage: the optimizer and schedule go on where they were
-                optimizer.load_state_dict(
-                    torch.load(folder / f"optimizer_{self.rank}.pt", map_location="cpu", weights_only=True))
-                scheduler.load_state_dict(torch.load(folder / "scheduler.pt", map_location="cpu", weights_only=False))
-                if acc.scaler is not None and (folder / "scaler.pt").exists():
-                    acc.scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=False))
+                restore_training_state(self.resume_from, self.rank, self.generator, optimizer, scheduler, acc.scaler)
+            else:
+                restore_training_state(self.resume_from, self.rank, self.generator)
         if start_step == 0:  # each stage's noise stream starts from its own seed
-            self.generator.manual_seed(_mix_seed(config.seed, index, self.rank))
+            self.generator.manual_seed(mix_seed(config.seed, index, self.rank))
         lengths = [int(e.input_ids.numel()) for e in self.train_source.examples] if config.data.group_by_length else None
         order = DataOrder(len(self.train_source), config.seed, index, stage.batch_size, stage.grad_accum,
                           self.world, self.rank, lengths)
@@ -853,8 +320,8 @@ class Trainer:
             f"global batch {stage.batch_size * stage.grad_accum * self.world} "
             f"({self.world} process{'es' if self.world > 1 else ''})"
         )
-        bar = _tqdm(total=total, initial=start_step, desc=f"stage {index} {stage.name}",
-                    disable=not self.is_main or self.quiet, dynamic_ncols=True, leave=True)
+        bar = progress_bar(total=total, initial=start_step, desc=f"stage {index} {stage.name}",
+                           disable=not self.is_main or self.quiet, dynamic_ncols=True, leave=True)
         self.model.train()
         for step in range(start_step, total):
             sums: dict[str, float] = {}
@@ -864,7 +331,7 @@ class Trainer:
                 with contextlib.nullcontext() if sync else acc.no_sync(self.model):
                     loss, metrics = self.model(batch)
                     acc.backward(loss / stage.grad_accum)
-                m = _metric_floats(metrics)
+                m = metric_floats(metrics)
                 m["loss"] = float(loss.detach().float())
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + v
@@ -883,7 +350,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{sums['loss'] / stage.grad_accum:.4f}", lr=f"{lr:.2e}", refresh=False)
                 bar.update(1)
             if done % config.log_every == 0 or done == total:
-                values = _aggregate(sums, stage.grad_accum, acc)
+                values = aggregate_metrics(sums, stage.grad_accum, acc)
                 self._log({
                     "split": "train", "stage": index, "stage_name": stage.name, "step": done,
                     "global_step": global_step, "epoch": round(order.epoch_at(done), 4),
@@ -955,17 +422,7 @@ class Trainer:
             info = {"training": {"recipe": self.config.recipe, "stage": index,
                                  "stage_name": stage.name if stage else "final",
                                  "target": self.config.target}}
-            if self.config.drafter.trains_as == "standard":
-                head = drafter.__dict__.get("target_head")
-                model = copy.deepcopy(drafter, memo={id(head): None} if head is not None else None).eval()
-                model.__dict__.pop("target_head", None)
-                if self.config.save_dtype:
-                    model = model.to(parse_dtype(self.config.save_dtype))
-                for p in model.parameters():
-                    p.requires_grad_(False)
-                save_standard_drafter(StandardDrafter(model, name=f"{self.config.target}-standard"), self.target, folder)
-            else:
-                save_feature_drafter(drafter, folder, dtype=self.config.save_dtype, extra=info)
+            export_drafter(drafter, self.config, self.target, folder, info)
             for name in (CONFIG_FILE, LOG_FILE):
                 src = self.output_dir / name
                 if src.exists():

@@ -1,5 +1,5 @@
-"""Training objectives for the drafters: EAGLE, HASS context alignment, PRISM warmup / tuning,
-and distillation of a standard small-LM drafter.
+"""Training objectives for the drafters: EAGLE, HASS context alignment (also PRISM's warmup
+stage), PRISM tuning, and distillation of a standard small-LM drafter.
 
 Index conventions (one sequence of n tokens t[0..n-1], target features f[0..n-1], where f[k]
 is the target's last hidden state after its final norm at position k, so softmax(head(f[k]))
@@ -40,12 +40,9 @@ from .losses import (
     smooth_l1_per_position,
 )
 
-STAGES = OBJECTIVES  # the objective names StageConfig.objective takes
-
-
 @dataclass
 class ObjectiveConfig:
-    stage: str = "warmup"  # "warmup" (HASS: feature + soft CE, detached cross-step inputs) | "tuning" (PRISM: CE only, no detach) | "eagle" (plain EAGLE: 1 step) | "standard" (small-LM distillation)
+    objective: str = "hass"  # "hass" (HASS: feature + soft CE, detached cross-step inputs) | "tuning" (PRISM: CE only, no detach) | "eagle" (plain EAGLE: 1 step) | "standard" (small-LM distillation)
     aligned_steps: int = 3  # HASS context-alignment passes (1 = plain EAGLE)
     feature_weight: float = 1.0  # SmoothL1 on predicted vs target features
     ce_weight: float = 0.1  # soft CE against the target's distribution softmax(head(target feature))
@@ -58,20 +55,20 @@ class ObjectiveConfig:
     def for_stage(cls, stage) -> "ObjectiveConfig":
         """The objective of a training stage (a config.StageConfig)."""
         return cls(
-            stage=stage.objective, aligned_steps=stage.aligned_steps, feature_weight=stage.feature_weight,
+            objective=stage.objective, aligned_steps=stage.aligned_steps, feature_weight=stage.feature_weight,
             ce_weight=stage.ce_weight, topk_weight=stage.topk_weight, topk=stage.topk, noise_std=stage.noise_std,
             step_weights=list(stage.step_weights) if stage.step_weights is not None else None,
         )
 
     def __post_init__(self):
-        if self.stage not in STAGES:
-            raise ValueError(f"unknown stage {self.stage!r}; choose one of {STAGES}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {self.objective!r}; choose one of {OBJECTIVES}")
         if self.aligned_steps < 1:
             raise ValueError("aligned_steps must be >= 1")
 
     def num_passes(self) -> int:
         """Passes actually run: 1 for "eagle" and "standard", aligned_steps otherwise."""
-        return 1 if self.stage in ("eagle", "standard") else int(self.aligned_steps)
+        return 1 if self.objective in ("eagle", "standard") else int(self.aligned_steps)
 
     def weights(self) -> list[float]:
         steps = self.num_passes()
@@ -132,11 +129,11 @@ def valid_positions(n: int, step: int, device=None) -> torch.Tensor:
     return torch.arange(n, device=device) >= step - 1
 
 
-def pass_modules(model: FeatureDrafterModel, stage: str, steps: int) -> list[int]:
+def pass_modules(model: FeatureDrafterModel, objective: str, steps: int) -> list[int]:
     """Module per pass. "tuning" follows the drafter's step mapping (pass j = draft step j-1,
     so pass 1 runs module_for_step(0), which writes the prefix KV, as at inference).
-    "warmup" and "eagle" train one module as a HASS / EAGLE drafter: module 0 for every pass."""
-    if stage == "tuning":
+    "hass" and "eagle" train one module as a HASS / EAGLE drafter: module 0 for every pass."""
+    if objective == "tuning":
         return [model.config.module_for_step(j) for j in range(steps)]
     return [0] * steps
 
@@ -165,7 +162,7 @@ def draft_passes(
     drafter's width (``model.input_features`` applied, noise added); ``attention_mask`` [B, n]
     (1 = real, right padding). Passes share one DynamicCache: pass j appends its KV after the
     KV of passes 1..j-1 and attends to them through :func:`alignment_mask`. With ``detach``
-    (HASS warmup) the fed-back predictions and the earlier passes' KV are cut from the graph.
+    (HASS) the fed-back predictions and the earlier passes' KV are cut from the graph.
     """
     B, n = input_ids.shape
     m = n - 1
@@ -283,16 +280,16 @@ def compute_loss(
     draft ids); ``acc_step{j}`` compares d2t[drafter argmax] with the target's full-vocabulary
     argmax, so a row whose target argmax is outside the draft vocabulary counts as wrong.
 
-    Stages: "eagle" = 1 pass, feature + CE; "warmup" = cfg.aligned_steps passes, feature + CE,
+    Objectives: "eagle" = 1 pass, feature + CE; "hass" = cfg.aligned_steps passes, feature + CE,
     cross-pass inputs and KV detached, module 0 for every pass; "tuning" = aligned passes
     through the step mapping, CE (+ top-K) only, nothing detached; "standard" = ``model`` is a
     StandardDrafter or its HF causal LM, trained by soft CE against softmax(target_head(hidden))
     (the target head comes from ``batch["target_head"]`` or :func:`attach_target_head`).
     """
-    if cfg.stage == "standard":
+    if cfg.objective == "standard":
         return _standard_loss(model, batch, cfg)
     if not isinstance(model, FeatureDrafterModel):
-        raise TypeError(f"stage {cfg.stage!r} trains a FeatureDrafterModel, got {type(model).__name__}")
+        raise TypeError(f"objective {cfg.objective!r} trains a FeatureDrafterModel, got {type(model).__name__}")
 
     device = model.processing[0].fc.weight.device
     dtype = model.processing[0].fc.weight.dtype
@@ -320,9 +317,10 @@ def compute_loss(
 
     steps = cfg.num_passes()
     weights = cfg.weights()
-    train_feature = cfg.stage in ("warmup", "eagle")
+    train_feature = cfg.objective in ("hass", "eagle")
     outputs = draft_passes(
-        model, input_ids, features, attention_mask, steps, pass_modules(model, cfg.stage, steps), detach=cfg.stage == "warmup"
+        model, input_ids, features, attention_mask, steps, pass_modules(model, cfg.objective, steps),
+        detach=cfg.objective == "hass",
     )
 
     # Masked rows of drafter positions (flattened [B, n-1]); the target side is computed once.
@@ -397,7 +395,7 @@ def _standard_loss(model, batch: dict, cfg: ObjectiveConfig) -> tuple[torch.Tens
             target_head = owner.__dict__.get("target_head")
     if target_head is None:
         raise ValueError(
-            "stage 'standard' needs the target's LM head: pass batch['target_head'] or call "
+            "objective 'standard' needs the target's LM head: pass batch['target_head'] or call "
             "attach_target_head(lm, target.lm_head) first"
         )
     decoder, head = lm.get_decoder(), lm.get_output_embeddings()

@@ -24,7 +24,7 @@ import torch
 
 from ..targets.attention import attention_backends
 from .chat import has_chat_template, render
-from .data import Conversation, conversation_key, strip_think_blocks
+from .conversations import Conversation, conversation_key, strip_think_blocks
 
 
 def _first_unanswered(conv: Conversation) -> int | None:

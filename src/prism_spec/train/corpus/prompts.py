@@ -12,7 +12,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from ..data import Conversation, conversation_key, expand_sources, read_file
+from ..conversations import Conversation, conversation_key
+from ..mix import expand_sources
+from ..records import read_file
 from .store import PROMPTS, CorpusError, pack, read_manifest, token_dtype, unpack, write_npz
 
 
