@@ -201,7 +201,7 @@ def verify_curve(target, sizes, prefix, mode, repeats) -> dict[int, float]:
     kv = StaticKV(target.static_caches, 1, prefix + max(sizes) + 256, target.device)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, target.vocab_size, (1, prefix), generator=gen).to(target.device)
-    target.forward_batch(ids, torch.arange(prefix, device=target.device)[None], kv.cache, None, kv.lengths)
+    target.forward(ids, torch.arange(prefix, device=target.device)[None], kv.cache, None, kv.lengths)
     kv.commit([torch.arange(prefix, device=target.device)])
     out = {}
     for n in sizes:
@@ -210,7 +210,7 @@ def verify_curve(target, sizes, prefix, mode, repeats) -> dict[int, float]:
         causal = torch.ones(n, n, dtype=torch.bool, device=target.device).tril()[None]  # a chain "tree"
 
         def run():
-            target.forward_batch(tokens, positions, kv.cache, causal, kv.lengths)
+            target.forward(tokens, positions, kv.cache, causal, kv.lengths)
             kv.rollback()
 
         run()  # capture (graphs) outside the timing

@@ -57,7 +57,7 @@ def profile_method(target, drafter, prompts, cfg) -> dict:
     # prefill does not) in this unprofiled pass instead.
     verify_s = [0.0]
     start = time.perf_counter()
-    with timed_calls(target, ["forward_batch"], verify_s, when=lambda *a, **k: _tree_mask(*a, **k) is not None):
+    with timed_calls(target, ["forward"], verify_s, when=lambda *a, **k: _tree_mask(*a, **k) is not None):
         results, tokens, rounds, accepted = run(target, drafter, prompts, cfg)
     wall = time.perf_counter() - start
     round_s = sum(r.total_s - r.prefill_s for r in results) / rounds

@@ -138,16 +138,22 @@ def add_sampling_options(parser: argparse.ArgumentParser, max_new_tokens: int = 
 
 
 def generation_config(args: argparse.Namespace, stop_strings: Sequence[str] = ()):
-    from .runtime import GenerationConfig, SamplingConfig, TreeConfig
+    from .runtime import GenerationConfig, SamplingConfig
 
     return GenerationConfig(
         max_new_tokens=args.max_new_tokens,
         sampling=SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k),
-        tree=TreeConfig.parse("cpu") if args.tree == "auto" else args.tree,
         stop_strings=tuple(stop_strings),
         seed=args.seed,
-        static_cache=wants_static_cache(args),
     )
+
+
+def decode_options(args: argparse.Namespace, target, resolved):
+    """The DecodeOptions the flags ask for: the tree (see resolve_tree_from_args) and the
+    cache mode."""
+    from .runtime import DecodeOptions
+
+    return DecodeOptions(resolve_tree_from_args(args, target, resolved), wants_static_cache(args))
 
 
 def wants_static_cache(args: argparse.Namespace) -> bool:
@@ -293,16 +299,15 @@ def run_demo(args: argparse.Namespace) -> int:
     resolved = resolve_drafter(args.drafter, target)
     if resolved.drafter is None:
         raise CLIError("the demo compares vanilla and speculative decoding: pick a drafter, not --drafter none")
-    cfg.tree = resolve_tree_from_args(args, target, resolved)
+    options = decode_options(args, target, resolved)
     ids = target.encode_prompt(args.prompt)
 
     if args.warmup:  # one-time costs (allocator, kernels) should not land on either side
         print_status("warming up ...")
         warm = generation_config(args)
         warm.max_new_tokens = min(8, cfg.max_new_tokens)
-        warm.tree = cfg.tree
-        generate(target, ids, None, warm)
-        generate(target, ids, resolved.drafter, warm)
+        generate(target, ids, None, warm, options)
+        generate(target, ids, resolved.drafter, warm, options)
     plain = None
     if target.engine == "llama.cpp":  # llama.cpp's own decoding of the same GGUF, as the baseline
         from .targets.llamacpp import plain_greedy, plain_llama
@@ -313,14 +318,14 @@ def run_demo(args: argparse.Namespace) -> int:
         eos = target.eos_token_ids if cfg.stop_on_eos else ()
         plain = plain_greedy(llm, ids, cfg.max_new_tokens, eos), time.perf_counter() - started
     print_status("vanilla decoding ...")
-    vanilla = generate(target, ids, None, cfg)
+    vanilla = generate(target, ids, None, cfg, options)
     print_status("speculative decoding ...")
-    spec = generate(target, ids, resolved.drafter, cfg)
+    spec = generate(target, ids, resolved.drafter, cfg, options)
 
     print(f"target       {target.name} ({target.num_layers} layers, {args.dtype}, {args.device}, "
           f"{torch.get_num_threads()} torch threads)")
     print(f"drafter      {resolved.drafter.method}: {resolved.label}")
-    print(f"tree         {tree_label(cfg.tree)}")
+    print(f"tree         {tree_label(options.tree)}")
     sampling = "greedy (T=0)" if cfg.sampling.greedy else (
         f"T={cfg.sampling.temperature} top-p={cfg.sampling.top_p} top-k={cfg.sampling.top_k} seed={cfg.seed}")
     print(f"sampling     {sampling}, max {cfg.max_new_tokens} new tokens")
@@ -413,7 +418,7 @@ def run_generate(args: argparse.Namespace) -> int:
     cfg = generation_config(args, args.stop)
     target = load_target_from_args(args)
     resolved = resolve_drafter("none" if args.vanilla else args.drafter, target)
-    cfg.tree = resolve_tree_from_args(args, target, resolved)
+    options = decode_options(args, target, resolved)
     if resolved.drafter is not None and not resolved.trained:
         print_status(f"drafter: {resolved.label} (lossless, but expect little or no speedup)")
     method = resolved.drafter.method if resolved.drafter is not None else "vanilla"
@@ -422,7 +427,7 @@ def run_generate(args: argparse.Namespace) -> int:
     for prompt in prompts:
         ids = target.encode_prompt(prompt, chat=args.chat, system=args.system)
         streamer = TextStreamer(target) if args.stream else None
-        result = generate(target, ids, resolved.drafter, cfg, on_tokens=streamer)
+        result = generate(target, ids, resolved.drafter, cfg, options, on_tokens=streamer)
         if streamer is not None:
             streamer.finish(result.text or "")
             print_status(f"[{len(result.token_ids)} tokens, {result.tokens_per_second:.1f} tokens/s, "
@@ -466,13 +471,13 @@ def add_chat_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_chat(args: argparse.Namespace, stdin=None, stdout=None) -> int:
     from .drafters.resolve import resolve_drafter
-    from .runtime import GenerationResult, PromptError, stream_generate
+    from .runtime import PromptError, generate
 
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     cfg = generation_config(args)
     target = load_target_from_args(args)
     resolved = resolve_drafter(args.drafter, target)
-    cfg.tree = resolve_tree_from_args(args, target, resolved)
+    options = decode_options(args, target, resolved)
     print_status(f"chatting with {args.target} (drafter: {resolved.label}); /reset clears, /exit quits")
     messages = [{"role": "system", "content": args.system}] if args.system else []
     interactive = stdin.isatty()
@@ -496,11 +501,7 @@ def run_chat(args: argparse.Namespace, stdin=None, stdout=None) -> int:
         ids = target.render_chat(messages)
         streamer = TextStreamer(target, stdout)
         try:
-            for item in stream_generate(target, ids, resolved.drafter, cfg):
-                if isinstance(item, GenerationResult):
-                    result = item
-                else:
-                    streamer(item)
+            result = generate(target, ids, resolved.drafter, cfg, options, on_tokens=streamer)
         except PromptError as exc:  # e.g. the conversation outgrew the context
             messages.pop()
             print_status(f"error: {exc} (use /reset)")
@@ -571,18 +572,17 @@ def run_serve(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get("PRISM_API_KEY") or None
     target = load_target_from_args(args)
     resolved = resolve_drafter(args.drafter, target)
-    tree = resolve_tree_from_args(args, target, resolved)
-    engine = BatchingEngine(target, resolved.drafter, max_batch=args.max_batch).start()
+    options = decode_options(args, target, resolved)
+    engine = BatchingEngine(target, resolved.drafter, max_batch=args.max_batch, options=options).start()
     name = args.model_name or args.target
     print_status(f"serving {name} on http://{args.host}:{args.port}/v1 (drafter: {resolved.label}, "
-                 f"tree {tree_label(tree)}, batches up to {engine.max_batch}, "
+                 f"tree {tree_label(options.tree)}, batches up to {engine.max_batch}, "
                  f"{'API key required' if api_key else 'no API key'})")
     warning = exposure_warning(args.host, api_key)
     if warning:
         print_status(warning)
     try:
-        app = create_app(engine, name, tree, args.max_tokens, static_cache=wants_static_cache(args),
-                         max_tokens_cap=args.max_tokens_cap,
+        app = create_app(engine, name, args.max_tokens, max_tokens_cap=args.max_tokens_cap,
                          max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES, api_key=api_key, docs=args.docs)
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:

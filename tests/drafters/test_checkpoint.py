@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from helpers import tiny_llama
+from helpers import forward_one, tiny_llama
 from prism_spec.drafters import (
     CheckpointError,
     DrafterMismatchError,
@@ -40,7 +40,7 @@ def target():
 
 
 def first_round_logits(drafter, target):
-    out = target.forward(PROMPT, torch.arange(PROMPT.numel()), target.new_cache())
+    out = forward_one(target, PROMPT, torch.arange(PROMPT.numel()), target.new_cache())
     return drafter.begin(PROMPT, int(out.logits[-1].argmax()), out.features)
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import tiny_llama
+from helpers import forward_one, tiny_llama
 from prism_spec.drafters import (
     CheckpointError,
     Drafter,
@@ -163,14 +163,17 @@ class ReducedOracle(Drafter):
         self.inner = StandardDrafter.from_target_layers(target, target.num_layers)
         self.d2t = d2t
 
-    def begin(self, prompt_ids, first_token, features):
-        return self.inner.begin(prompt_ids, first_token, features)[..., self.d2t]
+    def begin(self, prompts, first_tokens, features):
+        return self.inner.begin(prompts, first_tokens, features)[..., self.d2t]
 
     def extend(self, tokens, features):
         return self.inner.extend(tokens, features)[..., self.d2t]
 
     def expand(self, tokens, parent_slots, tree_mask, depth):
         return self.inner.expand(tokens, parent_slots, tree_mask, depth)[..., self.d2t]
+
+    def keep_rows(self, rows):
+        self.inner.keep_rows(rows)
 
     def end_round(self):
         self.inner.end_round()
@@ -332,7 +335,7 @@ def _batch(target, lengths=(12, 9), seed=0, loss_from=3):
     hidden = torch.randn(B, n, target.hidden_size, generator=g, dtype=torch.float64)
     for b, L in enumerate(lengths):
         attn[b, :L] = 1
-        hidden[b, :L] = target.forward(ids[b, :L], torch.arange(L), target.new_cache()).features
+        hidden[b, :L] = forward_one(target, ids[b, :L], torch.arange(L), target.new_cache()).features
     loss_mask = attn.clone()
     loss_mask[:, :loss_from] = 0
     return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss_mask, "hidden": hidden}

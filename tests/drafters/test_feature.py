@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from helpers import tiny_llama, record_expand
+from helpers import draft_one, forward_one, record_expand, tiny_llama
 from prism_spec.drafters import (
     DrafterMismatchError,
     FeatureDrafter,
@@ -15,7 +15,7 @@ from prism_spec.drafters import (
     FeatureDrafterModel,
     prism_config,
 )
-from prism_spec.runtime.tree import TreeConfig, draft_tree
+from prism_spec.runtime.tree import TreeConfig
 from prism_spec.targets.hf import attention_mask_4d
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -38,7 +38,7 @@ def make_drafter(target, seed=0, **config) -> FeatureDrafter:
 
 def target_features(target, drafter, tokens):
     layers = drafter.feature_layers if isinstance(drafter.feature_layers, tuple) else None
-    out = target.forward(tokens, torch.arange(tokens.numel()), target.new_cache(), feature_layers=layers)
+    out = forward_one(target, tokens, torch.arange(tokens.numel()), target.new_cache(), feature_layers=layers)
     return out.layer_features if layers else out.features
 
 
@@ -173,7 +173,7 @@ def test_each_step_runs_its_mapped_module(target, name, expected):
     tokens = torch.cat([PROMPT, torch.tensor([FIRST])])
     root_logits = drafter.begin(PROMPT, FIRST, target_features(target, drafter, PROMPT))
     assert used == expected[:1]
-    draft_tree(drafter, FIRST, root_logits, TREE)
+    draft_one(drafter, FIRST, root_logits, TREE)
     assert used == expected  # begin, then one call per tree level (depth 1..4)
     drafter.end_round()
     drafter.extend(torch.tensor([5, 6]), target_features(target, drafter, torch.cat([tokens, torch.tensor([5])]))[-2:])
@@ -192,9 +192,9 @@ def test_rounds_match_reference(target, name):
     assert torch.allclose(root_logits, reference_logits(drafter, inputs, feats), atol=1e-9, rtol=0)
     for round_ in range(3):
         calls = record_expand(drafter)
-        tree = draft_tree(drafter, int(committed[-1]), root_logits, TREE)
+        tree = draft_one(drafter, int(committed[-1]), root_logits, TREE)
         drafter.end_round()
-        del drafter.expand_batch
+        del drafter.expand
         assert drafter.kv.cache.get_seq_length() == int(drafter.kv.lengths[0]) == inputs.numel()
         assert len(calls) == TREE.depth
         for path, row in zip(slot_paths(calls), torch.cat([out for *_, out in calls])):

@@ -96,16 +96,16 @@ def test_names_cannot_be_taken_twice(echo_kind):
 
 
 def test_batch_capability_follows_what_a_drafter_implements():
-    from prism_spec.drafters import Drafter, StandardDrafter
+    from prism_spec.drafters import SingleSequenceDrafter, StandardDrafter
 
-    class OneAtATime(Drafter):
-        def begin(self, prompt_ids, first_token, features):
+    class OneAtATime(SingleSequenceDrafter):
+        def begin_one(self, prompt_ids, first_token, features):
             return torch.zeros(4)
 
-        def extend(self, tokens, features):
+        def extend_one(self, tokens, features):
             return torch.zeros(4)
 
-        def expand(self, tokens, parent_slots, tree_mask, depth):
+        def expand_one(self, tokens, parent_slots, tree_mask, depth):
             return torch.zeros(len(tokens), 4)
 
         def end_round(self):

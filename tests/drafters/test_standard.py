@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import tiny_llama, record_expand
+from helpers import draft_one, forward_one, record_expand, tiny_llama
 from prism_spec.drafters import DrafterMismatchError, StandardDrafter
-from prism_spec.runtime.tree import TreeConfig, draft_tree
+from prism_spec.runtime.tree import TreeConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -22,7 +22,7 @@ def target():
 
 def causal_logits(lm, tokens: torch.Tensor) -> torch.Tensor:
     """Last-position logits of ``lm`` (a Target) over ``tokens`` from an empty cache."""
-    return lm.forward(tokens, torch.arange(tokens.numel()), lm.new_cache()).logits[-1]
+    return forward_one(lm, tokens, torch.arange(tokens.numel()), lm.new_cache()).logits[-1]
 
 
 def slot_paths(calls) -> list[list[int]]:
@@ -94,9 +94,9 @@ def test_rounds_match_causal_runs(target, num_layers):
     assert torch.allclose(root_logits, causal_logits(drafter.lm, committed), atol=1e-9, rtol=0)
     for round_ in range(3):
         calls = record_expand(drafter)
-        tree = draft_tree(drafter, int(committed[-1]), root_logits, TREE)
+        tree = draft_one(drafter, int(committed[-1]), root_logits, TREE)
         drafter.end_round()
-        del drafter.expand_batch
+        del drafter.expand
         assert drafter.kv.cache.get_seq_length() == committed.numel() == int(drafter.kv.lengths[0])
         assert len(calls) == TREE.depth
         paths = slot_paths(calls)

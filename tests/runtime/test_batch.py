@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import chi_square_pvalue, tiny_llama
+from helpers import chi_square_pvalue, forward_one, tiny_llama
 from prism_spec.drafters import FeatureDrafter, FeatureDrafterModel, StandardDrafter, prism_config
 from prism_spec.runtime import (
     GenerationConfig,
@@ -112,11 +112,11 @@ def test_batched_sampling_matches_target_distribution():
     vocab, prompt, n, rows = 8, [1, 5, 2, 7, 3], 2000, 8
     target = tiny_llama(vocab_size=vocab, layers=2, seed=0)
     cfg = SamplingConfig(temperature=1.0)
-    p1 = target_probs(target.forward(torch.tensor(prompt), torch.arange(5), target.new_cache()).logits[-1], cfg)
+    p1 = target_probs(forward_one(target, torch.tensor(prompt), torch.arange(5), target.new_cache()).logits[-1], cfg)
     second = []
     for x1 in range(vocab):
         ids = torch.tensor(prompt + [x1])
-        second.append(target_probs(target.forward(ids, torch.arange(6), target.new_cache()).logits[-1], cfg))
+        second.append(target_probs(forward_one(target, ids, torch.arange(6), target.new_cache()).logits[-1], cfg))
     exact = (p1[:, None] * torch.stack(second)).numpy()
     drafter = StandardDrafter.from_target_layers(target, 1)
     observed, accepted = np.zeros((vocab, vocab)), 0

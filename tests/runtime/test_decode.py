@@ -7,13 +7,14 @@ import importlib.util
 import pytest
 import torch
 
-from helpers import NoisyDrafter, RandomDrafter, tiny_llama
+from helpers import NoisyDrafter, RandomDrafter, forward_one, tiny_llama
 from prism_spec.drafters import (
     Drafter,
     DrafterMismatchError,
     FeatureDrafter,
     FeatureDrafterConfig,
     FeatureDrafterModel,
+    SingleSequenceDrafter,
     StandardDrafter,
     prism_config,
 )
@@ -111,7 +112,7 @@ def test_greedy_speculative_equals_vanilla(target, prompts, vanilla, drafter_nam
         assert acceptance > 1.5, acceptance
 
 
-class SpyDrafter(Drafter):
+class SpyDrafter(SingleSequenceDrafter):
     """Records what the decode loop feeds a drafter."""
 
     def __init__(self, inner: Drafter):
@@ -120,17 +121,17 @@ class SpyDrafter(Drafter):
         self.begun = None
         self.extended = []
 
-    def begin(self, prompt_ids, first_token, features):
+    def begin_one(self, prompt_ids, first_token, features):
         self.begun = (prompt_ids.tolist(), first_token, None if features is None else features.clone())
         self.extended = []
-        return self.inner.begin(prompt_ids, first_token, features)
+        return self.inner.begin([prompt_ids], [first_token], [features])[0]
 
-    def extend(self, tokens, features):
+    def extend_one(self, tokens, features):
         self.extended.append((tokens.tolist(), None if features is None else features.clone()))
-        return self.inner.extend(tokens, features)
+        return self.inner.extend([tokens], [features])[0]
 
-    def expand(self, tokens, parent_slots, tree_mask, depth):
-        return self.inner.expand(tokens, parent_slots, tree_mask, depth)
+    def expand_one(self, tokens, parent_slots, tree_mask, depth):
+        return self.inner.expand(tokens[None], parent_slots[None], tree_mask[None], depth)[0]
 
     def end_round(self):
         self.inner.end_round()
@@ -153,7 +154,7 @@ def test_drafter_gets_committed_tokens_and_their_features(target, prompts, vanil
     assert extended[: MAX_NEW - 1] == expected[1:] and len(extended) >= MAX_NEW - 1
     sequence = torch.tensor(prompt + [first] + extended)
     layers = spy.feature_layers if isinstance(spy.feature_layers, tuple) else None
-    out = target.forward(sequence, torch.arange(sequence.numel()), target.new_cache(), feature_layers=layers)
+    out = forward_one(target, sequence, torch.arange(sequence.numel()), target.new_cache(), feature_layers=layers)
     feats = out.layer_features if layers else out.features
     if spy.feature_layers is None:
         assert begin_features is None and all(f is None for _, f in spy.extended)
@@ -510,7 +511,7 @@ def test_cuda_graphs_equal_vanilla_on_gpu(prompts, drafter_name):
         config = GenerationConfig(max_new_tokens=MAX_NEW, tree=SHAPES[shape], static_cache=True)
         for prompt, want in zip(picked, expected):
             assert generate(gpu, prompt, drafter, config).token_ids == want
-    if drafter is None or type(drafter).expand_batch is not Drafter.expand_batch:
+    if drafter is None or type(drafter).expand is not Drafter.expand:
         configs = [GenerationConfig(max_new_tokens=n, tree=SHAPES["small"], static_cache=True) for n in (5, MAX_NEW, 9)]
         results = generate_batch(gpu, picked[:3], drafter, configs)
         assert [r.token_ids for r in results] == [w[: c.max_new_tokens] for w, c in zip(expected, configs)]

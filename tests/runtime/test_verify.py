@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import prism_spec.runtime.decode as decode
-from helpers import NoisyDrafter, chi_square_pvalue, tiny_llama
+from helpers import NoisyDrafter, chi_square_pvalue, forward_one, tiny_llama
 from prism_spec.drafters import StandardDrafter
 from prism_spec.runtime import GenerationConfig, SamplingConfig, TreeConfig, generate
 from prism_spec.runtime.tree import DraftTree
@@ -257,12 +257,12 @@ def small_target():
 
 def exact_two_token_distribution(target, cfg: SamplingConfig) -> np.ndarray:
     prompt = t(PROMPT)
-    out = target.forward(prompt, torch.arange(len(PROMPT)), target.new_cache())
+    out = forward_one(target, prompt, torch.arange(len(PROMPT)), target.new_cache())
     p1 = target_probs(out.logits[-1], cfg)
     rows = []
     for x1 in range(V):
         ids = torch.cat([prompt, t([x1])])
-        rows.append(target_probs(target.forward(ids, torch.arange(ids.numel()), target.new_cache()).logits[-1], cfg))
+        rows.append(target_probs(forward_one(target, ids, torch.arange(ids.numel()), target.new_cache()).logits[-1], cfg))
     joint = (p1[:, None] * torch.stack(rows)).numpy()
     assert abs(joint.sum() - 1) < 1e-9
     return joint

@@ -283,9 +283,9 @@ def chat_body(content="hi", **extra) -> dict:
 class SlowDrafter(StandardDrafter):
     """Sleeps each round, so that a request lasts long enough for its client to give up."""
 
-    def extend_batch(self, tokens, features):
+    def extend(self, tokens, features):
         time.sleep(0.05)
-        return super().extend_batch(tokens, features)
+        return super().extend(tokens, features)
 
 
 def test_abandoned_non_streaming_request_is_cancelled(server):

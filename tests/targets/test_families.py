@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from helpers import FAMILIES, FAMILY_COMMON, chi_square_pvalue, tiny_family
+from helpers import FAMILIES, FAMILY_COMMON, chi_square_pvalue, forward_one, tiny_family
 from prism_spec.drafters import FeatureDrafter, FeatureDrafterModel, StandardDrafter, prism_config
 from prism_spec.drafters.checkpoint import load_drafter, save_feature_drafter
 from prism_spec.runtime import GenerationConfig, SamplingConfig, TreeConfig, generate, generate_batch
@@ -107,7 +107,7 @@ T1 = SamplingConfig(temperature=1.0)
 
 def exact_two_token_distribution(target, cfg) -> np.ndarray:
     def probs(ids):
-        out = target.forward(torch.tensor(ids), torch.arange(len(ids)), target.new_cache())
+        out = forward_one(target, torch.tensor(ids), torch.arange(len(ids)), target.new_cache())
         return target_probs(out.logits[-1], cfg)
 
     first = probs(PROMPT)
@@ -133,7 +133,7 @@ def test_soft_capped_logits_are_the_models_own():
     target = tiny_family("gemma2")
     assert target.family.logit_softcap
     ids = torch.tensor(PROMPTS[0])
-    ours = target.forward(ids, torch.arange(len(ids)), target.new_cache()).logits
+    ours = forward_one(target, ids, torch.arange(len(ids)), target.new_cache()).logits
     torch.testing.assert_close(ours, target.model(input_ids=ids[None]).logits[0].float(), rtol=0, atol=1e-12)
 
 

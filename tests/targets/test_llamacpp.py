@@ -109,7 +109,7 @@ def test_sampling_matches_the_engines_distribution(engine, prompts):
     def probs(ids):
         kv = engine.new_kv(1)
         ids = torch.tensor(ids)
-        out = engine.forward_batch(ids[None], torch.arange(len(ids))[None], kv.cache, None, kv.lengths,
+        out = engine.forward(ids[None], torch.arange(len(ids))[None], kv.cache, None, kv.lengths,
                                    logits=False, logit_rows=torch.tensor([len(ids) - 1]), features=False)
         return target_probs(out.logits[0, 0], cfg)
 
@@ -174,7 +174,7 @@ def last_logits(engine, ids) -> torch.Tensor:
     """The engine's next-token logits after ``ids`` (a fresh KV cache)."""
     kv = engine.new_kv(1)
     ids = torch.tensor(ids)
-    out = engine.forward_batch(ids[None], torch.arange(len(ids))[None], kv.cache, None, kv.lengths,
+    out = engine.forward(ids[None], torch.arange(len(ids))[None], kv.cache, None, kv.lengths,
                                logits=False, logit_rows=torch.tensor([len(ids) - 1]), features=False)
     return out.logits[0, 0]
 
@@ -188,7 +188,7 @@ def test_tiny_gguf_loads_with_a_companion_of_the_same_model(tiny_engine, tiny_pr
     # logit, and 140% with Q and K left in llama.cpp's rope order (transformers permutes them back).
     prompt = torch.tensor(tiny_prompts[0])
     kv = tiny_engine.new_kv(1)
-    ours = tiny_engine.forward_batch(prompt[None], torch.arange(len(prompt))[None], kv.cache, None,
+    ours = tiny_engine.forward(prompt[None], torch.arange(len(prompt))[None], kv.cache, None,
                                      kv.lengths).logits[0]
     with torch.no_grad():
         theirs = tiny_engine.model(prompt[None]).logits[0]

@@ -164,8 +164,8 @@ def test_packed_target_logits_and_lossless_decoding():
     assert packed.pack_weights() > 0 and packed.packed_weights and not plain.packed_weights
     ids = torch.randint(0, 128, (1, 12))
     positions = torch.arange(12)[None]
-    out_plain = plain.forward_batch(ids, positions, plain.new_cache())
-    out_packed = packed.forward_batch(ids, positions, packed.new_cache())
+    out_plain = plain.forward(ids, positions, plain.new_cache())
+    out_packed = packed.forward(ids, positions, packed.new_cache())
     torch.testing.assert_close(out_packed.logits, out_plain.logits, atol=1e-4, rtol=1e-4)
 
     from prism_spec.drafters.standard import StandardDrafter

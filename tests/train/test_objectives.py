@@ -30,6 +30,7 @@ from prism_spec.train.objectives import (
     draft_passes,
     pass_modules,
 )
+from helpers import forward_one
 
 VOCAB, HIDDEN = 64, 32
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny ops, 1 thread
@@ -87,7 +88,7 @@ def make_batch(target, lengths=(10, 7), seed=0, input_layers=None, loss_from=3) 
     layers = torch.randn(B, n, 3 * HIDDEN, generator=g, dtype=torch.float64) if input_layers else None
     for b, L in enumerate(lengths):
         attn[b, :L] = 1
-        out = target.forward(ids[b, :L], torch.arange(L), target.new_cache(), feature_layers=input_layers)
+        out = forward_one(target, ids[b, :L], torch.arange(L), target.new_cache(), feature_layers=input_layers)
         hidden[b, :L] = out.features
         if input_layers:
             layers[b, :L] = out.layer_features
