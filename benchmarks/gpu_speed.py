@@ -34,7 +34,7 @@ from prism_spec.bench.machine import machine_info
 from prism_spec.devices import median_seconds, synchronize
 from prism_spec.drafters.feature import FeatureDrafter, FeatureDrafterModel, prism_config
 from prism_spec.drafters.resolve import resolve_drafter
-from prism_spec.runtime import GenerationConfig, generate
+from prism_spec.runtime import DecodeOptions, GenerationConfig, generate
 from prism_spec.runtime.autotune import measure_draft_cost
 from prism_spec.runtime.tree import TreeConfig
 from prism_spec.targets import load_target
@@ -52,8 +52,8 @@ def log(*args):
     print(*args, file=sys.stderr, flush=True)
 
 
-def set_mode(target: Target, mode: str) -> GenerationConfig:
-    """Switch the target's runtime; returns the matching base GenerationConfig fields."""
+def set_mode(target: Target, mode: str) -> bool:
+    """Switch the target's runtime; returns the matching DecodeOptions.static_cache."""
     if mode == "graphs":
         if target.device.type != "cuda":
             raise ValueError("graphs mode needs a CUDA device")
@@ -83,8 +83,8 @@ def random_prism(target: Target, seed: int = 0) -> FeatureDrafter:
 
 
 def run_one(target, ids, drafter, tree, max_new_tokens, static):
-    cfg = GenerationConfig(max_new_tokens=max_new_tokens, tree=tree, static_cache=static, stop_on_eos=False)
-    res = generate(target, ids, drafter, cfg)
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, stop_on_eos=False)
+    res = generate(target, ids, drafter, cfg, DecodeOptions(tree, static_cache=static))
     synchronize(target.device)
     return res
 

@@ -25,7 +25,7 @@ import openai
 import torch
 
 from prism_spec.drafters.resolve import resolve_drafter
-from prism_spec.runtime import GenerationConfig, TreeConfig, generate
+from prism_spec.runtime import DecodeOptions, GenerationConfig, TreeConfig, generate
 from prism_spec.serve import BatchingEngine, create_app, serve_in_thread
 from prism_spec.targets import load_target
 
@@ -42,8 +42,9 @@ PROMPTS = [
 
 
 def start_server(target, drafter, tree, max_batch, max_tokens):
-    engine = BatchingEngine(target, drafter, max_batch=max_batch, batch_window_s=0.02).start()
-    server, thread, base = serve_in_thread(create_app(engine, "model", tree, max_tokens))
+    engine = BatchingEngine(target, drafter, max_batch=max_batch, batch_window_s=0.02,
+                            options=DecodeOptions(tree)).start()
+    server, thread, base = serve_in_thread(create_app(engine, "model", max_tokens))
     return engine, server, thread, base
 
 

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_load import PROMPTS  # noqa: E402
 
 from prism_spec.drafters.resolve import resolve_drafter  # noqa: E402
-from prism_spec.runtime import GenerationConfig, TreeConfig, generate  # noqa: E402
+from prism_spec.runtime import DecodeOptions, GenerationConfig, TreeConfig, generate  # noqa: E402
 from prism_spec.serve import BatchingEngine, create_app, serve_in_thread  # noqa: E402
 from prism_spec.targets import load_target  # noqa: E402
 
@@ -196,8 +196,9 @@ def main(argv=None) -> int:
     for prompt in PROMPTS:
         ids = target.render_chat([{"role": "user", "content": prompt}])
         expected[prompt] = target.decode(generate(target, ids, None, GenerationConfig(max_new_tokens=args.max_tokens)).token_ids)
-    engine = BatchingEngine(target, resolved.drafter, max_batch=args.max_batch, batch_window_s=0.02).start()
-    app = create_app(engine, "model", TreeConfig.parse(args.tree), args.max_tokens, max_body_bytes=args.max_body_bytes)
+    engine = BatchingEngine(target, resolved.drafter, max_batch=args.max_batch, batch_window_s=0.02,
+                            options=DecodeOptions(TreeConfig.parse(args.tree))).start()
+    app = create_app(engine, "model", args.max_tokens, max_body_bytes=args.max_body_bytes)
     server, thread, base = serve_in_thread(app)
     try:
         stats = run_soak(base, expected, args.clients, args.seconds, args.max_tokens, args.max_body_bytes)

@@ -52,6 +52,22 @@ def draft_one(drafter, root_token: int, root_logits, cfg):
     return draft_tree(drafter, roots, root_logits[None], cfg).row(0)
 
 
+def begin_one(drafter, prompt_ids, first_token: int, features):
+    """``Drafter.begin`` for one sequence: its logits for the token after ``first_token``."""
+    return drafter.begin([prompt_ids], [first_token], [features])[0]
+
+
+def extend_one(drafter, tokens, features):
+    """``Drafter.extend`` for one sequence: its logits for the token after ``tokens``."""
+    return drafter.extend([tokens], [features])[0]
+
+
+def expand_one(drafter, tokens, parent_slots, tree_mask, depth: int):
+    """``Drafter.expand`` for one sequence: 1-D tokens and parent slots, a [n, t] tree mask;
+    the [n, vocab] logits."""
+    return drafter.expand(tokens[None], parent_slots[None], tree_mask[None], depth)[0]
+
+
 class RandomDrafter(Drafter):
     """Proposes random logits: almost every draft is wrong."""
 

@@ -22,7 +22,7 @@ from prism_spec.drafters import (
 )
 from prism_spec.drafters.feature import check_d2t, draft_ids_for
 from prism_spec.train.vocab import build_draft_vocab, count_tokens
-from prism_spec.runtime import GenerationConfig, TreeConfig, generate
+from prism_spec.runtime import DecodeOptions, GenerationConfig, TreeConfig, generate
 from prism_spec.train.losses import TargetDistribution, distillation_terms
 from prism_spec.train.objectives import ObjectiveConfig, compute_loss, draft_passes, pass_modules
 
@@ -143,11 +143,9 @@ def test_draft_tree_proposes_only_draft_vocabulary_ids(target, prompts, monkeypa
     d2t = odd_ids(30)
     drafter = FeatureDrafter(reduced_model(target, d2t, num_modules=2))
     trees = []
-    config = GenerationConfig(
-        max_new_tokens=12, tree=TreeConfig.parse("paper"), on_round=lambda tree, logits: trees.append(tree)
-    )
+    config = GenerationConfig(max_new_tokens=12, on_round=lambda tree, logits: trees.append(tree))
     for p in prompts[:3]:
-        generate(target, p, drafter, config)
+        generate(target, p, drafter, config, DecodeOptions(TreeConfig.parse("paper")))
     drafted = torch.cat([t.tokens[1:] for t in trees])
     assert drafted.numel() > 100
     allowed = set(d2t.tolist())
@@ -184,7 +182,7 @@ class ReducedOracle(Drafter):
 
 @pytest.mark.parametrize("shape", ["chain:4", "6/2/2", "paper"])
 def test_greedy_with_reduced_vocabulary_equals_vanilla(target, prompts, vanilla, shape):
-    config = GenerationConfig(max_new_tokens=MAX_NEW, tree=TreeConfig.parse(shape))
+    config, options = GenerationConfig(max_new_tokens=MAX_NEW), DecodeOptions(TreeConfig.parse(shape))
     produced = sorted({t for out in vanilla for t in out})
     # The oracle's vocabulary misses a third of the tokens greedy decoding produces (those
     # are never drafted but still committed as bonus tokens) and holds unrelated ones.
@@ -196,7 +194,7 @@ def test_greedy_with_reduced_vocabulary_equals_vanilla(target, prompts, vanilla,
     for name, drafter in drafters.items():
         committed = rounds = 0
         for prompt, expected in zip(prompts, vanilla):
-            result = generate(target, prompt, drafter, config)
+            result = generate(target, prompt, drafter, config, options)
             assert result.token_ids == expected, f"{name}: prompt of {len(prompt)} tokens diverged"
             committed += sum(result.accepted) + result.rounds
             rounds += result.rounds

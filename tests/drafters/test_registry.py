@@ -14,7 +14,7 @@ from prism_spec.bench.methods import MethodError, MethodSpec
 from prism_spec.cli import main as cli_main
 from prism_spec.drafters import (REGISTRY, BenchKind, CheckpointError, DrafterKind, FeatureDrafter, Recipe,
                                  load_drafter, load_feature_model, register)
-from prism_spec.runtime import GenerationConfig, TreeConfig, generate
+from prism_spec.runtime import DecodeOptions, GenerationConfig, TreeConfig, generate
 from prism_spec.targets import load_target
 from prism_spec.train.config import ConfigError, recipe_dict
 
@@ -65,8 +65,9 @@ def test_a_registered_kind_is_trainable_loadable_and_benchable(echo_kind, tiny_t
     drafter = load_drafter(out / "drafter", target)
     assert isinstance(drafter, EchoDrafter) and drafter.supports_batches
     prompt = target.encode_prompt("What is 3 plus 4?")
-    config = GenerationConfig(max_new_tokens=8, tree=TreeConfig.parse("6/3/2"))
-    assert generate(target, prompt, drafter, config).token_ids == generate(target, prompt, None, config).token_ids
+    config = GenerationConfig(max_new_tokens=8)
+    spec = generate(target, prompt, drafter, config, DecodeOptions(TreeConfig.parse("6/3/2")))
+    assert spec.token_ids == generate(target, prompt, None, config).token_ids
 
     bench = tmp_path / "bench"
     assert bench_main(["--target", tiny_target, "--dtype", "float64", "--limit", "1", "--bench", "qa",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import draft_one, forward_one, record_expand, tiny_llama
+from helpers import begin_one, draft_one, expand_one, extend_one, forward_one, record_expand, tiny_llama
 from prism_spec.drafters import DrafterMismatchError, StandardDrafter
 from prism_spec.runtime.tree import TreeConfig
 
@@ -36,8 +36,8 @@ def slot_paths(calls) -> list[list[int]]:
 def chain_expand(drafter, path: list[int]) -> torch.Tensor:
     """Expand ``path`` one node at a time as a chain; return the last node's logits."""
     for i, tok in enumerate(path):
-        logits = drafter.expand(
-            torch.tensor([tok]), torch.tensor([i - 1]), torch.ones(1, i + 1, dtype=torch.bool), i + 1
+        logits = expand_one(
+            drafter, torch.tensor([tok]), torch.tensor([i - 1]), torch.ones(1, i + 1, dtype=torch.bool), i + 1
         )
     drafter.end_round()
     return logits[0]
@@ -66,7 +66,7 @@ def test_from_target_layers_shares_weights(target):
 def test_truncated_copy_computes_the_first_layers(target, num_layers):
     drafter = StandardDrafter.from_target_layers(target, num_layers)
     tokens = torch.cat([PROMPT, torch.tensor([7])])
-    got = drafter.begin(PROMPT, 7, None)
+    got = begin_one(drafter, PROMPT, 7, None)
     hidden = target.model.model(tokens[None], output_hidden_states=True).hidden_states[num_layers][0, -1]
     if num_layers < target.num_layers:  # the last entry of hidden_states is already normed
         hidden = target.model.model.norm(hidden)
@@ -90,7 +90,7 @@ def test_rounds_match_causal_runs(target, num_layers):
     equals a fresh causal run of its model over the same committed tokens (plus tree path)."""
     drafter = StandardDrafter.from_target_layers(target, num_layers)
     committed = torch.cat([PROMPT, torch.tensor([7])])
-    root_logits = drafter.begin(PROMPT, 7, None)
+    root_logits = begin_one(drafter, PROMPT, 7, None)
     assert torch.allclose(root_logits, causal_logits(drafter.lm, committed), atol=1e-9, rtol=0)
     for round_ in range(3):
         calls = record_expand(drafter)
@@ -110,15 +110,15 @@ def test_rounds_match_causal_runs(target, num_layers):
         leaf = tree.leaf_paths()[round_]
         new = torch.cat([tree.tokens[leaf[1:]], torch.tensor([round_ + 1])])
         committed = torch.cat([committed, new])
-        root_logits = drafter.extend(new, None)
+        root_logits = extend_one(drafter, new, None)
         assert torch.allclose(root_logits, causal_logits(drafter.lm, committed), atol=1e-9, rtol=0)
         assert int(drafter.kv.lengths[0]) == committed.numel()
 
 
 def test_begin_resets(target):
     drafter = StandardDrafter.from_target_layers(target, 2)
-    first = drafter.begin(PROMPT, 7, None)
-    drafter.extend(torch.tensor([1, 2, 3]), None)
-    again = drafter.begin(PROMPT, 7, None)
+    first = begin_one(drafter, PROMPT, 7, None)
+    extend_one(drafter, torch.tensor([1, 2, 3]), None)
+    again = begin_one(drafter, PROMPT, 7, None)
     assert torch.equal(first, again)
     assert int(drafter.kv.lengths[0]) == PROMPT.numel() + 1
