@@ -35,20 +35,20 @@ OPTIONS = {
 def child(args) -> None:
     import torch
 
-    from prism_spec.runtime import GenerationConfig, generate
+    from prism_spec.runtime import DecodeOptions, GenerationConfig, generate
     from prism_spec.targets import load_target
 
     pack, threads, _, compiled = OPTIONS[args.child]
     torch.set_num_threads(threads)
     target = load_target("smollm2-135m", dtype=args.dtype, pack_weights=pack)
     ids = target.encode_prompt(PROMPT)
-    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, static_cache=compiled)
+    cfg, options = GenerationConfig(max_new_tokens=args.max_new_tokens), DecodeOptions(static_cache=compiled)
     if compiled:
         target.compile_decoder()
-    generate(target, ids, None, cfg)  # warm-up (and, compiled, the compilation)
+    generate(target, ids, None, cfg, options)  # warm-up (and, compiled, the compilation)
     rates, tokens = [], None
     for _ in range(3):
-        result = generate(target, ids, None, cfg)
+        result = generate(target, ids, None, cfg, options)
         tokens = result.token_ids
         rates.append(len(tokens) / (result.total_s - result.prefill_s))
     print(json.dumps({"tokens_per_s": statistics.median(rates), "token_ids": tokens,

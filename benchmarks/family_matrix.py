@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from helpers import FAMILIES, tiny_family  # noqa: E402  (the suite's own configs)
 
 from prism_spec.drafters import FeatureDrafter, FeatureDrafterModel, StandardDrafter, prism_config  # noqa: E402
-from prism_spec.runtime import GenerationConfig, TreeConfig, generate, generate_batch  # noqa: E402
+from prism_spec.runtime import DecodeOptions, GenerationConfig, TreeConfig, generate, generate_batch  # noqa: E402
 
 PROMPTS = [[5, 17, 33, 2, 9, 41, 60, 11, 3, 7, 21, 19], [5, 17, 33, 2, 9, 41, 60], [8, 8, 30, 1, 2, 3, 4, 5, 6, 7]]
 MAX_NEW = 24
@@ -39,16 +39,17 @@ def check(name: str) -> dict:
             0, len(p):].tolist()
         for p in PROMPTS
     ]
-    config = GenerationConfig(max_new_tokens=MAX_NEW, stop_on_eos=False, tree=TreeConfig(depth=3, top_k=3, total_tokens=8))
-    static = dataclasses.replace(config, static_cache=True)
+    config = GenerationConfig(max_new_tokens=MAX_NEW, stop_on_eos=False)
+    options = DecodeOptions(TreeConfig(depth=3, top_k=3, total_tokens=8))
+    static = dataclasses.replace(options, static_cache=True)
     torch.manual_seed(0)
     drafters = {"vanilla": None, "standard": StandardDrafter.from_target_layers(target, 1),
                 "prism": FeatureDrafter(FeatureDrafterModel(prism_config(target), target))}
     results = {}
     for label, drafter in drafters.items():
-        single = [generate(target, p, drafter, config).token_ids for p in PROMPTS]
-        batched = [r.token_ids for r in generate_batch(target, PROMPTS, drafter, config)]
-        in_static = [r.token_ids for r in generate_batch(target, PROMPTS, drafter, static)]
+        single = [generate(target, p, drafter, config, options).token_ids for p in PROMPTS]
+        batched = [r.token_ids for r in generate_batch(target, PROMPTS, drafter, config, options)]
+        in_static = [r.token_ids for r in generate_batch(target, PROMPTS, drafter, config, static)]
         results[label] = single == reference and batched == reference and in_static == reference
     windows = sorted({w for w in family.windows if w is not None})
     transforms = [t for t, on in (("soft-cap", family.logit_softcap), ("scale", family.logit_scale),

@@ -34,7 +34,7 @@ from prism_spec.bench.machine import machine_info
 from prism_spec.devices import median_seconds, synchronize
 from prism_spec.drafters.feature import FeatureDrafter, FeatureDrafterModel, prism_config
 from prism_spec.drafters.resolve import resolve_drafter
-from prism_spec.runtime import GenerationConfig, generate
+from prism_spec.runtime import DecodeOptions, GenerationConfig, generate
 from prism_spec.runtime.autotune import measure_draft_cost
 from prism_spec.runtime.tree import TreeConfig
 from prism_spec.targets import load_target
@@ -53,8 +53,8 @@ def log(*args):
     print(*args, file=sys.stderr, flush=True)
 
 
-def set_mode(target: Target, mode: str) -> GenerationConfig:
-    """Switch the target's runtime; returns the matching base GenerationConfig fields."""
+def set_mode(target: Target, mode: str) -> bool:
+    """Switch the target's runtime; returns the matching DecodeOptions.static_cache."""
     if mode == "graphs":
         if target.device.type != "cuda":
             raise ValueError("graphs mode needs a CUDA device")
@@ -84,8 +84,8 @@ def random_prism(target: Target, seed: int = 0) -> FeatureDrafter:
 
 
 def run_one(target, ids, drafter, tree, max_new_tokens, static):
-    cfg = GenerationConfig(max_new_tokens=max_new_tokens, tree=tree, static_cache=static, stop_on_eos=False)
-    res = generate(target, ids, drafter, cfg)
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, stop_on_eos=False)
+    res = generate(target, ids, drafter, cfg, DecodeOptions(tree, static_cache=static))
     synchronize(target.device)
     return res
 
@@ -202,7 +202,7 @@ def verify_curve(target, sizes, prefix, mode, repeats) -> dict[int, float]:
     kv = StaticKV(target.static_caches, 1, prefix + max(sizes) + 256, target.device)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, target.vocab_size, (1, prefix), generator=gen).to(target.device)
-    target.forward_batch(ids, torch.arange(prefix, device=target.device)[None], kv.cache, None, kv.lengths)
+    target.forward(ids, torch.arange(prefix, device=target.device)[None], kv.cache, None, kv.lengths)
     kv.commit([torch.arange(prefix, device=target.device)])
     out = {}
     for n in sizes:
@@ -211,7 +211,7 @@ def verify_curve(target, sizes, prefix, mode, repeats) -> dict[int, float]:
         causal = torch.ones(n, n, dtype=torch.bool, device=target.device).tril()[None]  # a chain "tree"
 
         def run():
-            target.forward_batch(tokens, positions, kv.cache, causal, kv.lengths)
+            target.forward(tokens, positions, kv.cache, causal, kv.lengths)
             kv.rollback()
 
         run()  # capture (graphs) outside the timing

@@ -62,14 +62,14 @@ def main(argv=None) -> int:
         prefix = torch.randint(0, target.vocab_size, (prefix_len,), generator=gen)
         model.set_attn_implementation("sdpa")
         cache = target.new_cache()
-        target.forward(prefix, torch.arange(prefix_len), cache)
+        target.forward(prefix[None], torch.arange(prefix_len)[None], cache)
         for n in (int(x) for x in args.sizes.split(",")):
             tokens = torch.randint(0, target.vocab_size, (n,), generator=gen)
             positions = torch.arange(prefix_len, prefix_len + n)
             tree = torch.ones(n, n, dtype=torch.bool).tril()
 
             def run():
-                out = target.forward(tokens, positions, cache, tree)
+                out = target.forward(tokens[None], positions[None], cache, tree[None])
                 truncate_cache(cache, prefix_len)
                 return out.logits
 

@@ -21,7 +21,7 @@ import torch
 from common import write_rows
 from prism_spec.bench.datasets import BENCHMARKS, conversation_prompt, load_benchmark
 from prism_spec.drafters.resolve import resolve_drafter
-from prism_spec.runtime import GenerationConfig, TreeConfig, generate
+from prism_spec.runtime import DecodeOptions, GenerationConfig, TreeConfig, generate
 from prism_spec.targets import load_target
 from prism_spec.targets.llamacpp import plain_greedy, plain_llama
 
@@ -53,10 +53,10 @@ def main(argv=None) -> int:
         totals["llama.cpp plain"]["identical"] += 1
         for method in methods[1:]:
             tree = method.removeprefix("prism ")
-            config = GenerationConfig(max_new_tokens=args.max_new_tokens,
-                                      tree=TreeConfig.parse(tree if tree != "vanilla" else "chain:1"))
+            config = GenerationConfig(max_new_tokens=args.max_new_tokens)
+            options = DecodeOptions(TreeConfig.parse(tree if tree != "vanilla" else "chain:1"))
             start = time.perf_counter()
-            result = generate(engine, prompt, None if tree == "vanilla" else drafter.drafter, config)
+            result = generate(engine, prompt, None if tree == "vanilla" else drafter.drafter, config, options)
             row = totals[method]
             row["seconds"] += time.perf_counter() - start
             row["tokens"] += len(result.token_ids)

@@ -26,7 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 from prism_spec.bench.datasets import conversation_prompt, load_benchmark
 from prism_spec.bench.machine import cpu_name
 from prism_spec.drafters.resolve import resolve_drafter
-from prism_spec.runtime import GenerationConfig, TreeConfig, generate
+from prism_spec.runtime import DecodeOptions, GenerationConfig, TreeConfig, generate
 from prism_spec.runtime.autotune import timed_calls
 from prism_spec.targets import load_target
 
@@ -39,8 +39,8 @@ def chat_prompts(target, count: int) -> list[list[int]]:
     return [conversation_prompt(target, q.turns[:1], []) for q in questions]
 
 
-def run(target, drafter, prompts, cfg):
-    results = [generate(target, p, drafter, cfg) for p in prompts]
+def run(target, drafter, prompts, cfg, options):
+    results = [generate(target, p, drafter, cfg, options) for p in prompts]
     tokens = sum(len(r.token_ids) for r in results)
     rounds = sum(r.rounds for r in results)
     accepted = sum(sum(r.accepted) for r in results)
@@ -51,19 +51,19 @@ def _tree_mask(input_ids, positions, cache, tree_mask=None, *args, **kwargs):
     return tree_mask
 
 
-def profile_method(target, drafter, prompts, cfg) -> dict:
-    run(target, drafter, prompts[:1], cfg)  # warm-up
+def profile_method(target, drafter, prompts, cfg, options) -> dict:
+    run(target, drafter, prompts[:1], cfg, options)  # warm-up
     # The profiler slows every op: time the decode/verify forwards (they carry a tree mask,
     # prefill does not) in this unprofiled pass instead.
     verify_s = [0.0]
     start = time.perf_counter()
-    with timed_calls(target, ["forward_batch"], verify_s, when=lambda *a, **k: _tree_mask(*a, **k) is not None):
-        results, tokens, rounds, accepted = run(target, drafter, prompts, cfg)
+    with timed_calls(target, ["forward"], verify_s, when=lambda *a, **k: _tree_mask(*a, **k) is not None):
+        results, tokens, rounds, accepted = run(target, drafter, prompts, cfg, options)
     wall = time.perf_counter() - start
     round_s = sum(r.total_s - r.prefill_s for r in results) / rounds
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         pstart = time.perf_counter()
-        presults, *_ = run(target, drafter, prompts, cfg)
+        presults, *_ = run(target, drafter, prompts, cfg, options)
         pwall = time.perf_counter() - pstart - sum(r.prefill_s for r in presults)  # rounds only
     events = {e.key: e for e in prof.key_averages()}
     ms = {label: events[label].cpu_time_total / 1e3 / rounds if label in events else 0.0 for label in LABELS}
@@ -124,10 +124,9 @@ def main(argv=None):
     drafter = resolve_drafter(args.drafter, target).drafter
     prompts = chat_prompts(target, args.prompts)
     tree = TreeConfig.parse(args.tree)
-    vanilla = profile_method(target, None, prompts, GenerationConfig(max_new_tokens=args.max_new_tokens,
-                                                                      static_cache=static))
-    spec = profile_method(target, drafter, prompts, GenerationConfig(max_new_tokens=args.max_new_tokens, tree=tree,
-                                                                      static_cache=static))
+    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens)
+    vanilla = profile_method(target, None, prompts, cfg, DecodeOptions(static_cache=static))
+    spec = profile_method(target, drafter, prompts, cfg, DecodeOptions(tree, static_cache=static))
 
     print(f"\n{args.target} ({args.dtype}), drafter {args.drafter}, tree {args.tree} ({tree.total_tokens}/"
           f"{tree.depth}/{tree.top_k}), {args.prompts} MT-bench prompts x {args.max_new_tokens} tokens, "

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from common import write_rows
 from prism_spec.bench.datasets import BENCHMARKS, conversation_prompt, load_benchmark
 from prism_spec.drafters.resolve import resolve_drafter
-from prism_spec.runtime import GenerationConfig, TreeConfig, generate
+from prism_spec.runtime import DecodeOptions, GenerationConfig, TreeConfig, generate
 from prism_spec.targets import load_target
 from prism_spec.targets.packed import packed_linear
 
@@ -74,12 +74,12 @@ def end_to_end(prompts_per_benchmark: int, max_new_tokens: int) -> list[dict]:
     drafter = resolve_drafter("auto", target).drafter
     prompts = [conversation_prompt(target, q.turns[:1], [])
                for name in BENCHMARKS for q in load_benchmark(name).questions[:prompts_per_benchmark]]
-    config = GenerationConfig(max_new_tokens=max_new_tokens, tree=TreeConfig.parse("4/0/3"))
-    vanilla = [generate(target, p, None, config).token_ids for p in prompts]
+    config, options = GenerationConfig(max_new_tokens=max_new_tokens), DecodeOptions(TreeConfig.parse("4/0/3"))
+    vanilla = [generate(target, p, None, config, options).token_ids for p in prompts]
     rows = []
     for row_invariant in (False, True):
         target.row_invariant_verify = row_invariant
-        differing = sum(generate(target, p, drafter, config).token_ids != v for p, v in zip(prompts, vanilla))
+        differing = sum(generate(target, p, drafter, config, options).token_ids != v for p, v in zip(prompts, vanilla))
         rows.append({"verify": "row-invariant attention" if row_invariant else "batched (today)",
                      "prompts": len(prompts), "outputs_differing_from_vanilla": differing})
     target.row_invariant_verify = False

@@ -26,7 +26,7 @@ from common import write_rows
 from prism_spec.bench.datasets import conversation_prompt, load_benchmark
 from prism_spec.bench.machine import cpu_name
 from prism_spec.drafters.resolve import resolve_drafter
-from prism_spec.runtime import GenerationConfig, TreeConfig, generate
+from prism_spec.runtime import DecodeOptions, GenerationConfig, TreeConfig, generate
 from prism_spec.targets import load_target
 
 
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     first = setups[settings[0]][0]
     questions = load_benchmark(args.bench).questions[: args.prompts]
     prompts = [conversation_prompt(first, q.turns[:1], []) for q in questions]
-    tree = TreeConfig.parse(args.tree)
+    options = DecodeOptions(TreeConfig.parse(args.tree))
     configs = [(s, m) for s in setups for m in ("vanilla", "speculative")]
     seconds = dict.fromkeys(configs, 0.0)
     tokens = dict.fromkeys(configs, 0)
@@ -78,15 +78,15 @@ def main(argv=None) -> int:
     outputs: dict = {}
     for s, m in configs:  # warm-up
         target, drafter = setups[s]
-        generate(target, prompts[0], drafter if m == "speculative" else None,
-                 GenerationConfig(max_new_tokens=8, tree=tree))
+        generate(target, prompts[0], drafter if m == "speculative" else None, GenerationConfig(max_new_tokens=8),
+                 options)
     for _ in range(args.repeats):
         for i, prompt in enumerate(prompts):
             for s, m in configs:
                 target, drafter = setups[s]
-                cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, tree=tree)
+                cfg = GenerationConfig(max_new_tokens=args.max_new_tokens)
                 start = time.perf_counter()
-                result = generate(target, prompt, drafter if m == "speculative" else None, cfg)
+                result = generate(target, prompt, drafter if m == "speculative" else None, cfg, options)
                 seconds[s, m] += time.perf_counter() - start
                 tokens[s, m] += len(result.token_ids)
                 outputs[s, m, i] = result.token_ids

@@ -17,6 +17,7 @@ import torch
 
 from prism_spec.drafters.resolve import resolve_drafter
 from prism_spec.runtime import GenerationConfig, generate
+from prism_spec.runtime import DecodeOptions
 from prism_spec.serve import BatchingEngine, create_app, serve_in_thread
 from prism_spec.targets import load_target
 
@@ -74,8 +75,9 @@ def greedy_replies(target, max_tokens: int) -> dict[str, str]:
 def running_server(target, drafter, tree, max_batch: int, max_tokens: int, **app_options):
     """A batching engine and the app over it, served on localhost in a thread; yields
     ``(engine, base_url)`` and stops both on the way out."""
-    engine = BatchingEngine(target, drafter, max_batch=max_batch, batch_window_s=0.02).start()
-    server, thread, base = serve_in_thread(create_app(engine, MODEL, tree, max_tokens, **app_options))
+    engine = BatchingEngine(target, drafter, max_batch=max_batch, batch_window_s=0.02,
+                            options=DecodeOptions(tree)).start()
+    server, thread, base = serve_in_thread(create_app(engine, MODEL, max_tokens, **app_options))
     try:
         yield engine, base
     finally:

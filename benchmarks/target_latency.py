@@ -142,7 +142,7 @@ class ForwardBench:
         self.target, self.repeats, self.warmup = target, repeats, warmup
         self.prefix_len = prefix.numel()
         self.cache = target.new_cache()
-        target.forward(prefix, torch.arange(self.prefix_len), self.cache)
+        target.forward(prefix[None], torch.arange(self.prefix_len)[None], self.cache)
         self.gen = torch.Generator().manual_seed(0)
         self._kw = cache_kwarg(target.model)
 
@@ -159,7 +159,7 @@ class ForwardBench:
             positions = depths + self.prefix_len
 
         def call():
-            self.target.forward(tokens, positions, self.cache, mask)
+            self.target.forward(tokens[None], positions[None], self.cache, mask[None])
             self._reset()
 
         return median_ms(call, self.repeats, self.warmup)
@@ -182,7 +182,7 @@ class ForwardBench:
 
         def call():
             for i in range(n):
-                self.target.forward(tokens[i : i + 1], torch.tensor([self.prefix_len + i]), self.cache, mask)
+                self.target.forward(tokens[None, i : i + 1], torch.tensor([[self.prefix_len + i]]), self.cache, mask[None])
             self._reset()
 
         return median_ms(call, self.repeats, self.warmup)

@@ -23,14 +23,14 @@ from common import write_rows
 from prism_spec.bench.datasets import BENCHMARKS, conversation_prompt, load_benchmark
 from prism_spec.bench.machine import cpu_name
 from prism_spec.drafters.resolve import resolve_drafter
-from prism_spec.runtime import GenerationConfig, generate
+from prism_spec.runtime import DecodeOptions, GenerationConfig, generate
 from prism_spec.runtime.autotune import resolve_tree
 from prism_spec.targets import load_target
 
 
-def config(max_new_tokens: int, tree) -> GenerationConfig:
+def options(tree) -> DecodeOptions:
     """Vanilla decoding (tree None) ignores the tree."""
-    return GenerationConfig(max_new_tokens=max_new_tokens, tree=tree) if tree else GenerationConfig(max_new_tokens)
+    return DecodeOptions(tree) if tree else DecodeOptions()
 
 
 def main(argv=None) -> int:
@@ -53,12 +53,14 @@ def main(argv=None) -> int:
     runs = {"vanilla": None, **shapes}
     seconds, tokens, rounds, accepted = ({name: 0 for name in runs} for _ in range(4))
     for name, tree in runs.items():  # warm-up
-        generate(target, prompts[0], resolved.drafter if tree else None, config(8, tree))
+        generate(target, prompts[0], resolved.drafter if tree else None, GenerationConfig(max_new_tokens=8),
+                 options(tree))
     for _ in range(args.repeats):
         for prompt in prompts:
             for name, tree in runs.items():
                 start = time.perf_counter()
-                result = generate(target, prompt, resolved.drafter if tree else None, config(args.max_new_tokens, tree))
+                result = generate(target, prompt, resolved.drafter if tree else None,
+                                  GenerationConfig(max_new_tokens=args.max_new_tokens), options(tree))
                 seconds[name] += time.perf_counter() - start
                 tokens[name] += len(result.token_ids)
                 rounds[name] += result.rounds

@@ -8,8 +8,9 @@ from scipy.stats import chisquare
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from prism_spec.drafters.base import Drafter
+from prism_spec.runtime.tree import draft_tree
 from prism_spec.targets.attention import use_grouped_sdpa
-from prism_spec.targets.hf import Target
+from prism_spec.targets.hf import ForwardOutput, Target
 
 
 def tiny_llama(vocab_size=96, hidden_size=32, layers=2, seed=0, dtype=torch.float64, max_positions=256) -> Target:
@@ -36,6 +37,37 @@ def tiny_llama(vocab_size=96, hidden_size=32, layers=2, seed=0, dtype=torch.floa
     return Target(model, None, name=f"tiny-llama-{seed}")
 
 
+def forward_one(target, input_ids, positions, cache, tree_mask=None, feature_layers=None):
+    """``Target.forward`` for one sequence: 1-D tokens and positions, a [n, t] tree mask; the
+    outputs without their batch dimension."""
+    out = target.forward(input_ids[None], positions[None], cache, None if tree_mask is None else tree_mask[None],
+                         None, feature_layers)
+    return ForwardOutput(None if out.logits is None else out.logits[0], out.features[0],
+                         None if out.layer_features is None else out.layer_features[0])
+
+
+def draft_one(drafter, root_token: int, root_logits, cfg):
+    """``draft_tree`` for one sequence: the tree of a batch of one."""
+    roots = torch.tensor([root_token], device=root_logits.device)
+    return draft_tree(drafter, roots, root_logits[None], cfg).row(0)
+
+
+def begin_one(drafter, prompt_ids, first_token: int, features):
+    """``Drafter.begin`` for one sequence: its logits for the token after ``first_token``."""
+    return drafter.begin([prompt_ids], [first_token], [features])[0]
+
+
+def extend_one(drafter, tokens, features):
+    """``Drafter.extend`` for one sequence: its logits for the token after ``tokens``."""
+    return drafter.extend([tokens], [features])[0]
+
+
+def expand_one(drafter, tokens, parent_slots, tree_mask, depth: int):
+    """``Drafter.expand`` for one sequence: 1-D tokens and parent slots, a [n, t] tree mask;
+    the [n, vocab] logits."""
+    return drafter.expand(tokens[None], parent_slots[None], tree_mask[None], depth)[0]
+
+
 class RandomDrafter(Drafter):
     """Proposes random logits: almost every draft is wrong."""
 
@@ -46,31 +78,34 @@ class RandomDrafter(Drafter):
     def _logits(self, *shape):
         return torch.randn(*shape, self.vocab_size, generator=self.gen)
 
-    def begin(self, prompt_ids, first_token, features):
-        return self._logits()
+    def begin(self, prompts, first_tokens, features):
+        return self._logits(len(prompts))
 
     def extend(self, tokens, features):
-        return self._logits()
+        return self._logits(len(tokens))
 
     def expand(self, tokens, parent_slots, tree_mask, depth):
-        return self._logits(tokens.numel())
+        return self._logits(*tokens.shape)
+
+    def keep_rows(self, rows):
+        pass
 
     def end_round(self):
         pass
 
 
 def record_expand(drafter):
-    """Wrap ``drafter.expand_batch`` (one sequence) to record every call as
-    (tokens, parent_slots, depth, logits); ``del drafter.expand_batch`` undoes it."""
+    """Wrap ``drafter.expand`` (a batch of one) to record every call as
+    (tokens, parent_slots, depth, logits); ``del drafter.expand`` undoes it."""
     calls = []
-    original = drafter.expand_batch
+    original = drafter.expand
 
-    def expand_batch(tokens, parent_slots, tree_mask, depth):
+    def expand(tokens, parent_slots, tree_mask, depth):
         out = original(tokens, parent_slots, tree_mask, depth)
         calls.append((tokens[0].tolist(), parent_slots[0].tolist(), depth, out[0].clone()))
         return out
 
-    drafter.expand_batch = expand_batch
+    drafter.expand = expand
     return calls
 
 
@@ -234,14 +269,17 @@ class NoisyDrafter(Drafter):
     def _noisy(self, logits):
         return logits + self.scale * torch.randn(logits.shape, generator=self.gen, dtype=torch.float64).to(logits)
 
-    def begin(self, prompt_ids, first_token, features):
-        return self._noisy(self.inner.begin(prompt_ids, first_token, features))
+    def begin(self, prompts, first_tokens, features):
+        return self._noisy(self.inner.begin(prompts, first_tokens, features))
 
     def extend(self, tokens, features):
         return self._noisy(self.inner.extend(tokens, features))
 
     def expand(self, tokens, parent_slots, tree_mask, depth):
         return self._noisy(self.inner.expand(tokens, parent_slots, tree_mask, depth))
+
+    def keep_rows(self, rows):
+        self.inner.keep_rows(rows)
 
     def end_round(self):
         self.inner.end_round()

@@ -155,16 +155,22 @@ def add_sampling_options(parser: argparse.ArgumentParser, max_new_tokens: int = 
 
 
 def generation_config(args: argparse.Namespace, stop_strings: Sequence[str] = ()):
-    from .runtime import GenerationConfig, SamplingConfig, TreeConfig
+    from .runtime import GenerationConfig, SamplingConfig
 
     return GenerationConfig(
         max_new_tokens=args.max_new_tokens,
         sampling=SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k),
-        tree=TreeConfig.parse("cpu") if args.tree == "auto" else args.tree,
         stop_strings=tuple(stop_strings),
         seed=args.seed,
-        static_cache=wants_static_cache(args),
     )
+
+
+def decode_options(args: argparse.Namespace, target, resolved):
+    """The DecodeOptions the flags ask for: the tree (see resolve_tree_from_args) and the
+    cache mode."""
+    from .runtime import DecodeOptions
+
+    return DecodeOptions(resolve_tree_from_args(args, target, resolved), wants_static_cache(args))
 
 
 def wants_static_cache(args: argparse.Namespace) -> bool:

@@ -14,15 +14,15 @@ import os
 import time
 
 from .cli_common import (
-    CLIError,
     add_drafter_options,
     add_sampling_options,
     add_subparser,
     add_target_options,
+    CLIError,
+    decode_options,
     generation_config,
     load_target_from_args,
     print_status,
-    resolve_tree_from_args,
     tree_label,
 )
 
@@ -62,16 +62,15 @@ def run_demo(args: argparse.Namespace) -> int:
     resolved = resolve_drafter(args.drafter, target)
     if resolved.drafter is None:
         raise CLIError("the demo compares vanilla and speculative decoding: pick a drafter, not --drafter none")
-    cfg.tree = resolve_tree_from_args(args, target, resolved)
+    options = decode_options(args, target, resolved)
     ids = target.encode_prompt(args.prompt)
 
     if args.warmup:  # one-time costs (allocator, kernels) should not land on either side
         print_status("warming up ...")
         warm = generation_config(args)
         warm.max_new_tokens = min(8, cfg.max_new_tokens)
-        warm.tree = cfg.tree
-        generate(target, ids, None, warm)
-        generate(target, ids, resolved.drafter, warm)
+        generate(target, ids, None, warm, options)
+        generate(target, ids, resolved.drafter, warm, options)
     plain = None
     if target.engine == "llama.cpp":  # llama.cpp's own decoding of the same GGUF, as the baseline
         from .targets.llamacpp import plain_greedy, plain_llama
@@ -82,14 +81,14 @@ def run_demo(args: argparse.Namespace) -> int:
         eos = target.eos_token_ids if cfg.stop_on_eos else ()
         plain = plain_greedy(llm, ids, cfg.max_new_tokens, eos), time.perf_counter() - started
     print_status("vanilla decoding ...")
-    vanilla = generate(target, ids, None, cfg)
+    vanilla = generate(target, ids, None, cfg, options)
     print_status("speculative decoding ...")
-    spec = generate(target, ids, resolved.drafter, cfg)
+    spec = generate(target, ids, resolved.drafter, cfg, options)
 
     print(f"target       {target.name} ({target.num_layers} layers, {args.dtype}, {args.device}, "
           f"{torch.get_num_threads()} torch threads)")
     print(f"drafter      {resolved.drafter.method}: {resolved.label}")
-    print(f"tree         {tree_label(cfg.tree)}")
+    print(f"tree         {tree_label(options.tree)}")
     sampling = "greedy (T=0)" if cfg.sampling.greedy else (
         f"T={cfg.sampling.temperature} top-p={cfg.sampling.top_p} top-k={cfg.sampling.top_k} seed={cfg.seed}")
     print(f"sampling     {sampling}, max {cfg.max_new_tokens} new tokens")

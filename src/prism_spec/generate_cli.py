@@ -18,15 +18,15 @@ from pathlib import Path
 from typing import Iterable
 
 from .cli_common import (
-    CLIError,
     add_drafter_options,
     add_sampling_options,
     add_subparser,
     add_target_options,
+    CLIError,
+    decode_options,
     generation_config,
     load_target_from_args,
     print_status,
-    resolve_tree_from_args,
     write_jsonl_atomic,
 )
 from .options import non_empty
@@ -152,7 +152,7 @@ def run_generate(args: argparse.Namespace) -> int:
     cfg = generation_config(args, args.stop)
     target = load_target_from_args(args)
     resolved = resolve_drafter("none" if args.vanilla else args.drafter, target)
-    cfg.tree = resolve_tree_from_args(args, target, resolved)
+    options = decode_options(args, target, resolved)
     if resolved.drafter is not None and not resolved.trained:
         print_status(f"drafter: {resolved.label} (lossless, but expect little or no speedup)")
     method = resolved.drafter.method if resolved.drafter is not None else "vanilla"
@@ -161,7 +161,7 @@ def run_generate(args: argparse.Namespace) -> int:
     for prompt in prompts:
         ids = target.encode_prompt(prompt, chat=args.chat, system=args.system)
         streamer = TextStreamer(target) if args.stream else None
-        result = generate(target, ids, resolved.drafter, cfg, on_tokens=streamer)
+        result = generate(target, ids, resolved.drafter, cfg, options, on_tokens=streamer)
         if streamer is not None:
             streamer.finish(result.text or "")
             print_status(f"[{len(result.token_ids)} tokens, {result.tokens_per_second:.1f} tokens/s, "
@@ -205,13 +205,13 @@ def add_chat_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_chat(args: argparse.Namespace, stdin=None, stdout=None) -> int:
     from .drafters.resolve import resolve_drafter
-    from .runtime import GenerationResult, PromptError, stream_generate
+    from .runtime import PromptError, generate
 
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     cfg = generation_config(args)
     target = load_target_from_args(args)
     resolved = resolve_drafter(args.drafter, target)
-    cfg.tree = resolve_tree_from_args(args, target, resolved)
+    options = decode_options(args, target, resolved)
     print_status(f"chatting with {args.target} (drafter: {resolved.label}); /reset clears, /exit quits")
     messages = [{"role": "system", "content": args.system}] if args.system else []
     interactive = stdin.isatty()
@@ -235,11 +235,7 @@ def run_chat(args: argparse.Namespace, stdin=None, stdout=None) -> int:
         ids = target.render_chat(messages)
         streamer = TextStreamer(target, stdout)
         try:
-            for item in stream_generate(target, ids, resolved.drafter, cfg):
-                if isinstance(item, GenerationResult):
-                    result = item
-                else:
-                    streamer(item)
+            result = generate(target, ids, resolved.drafter, cfg, options, on_tokens=streamer)
         except PromptError as exc:  # e.g. the conversation outgrew the context
             messages.pop()
             print_status(f"error: {exc} (use /reset)")

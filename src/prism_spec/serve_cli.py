@@ -17,11 +17,10 @@ from .cli_common import (
     add_drafter_options,
     add_subparser,
     add_target_options,
+    decode_options,
     load_target_from_args,
     print_status,
-    resolve_tree_from_args,
     tree_label,
-    wants_static_cache,
 )
 from .options import non_empty, positive_int
 
@@ -82,18 +81,17 @@ def run_serve(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get("PRISM_API_KEY") or None
     target = load_target_from_args(args)
     resolved = resolve_drafter(args.drafter, target)
-    tree = resolve_tree_from_args(args, target, resolved)
-    engine = BatchingEngine(target, resolved.drafter, max_batch=args.max_batch).start()
+    options = decode_options(args, target, resolved)
+    engine = BatchingEngine(target, resolved.drafter, max_batch=args.max_batch, options=options).start()
     name = args.model_name or args.target
     print_status(f"serving {name} on http://{args.host}:{args.port}/v1 (drafter: {resolved.label}, "
-                 f"tree {tree_label(tree)}, batches up to {engine.max_batch}, "
+                 f"tree {tree_label(options.tree)}, batches up to {engine.max_batch}, "
                  f"{'API key required' if api_key else 'no API key'})")
     warning = exposure_warning(args.host, api_key)
     if warning:
         print_status(warning)
     try:
-        app = create_app(engine, name, tree, args.max_tokens, static_cache=wants_static_cache(args),
-                         max_tokens_cap=args.max_tokens_cap,
+        app = create_app(engine, name, args.max_tokens, max_tokens_cap=args.max_tokens_cap,
                          max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES, api_key=api_key, docs=args.docs)
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from helpers import tiny_llama
+from helpers import begin_one, forward_one, tiny_llama
 from prism_spec.drafters import (
     CheckpointError,
     DrafterMismatchError,
@@ -27,11 +27,12 @@ from prism_spec.drafters import (
     save_standard_drafter,
 )
 from prism_spec.drafters.checkpoint import atomic_folder_write
-from prism_spec.runtime import GenerationConfig, TreeConfig, generate
+from prism_spec.runtime import DecodeOptions, GenerationConfig, TreeConfig, generate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPT = torch.tensor([3, 14, 15, 9, 2, 6, 5, 35])
-CFG = GenerationConfig(max_new_tokens=12, tree=TreeConfig.parse("10/3/3"))
+CFG = GenerationConfig(max_new_tokens=12)
+OPTIONS = DecodeOptions(TreeConfig.parse("10/3/3"))
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +41,8 @@ def target():
 
 
 def first_round_logits(drafter, target):
-    out = target.forward(PROMPT, torch.arange(PROMPT.numel()), target.new_cache())
-    return drafter.begin(PROMPT, int(out.logits[-1].argmax()), out.features)
+    out = forward_one(target, PROMPT, torch.arange(PROMPT.numel()), target.new_cache())
+    return begin_one(drafter, PROMPT, int(out.logits[-1].argmax()), out.features)
 
 
 CONFIGS = {
@@ -63,7 +64,8 @@ def test_feature_drafter_round_trip(target, tmp_path, name):
     loaded = load_drafter(tmp_path / "d", target)
     assert loaded.config == model.config
     if model.config.input_layers:  # begin() wants the layer features; compare via generate
-        assert generate(target, PROMPT, loaded, CFG).token_ids == generate(target, PROMPT, None, CFG).token_ids
+        expected = generate(target, PROMPT, None, CFG).token_ids
+        assert generate(target, PROMPT, loaded, CFG, OPTIONS).token_ids == expected
     else:
         assert torch.equal(first_round_logits(loaded, target), first_round_logits(FeatureDrafter(model), target))
 
@@ -73,7 +75,7 @@ def test_standard_drafter_round_trip(target, tmp_path):
     save_standard_drafter(drafter, target, tmp_path / "s")
     loaded = load_drafter(tmp_path / "s", target)
     assert isinstance(loaded, StandardDrafter)
-    assert torch.equal(loaded.begin(PROMPT, 7, None), drafter.begin(PROMPT, 7, None))
+    assert torch.equal(begin_one(loaded, PROMPT, 7, None), begin_one(drafter, PROMPT, 7, None))
 
 
 @pytest.mark.parametrize("weights_file", ["model.safetensors", "pytorch_model.bin"])
@@ -98,7 +100,7 @@ def test_public_eagle_layout_loads(target, tmp_path, weights_file):
     loaded = load_drafter(folder, target)
     assert loaded.config.architecture == "eagle" and loaded.config.num_modules == 1
     assert torch.equal(first_round_logits(loaded, target), first_round_logits(FeatureDrafter(ours), target))
-    assert generate(target, PROMPT, loaded, CFG).token_ids == generate(target, PROMPT, None, CFG).token_ids
+    assert generate(target, PROMPT, loaded, CFG, OPTIONS).token_ids == generate(target, PROMPT, None, CFG).token_ids
 
 
 def test_mismatched_target_is_refused(target, tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import tiny_llama
+from helpers import forward_one, tiny_llama
 from prism_spec.drafters import (
     CheckpointError,
     Drafter,
@@ -22,7 +22,7 @@ from prism_spec.drafters import (
 )
 from prism_spec.drafters.feature import check_d2t, draft_ids_for
 from prism_spec.train.vocab import build_draft_vocab, count_tokens
-from prism_spec.runtime import GenerationConfig, TreeConfig, generate
+from prism_spec.runtime import DecodeOptions, GenerationConfig, TreeConfig, generate
 from prism_spec.train.losses import TargetDistribution, distillation_terms
 from prism_spec.train.objectives import ObjectiveConfig, compute_loss, draft_passes, pass_modules
 
@@ -143,11 +143,9 @@ def test_draft_tree_proposes_only_draft_vocabulary_ids(target, prompts, monkeypa
     d2t = odd_ids(30)
     drafter = FeatureDrafter(reduced_model(target, d2t, num_modules=2))
     trees = []
-    config = GenerationConfig(
-        max_new_tokens=12, tree=TreeConfig.parse("paper"), on_round=lambda tree, logits: trees.append(tree)
-    )
+    config = GenerationConfig(max_new_tokens=12, on_round=lambda tree, logits: trees.append(tree))
     for p in prompts[:3]:
-        generate(target, p, drafter, config)
+        generate(target, p, drafter, config, DecodeOptions(TreeConfig.parse("paper")))
     drafted = torch.cat([t.tokens[1:] for t in trees])
     assert drafted.numel() > 100
     allowed = set(d2t.tolist())
@@ -163,14 +161,17 @@ class ReducedOracle(Drafter):
         self.inner = StandardDrafter.from_target_layers(target, target.num_layers)
         self.d2t = d2t
 
-    def begin(self, prompt_ids, first_token, features):
-        return self.inner.begin(prompt_ids, first_token, features)[..., self.d2t]
+    def begin(self, prompts, first_tokens, features):
+        return self.inner.begin(prompts, first_tokens, features)[..., self.d2t]
 
     def extend(self, tokens, features):
         return self.inner.extend(tokens, features)[..., self.d2t]
 
     def expand(self, tokens, parent_slots, tree_mask, depth):
         return self.inner.expand(tokens, parent_slots, tree_mask, depth)[..., self.d2t]
+
+    def keep_rows(self, rows):
+        self.inner.keep_rows(rows)
 
     def end_round(self):
         self.inner.end_round()
@@ -181,7 +182,7 @@ class ReducedOracle(Drafter):
 
 @pytest.mark.parametrize("shape", ["chain:4", "6/2/2", "paper"])
 def test_greedy_with_reduced_vocabulary_equals_vanilla(target, prompts, vanilla, shape):
-    config = GenerationConfig(max_new_tokens=MAX_NEW, tree=TreeConfig.parse(shape))
+    config, options = GenerationConfig(max_new_tokens=MAX_NEW), DecodeOptions(TreeConfig.parse(shape))
     produced = sorted({t for out in vanilla for t in out})
     # The oracle's vocabulary misses a third of the tokens greedy decoding produces (those
     # are never drafted but still committed as bonus tokens) and holds unrelated ones.
@@ -193,7 +194,7 @@ def test_greedy_with_reduced_vocabulary_equals_vanilla(target, prompts, vanilla,
     for name, drafter in drafters.items():
         committed = rounds = 0
         for prompt, expected in zip(prompts, vanilla):
-            result = generate(target, prompt, drafter, config)
+            result = generate(target, prompt, drafter, config, options)
             assert result.token_ids == expected, f"{name}: prompt of {len(prompt)} tokens diverged"
             committed += sum(result.accepted) + result.rounds
             rounds += result.rounds
@@ -332,7 +333,7 @@ def _batch(target, lengths=(12, 9), seed=0, loss_from=3):
     hidden = torch.randn(B, n, target.hidden_size, generator=g, dtype=torch.float64)
     for b, L in enumerate(lengths):
         attn[b, :L] = 1
-        hidden[b, :L] = target.forward(ids[b, :L], torch.arange(L), target.new_cache()).features
+        hidden[b, :L] = forward_one(target, ids[b, :L], torch.arange(L), target.new_cache()).features
     loss_mask = attn.clone()
     loss_mask[:, :loss_from] = 0
     return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss_mask, "hidden": hidden}

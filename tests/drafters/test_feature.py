@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from helpers import tiny_llama, record_expand
+from helpers import begin_one, draft_one, extend_one, forward_one, record_expand, tiny_llama
 from prism_spec.drafters import (
     DrafterMismatchError,
     FeatureDrafter,
@@ -15,7 +15,7 @@ from prism_spec.drafters import (
     FeatureDrafterModel,
     prism_config,
 )
-from prism_spec.runtime.tree import TreeConfig, draft_tree
+from prism_spec.runtime.tree import TreeConfig
 from prism_spec.targets.masks import attention_mask_4d
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -38,7 +38,7 @@ def make_drafter(target, seed=0, **config) -> FeatureDrafter:
 
 def target_features(target, drafter, tokens):
     layers = drafter.feature_layers if isinstance(drafter.feature_layers, tuple) else None
-    out = target.forward(tokens, torch.arange(tokens.numel()), target.new_cache(), feature_layers=layers)
+    out = forward_one(target, tokens, torch.arange(tokens.numel()), target.new_cache(), feature_layers=layers)
     return out.layer_features if layers else out.features
 
 
@@ -171,12 +171,13 @@ def test_each_step_runs_its_mapped_module(target, name, expected):
 
     drafter.model.step = recording_step
     tokens = torch.cat([PROMPT, torch.tensor([FIRST])])
-    root_logits = drafter.begin(PROMPT, FIRST, target_features(target, drafter, PROMPT))
+    root_logits = begin_one(drafter, PROMPT, FIRST, target_features(target, drafter, PROMPT))
     assert used == expected[:1]
-    draft_tree(drafter, FIRST, root_logits, TREE)
+    draft_one(drafter, FIRST, root_logits, TREE)
     assert used == expected  # begin, then one call per tree level (depth 1..4)
     drafter.end_round()
-    drafter.extend(torch.tensor([5, 6]), target_features(target, drafter, torch.cat([tokens, torch.tensor([5])]))[-2:])
+    new_feats = target_features(target, drafter, torch.cat([tokens, torch.tensor([5])]))[-2:]
+    extend_one(drafter, torch.tensor([5, 6]), new_feats)
     assert used[-1] == expected[0]
 
 
@@ -187,14 +188,14 @@ def test_rounds_match_reference(target, name):
     drafter = build_variant(target, name)
     committed = torch.cat([PROMPT, torch.tensor([FIRST])])
     feats = target_features(target, drafter, PROMPT)
-    root_logits = drafter.begin(PROMPT, FIRST, feats)
+    root_logits = begin_one(drafter, PROMPT, FIRST, feats)
     inputs = committed[1:]
     assert torch.allclose(root_logits, reference_logits(drafter, inputs, feats), atol=1e-9, rtol=0)
     for round_ in range(3):
         calls = record_expand(drafter)
-        tree = draft_tree(drafter, int(committed[-1]), root_logits, TREE)
+        tree = draft_one(drafter, int(committed[-1]), root_logits, TREE)
         drafter.end_round()
-        del drafter.expand_batch
+        del drafter.expand
         assert drafter.kv.cache.get_seq_length() == int(drafter.kv.lengths[0]) == inputs.numel()
         assert len(calls) == TREE.depth
         for path, row in zip(slot_paths(calls), torch.cat([out for *_, out in calls])):
@@ -207,7 +208,7 @@ def test_rounds_match_reference(target, name):
         committed = torch.cat([committed, new])
         all_feats = target_features(target, drafter, committed[:-1])
         new_feats = all_feats[-new.numel() :]
-        root_logits = drafter.extend(new, new_feats)
+        root_logits = extend_one(drafter, new, new_feats)
         inputs, feats = committed[1:], all_feats
         assert int(drafter.kv.lengths[0]) == inputs.numel()
         assert torch.allclose(root_logits, reference_logits(drafter, inputs, feats), atol=1e-9, rtol=0)
@@ -217,17 +218,17 @@ def test_extend_equals_begin_over_the_whole_sequence(target):
     drafter = build_variant(target, "prism-3")
     tokens = torch.tensor([12, 40, 7, 7, 88, 3, 61, 25, 9, 50, 4, 4, 70])
     feats = target_features(target, drafter, tokens[:-1])
-    drafter.begin(tokens[:5], int(tokens[5]), feats[:5])
-    step_by_step = drafter.extend(tokens[6:], feats[5:])
-    at_once = drafter.begin(tokens[:-1], int(tokens[-1]), feats)
+    begin_one(drafter, tokens[:5], int(tokens[5]), feats[:5])
+    step_by_step = extend_one(drafter, tokens[6:], feats[5:])
+    at_once = begin_one(drafter, tokens[:-1], int(tokens[-1]), feats)
     assert torch.allclose(step_by_step, at_once, atol=1e-9, rtol=0)
 
 
 def test_features_matter(target):
     drafter = build_variant(target, "eagle")
     feats = target_features(target, drafter, PROMPT)
-    a = drafter.begin(PROMPT, FIRST, feats)
-    b = drafter.begin(PROMPT, FIRST, feats.flip(0))
+    a = begin_one(drafter, PROMPT, FIRST, feats)
+    b = begin_one(drafter, PROMPT, FIRST, feats.flip(0))
     assert not torch.allclose(a, b)
 
 

@@ -14,7 +14,7 @@ from prism_spec.bench.methods import MethodError, MethodSpec
 from prism_spec.cli import main as cli_main
 from prism_spec.drafters import (REGISTRY, BenchKind, CheckpointError, DrafterKind, FeatureDrafter, Recipe,
                                  load_drafter, load_feature_model, register)
-from prism_spec.runtime import GenerationConfig, TreeConfig, generate
+from prism_spec.runtime import DecodeOptions, GenerationConfig, TreeConfig, generate
 from prism_spec.targets import load_target
 from prism_spec.train.config import recipe_dict
 from prism_spec.train.errors import ConfigError
@@ -66,8 +66,9 @@ def test_a_registered_kind_is_trainable_loadable_and_benchable(echo_kind, tiny_t
     drafter = load_drafter(out / "drafter", target)
     assert isinstance(drafter, EchoDrafter) and drafter.supports_batches
     prompt = target.encode_prompt("What is 3 plus 4?")
-    config = GenerationConfig(max_new_tokens=8, tree=TreeConfig.parse("6/3/2"))
-    assert generate(target, prompt, drafter, config).token_ids == generate(target, prompt, None, config).token_ids
+    config = GenerationConfig(max_new_tokens=8)
+    spec = generate(target, prompt, drafter, config, DecodeOptions(TreeConfig.parse("6/3/2")))
+    assert spec.token_ids == generate(target, prompt, None, config).token_ids
 
     bench = tmp_path / "bench"
     assert bench_main(["--target", tiny_target, "--dtype", "float64", "--limit", "1", "--bench", "qa",
@@ -97,16 +98,16 @@ def test_names_cannot_be_taken_twice(echo_kind):
 
 
 def test_batch_capability_follows_what_a_drafter_implements():
-    from prism_spec.drafters import Drafter, StandardDrafter
+    from prism_spec.drafters import SingleSequenceDrafter, StandardDrafter
 
-    class OneAtATime(Drafter):
-        def begin(self, prompt_ids, first_token, features):
+    class OneAtATime(SingleSequenceDrafter):
+        def begin_one(self, prompt_ids, first_token, features):
             return torch.zeros(4)
 
-        def extend(self, tokens, features):
+        def extend_one(self, tokens, features):
             return torch.zeros(4)
 
-        def expand(self, tokens, parent_slots, tree_mask, depth):
+        def expand_one(self, tokens, parent_slots, tree_mask, depth):
             return torch.zeros(len(tokens), 4)
 
         def end_round(self):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import tiny_llama, record_expand
+from helpers import begin_one, draft_one, expand_one, extend_one, forward_one, record_expand, tiny_llama
 from prism_spec.drafters import DrafterMismatchError, StandardDrafter
-from prism_spec.runtime.tree import TreeConfig, draft_tree
+from prism_spec.runtime.tree import TreeConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -22,7 +22,7 @@ def target():
 
 def causal_logits(lm, tokens: torch.Tensor) -> torch.Tensor:
     """Last-position logits of ``lm`` (a Target) over ``tokens`` from an empty cache."""
-    return lm.forward(tokens, torch.arange(tokens.numel()), lm.new_cache()).logits[-1]
+    return forward_one(lm, tokens, torch.arange(tokens.numel()), lm.new_cache()).logits[-1]
 
 
 def slot_paths(calls) -> list[list[int]]:
@@ -36,8 +36,8 @@ def slot_paths(calls) -> list[list[int]]:
 def chain_expand(drafter, path: list[int]) -> torch.Tensor:
     """Expand ``path`` one node at a time as a chain; return the last node's logits."""
     for i, tok in enumerate(path):
-        logits = drafter.expand(
-            torch.tensor([tok]), torch.tensor([i - 1]), torch.ones(1, i + 1, dtype=torch.bool), i + 1
+        logits = expand_one(
+            drafter, torch.tensor([tok]), torch.tensor([i - 1]), torch.ones(1, i + 1, dtype=torch.bool), i + 1
         )
     drafter.end_round()
     return logits[0]
@@ -66,7 +66,7 @@ def test_from_target_layers_shares_weights(target):
 def test_truncated_copy_computes_the_first_layers(target, num_layers):
     drafter = StandardDrafter.from_target_layers(target, num_layers)
     tokens = torch.cat([PROMPT, torch.tensor([7])])
-    got = drafter.begin(PROMPT, 7, None)
+    got = begin_one(drafter, PROMPT, 7, None)
     hidden = target.model.model(tokens[None], output_hidden_states=True).hidden_states[num_layers][0, -1]
     if num_layers < target.num_layers:  # the last entry of hidden_states is already normed
         hidden = target.model.model.norm(hidden)
@@ -90,13 +90,13 @@ def test_rounds_match_causal_runs(target, num_layers):
     equals a fresh causal run of its model over the same committed tokens (plus tree path)."""
     drafter = StandardDrafter.from_target_layers(target, num_layers)
     committed = torch.cat([PROMPT, torch.tensor([7])])
-    root_logits = drafter.begin(PROMPT, 7, None)
+    root_logits = begin_one(drafter, PROMPT, 7, None)
     assert torch.allclose(root_logits, causal_logits(drafter.lm, committed), atol=1e-9, rtol=0)
     for round_ in range(3):
         calls = record_expand(drafter)
-        tree = draft_tree(drafter, int(committed[-1]), root_logits, TREE)
+        tree = draft_one(drafter, int(committed[-1]), root_logits, TREE)
         drafter.end_round()
-        del drafter.expand_batch
+        del drafter.expand
         assert drafter.kv.cache.get_seq_length() == committed.numel() == int(drafter.kv.lengths[0])
         assert len(calls) == TREE.depth
         paths = slot_paths(calls)
@@ -110,15 +110,15 @@ def test_rounds_match_causal_runs(target, num_layers):
         leaf = tree.leaf_paths()[round_]
         new = torch.cat([tree.tokens[leaf[1:]], torch.tensor([round_ + 1])])
         committed = torch.cat([committed, new])
-        root_logits = drafter.extend(new, None)
+        root_logits = extend_one(drafter, new, None)
         assert torch.allclose(root_logits, causal_logits(drafter.lm, committed), atol=1e-9, rtol=0)
         assert int(drafter.kv.lengths[0]) == committed.numel()
 
 
 def test_begin_resets(target):
     drafter = StandardDrafter.from_target_layers(target, 2)
-    first = drafter.begin(PROMPT, 7, None)
-    drafter.extend(torch.tensor([1, 2, 3]), None)
-    again = drafter.begin(PROMPT, 7, None)
+    first = begin_one(drafter, PROMPT, 7, None)
+    extend_one(drafter, torch.tensor([1, 2, 3]), None)
+    again = begin_one(drafter, PROMPT, 7, None)
     assert torch.equal(first, again)
     assert int(drafter.kv.lengths[0]) == PROMPT.numel() + 1

@@ -187,17 +187,17 @@ def test_static_cache_rounds_are_tuned_separately(one_thread, tmp_path, monkeypa
     configs = []
     real = autotune.generate
 
-    def spy(target, prompt, drafter, cfg):
-        configs.append((cfg, drafter))
-        return real(target, prompt, drafter, cfg)
+    def spy(target, prompt, drafter, cfg, options):
+        configs.append((cfg, options, drafter))
+        return real(target, prompt, drafter, cfg, options)
 
     monkeypatch.setattr(autotune, "generate", spy)
     autotune.resolve_tree("auto", target, drafter, "d", progress=lambda *_: None, static_cache=True)
     # Calibration traces (recorded per round) use the growing cache: acceptance does not
     # depend on it. The timed rounds, vanilla's included, run on the static cache.
-    calibration = [cfg for cfg, _ in configs if cfg.on_round is not None]
-    timing = [(cfg, d) for cfg, d in configs if cfg.on_round is None]
-    assert calibration and not any(cfg.static_cache for cfg in calibration)
-    assert timing and all(cfg.static_cache for cfg, _ in timing)
+    calibration = [options for cfg, options, _ in configs if cfg.on_round is not None]
+    timing = [(options, d) for cfg, options, d in configs if cfg.on_round is None]
+    assert calibration and not any(options.static_cache for options in calibration)
+    assert timing and all(options.static_cache for options, _ in timing)
     assert any(d is None for _, d in timing) and any(d is drafter for _, d in timing)
     assert len(json.loads((tmp_path / "autotune.json").read_text())) == 1

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import chi_square_pvalue, tiny_llama
+from helpers import chi_square_pvalue, forward_one, tiny_llama
 from prism_spec.drafters import FeatureDrafter, FeatureDrafterModel, StandardDrafter, prism_config
 from prism_spec.runtime import (
+    DecodeOptions,
     GenerationConfig,
     PromptError,
     SamplingConfig,
@@ -50,9 +51,9 @@ DRAFTERS = {
 def test_each_row_equals_its_own_greedy_output(target, name, tree, batch):
     prompts = ragged_prompts(batch, seed=batch)
     # Ragged budgets too: rows leave the batch at different rounds.
-    configs = [GenerationConfig(max_new_tokens=8 + 7 * i, tree=TreeConfig.parse(tree)) for i in range(batch)]
+    configs = [GenerationConfig(max_new_tokens=8 + 7 * i) for i in range(batch)]
     drafter = DRAFTERS[name](target)
-    results = generate_batch(target, prompts, drafter, configs)
+    results = generate_batch(target, prompts, drafter, configs, DecodeOptions(TreeConfig.parse(tree)))
     for prompt, config, result in zip(prompts, configs, results):
         alone = generate(target, prompt, None, config)
         assert result.token_ids == alone.token_ids
@@ -67,8 +68,8 @@ def test_rows_stop_on_their_own_eos_and_context(target, monkeypatch):
     eos = vanilla[1][3]  # row 1 meets it at its 4th token (other rows may too: that is fine)
     monkeypatch.setattr(type(target), "eos_token_ids", property(lambda self: {eos}))
     drafter = StandardDrafter.from_target_layers(target, 1)
-    config = GenerationConfig(max_new_tokens=12, tree=TreeConfig.parse("8/3/2"))
-    results = generate_batch(target, prompts, drafter, config)
+    config = GenerationConfig(max_new_tokens=12)
+    results = generate_batch(target, prompts, drafter, config, DecodeOptions(TreeConfig.parse("8/3/2")))
     for prompt, result in zip(prompts, results):
         alone = generate(target, prompt, None, config)
         assert result.token_ids == alone.token_ids and result.finish_reason == alone.finish_reason
@@ -79,8 +80,8 @@ def test_context_limit_per_row():
     small = tiny_llama(layers=2, seed=5, max_positions=48)
     prompts = [torch.arange(1, 40) % 96, torch.arange(5, 15)]
     drafter = StandardDrafter.from_target_layers(small, 2)
-    config = GenerationConfig(max_new_tokens=30, tree=TreeConfig.parse("chain:4"))
-    results = generate_batch(small, prompts, drafter, config)
+    config = GenerationConfig(max_new_tokens=30)
+    results = generate_batch(small, prompts, drafter, config, DecodeOptions(TreeConfig.parse("chain:4")))
     for prompt, result in zip(prompts, results):
         alone = generate(small, prompt, None, config)
         assert result.token_ids == alone.token_ids and result.finish_reason == alone.finish_reason
@@ -92,7 +93,7 @@ def test_stream_events_rebuild_each_row(target):
     seen = {i: [] for i in range(3)}
     final = None
     for item in stream_generate_batch(target, prompts, StandardDrafter.from_target_layers(target, 1),
-                                      GenerationConfig(max_new_tokens=10, tree=TreeConfig.parse("8/3/2"))):
+                                      GenerationConfig(max_new_tokens=10), DecodeOptions(TreeConfig.parse("8/3/2"))):
         if isinstance(item, list):
             final = item
         else:
@@ -112,18 +113,19 @@ def test_batched_sampling_matches_target_distribution():
     vocab, prompt, n, rows = 8, [1, 5, 2, 7, 3], 2000, 8
     target = tiny_llama(vocab_size=vocab, layers=2, seed=0)
     cfg = SamplingConfig(temperature=1.0)
-    p1 = target_probs(target.forward(torch.tensor(prompt), torch.arange(5), target.new_cache()).logits[-1], cfg)
+    p1 = target_probs(forward_one(target, torch.tensor(prompt), torch.arange(5), target.new_cache()).logits[-1], cfg)
     second = []
     for x1 in range(vocab):
         ids = torch.tensor(prompt + [x1])
-        second.append(target_probs(target.forward(ids, torch.arange(6), target.new_cache()).logits[-1], cfg))
+        second.append(target_probs(forward_one(target, ids, torch.arange(6), target.new_cache()).logits[-1], cfg))
     exact = (p1[:, None] * torch.stack(second)).numpy()
     drafter = StandardDrafter.from_target_layers(target, 1)
     observed, accepted = np.zeros((vocab, vocab)), 0
+    options = DecodeOptions(TreeConfig(depth=1, top_k=3, total_tokens=6))
     for call in range(n // rows):
-        configs = [GenerationConfig(max_new_tokens=2, stop_on_eos=False, seed=call * rows + r, sampling=cfg,
-                                    tree=TreeConfig(depth=1, top_k=3, total_tokens=6)) for r in range(rows)]
-        for result in generate_batch(target, [prompt] * rows, drafter, configs):
+        configs = [GenerationConfig(max_new_tokens=2, stop_on_eos=False, seed=call * rows + r, sampling=cfg)
+                   for r in range(rows)]
+        for result in generate_batch(target, [prompt] * rows, drafter, configs, options):
             observed[result.token_ids[0], result.token_ids[1]] += 1
             accepted += sum(result.accepted)
     assert accepted / n > 0.3  # drafts really are accepted

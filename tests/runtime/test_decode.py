@@ -7,17 +7,19 @@ import importlib.util
 import pytest
 import torch
 
-from helpers import NoisyDrafter, RandomDrafter, tiny_llama
+from helpers import NoisyDrafter, RandomDrafter, forward_one, tiny_llama
 from prism_spec.drafters import (
     Drafter,
     DrafterMismatchError,
     FeatureDrafter,
     FeatureDrafterConfig,
     FeatureDrafterModel,
+    SingleSequenceDrafter,
     StandardDrafter,
     prism_config,
 )
 from prism_spec.runtime import (
+    DecodeOptions,
     GenerationConfig,
     GenerationResult,
     PromptError,
@@ -25,7 +27,6 @@ from prism_spec.runtime import (
     TreeConfig,
     generate,
     generate_batch,
-    stream_generate,
 )
 from prism_spec.targets import default_feature_layers
 
@@ -93,10 +94,10 @@ def test_prompts_are_twenty_and_varied(prompts):
 def test_greedy_speculative_equals_vanilla(target, prompts, vanilla, drafter_name, shape):
     drafter = DRAFTERS[drafter_name](target)
     cfg = SHAPES[shape]
-    config = GenerationConfig(max_new_tokens=MAX_NEW, tree=cfg)
+    config = GenerationConfig(max_new_tokens=MAX_NEW)
     committed = rounds = 0
     for prompt, expected in zip(prompts, vanilla):
-        result = generate(target, prompt, drafter, config)
+        result = generate(target, prompt, drafter, config, DecodeOptions(cfg))
         assert result.token_ids == expected, f"prompt of {len(prompt)} tokens diverged"
         assert result.finish_reason == "length"
         assert all(size <= cfg.total_tokens for size in result.tree_sizes)
@@ -111,7 +112,7 @@ def test_greedy_speculative_equals_vanilla(target, prompts, vanilla, drafter_nam
         assert acceptance > 1.5, acceptance
 
 
-class SpyDrafter(Drafter):
+class SpyDrafter(SingleSequenceDrafter):
     """Records what the decode loop feeds a drafter."""
 
     def __init__(self, inner: Drafter):
@@ -120,17 +121,17 @@ class SpyDrafter(Drafter):
         self.begun = None
         self.extended = []
 
-    def begin(self, prompt_ids, first_token, features):
+    def begin_one(self, prompt_ids, first_token, features):
         self.begun = (prompt_ids.tolist(), first_token, None if features is None else features.clone())
         self.extended = []
-        return self.inner.begin(prompt_ids, first_token, features)
+        return self.inner.begin([prompt_ids], [first_token], [features])[0]
 
-    def extend(self, tokens, features):
+    def extend_one(self, tokens, features):
         self.extended.append((tokens.tolist(), None if features is None else features.clone()))
-        return self.inner.extend(tokens, features)
+        return self.inner.extend([tokens], [features])[0]
 
-    def expand(self, tokens, parent_slots, tree_mask, depth):
-        return self.inner.expand(tokens, parent_slots, tree_mask, depth)
+    def expand_one(self, tokens, parent_slots, tree_mask, depth):
+        return self.inner.expand(tokens[None], parent_slots[None], tree_mask[None], depth)[0]
 
     def end_round(self):
         self.inner.end_round()
@@ -143,7 +144,7 @@ def test_drafter_gets_committed_tokens_and_their_features(target, prompts, vanil
     at the positions just before each token -- equal to a plain causal run's."""
     spy = SpyDrafter(DRAFTERS[drafter_name](target))
     prompt, expected = prompts[10], vanilla[10]
-    result = generate(target, prompt, spy, GenerationConfig(max_new_tokens=MAX_NEW, tree=SHAPES[shape]))
+    result = generate(target, prompt, spy, GenerationConfig(max_new_tokens=MAX_NEW), DecodeOptions(SHAPES[shape]))
     assert result.token_ids == expected
     begun_prompt, first, begin_features = spy.begun
     assert begun_prompt == prompt and first == expected[0]
@@ -153,7 +154,7 @@ def test_drafter_gets_committed_tokens_and_their_features(target, prompts, vanil
     assert extended[: MAX_NEW - 1] == expected[1:] and len(extended) >= MAX_NEW - 1
     sequence = torch.tensor(prompt + [first] + extended)
     layers = spy.feature_layers if isinstance(spy.feature_layers, tuple) else None
-    out = target.forward(sequence, torch.arange(sequence.numel()), target.new_cache(), feature_layers=layers)
+    out = forward_one(target, sequence, torch.arange(sequence.numel()), target.new_cache(), feature_layers=layers)
     feats = out.layer_features if layers else out.features
     if spy.feature_layers is None:
         assert begin_features is None and all(f is None for _, f in spy.extended)
@@ -167,9 +168,9 @@ def test_drafter_gets_committed_tokens_and_their_features(target, prompts, vanil
 
 def test_oracle_drafter_chain_accepts_every_draft(target, prompts, vanilla):
     oracle = StandardDrafter.from_target_layers(target, target.num_layers)
-    config = GenerationConfig(max_new_tokens=MAX_NEW, tree=TreeConfig.parse("chain:4"))
+    config = GenerationConfig(max_new_tokens=MAX_NEW)
     for prompt, expected in list(zip(prompts, vanilla))[::4]:
-        result = generate(target, prompt, oracle, config)
+        result = generate(target, prompt, oracle, config, DecodeOptions(TreeConfig.parse("chain:4")))
         assert result.token_ids == expected
         assert result.accepted == [4] * result.rounds
         assert result.rounds == -(-(MAX_NEW - 1) // 5)
@@ -215,8 +216,8 @@ def test_default_target_greedy_lossless(smollm, smollm_drafters, prompt):
     expected = generate(smollm, ids, None, GenerationConfig(max_new_tokens=24))
     assert len(expected.token_ids) >= 5 and expected.text
     for drafter_name, shape in (("first-4-layers", "cpu"), ("first-4-layers", "chain:4"), ("oracle", "cpu")):
-        config = GenerationConfig(max_new_tokens=24, tree=TreeConfig.parse(shape))
-        result = generate(smollm, ids, smollm_drafters[drafter_name], config)
+        config = GenerationConfig(max_new_tokens=24)
+        result = generate(smollm, ids, smollm_drafters[drafter_name], config, DecodeOptions(TreeConfig.parse(shape)))
         assert result.token_ids == expected.token_ids, (drafter_name, shape)
         assert result.finish_reason == expected.finish_reason
         assert result.text == expected.text
@@ -305,7 +306,8 @@ def test_max_new_tokens_is_exact(target, prompts, vanilla, oracle, n):
     plain = generate(target, prompt, None, GenerationConfig(max_new_tokens=n))
     assert plain.token_ids == expected[:n] and plain.finish_reason == "length"
     for drafter, shape in ((oracle, "chain:4"), (oracle, "paper"), (RandomDrafter(target.vocab_size), "cpu")):
-        result = generate(target, prompt, drafter, GenerationConfig(max_new_tokens=n, tree=TreeConfig.parse(shape)))
+        result = generate(target, prompt, drafter, GenerationConfig(max_new_tokens=n),
+                          DecodeOptions(TreeConfig.parse(shape)))
         assert result.token_ids == expected[:n], shape
         assert result.finish_reason == "length"
     if n == 1:
@@ -325,19 +327,19 @@ def test_eos_stops_inside_an_accepted_chunk(target, prompts, vanilla, oracle, mo
     assert plain.token_ids == full[: k + 1] and plain.finish_reason == "eos"
 
     chunks = []
-    config = GenerationConfig(max_new_tokens=MAX_NEW, tree=TreeConfig.parse("chain:4"))
-    result = generate(target, prompt, oracle, config, on_tokens=chunks.append)
+    config, chain = GenerationConfig(max_new_tokens=MAX_NEW), DecodeOptions(TreeConfig.parse("chain:4"))
+    result = generate(target, prompt, oracle, config, chain, on_tokens=chunks.append)
     assert result.token_ids == full[: k + 1] and result.finish_reason == "eos"
     assert len(chunks[-1]) > 1 and chunks[-1][-1] == eos
     assert sum(chunks, []) == result.token_ids
 
     for drafter in (RandomDrafter(target.vocab_size), feature_drafter(target)):
-        result = generate(target, prompt, drafter, GenerationConfig(max_new_tokens=MAX_NEW, tree=SHAPES["small"]))
+        result = generate(target, prompt, drafter, config, DecodeOptions(SHAPES["small"]))
         assert result.token_ids == full[: k + 1] and result.finish_reason == "eos"
 
     # With stop_on_eos=False the EOS token is an ordinary token.
-    config = GenerationConfig(max_new_tokens=MAX_NEW, tree=TreeConfig.parse("chain:4"), stop_on_eos=False)
-    result = generate(target, prompt, oracle, config)
+    config = GenerationConfig(max_new_tokens=MAX_NEW, stop_on_eos=False)
+    result = generate(target, prompt, oracle, config, chain)
     assert result.token_ids == full and result.finish_reason == "length"
 
 
@@ -373,7 +375,7 @@ def test_context_limit(ctx_target, prompt_len):
     ]
     for drafter, shape in cases:
         tree = SHAPES.get(shape) or TreeConfig.parse(shape)
-        result = generate(target, prompt, drafter, GenerationConfig(max_new_tokens=500, tree=tree))
+        result = generate(target, prompt, drafter, GenerationConfig(max_new_tokens=500), DecodeOptions(tree))
         assert result.finish_reason == "context", shape
         assert result.token_ids == plain.token_ids, (type(drafter).__name__, shape)
 
@@ -392,9 +394,10 @@ def test_context_limit_beats_max_new_tokens_only_when_reached(ctx_target):
 @pytest.mark.parametrize("drafter_name, shape", [(None, "cpu"), ("standard-2-layers", "paper"), ("noisy-target", "chain4")])
 def test_stream_chunks_concatenate_to_result(target, prompts, vanilla, drafter_name, shape):
     drafter = DRAFTERS[drafter_name](target) if drafter_name else None
-    config = GenerationConfig(max_new_tokens=MAX_NEW, tree=SHAPES.get(shape) or TreeConfig.parse(shape))
-    items = list(stream_generate(target, prompts[12], drafter, config))
-    *chunks, result = items
+    config = GenerationConfig(max_new_tokens=MAX_NEW)
+    options = DecodeOptions(SHAPES.get(shape) or TreeConfig.parse(shape))
+    chunks = []
+    result = generate(target, prompts[12], drafter, config, options, on_tokens=chunks.append)
     assert isinstance(result, GenerationResult)
     assert all(isinstance(c, list) and c for c in chunks)
     assert sum(chunks, []) == result.token_ids == vanilla[12]
@@ -424,9 +427,10 @@ def test_round_phases_are_labelled_for_the_profiler(target):
     # one cache commit and one drafter catch-up per round, `depth` drafter steps per tree.
     from torch.profiler import ProfilerActivity, profile
 
-    cfg = GenerationConfig(max_new_tokens=12, tree=TreeConfig(total_tokens=6, depth=3, top_k=2))
+    cfg = GenerationConfig(max_new_tokens=12)
+    options = DecodeOptions(TreeConfig(total_tokens=6, depth=3, top_k=2))
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        result = generate(target, list(range(5, 15)), RandomDrafter(target.vocab_size, seed=3), cfg)
+        result = generate(target, list(range(5, 15)), RandomDrafter(target.vocab_size, seed=3), cfg, options)
     counts = {e.key: e.count for e in prof.key_averages()}
     rounds = result.rounds
     for label in ("draft_tree", "verify_forward", "accept", "cache_commit", "drafter_extend"):
@@ -441,10 +445,11 @@ def test_round_phases_are_labelled_for_the_profiler(target):
 @pytest.mark.parametrize("drafter_name", [None, "noisy-target", "prism-3-modules"])
 def test_static_cache_equals_vanilla(target, prompts, vanilla, drafter_name, shape):
     drafter = DRAFTERS[drafter_name](target) if drafter_name else None
-    config = GenerationConfig(max_new_tokens=MAX_NEW, tree=SHAPES[shape], static_cache=True)
+    config = GenerationConfig(max_new_tokens=MAX_NEW)
+    options = DecodeOptions(SHAPES[shape], static_cache=True)
     moved = False
     for prompt, expected in zip(prompts[::3], vanilla[::3]):
-        result = generate(target, prompt, drafter, config)
+        result = generate(target, prompt, drafter, config, options)
         assert result.token_ids == expected, f"prompt of {len(prompt)} tokens diverged"
         moved |= any(a > 0 for a in result.accepted)
     if drafter_name == "noisy-target":
@@ -455,8 +460,9 @@ def test_static_cache_batch_with_rows_leaving(target, prompts, vanilla):
     # Ragged rows that finish at different lengths: the buffers shrink to the rows still running.
     drafter = DRAFTERS["standard-2-layers"](target)
     picked = [0, 5, 11, 19]
-    configs = [GenerationConfig(max_new_tokens=n, tree=SHAPES["small"], static_cache=True) for n in (5, MAX_NEW, 9, 17)]
-    results = generate_batch(target, [prompts[i] for i in picked], drafter, configs)
+    configs = [GenerationConfig(max_new_tokens=n) for n in (5, MAX_NEW, 9, 17)]
+    options = DecodeOptions(SHAPES["small"], static_cache=True)
+    results = generate_batch(target, [prompts[i] for i in picked], drafter, configs, options)
     for i, cfg, result in zip(picked, configs, results):
         assert result.token_ids == vanilla[i][: cfg.max_new_tokens]
     assert any(a > 0 for r in results for a in r.accepted)
@@ -467,8 +473,9 @@ def test_static_cache_stops_at_the_context(short_target):
     prompt = list(range(20))
     outputs = []
     for static in (False, True):
-        cfg = GenerationConfig(max_new_tokens=50, tree=SHAPES["small"], static_cache=static)
-        result = generate(short_target, prompt, StandardDrafter.from_target_layers(short_target, 2), cfg)
+        cfg = GenerationConfig(max_new_tokens=50)
+        options = DecodeOptions(SHAPES["small"], static_cache=static)
+        result = generate(short_target, prompt, StandardDrafter.from_target_layers(short_target, 2), cfg, options)
         assert result.finish_reason == "context"
         outputs.append(result.token_ids)
     assert outputs[0] == outputs[1]
@@ -480,10 +487,11 @@ def test_compiled_decoder_equals_vanilla(prompts, vanilla):
     # path on GPUs); the eager backend keeps this CPU test about tracing, not code generation.
     target = tiny_llama(layers=4, seed=0)
     target.compile_decoder(backend="eager")
-    config = GenerationConfig(max_new_tokens=MAX_NEW, tree=SHAPES["small"], static_cache=True)
+    config = GenerationConfig(max_new_tokens=MAX_NEW)
+    options = DecodeOptions(SHAPES["small"], static_cache=True)
     drafter = DRAFTERS["noisy-target"](target)
     for prompt, expected in zip(prompts[::5], vanilla[::5]):
-        assert generate(target, prompt, drafter, config).token_ids == expected
+        assert generate(target, prompt, drafter, config, options).token_ids == expected
 
 
 # --------------------------------------------------------------------------- CUDA graphs
@@ -507,12 +515,13 @@ def test_cuda_graphs_equal_vanilla_on_gpu(prompts, drafter_name):
     expected = [generate(gpu, p, None, GenerationConfig(max_new_tokens=MAX_NEW)).token_ids for p in picked]
     gpu.use_cuda_graphs()
     for shape in ("chain4", "paper"):
-        config = GenerationConfig(max_new_tokens=MAX_NEW, tree=SHAPES[shape], static_cache=True)
+        config = GenerationConfig(max_new_tokens=MAX_NEW)
+        options = DecodeOptions(SHAPES[shape], static_cache=True)
         for prompt, want in zip(picked, expected):
-            assert generate(gpu, prompt, drafter, config).token_ids == want
-    if drafter is None or type(drafter).expand_batch is not Drafter.expand_batch:
-        configs = [GenerationConfig(max_new_tokens=n, tree=SHAPES["small"], static_cache=True) for n in (5, MAX_NEW, 9)]
-        results = generate_batch(gpu, picked[:3], drafter, configs)
+            assert generate(gpu, prompt, drafter, config, options).token_ids == want
+    if drafter is None or type(drafter).expand is not Drafter.expand:
+        configs = [GenerationConfig(max_new_tokens=n) for n in (5, MAX_NEW, 9)]
+        results = generate_batch(gpu, picked[:3], drafter, configs, DecodeOptions(SHAPES["small"], static_cache=True))
         assert [r.token_ids for r in results] == [w[: c.max_new_tokens] for w, c in zip(expected, configs)]
     stats = gpu.cuda_graph_stats
     assert stats["captures"] > 0 and stats["uncapturable"] == 0
@@ -524,14 +533,15 @@ def test_reused_static_caches_give_the_same_tokens(target, prompts, vanilla):
     # CUDA graphs reuse a finished generation's static cache (same addresses, write position
     # reset, stale entries left in place): the next generations must not see the old entries.
     drafter = DRAFTERS["noisy-target"](target)
-    config = GenerationConfig(max_new_tokens=MAX_NEW, tree=SHAPES["small"], static_cache=True)
+    config = GenerationConfig(max_new_tokens=MAX_NEW)
+    options = DecodeOptions(SHAPES["small"], static_cache=True)
     target.static_caches.reuse = True
     try:
-        first = generate(target, prompts[19], drafter, config)
+        first = generate(target, prompts[19], drafter, config, options)
         (kept,) = target.static_caches.free.values()
         address = kept.layers[0].keys.data_ptr()
         for i in (19, 3, 19, 12):
-            assert generate(target, prompts[i], drafter, config).token_ids == vanilla[i]
+            assert generate(target, prompts[i], drafter, config, options).token_ids == vanilla[i]
         assert first.token_ids == vanilla[19]
         assert any(c.layers[0].keys.data_ptr() == address for c in target.static_caches.free.values())
     finally:
@@ -551,9 +561,9 @@ def test_static_cache_drafts_what_the_dynamic_cache_drafts(target, prompts, draf
         trees, kinds = {}, {}
         for static in (False, True):
             seen = []
-            cfg = GenerationConfig(max_new_tokens=MAX_NEW, tree=shape, static_cache=static,
+            cfg = GenerationConfig(max_new_tokens=MAX_NEW,
                                    on_round=lambda t, _logits, seen=seen: seen.append((t.tokens.tolist(), t.scores)))
-            result = generate(target, prompt, drafter, cfg)
+            result = generate(target, prompt, drafter, cfg, DecodeOptions(shape, static_cache=static))
             trees[static], kinds[static] = (result.token_ids, seen), type(drafter.kv)
         (ids_d, seen_d), (ids_s, seen_s) = trees[False], trees[True]
         assert ids_d == ids_s and len(seen_d) == len(seen_s) > 1

@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from prism_spec.drafters.base import Drafter
-from prism_spec.runtime.tree import TREE_PRESETS, DraftTree, TreeConfig, ancestor_mask, chain, draft_tree
+from helpers import draft_one
+from prism_spec.drafters.base import SingleSequenceDrafter
+from prism_spec.runtime.tree import TREE_PRESETS, DraftTree, TreeConfig, ancestor_mask, chain
 
 
 def t(values):
@@ -127,20 +128,20 @@ def log_probs(spec: dict[int, float]) -> torch.Tensor:
     return torch.tensor([math.log(spec.get(i, rest)) for i in range(V)])
 
 
-class ScriptedDrafter(Drafter):
+class ScriptedDrafter(SingleSequenceDrafter):
     """Next-token logits depend only on the token being expanded; records every expand call."""
 
     def __init__(self, table: dict[int, dict[int, float]]):
         self.table = table
         self.calls = []
 
-    def begin(self, prompt_ids, first_token, features):  # pragma: no cover - not used here
+    def begin_one(self, prompt_ids, first_token, features):  # pragma: no cover - not used here
         raise NotImplementedError
 
-    def extend(self, tokens, features):  # pragma: no cover - not used here
+    def extend_one(self, tokens, features):  # pragma: no cover - not used here
         raise NotImplementedError
 
-    def expand(self, tokens, parent_slots, tree_mask, depth):
+    def expand_one(self, tokens, parent_slots, tree_mask, depth):
         self.calls.append(
             dict(tokens=tokens.tolist(), parent_slots=parent_slots.tolist(), tree_mask=tree_mask.clone(), depth=depth)
         )
@@ -162,7 +163,7 @@ TABLE = {
 
 def test_draft_tree_scripted():
     drafter = ScriptedDrafter(TABLE)
-    tree = draft_tree(drafter, ROOT, ROOT_LOGITS, TreeConfig(depth=2, top_k=2, total_tokens=6))
+    tree = draft_one(drafter, ROOT, ROOT_LOGITS, TreeConfig(depth=2, top_k=2, total_tokens=6))
     # Candidates by cumulative probability: 3 (.6), 1 (.42), 5 (.3), 4 (.27), 2 under 4 (.216) |
     # 7 (.21), 0 (.168), 2 under 3 (.12), 3 under 4 (.027), 6 (.015).
     assert tree.tokens.tolist() == [ROOT, 3, 5, 1, 4, 2]
@@ -181,7 +182,7 @@ def test_draft_tree_scripted():
 
 def test_draft_tree_scripted_takes_every_candidate_when_budget_allows():
     drafter = ScriptedDrafter(TABLE)
-    tree = draft_tree(drafter, ROOT, ROOT_LOGITS, TreeConfig(depth=2, top_k=2, total_tokens=100))
+    tree = draft_one(drafter, ROOT, ROOT_LOGITS, TreeConfig(depth=2, top_k=2, total_tokens=100))
     # 2 + 4 + 4 candidates, by depth, score order within a depth.
     assert tree.tokens.tolist() == [ROOT, 3, 5, 1, 4, 2, 6, 2, 7, 0, 3]
     assert tree.parents.tolist() == [-1, 0, 0, 1, 2, 1, 2, 4, 3, 3, 4]
@@ -190,9 +191,9 @@ def test_draft_tree_scripted_takes_every_candidate_when_budget_allows():
 
 def test_draft_tree_root_only_and_first_level_only():
     drafter = ScriptedDrafter(TABLE)
-    tree = draft_tree(drafter, ROOT, ROOT_LOGITS, TreeConfig(depth=2, top_k=2, total_tokens=1))
+    tree = draft_one(drafter, ROOT, ROOT_LOGITS, TreeConfig(depth=2, top_k=2, total_tokens=1))
     assert tree.tokens.tolist() == [ROOT] and tree.parents.tolist() == [-1] and tree.depths.tolist() == [0]
-    tree = draft_tree(drafter, ROOT, ROOT_LOGITS, TreeConfig(depth=0, top_k=3, total_tokens=10))
+    tree = draft_one(drafter, ROOT, ROOT_LOGITS, TreeConfig(depth=0, top_k=3, total_tokens=10))
     assert drafter.calls == []
     assert tree.tokens[:3].tolist() == [ROOT, 3, 5]  # then one of the even-rest tokens
     assert tree.parents.tolist() == [-1, 0, 0, 0]
@@ -201,7 +202,7 @@ def test_draft_tree_root_only_and_first_level_only():
 
 def test_draft_tree_chain_follows_top1():
     drafter = ScriptedDrafter(TABLE)
-    tree = draft_tree(drafter, ROOT, ROOT_LOGITS, chain(3))
+    tree = draft_one(drafter, ROOT, ROOT_LOGITS, chain(3))
     assert tree.tokens.tolist() == [ROOT, 3, 1, 7]
     assert tree.parents.tolist() == [-1, 0, 1, 2]
     assert [c["tokens"] for c in drafter.calls] == [[3], [1]]
@@ -209,19 +210,19 @@ def test_draft_tree_chain_follows_top1():
     assert torch.equal(drafter.calls[1]["tree_mask"], torch.ones(1, 2, dtype=torch.bool))
 
 
-class RecordingRandomDrafter(Drafter):
+class RecordingRandomDrafter(SingleSequenceDrafter):
     def __init__(self, vocab: int, seed: int, offset: int = 0):
         self.vocab, self.offset = vocab, offset
         self.gen = torch.Generator().manual_seed(seed)
         self.calls = []
 
-    def begin(self, prompt_ids, first_token, features):  # pragma: no cover - not used here
+    def begin_one(self, prompt_ids, first_token, features):  # pragma: no cover - not used here
         raise NotImplementedError
 
-    def extend(self, tokens, features):  # pragma: no cover - not used here
+    def extend_one(self, tokens, features):  # pragma: no cover - not used here
         raise NotImplementedError
 
-    def expand(self, tokens, parent_slots, tree_mask, depth):
+    def expand_one(self, tokens, parent_slots, tree_mask, depth):
         logits = 3 * torch.randn(tokens.numel(), self.vocab, generator=self.gen)
         self.calls.append((tokens.clone(), parent_slots.clone(), tree_mask.clone(), depth, logits))
         return logits
@@ -276,7 +277,7 @@ def test_draft_tree_matches_reference(cfg, seed):
     vocab, offset = 50, (1000 if seed % 2 else 0)
     drafter = RecordingRandomDrafter(vocab, seed, offset)
     root_logits = 3 * torch.randn(vocab, generator=torch.Generator().manual_seed(100 + seed))
-    tree = draft_tree(drafter, 7, root_logits, cfg)
+    tree = draft_one(drafter, 7, root_logits, cfg)
 
     # Shape: root first, parents before children, depths consistent, budget respected.
     n = tree.size

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import prism_spec.runtime.decode as decode
-from helpers import NoisyDrafter, chi_square_pvalue, tiny_llama
+from helpers import NoisyDrafter, chi_square_pvalue, forward_one, tiny_llama
 from prism_spec.drafters import StandardDrafter
-from prism_spec.runtime import GenerationConfig, SamplingConfig, TreeConfig, generate
+from prism_spec.runtime import DecodeOptions, GenerationConfig, SamplingConfig, TreeConfig, generate
 from prism_spec.runtime.tree import DraftTree
 from prism_spec.runtime.verify import target_probs, verify_greedy, verify_sampling
 
@@ -257,12 +257,12 @@ def small_target():
 
 def exact_two_token_distribution(target, cfg: SamplingConfig) -> np.ndarray:
     prompt = t(PROMPT)
-    out = target.forward(prompt, torch.arange(len(PROMPT)), target.new_cache())
+    out = forward_one(target, prompt, torch.arange(len(PROMPT)), target.new_cache())
     p1 = target_probs(out.logits[-1], cfg)
     rows = []
     for x1 in range(V):
         ids = torch.cat([prompt, t([x1])])
-        rows.append(target_probs(target.forward(ids, torch.arange(ids.numel()), target.new_cache()).logits[-1], cfg))
+        rows.append(target_probs(forward_one(target, ids, torch.arange(ids.numel()), target.new_cache()).logits[-1], cfg))
     joint = (p1[:, None] * torch.stack(rows)).numpy()
     assert abs(joint.sum() - 1) < 1e-9
     return joint
@@ -273,8 +273,8 @@ def sample_two_tokens(target, drafter_factory, cfg: SamplingConfig, n: int):
     drafter = drafter_factory(target) if drafter_factory else None
     accepted = 0
     for i in range(n):
-        config = GenerationConfig(max_new_tokens=2, stop_on_eos=False, seed=i, sampling=cfg, tree=DIST_TREE)
-        result = generate(target, PROMPT, drafter, config)
+        config = GenerationConfig(max_new_tokens=2, stop_on_eos=False, seed=i, sampling=cfg)
+        result = generate(target, PROMPT, drafter, config, DecodeOptions(DIST_TREE))
         assert len(result.token_ids) == 2 and result.finish_reason == "length"
         observed[result.token_ids[0], result.token_ids[1]] += 1
         accepted += sum(result.accepted)

@@ -13,7 +13,7 @@ import torch
 
 from helpers import tiny_chat_target
 from prism_spec.drafters import StandardDrafter
-from prism_spec.runtime import GenerationConfig, SamplingConfig, TreeConfig, generate
+from prism_spec.runtime import DecodeOptions, GenerationConfig, SamplingConfig, TreeConfig, generate
 from prism_spec.serve import BatchingEngine, create_app, serve_in_thread
 from prism_spec.serve.app import visible_text
 from prism_spec.targets import load_target
@@ -30,8 +30,8 @@ def server(tmp_path_factory):
     torch.set_num_threads(1)
     target = load_target(tiny_chat_target(tmp_path_factory.mktemp("tiny")))
     drafter = StandardDrafter.from_target_layers(target, 1)
-    engine = BatchingEngine(target, drafter, max_batch=8, batch_window_s=0.05).start()
-    srv, thread, base = serve_in_thread(create_app(engine, MODEL, TREE, default_max_tokens=16))
+    engine = BatchingEngine(target, drafter, max_batch=8, batch_window_s=0.05, options=DecodeOptions(TREE)).start()
+    srv, thread, base = serve_in_thread(create_app(engine, MODEL, default_max_tokens=16))
     yield {"base": base, "target": target, "engine": engine, "drafter": drafter, "thread": thread}
     srv.should_exit = True
     thread.join(10)
@@ -46,7 +46,7 @@ CAP = 24
 def guarded(server):
     """A second app on the same engine with an API key, a max_tokens cap, a small body limit
     and the docs UI on."""
-    app = create_app(server["engine"], MODEL, TREE, default_max_tokens=64, max_tokens_cap=CAP,
+    app = create_app(server["engine"], MODEL, default_max_tokens=64, max_tokens_cap=CAP,
                      max_body_bytes=4096, api_key=API_KEY, docs=True)
     srv, thread, base = serve_in_thread(app)
     yield {**server, "base": base}
@@ -95,7 +95,7 @@ def test_chat_completion_equals_greedy(server):
     assert reply.usage.prompt_tokens == result.prompt_len
     # The engine's acceptance length is the drafter's real one at this tree, not a placeholder.
     drafted = generate(server["target"], server["target"].render_chat(messages), server["drafter"],
-                       GenerationConfig(max_new_tokens=12, tree=TREE))
+                       GenerationConfig(max_new_tokens=12), DecodeOptions(TREE))
     assert drafted.token_ids == result.token_ids
     assert reply.usage.model_extra["acceptance_length"] == pytest.approx(drafted.acceptance_length)
 
@@ -241,7 +241,7 @@ def test_a_failing_row_ends_only_itself(server):
 
     batches_before = engine.batches_run
     for i, ids in enumerate(prompts[:2] + [bad] + prompts[2:]):
-        engine.submit(EngineRequest(ids, GenerationConfig(max_new_tokens=6, tree=TREE), collect(i)))
+        engine.submit(EngineRequest(ids, GenerationConfig(max_new_tokens=6), collect(i)))
     assert all(done[i].wait(60) for i in range(4))
     assert engine.batches_run - batches_before == 5  # the failed batch of four, then each row alone
     assert events[2][-1][0] == "error"
@@ -283,17 +283,18 @@ def chat_body(content="hi", **extra) -> dict:
 class SlowDrafter(StandardDrafter):
     """Sleeps each round, so that a request lasts long enough for its client to give up."""
 
-    def extend_batch(self, tokens, features):
+    def extend(self, tokens, features):
         time.sleep(0.05)
-        return super().extend_batch(tokens, features)
+        return super().extend(tokens, features)
 
 
 def test_abandoned_non_streaming_request_is_cancelled(server):
     """A client that gives up on a long non-streaming request frees the engine: its row is
     cancelled at the next round instead of decoding to max_tokens (minutes on the old code)."""
     target = server["target"]
-    engine = BatchingEngine(target, SlowDrafter.from_target_layers(target, 1), max_batch=4).start()
-    srv, thread, base = serve_in_thread(create_app(engine, MODEL, TREE))
+    engine = BatchingEngine(target, SlowDrafter.from_target_layers(target, 1), max_batch=4,
+                            options=DecodeOptions(TREE)).start()
+    srv, thread, base = serve_in_thread(create_app(engine, MODEL))
     try:
         with pytest.raises(httpx.ReadTimeout):  # 200 tokens take 100+ rounds of 50 ms
             httpx.post(base + "/v1/chat/completions", json=chat_body("Write a long story.", max_tokens=200,
@@ -459,9 +460,8 @@ def test_sampling_and_seed_through_the_server(server):
     assert ask(2) == replies[2]
     ids = target.render_chat(messages)
     for seed, reply in enumerate(replies):
-        config = GenerationConfig(max_new_tokens=12, tree=TREE, seed=seed,
-                                  sampling=SamplingConfig(temperature=1.5))
-        assert reply == target.decode(generate(target, ids, drafter, config).token_ids)
+        config = GenerationConfig(max_new_tokens=12, seed=seed, sampling=SamplingConfig(temperature=1.5))
+        assert reply == target.decode(generate(target, ids, drafter, config, DecodeOptions(TREE)).token_ids)
 
 
 @pytest.mark.slow
@@ -471,7 +471,7 @@ def test_soak_16_clients_good_and_bad(server):
     equal to greedy, /health always answering within a second, memory flat after warm-up."""
     serve_soak = benchmark_script("serve_soak")
     max_body_bytes = 64 * 1024
-    app = create_app(server["engine"], MODEL, TREE, default_max_tokens=8, max_body_bytes=max_body_bytes)
+    app = create_app(server["engine"], MODEL, default_max_tokens=8, max_body_bytes=max_body_bytes)
     srv, thread, base = serve_in_thread(app)
     try:
         expected = {p: greedy(server, [{"role": "user", "content": p}], 8)[0] for p in serve_soak.PROMPTS}

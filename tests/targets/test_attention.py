@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import tiny_llama
+from helpers import forward_one, tiny_llama
 from prism_spec.targets.attention import GROUPED_SDPA, folds_query_groups, grouped_sdpa_attention, use_grouped_sdpa
 from prism_spec.targets.hf import cache_kwarg
 from prism_spec.targets.kv_cache import truncate_cache
@@ -73,8 +73,8 @@ def test_target_tree_forward_is_unchanged():
     for impl in ("sdpa", GROUPED_SDPA):
         model.set_attn_implementation(impl)
         cache = target.new_cache()
-        target.forward(prompt, torch.arange(prompt.numel()), cache)
-        logits[impl] = target.forward(tokens, prompt.numel() + depths, cache, tree).logits
+        forward_one(target, prompt, torch.arange(prompt.numel()), cache)
+        logits[impl] = forward_one(target, tokens, prompt.numel() + depths, cache, tree).logits
         truncate_cache(cache, prompt.numel())
     torch.testing.assert_close(logits[GROUPED_SDPA], logits["sdpa"], rtol=0, atol=1e-12)
 

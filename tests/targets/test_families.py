@@ -10,10 +10,10 @@ import pytest
 import torch
 import transformers
 
-from helpers import FAMILIES, FAMILY_COMMON, chi_square_pvalue, tiny_family
+from helpers import FAMILIES, FAMILY_COMMON, chi_square_pvalue, forward_one, tiny_family
 from prism_spec.drafters import FeatureDrafter, FeatureDrafterModel, StandardDrafter, prism_config
 from prism_spec.drafters.checkpoint import load_drafter, save_feature_drafter
-from prism_spec.runtime import GenerationConfig, SamplingConfig, TreeConfig, generate, generate_batch
+from prism_spec.runtime import DecodeOptions, GenerationConfig, SamplingConfig, TreeConfig, generate, generate_batch
 from prism_spec.runtime.verify import target_probs
 from prism_spec.targets import Target, UnsupportedTargetError, load_target
 from prism_spec.train.features import capture_batch
@@ -30,8 +30,12 @@ PROMPTS = [
 ]
 
 
-def greedy(static_cache: bool = False) -> GenerationConfig:
-    return GenerationConfig(max_new_tokens=MAX_NEW, stop_on_eos=False, tree=TREE, static_cache=static_cache)
+def greedy() -> GenerationConfig:
+    return GenerationConfig(max_new_tokens=MAX_NEW, stop_on_eos=False)
+
+
+def options(static_cache: bool = False) -> DecodeOptions:
+    return DecodeOptions(TREE, static_cache=static_cache)
 
 
 def prism_drafter(target, seed=0) -> FeatureDrafter:
@@ -43,7 +47,7 @@ def prism_drafter(target, seed=0) -> FeatureDrafter:
 def family(request):
     name = request.param
     target = tiny_family(name)
-    vanilla = [generate(target, p, None, greedy()).token_ids for p in PROMPTS]
+    vanilla = [generate(target, p, None, greedy(), options()).token_ids for p in PROMPTS]
     return name, target, vanilla
 
 
@@ -59,15 +63,16 @@ def test_vanilla_equals_the_models_own_greedy_decoding(family):
 def test_speculative_greedy_equals_vanilla(family, drafter_kind):
     _, target, vanilla = family
     drafter = StandardDrafter.from_target_layers(target, 1) if drafter_kind == "standard" else prism_drafter(target)
-    assert generate(target, PROMPTS[0], drafter, greedy()).token_ids == vanilla[0]
-    assert [r.token_ids for r in generate_batch(target, PROMPTS, drafter, greedy())] == vanilla
-    assert [r.token_ids for r in generate_batch(target, PROMPTS, None, greedy())] == vanilla
+    assert generate(target, PROMPTS[0], drafter, greedy(), options()).token_ids == vanilla[0]
+    assert [r.token_ids for r in generate_batch(target, PROMPTS, drafter, greedy(), options())] == vanilla
+    assert [r.token_ids for r in generate_batch(target, PROMPTS, None, greedy(), options())] == vanilla
 
 
 def test_static_cache_equals_vanilla(family):
     _, target, vanilla = family
     drafter = prism_drafter(target)
-    assert [r.token_ids for r in generate_batch(target, PROMPTS, drafter, greedy(static_cache=True))] == vanilla
+    results = generate_batch(target, PROMPTS, drafter, greedy(), options(static_cache=True))
+    assert [r.token_ids for r in results] == vanilla
 
 
 def test_feature_drafter_trains_a_step_and_round_trips(family, tmp_path):
@@ -95,7 +100,7 @@ def test_feature_drafter_trains_a_step_and_round_trips(family, tmp_path):
     assert loaded.config == model.config
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[key], value), key
-    assert generate(target, PROMPTS[1], loaded, greedy()).token_ids == vanilla[1]
+    assert generate(target, PROMPTS[1], loaded, greedy(), options()).token_ids == vanilla[1]
 
 
 # ------------------------------------------------------------- T > 0 on non-Llama families
@@ -107,7 +112,7 @@ T1 = SamplingConfig(temperature=1.0)
 
 def exact_two_token_distribution(target, cfg) -> np.ndarray:
     def probs(ids):
-        out = target.forward(torch.tensor(ids), torch.arange(len(ids)), target.new_cache())
+        out = forward_one(target, torch.tensor(ids), torch.arange(len(ids)), target.new_cache())
         return target_probs(out.logits[-1], cfg)
 
     first = probs(PROMPT)
@@ -120,10 +125,10 @@ def test_sampling_matches_the_target_distribution(name):
     target = tiny_family(name, vocab_size=V)
     drafter = StandardDrafter.from_target_layers(target, 1)
     observed = np.zeros((V, V))
+    tree = DecodeOptions(TreeConfig(depth=1, top_k=3, total_tokens=6))
     for seed in range(N_SAMPLES):
-        config = GenerationConfig(max_new_tokens=2, stop_on_eos=False, seed=seed, sampling=T1,
-                                  tree=TreeConfig(depth=1, top_k=3, total_tokens=6))
-        tokens = generate(target, PROMPT, drafter, config).token_ids
+        config = GenerationConfig(max_new_tokens=2, stop_on_eos=False, seed=seed, sampling=T1)
+        tokens = generate(target, PROMPT, drafter, config, tree).token_ids
         observed[tokens[0], tokens[1]] += 1
     p = chi_square_pvalue(observed, exact_two_token_distribution(target, T1), N_SAMPLES)
     assert p > 0.001, p
@@ -133,7 +138,7 @@ def test_soft_capped_logits_are_the_models_own():
     target = tiny_family("gemma2")
     assert target.family.logit_softcap
     ids = torch.tensor(PROMPTS[0])
-    ours = target.forward(ids, torch.arange(len(ids)), target.new_cache()).logits
+    ours = forward_one(target, ids, torch.arange(len(ids)), target.new_cache()).logits
     torch.testing.assert_close(ours, target.model(input_ids=ids[None]).logits[0].float(), rtol=0, atol=1e-12)
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import RandomDrafter, tiny_llama
-from prism_spec.runtime.tree import DraftTree, TreeConfig, draft_tree
+from helpers import RandomDrafter, draft_one, forward_one, tiny_llama
+from prism_spec.runtime.tree import DraftTree, TreeConfig
 from prism_spec.targets.hf import default_feature_layers, parse_dtype
 from prism_spec.targets.kv_cache import compact_cache, keep_in_cache, truncate_cache
 from prism_spec.targets.masks import attention_mask_4d
@@ -29,7 +29,7 @@ def target():
 
 def prefilled(target, tokens=PROMPT):
     cache = target.new_cache()
-    out = target.forward(tokens, torch.arange(tokens.numel()), cache, feature_layers=LAYERS)
+    out = forward_one(target, tokens, torch.arange(tokens.numel()), cache, feature_layers=LAYERS)
     return cache, out
 
 
@@ -51,12 +51,12 @@ HAND = DraftTree(
 def drafted_tree(target, seed=0):
     drafter = RandomDrafter(target.vocab_size, seed=seed)
     root_logits = torch.randn(target.vocab_size, generator=torch.Generator().manual_seed(seed))
-    return draft_tree(drafter, 7, root_logits, TreeConfig(depth=4, top_k=4, total_tokens=30))
+    return draft_one(drafter, 7, root_logits, TreeConfig(depth=4, top_k=4, total_tokens=30))
 
 
 def path_forward(target, path_tokens):
     cache, _ = prefilled(target)
-    out = target.forward(path_tokens, torch.arange(P, P + path_tokens.numel()), cache, feature_layers=LAYERS)
+    out = forward_one(target, path_tokens, torch.arange(P, P + path_tokens.numel()), cache, feature_layers=LAYERS)
     return cache, out
 
 
@@ -65,7 +65,7 @@ def test_tree_forward_equals_per_path_forward(target, which):
     tree = HAND if which == "hand" else drafted_tree(target)
     assert tree.size > 7
     cache, _ = prefilled(target)
-    out = target.forward(tree.tokens, tree.positions(P), cache, tree.ancestor_mask(), feature_layers=LAYERS)
+    out = forward_one(target, tree.tokens, tree.positions(P), cache, tree.ancestor_mask(), feature_layers=LAYERS)
     assert out.logits.shape == (tree.size, target.vocab_size)
     assert cache.get_seq_length() == P + tree.size
     checked = set()
@@ -81,16 +81,16 @@ def test_tree_forward_equals_per_path_forward(target, which):
 def test_tree_forward_on_top_of_a_previous_round(target):
     """A second tree forward after keep_in_cache sees exactly the committed sequence."""
     cache, _ = prefilled(target)
-    target.forward(HAND.tokens, HAND.positions(P), cache, HAND.ancestor_mask())
+    forward_one(target, HAND.tokens, HAND.positions(P), cache, HAND.ancestor_mask())
     kept = [0, 1, 4, 7]
     keep_in_cache(cache, P, t(kept))
     committed = torch.cat([PROMPT, HAND.tokens[kept]])
     tree = drafted_tree(target, seed=3)
     root_pos = committed.numel()
-    out = target.forward(tree.tokens, tree.positions(root_pos), cache, tree.ancestor_mask())
+    out = forward_one(target, tree.tokens, tree.positions(root_pos), cache, tree.ancestor_mask())
     for path in tree.leaf_paths()[:8]:
         seq = torch.cat([committed, tree.tokens[path]])
-        ref = target.forward(seq, torch.arange(seq.numel()), target.new_cache())
+        ref = forward_one(target, seq, torch.arange(seq.numel()), target.new_cache())
         assert torch.allclose(out.logits[path], ref.logits[root_pos:], atol=1e-9, rtol=0)
 
 
@@ -110,7 +110,7 @@ def assert_cache_equal(cache, ref, length):
 )
 def test_keep_in_cache_matches_causal_run(target, kept):
     cache, _ = prefilled(target)
-    out = target.forward(HAND.tokens, HAND.positions(P), cache, HAND.ancestor_mask())
+    out = forward_one(target, HAND.tokens, HAND.positions(P), cache, HAND.ancestor_mask())
     keep_in_cache(cache, P, t(kept))
     ref_cache, ref_out = path_forward(target, HAND.tokens[kept])
     assert_cache_equal(cache, ref_cache, P + len(kept))
@@ -118,8 +118,8 @@ def test_keep_in_cache_matches_causal_run(target, kept):
     # Decoding goes on identically from both caches.
     nxt = t([int(out.logits[kept[-1]].argmax())])
     pos = torch.tensor([P + len(kept)])
-    a = target.forward(nxt, pos, cache)
-    b = target.forward(nxt, pos, ref_cache)
+    a = forward_one(target, nxt, pos, cache)
+    b = forward_one(target, nxt, pos, ref_cache)
     assert torch.allclose(a.logits, b.logits, atol=1e-9, rtol=0)
 
 
@@ -162,8 +162,8 @@ def test_truncate_cache(target):
 def test_chunked_prefill_equals_one_pass(target):
     cache, full = prefilled(target)
     chunked = target.new_cache()
-    a = target.forward(PROMPT[:4], torch.arange(4), chunked)
-    b = target.forward(PROMPT[4:], torch.arange(4, P), chunked)
+    a = forward_one(target, PROMPT[:4], torch.arange(4), chunked)
+    b = forward_one(target, PROMPT[4:], torch.arange(4, P), chunked)
     assert torch.allclose(torch.cat([a.logits, b.logits]), full.logits, atol=1e-9, rtol=0)
     assert_cache_equal(chunked, cache, P)
 
@@ -178,7 +178,7 @@ def test_forward_outputs(target):
     assert torch.allclose(out.logits, full.logits[0].float(), atol=1e-6)
     expected = torch.cat([full.hidden_states[i][0] for i in LAYERS], dim=-1)
     assert torch.allclose(out.layer_features, expected, atol=1e-9)
-    assert target.forward(PROMPT, torch.arange(P), target.new_cache()).layer_features is None
+    assert forward_one(target, PROMPT, torch.arange(P), target.new_cache()).layer_features is None
 
 
 # --------------------------------------------------------------------------- masks

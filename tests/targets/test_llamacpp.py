@@ -15,7 +15,14 @@ llama_cpp = pytest.importorskip("llama_cpp", reason="the llamacpp extra (llama-c
 from helpers import NoisyDrafter, chi_square_pvalue  # noqa: E402
 from prism_spec.drafters import FeatureDrafter, FeatureDrafterModel, StandardDrafter, prism_config  # noqa: E402
 from prism_spec.drafters.resolve import resolve_drafter  # noqa: E402
-from prism_spec.runtime import GenerationConfig, SamplingConfig, TreeConfig, generate, generate_batch  # noqa: E402
+from prism_spec.runtime import (  # noqa: E402
+    DecodeOptions,
+    GenerationConfig,
+    SamplingConfig,
+    TreeConfig,
+    generate,
+    generate_batch,
+)
 from prism_spec.runtime.verify import target_probs  # noqa: E402
 from prism_spec.targets import load_target  # noqa: E402
 from prism_spec.targets.hf import Target, resolve_engine  # noqa: E402
@@ -69,9 +76,10 @@ def test_speculative_equals_vanilla(engine, prompts, vanilla, tree, drafter_kind
     else:
         torch.manual_seed(0)
         drafter = FeatureDrafter(FeatureDrafterModel(prism_config(engine), engine))
-    config = GenerationConfig(max_new_tokens=MAX_NEW, stop_on_eos=False, tree=TreeConfig.parse(tree))
+    config = GenerationConfig(max_new_tokens=MAX_NEW, stop_on_eos=False)
+    options = DecodeOptions(TreeConfig.parse(tree))
     for prompt, expected in zip(prompts, vanilla):
-        result = generate(engine, prompt, drafter, config)
+        result = generate(engine, prompt, drafter, config, options)
         assert result.token_ids == expected
         if drafter_kind == "packaged":
             assert result.acceptance_length > 1.0  # drafts really are accepted on the engine's features
@@ -109,17 +117,17 @@ def test_sampling_matches_the_engines_distribution(engine, prompts):
     def probs(ids):
         kv = engine.new_kv(1)
         ids = torch.tensor(ids)
-        out = engine.forward_batch(ids[None], torch.arange(len(ids))[None], kv.cache, None, kv.lengths,
+        out = engine.forward(ids[None], torch.arange(len(ids))[None], kv.cache, None, kv.lengths,
                                    logits=False, logit_rows=torch.tensor([len(ids) - 1]), features=False)
         return target_probs(out.logits[0, 0], cfg)
 
     drafter = StandardDrafter.from_target_layers(engine, 1)
     n = 600
     seen: dict[tuple[int, int], int] = {}
+    options = DecodeOptions(TreeConfig(depth=1, top_k=3, total_tokens=4))
     for seed in range(n):
-        config = GenerationConfig(max_new_tokens=2, stop_on_eos=False, seed=seed, sampling=cfg,
-                                  tree=TreeConfig(depth=1, top_k=3, total_tokens=4))
-        a, b = generate(engine, prompt, drafter, config).token_ids
+        config = GenerationConfig(max_new_tokens=2, stop_on_eos=False, seed=seed, sampling=cfg)
+        a, b = generate(engine, prompt, drafter, config, options).token_ids
         seen[(a, b)] = seen.get((a, b), 0) + 1
     first = probs(prompt)
     cells, expected = [], []
@@ -174,7 +182,7 @@ def last_logits(engine, ids) -> torch.Tensor:
     """The engine's next-token logits after ``ids`` (a fresh KV cache)."""
     kv = engine.new_kv(1)
     ids = torch.tensor(ids)
-    out = engine.forward_batch(ids[None], torch.arange(len(ids))[None], kv.cache, None, kv.lengths,
+    out = engine.forward(ids[None], torch.arange(len(ids))[None], kv.cache, None, kv.lengths,
                                logits=False, logit_rows=torch.tensor([len(ids) - 1]), features=False)
     return out.logits[0, 0]
 
@@ -188,7 +196,7 @@ def test_tiny_gguf_loads_with_a_companion_of_the_same_model(tiny_engine, tiny_pr
     # logit, and 140% with Q and K left in llama.cpp's rope order (transformers permutes them back).
     prompt = torch.tensor(tiny_prompts[0])
     kv = tiny_engine.new_kv(1)
-    ours = tiny_engine.forward_batch(prompt[None], torch.arange(len(prompt))[None], kv.cache, None,
+    ours = tiny_engine.forward(prompt[None], torch.arange(len(prompt))[None], kv.cache, None,
                                      kv.lengths).logits[0]
     with torch.no_grad():
         theirs = tiny_engine.model(prompt[None]).logits[0]
@@ -226,10 +234,11 @@ def test_tiny_speculative_equals_vanilla(tiny_engine, tiny_prompts, tiny_vanilla
         drafter = FeatureDrafter(FeatureDrafterModel(prism_config(tiny_engine), tiny_engine))
     else:  # the whole model plus noise: paths of every depth accepted and rejected (AL 1.3-2.4)
         drafter = NoisyDrafter(StandardDrafter.from_target_layers(tiny_engine, 2), scale=2.0, seed=0)
-    config = GenerationConfig(max_new_tokens=MAX_NEW, stop_on_eos=False, tree=TreeConfig.parse(tree))
+    config = GenerationConfig(max_new_tokens=MAX_NEW, stop_on_eos=False)
+    options = DecodeOptions(TreeConfig.parse(tree))
     accepted, rounds = 0, 0
     for prompt, expected in zip(tiny_prompts, tiny_vanilla):
-        result = generate(tiny_engine, prompt, drafter, config)
+        result = generate(tiny_engine, prompt, drafter, config, options)
         assert result.token_ids == expected
         accepted, rounds = accepted + sum(result.accepted), rounds + len(result.accepted)
     if drafter_kind == "standard":
@@ -252,10 +261,10 @@ def test_tiny_sampling_matches_the_engines_distribution(tiny_engine, tiny_prompt
     n = N_TINY_SAMPLES
     seen: dict[tuple[int, ...], int] = {}
     accepted = 0
+    options = DecodeOptions(TreeConfig(depth=1, top_k=3, total_tokens=4))
     for seed in range(n):
-        config = GenerationConfig(max_new_tokens=3, stop_on_eos=False, seed=seed, sampling=cfg,
-                                  tree=TreeConfig(depth=1, top_k=3, total_tokens=4))
-        result = generate(tiny_engine, prompt, drafter, config)
+        config = GenerationConfig(max_new_tokens=3, stop_on_eos=False, seed=seed, sampling=cfg)
+        result = generate(tiny_engine, prompt, drafter, config, options)
         seen[tuple(result.token_ids)] = seen.get(tuple(result.token_ids), 0) + 1
         accepted += result.accepted[0]
     assert accepted > 0.2 * n  # the second token often is an accepted draft, the third its bonus

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from helpers import tiny_llama
-from prism_spec.runtime import GenerationConfig, TreeConfig, generate
+from prism_spec.runtime import DecodeOptions, GenerationConfig, TreeConfig, generate
 from prism_spec.targets.packed import (
     PackedLinear,
     pack_linears,
@@ -164,8 +164,8 @@ def test_packed_target_logits_and_lossless_decoding():
     assert packed.pack_weights() > 0 and packed.packed_weights and not plain.packed_weights
     ids = torch.randint(0, 128, (1, 12))
     positions = torch.arange(12)[None]
-    out_plain = plain.forward_batch(ids, positions, plain.new_cache())
-    out_packed = packed.forward_batch(ids, positions, packed.new_cache())
+    out_plain = plain.forward(ids, positions, plain.new_cache())
+    out_packed = packed.forward(ids, positions, packed.new_cache())
     torch.testing.assert_close(out_packed.logits, out_plain.logits, atol=1e-4, rtol=1e-4)
 
     from prism_spec.drafters.standard import StandardDrafter
@@ -174,7 +174,8 @@ def test_packed_target_logits_and_lossless_decoding():
     assert drafter.pack_weights() > 0
     prompt = torch.randint(0, 128, (10,))
     vanilla = generate(packed, prompt, None, GenerationConfig(max_new_tokens=24))
-    spec = generate(packed, prompt, drafter, GenerationConfig(max_new_tokens=24, tree=TreeConfig.parse("8/2/2")))
+    spec = generate(packed, prompt, drafter, GenerationConfig(max_new_tokens=24),
+                    DecodeOptions(TreeConfig.parse("8/2/2")))
     assert spec.token_ids == vanilla.token_ids
 
 
@@ -208,7 +209,8 @@ def test_packed_feature_drafter_drafts_like_the_plain_one():
     target.pack_weights()
     prompt = torch.randint(0, 128, (10,))
     vanilla = generate(target, prompt, None, GenerationConfig(max_new_tokens=24))
-    spec = generate(target, prompt, drafter, GenerationConfig(max_new_tokens=24, tree=TreeConfig.parse("8/2/2")))
+    spec = generate(target, prompt, drafter, GenerationConfig(max_new_tokens=24),
+                    DecodeOptions(TreeConfig.parse("8/2/2")))
     assert spec.token_ids == vanilla.token_ids
 
 

@@ -22,6 +22,7 @@ from prism_spec.train.features import (
     shard_file,
     verify_features,
 )
+from helpers import forward_one
 
 LENGTHS = [5, 9, 3, 12, 7, 4, 10]
 
@@ -50,7 +51,7 @@ def reference(target, examples):
     out = []
     for ex in examples:
         ids = torch.tensor(ex.input_ids)
-        fo = target.forward(ids, torch.arange(len(ids)), target.new_cache(), feature_layers=layers)
+        fo = forward_one(target, ids, torch.arange(len(ids)), target.new_cache(), feature_layers=layers)
         out.append((fo.features.clone(), fo.layer_features.clone()))
     return out
 

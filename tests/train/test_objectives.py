@@ -30,6 +30,7 @@ from prism_spec.train.objectives import (
     draft_passes,
     pass_modules,
 )
+from helpers import begin_one, expand_one, forward_one
 
 VOCAB, HIDDEN = 64, 32
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny ops, 1 thread
@@ -87,7 +88,7 @@ def make_batch(target, lengths=(10, 7), seed=0, input_layers=None, loss_from=3) 
     layers = torch.randn(B, n, 3 * HIDDEN, generator=g, dtype=torch.float64) if input_layers else None
     for b, L in enumerate(lengths):
         attn[b, :L] = 1
-        out = target.forward(ids[b, :L], torch.arange(L), target.new_cache(), feature_layers=input_layers)
+        out = forward_one(target, ids[b, :L], torch.arange(L), target.new_cache(), feature_layers=input_layers)
         hidden[b, :L] = out.features
         if input_layers:
             layers[b, :L] = out.layer_features
@@ -161,11 +162,11 @@ def inference_feature(model, ids, feats, i, j):
     consumed by begin (step 0), then j-1 chained expansions with the drafter's own features."""
     drafter = FeatureDrafter(model)
     P = i - j + 2  # committed prompt t[0..P-1], first generated token t[P]
-    drafter.begin(ids[:P], int(ids[P]), feats[:P])
+    begin_one(drafter, ids[:P], int(ids[P]), feats[:P])
     feature = drafter.root_feature[0]  # batch row 0
     for d in range(1, j):
         tokens = ids[P + d : P + d + 1]
-        drafter.expand(tokens, torch.tensor([d - 2]), torch.ones(1, d, dtype=torch.bool), d)
+        expand_one(drafter, tokens, torch.tensor([d - 2]), torch.ones(1, d, dtype=torch.bool), d)
         feature = drafter.slot_features[-1][0, 0]
     return feature
 

@@ -41,7 +41,7 @@ from ..devices import synchronize
 from ..drafters.base import Drafter, registered_bench_kinds
 from ..drafters.checkpoint import load_drafter
 from ..drafters.standard import StandardDrafter
-from ..runtime.decode import GenerationConfig, GenerationResult, generate
+from ..runtime.decode import DecodeOptions, GenerationConfig, GenerationResult, generate
 from ..runtime.tree import TreeConfig
 from ..runtime.verify import SamplingConfig
 from ..targets.hf import Target
@@ -194,7 +194,7 @@ class LoadedMethod:
     drafter: Drafter | None = None
     weights_bytes: int = 0
     info: dict = field(default_factory=dict)  # recorded with each run
-    static_cache: bool = False  # see GenerationConfig.static_cache
+    static_cache: bool = False  # see DecodeOptions.static_cache
     _hf_model: object = None
     _hf_assistant_gc: object = None
     _llama: object = None  # llama-cpp-python Llama for the llama.cpp peer
@@ -229,11 +229,8 @@ class LoadedMethod:
         if self.spec.is_peer:
             return self._run_hf(prompt_ids, max_new_tokens, temperature, seed)
         tree = self.spec.tree or tree
-        cfg = GenerationConfig(
-            max_new_tokens=max_new_tokens, sampling=SamplingConfig(temperature=temperature), tree=tree, seed=seed,
-            static_cache=self.static_cache,
-        )
-        r = generate(self.target, prompt_ids, self.drafter, cfg)
+        cfg = GenerationConfig(max_new_tokens=max_new_tokens, sampling=SamplingConfig(temperature=temperature), seed=seed)
+        r = generate(self.target, prompt_ids, self.drafter, cfg, DecodeOptions(tree, self.static_cache))
         return {
             "prompt_len": r.prompt_len,
             "new_tokens": len(r.token_ids),

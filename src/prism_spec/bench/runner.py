@@ -59,7 +59,7 @@ class BenchConfig:
     warmup: bool = True
     command: str | None = None
     threads: int | None = None  # torch.set_num_threads before loading anything
-    static_cache: bool = False  # GenerationConfig.static_cache for every method
+    static_cache: bool = False  # DecodeOptions.static_cache for every method
     packed_weights: bool = True  # load_target's default CPU weight prepacking (False: plain nn.Linear)
     compile: bool = False  # Target.compile_decoder() before the runs
     cuda_graphs: bool = False  # Target.use_cuda_graphs() before the runs
@@ -398,7 +398,7 @@ def run_batch_sweep(
     turn trace per batch whose ``total_s`` is the batch's wall time, so tokens/s is what the
     batch delivered. Writes ``batch_sweep.jsonl``, ``batch_sweep.md`` and ``batch_sweep.png``.
     """
-    from ..runtime.decode import GenerationConfig, generate_batch
+    from ..runtime.decode import DecodeOptions, GenerationConfig, generate_batch
     from .figures import plot_batch_sweep
 
     out = Path(cfg.out)
@@ -432,9 +432,10 @@ def run_batch_sweep(
                 chunk = jobs[start : start + size]
                 for spec in rotated(specs, start // size):
                     method = loaded[spec.name]
-                    configs = [GenerationConfig(max_new_tokens=n, tree=spec.tree or tree) for _, n in chunk]
+                    configs = [GenerationConfig(max_new_tokens=n) for _, n in chunk]
                     t0 = time.perf_counter()
-                    results = generate_batch(target, [ids for ids, _ in chunk], method.drafter, configs)
+                    results = generate_batch(target, [ids for ids, _ in chunk], method.drafter, configs,
+                                             DecodeOptions(spec.tree or tree))
                     wall = time.perf_counter() - t0
                     turns[(spec.name, size)].append({
                         "batch": len(chunk),

@@ -26,69 +26,41 @@ class DrafterMismatchError(ValueError):
 
 
 class Drafter(ABC):
-    """Drafters work on a batch of sequences (rows); the single-sequence methods ``begin`` /
-    ``extend`` / ``expand`` are the one-row case. A drafter implements either the ``*_batch``
-    methods (and then serves batches) or only the single-sequence ones (then the decode loop
-    can use it for one sequence at a time)."""
+    """A drafter works on a batch of sequences (rows); one sequence is a batch of one.
+
+    A drafter written for one sequence at a time subclasses :class:`SingleSequenceDrafter`
+    instead, which adapts its three one-row methods to this interface."""
 
     #: What the drafter needs from the target's verify forward:
     #: None (tokens only), "last" (last hidden state) or a tuple of HF hidden_states indices.
     feature_layers: tuple[int, ...] | str | None = None
     #: Name shown in tables.
     method: str = "drafter"
-    #: Whether it drafts for several sequences at once (it implements the ``*_batch`` methods);
-    #: set for every subclass from what it implements.
-    supports_batches: bool = False
+    #: Whether it drafts for several sequences at once.
+    supports_batches: bool = True
 
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        cls.supports_batches = cls.expand_batch is not Drafter.expand_batch
-        for single, batch in (("begin", "begin_batch"), ("extend", "extend_batch"), ("expand", "expand_batch")):
-            if getattr(cls, single) is getattr(Drafter, single) and getattr(cls, batch) is getattr(Drafter, batch):
-                if not getattr(cls, "__abstractmethods__", None) and not cls.__name__.startswith("_"):
-                    raise TypeError(f"{cls.__name__} must implement {single} or {batch}")
+    @abstractmethod
+    def begin(self, prompts: list[torch.Tensor], first_tokens: list[int], features: list) -> torch.Tensor:
+        """Reset, then consume each row's prompt (ragged) and first generated token; ``features``
+        are the target's features for the prompt positions (None when not needed). Returns the
+        next-token logits [B, V]."""
 
-    # ------------------------------------------------------------- one sequence
-    def begin(self, prompt_ids: torch.Tensor, first_token: int, features: torch.Tensor | None) -> torch.Tensor:
-        """Reset, consume the prompt and the first generated token; return next-token logits [V]."""
-        return self.begin_batch([prompt_ids], [first_token], [features])[0]
+    @abstractmethod
+    def extend(self, tokens: list[torch.Tensor], features: list) -> torch.Tensor:
+        """Consume each row's newly committed ``tokens`` [m_b] (rows commit different numbers);
+        ``features`` [m_b, h] are the target's features at the positions just before each
+        token. Returns the next-token logits [B, V]."""
 
-    def extend(self, tokens: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
-        """Consume newly committed ``tokens`` [m]; ``features`` [m, h] are the target's features
-        at the positions just before each token. Return logits [V] for the next token."""
-        return self.extend_batch([tokens], [features])[0]
-
+    @abstractmethod
     def expand(
         self, tokens: torch.Tensor, parent_slots: torch.Tensor, tree_mask: torch.Tensor, depth: int
     ) -> torch.Tensor:
-        """Run one tree level: ``tokens`` [k] at tree depth ``depth``; return logits [k, V]."""
-        return self.expand_batch(tokens[None], parent_slots[None], tree_mask[None], depth)[0]
+        """Run one tree level: ``tokens`` / ``parent_slots`` [B, k] at tree depth ``depth``,
+        ``tree_mask`` [B, k, t]; returns logits [B, k, V]."""
 
-    # ------------------------------------------------------------- batches
-    def begin_batch(self, prompts: list[torch.Tensor], first_tokens: list[int], features: list) -> torch.Tensor:
-        """``begin`` for B sequences (ragged prompts); returns logits [B, V]."""
-        self._single_only(len(prompts))
-        return self.begin(prompts[0], first_tokens[0], features[0])[None]
-
-    def extend_batch(self, tokens: list[torch.Tensor], features: list) -> torch.Tensor:
-        """``extend`` for B sequences (each row commits its own number of tokens); [B, V]."""
-        self._single_only(len(tokens))
-        return self.extend(tokens[0], features[0])[None]
-
-    def expand_batch(
-        self, tokens: torch.Tensor, parent_slots: torch.Tensor, tree_mask: torch.Tensor, depth: int
-    ) -> torch.Tensor:
-        """``expand`` for B sequences: tokens / parent_slots [B, k], tree_mask [B, k, t]; [B, k, V]."""
-        self._single_only(tokens.shape[0])
-        return self.expand(tokens[0], parent_slots[0], tree_mask[0], depth)[None]
-
+    @abstractmethod
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Keep only the batch rows ``rows`` (finished sequences leave the batch)."""
-        self._single_only(2)
-
-    def _single_only(self, batch: int) -> None:
-        if batch != 1:
-            raise NotImplementedError(f"{type(self).__name__} drafts for one sequence at a time")
 
     @abstractmethod
     def end_round(self) -> None:
@@ -121,6 +93,47 @@ def follow_target_packing(drafter: Drafter, target) -> Drafter:
 
 
 # ----------------------------------------------------------------- the registry
+class SingleSequenceDrafter(Drafter):
+    """Base for a drafter that drafts for one sequence at a time: it implements ``begin_one``,
+    ``extend_one`` and ``expand_one`` (the one-row forms of :class:`Drafter`'s methods, without
+    the batch dimension), and the decode loop gives it one prompt per call."""
+
+    supports_batches = False
+
+    @abstractmethod
+    def begin_one(self, prompt_ids: torch.Tensor, first_token: int, features: torch.Tensor | None) -> torch.Tensor:
+        """Logits [V] after the prompt and the first generated token."""
+
+    @abstractmethod
+    def extend_one(self, tokens: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
+        """Logits [V] after the newly committed ``tokens`` [m]."""
+
+    @abstractmethod
+    def expand_one(
+        self, tokens: torch.Tensor, parent_slots: torch.Tensor, tree_mask: torch.Tensor, depth: int
+    ) -> torch.Tensor:
+        """Logits [k, V] for one tree level of ``tokens`` [k]."""
+
+    def begin(self, prompts, first_tokens, features):
+        self._one_row(len(prompts))
+        return self.begin_one(prompts[0], first_tokens[0], features[0])[None]
+
+    def extend(self, tokens, features):
+        self._one_row(len(tokens))
+        return self.extend_one(tokens[0], features[0])[None]
+
+    def expand(self, tokens, parent_slots, tree_mask, depth):
+        self._one_row(tokens.shape[0])
+        return self.expand_one(tokens[0], parent_slots[0], tree_mask[0], depth)[None]
+
+    def keep_rows(self, rows):
+        self._one_row(2)  # one row never shrinks: the loop ends when it finishes
+
+    def _one_row(self, batch: int) -> None:
+        if batch != 1:
+            raise NotImplementedError(f"{type(self).__name__} drafts for one sequence at a time")
+
+
 @dataclass(frozen=True)
 class Recipe:
     """A training recipe (``prism train --recipe NAME``): the partial training config (its

@@ -389,7 +389,7 @@ class FeatureDrafter(Drafter):
         return out
 
     @torch.inference_mode()
-    def begin_batch(self, prompts, first_tokens, features):
+    def begin(self, prompts, first_tokens, features):
         if self.kv is not None:
             self.kv.release()  # the previous generation's buffers, for reuse
         if self._static is not None:
@@ -401,7 +401,7 @@ class FeatureDrafter(Drafter):
         return self._extend(tokens, features, graph=False)  # the prompt: one length per prompt, no graph
 
     @torch.inference_mode()
-    def extend_batch(self, tokens, features):
+    def extend(self, tokens, features):
         return self._extend(tokens, features)
 
     def _extend(self, tokens, features, graph: bool = True):
@@ -421,7 +421,7 @@ class FeatureDrafter(Drafter):
         return self.model.logits(self.root_feature).float()
 
     @torch.inference_mode()
-    def expand_batch(self, tokens, parent_slots, tree_mask, depth):
+    def expand(self, tokens, parent_slots, tree_mask, depth):
         batch, k = tokens.shape
         known = torch.cat([self.root_feature[:, None], *self.slot_features], dim=1)  # slot -1 -> 0
         index = (parent_slots + 1)[..., None].expand(batch, k, known.shape[-1])

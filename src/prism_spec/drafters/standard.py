@@ -54,21 +54,21 @@ class StandardDrafter(Drafter):
     def pack_weights(self) -> int:
         return self.lm.pack_weights()
 
-    def begin_batch(self, prompts, first_tokens, features):
+    def begin(self, prompts, first_tokens, features):
         self.kv = RaggedCache(self.lm.new_cache(), len(prompts), self.lm.device)
-        return self.extend_batch([torch.cat([p, p.new_tensor([f])]) for p, f in zip(prompts, first_tokens)], None)
+        return self.extend([torch.cat([p, p.new_tensor([f])]) for p, f in zip(prompts, first_tokens)], None)
 
-    def extend_batch(self, tokens, features):
+    def extend(self, tokens, features):
         padded, counts = pad_ragged(tokens)
         positions = self.kv.lengths[:, None] + torch.arange(padded.shape[1], device=self.lm.device)
-        out = self.lm.forward_batch(padded, positions, self.kv.cache, None, self.kv.lengths)
+        out = self.lm.forward(padded, positions, self.kv.cache, None, self.kv.lengths)
         self.kv.commit([torch.arange(int(c), device=self.lm.device) for c in counts])
         return out.logits[torch.arange(len(tokens), device=self.lm.device), counts - 1]
 
-    def expand_batch(self, tokens, parent_slots, tree_mask, depth):
+    def expand(self, tokens, parent_slots, tree_mask, depth):
         # Depth-d nodes sit d positions after the root, which is the last committed token.
         positions = (self.kv.lengths - 1 + depth)[:, None].expand_as(tokens)
-        return self.lm.forward_batch(tokens, positions, self.kv.cache, tree_mask, self.kv.lengths).logits
+        return self.lm.forward(tokens, positions, self.kv.cache, tree_mask, self.kv.lengths).logits
 
     def keep_rows(self, rows):
         self.kv.keep_rows(rows)

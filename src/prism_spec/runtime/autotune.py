@@ -48,7 +48,7 @@ import torch
 
 from ..devices import median_seconds
 from ..targets.default import cache_dir
-from .decode import GenerationConfig, generate
+from .decode import DecodeOptions, GenerationConfig, generate
 from .tree import DraftTree, TreeConfig
 
 CALIBRATION_TREE = TreeConfig(depth=6, top_k=6, total_tokens=48)
@@ -124,7 +124,7 @@ def measure_verify_latency(target, ns=TOTALS, prefix_len: int = 300, repeats: in
     gen = torch.Generator().manual_seed(0)
     prefix = torch.randint(0, target.vocab_size, (prefix_len,), generator=gen).to(target.device)
     kv = target.new_kv(1)  # the engine's own cache (transformers or llama.cpp)
-    target.forward_batch(prefix[None], torch.arange(prefix_len, device=target.device)[None], kv.cache, None, kv.lengths)
+    target.forward(prefix[None], torch.arange(prefix_len, device=target.device)[None], kv.cache, None, kv.lengths)
     kv.commit([torch.arange(prefix_len, device=target.device)])
     out = {}
     for n in ns:
@@ -132,7 +132,7 @@ def measure_verify_latency(target, ns=TOTALS, prefix_len: int = 300, repeats: in
         positions = torch.arange(prefix_len, prefix_len + n, device=target.device)
 
         def run():
-            target.forward_batch(tokens[None], positions[None], kv.cache, None, kv.lengths)
+            target.forward(tokens[None], positions[None], kv.cache, None, kv.lengths)
             kv.rollback()
 
         out[n] = median_seconds(run, repeats, target.device)
@@ -144,22 +144,22 @@ def measure_draft_cost(target, drafter, top_ks=TOP_KS, repeats: int = 5) -> tupl
     prompt = torch.arange(1, 200, device=target.device) % target.vocab_size
     kv = target.new_kv(1)
     layers = drafter.feature_layers if isinstance(drafter.feature_layers, tuple) else None
-    out = target.forward_batch(prompt[None], torch.arange(prompt.numel(), device=target.device)[None], kv.cache, None,
+    out = target.forward(prompt[None], torch.arange(prompt.numel(), device=target.device)[None], kv.cache, None,
                                kv.lengths, feature_layers=layers)
     feats = None if drafter.feature_layers is None else (out.layer_features if layers else out.features)[0]
-    drafter.begin(prompt[:-3], int(prompt[-3]), None if feats is None else feats[:-3])
+    drafter.begin([prompt[:-3]], [int(prompt[-3])], [None if feats is None else feats[:-3]])
     tokens3 = prompt[-2:].clone()
 
     def extend():
-        drafter.extend(tokens3, None if feats is None else feats[-3:-1])
+        drafter.extend([tokens3], [None if feats is None else feats[-3:-1]])
         drafter.end_round()
 
     extend_s = median_seconds(extend, repeats, target.device)
     expand = {}
     for k in top_ks:
-        tokens = prompt[:k].clone()
-        parents = torch.full((k,), -1, dtype=torch.long, device=target.device)
-        mask = torch.eye(k, dtype=torch.bool, device=target.device)
+        tokens = prompt[None, :k].clone()
+        parents = torch.full((1, k), -1, dtype=torch.long, device=target.device)
+        mask = torch.eye(k, dtype=torch.bool, device=target.device)[None]
 
         def run():
             drafter.expand(tokens, parents, mask, 1)
@@ -215,10 +215,10 @@ def collect_traces(target, drafter, prompts=CALIBRATION_PROMPTS, max_new_tokens:
     for prompt in prompts:
         ids = target.encode_prompt(prompt) if isinstance(prompt, str) else prompt
         outside_models[0] = 0.0
-        cfg = GenerationConfig(max_new_tokens=max_new_tokens, tree=tree, on_round=record)
-        with timed_calls(target, ["forward_batch"], outside_models), \
-                timed_calls(drafter, ["extend_batch", "expand_batch"], outside_models):
-            res = generate(target, ids, drafter, cfg)
+        cfg = GenerationConfig(max_new_tokens=max_new_tokens, on_round=record)
+        with timed_calls(target, ["forward"], outside_models), \
+                timed_calls(drafter, ["extend", "expand"], outside_models):
+            res = generate(target, ids, drafter, cfg, DecodeOptions(tree))
         if res.rounds:
             # The prefill's target forward and the drafter's first extend fall outside the rounds.
             overheads.append(max(0.0, res.total_s - outside_models[0]) / res.rounds)
@@ -311,10 +311,9 @@ def measure_round_s(target, drafter, shapes: Sequence[TreeConfig | None], prompt
     ids = [target.encode_prompt(p) if isinstance(p, str) else p for p in prompts]  # token ids pass through
 
     def run(prompt, shape, new_tokens):
-        cfg = GenerationConfig(max_new_tokens=new_tokens, static_cache=static_cache)
-        if shape is not None:
-            cfg.tree = shape
-        return generate(target, prompt, None if shape is None else drafter, cfg)
+        options = DecodeOptions(static_cache=static_cache) if shape is None else DecodeOptions(shape, static_cache)
+        return generate(target, prompt, None if shape is None else drafter, GenerationConfig(max_new_tokens=new_tokens),
+                        options)
 
     for shape in shapes:
         run(ids[0], shape, 4)

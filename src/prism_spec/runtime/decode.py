@@ -19,7 +19,7 @@ from ..devices import synchronize
 from ..drafters.base import Drafter
 from ..targets.hf import Target
 from ..targets.masks import pad_ragged
-from .tree import DraftTree, DraftTreeBatch, TreeConfig, draft_tree_batch
+from .tree import DraftTree, DraftTreeBatch, TreeConfig, draft_tree
 from .verify import SamplingConfig, verify_greedy, verify_sampling
 
 
@@ -32,9 +32,11 @@ SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
 @dataclass
 class GenerationConfig:
+    """What one sequence asks for: its length, sampling and stop conditions. In a batch every
+    sequence has its own."""
+
     max_new_tokens: int = 256
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    tree: TreeConfig = field(default_factory=lambda: TreeConfig.parse("cpu"))
     stop_strings: Sequence[str] = ()
     stop_on_eos: bool = True
     seed: int | None = None
@@ -44,15 +46,23 @@ class GenerationConfig:
     # Polled once per round; True ends this sequence with finish_reason "cancelled" (a server
     # client that went away), without disturbing the other rows of its batch.
     cancelled: Callable[[], bool] | None = field(default=None, repr=False, compare=False)
-    # Preallocate the target's KV cache (transformers StaticCache, written in place) instead of
-    # growing it: fixed addresses for CUDA graphs / torch.compile, no per-step copy of the cache.
-    static_cache: bool = False
 
     def __post_init__(self):
         if self.max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
         if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
             raise ValueError(f"seed must be an integer in [{SEED_MIN}, {SEED_MAX}] (64 bits), got {self.seed}")
+
+
+@dataclass
+class DecodeOptions:
+    """How a call decodes, the same for every sequence of a batch: the draft tree's shape and
+    the target's KV cache mode. Neither changes what is generated."""
+
+    tree: TreeConfig = field(default_factory=lambda: TreeConfig.parse("cpu"))
+    # Preallocate the target's KV cache (transformers StaticCache, written in place) instead of
+    # growing it: fixed addresses for CUDA graphs / torch.compile, no per-step copy of the cache.
+    static_cache: bool = False
 
 
 @dataclass
@@ -96,91 +106,128 @@ def stream_generate_batch(
     prompts: Sequence[Sequence[int] | torch.Tensor],
     drafter: Drafter | None = None,
     configs: GenerationConfig | Sequence[GenerationConfig] | None = None,
+    options: DecodeOptions | None = None,
 ) -> Iterator[tuple[int, list[int]] | list[GenerationResult]]:
     """Decode several sequences together; yield ``(row, tokens)`` whenever a row commits
     tokens, then the list of GenerationResults (prompt order).
 
-    Each row has its own tree, accepted length, sampling settings and stop conditions (one
-    GenerationConfig per row, or one for all; the tree shape comes from the first); rows that
-    finish leave the batch. Each row's output is what decoding it alone would give.
+    Each row has its own tree, accepted length and GenerationConfig (one per row, or one for
+    all); ``options`` hold what the whole batch shares. Rows that finish leave the batch. Each
+    row's output is what decoding it alone would give.
     """
-    batch = len(prompts)
-    if batch == 0:
+    run = _BatchDecode(target, checked_prompts(target, prompts), drafter, configs, options or DecodeOptions())
+    run.prefill()
+    while True:
+        yield from run.commit()
+        if not run.active:
+            break
+        trees = run.draft()
+        run.verify_and_accept(trees)
+    yield run.finish()
+
+
+def checked_prompts(target: Target, prompts: Sequence[Sequence[int] | torch.Tensor]) -> list[torch.Tensor]:
+    """The prompts as 1-D id tensors on the target's device; PromptError for an empty one or
+    one the target's context cannot hold with a token more."""
+    if len(prompts) == 0:
         raise PromptError("no prompts")
-    if configs is None or isinstance(configs, GenerationConfig):
-        configs = [configs or GenerationConfig()] * batch
-    if len(configs) != batch:
-        raise ValueError(f"{len(configs)} generation configs for {batch} prompts")
-    device = target.device
-    prompts = [torch.as_tensor(p, dtype=torch.long).flatten().to(device) for p in prompts]
-    for i, prompt in enumerate(prompts):
-        which = "the prompt" if batch == 1 else f"prompt {i}"
+    checked = [torch.as_tensor(p, dtype=torch.long).flatten().to(target.device) for p in prompts]
+    for i, prompt in enumerate(checked):
+        which = "the prompt" if len(checked) == 1 else f"prompt {i}"
         if prompt.numel() == 0:
             raise PromptError(f"{which} is empty")
         if prompt.numel() >= target.max_context:
             raise PromptError(
                 f"{which} has {prompt.numel()} tokens but the target's context holds {target.max_context}"
             )
-    if drafter is not None:
-        drafter.check_target(target)
-        if batch > 1 and not drafter.supports_batches:
-            raise ValueError(f"{type(drafter).__name__} drafts for one sequence at a time: decode one prompt per call")
-    generators = []
-    for cfg in configs:
-        gen = None
-        if not cfg.sampling.greedy:
-            gen = torch.Generator()
-            gen.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
-        generators.append(gen)
-    tree_shape = configs[0].tree
-    features_spec = drafter.feature_layers if drafter is not None else None
-    layers = features_spec if isinstance(features_spec, tuple) else None
+    return checked
 
-    def pick(row: int, tree: DraftTree, logits: torch.Tensor) -> tuple[list[int], int]:
-        cfg = configs[row]
+
+class _BatchDecode:
+    """The state of one batched decode: the target's KV cache, the rows still decoding
+    (``active[i]`` is the sequence in batch row i), each row's root token and the drafter's
+    logits after it, and the results."""
+
+    def __init__(self, target: Target, prompts: list[torch.Tensor], drafter: Drafter | None,
+                 configs: GenerationConfig | Sequence[GenerationConfig] | None, options: DecodeOptions):
+        batch = len(prompts)
+        if configs is None or isinstance(configs, GenerationConfig):
+            configs = [configs or GenerationConfig()] * batch
+        if len(configs) != batch:
+            raise ValueError(f"{len(configs)} generation configs for {batch} prompts")
+        if drafter is not None:
+            drafter.check_target(target)
+            if batch > 1 and not drafter.supports_batches:
+                raise ValueError(
+                    f"{type(drafter).__name__} drafts for one sequence at a time: decode one prompt per call"
+                )
+        self.target, self.prompts, self.drafter, self.configs, self.options = target, prompts, drafter, configs, options
+        self.device = target.device
+        self.generators = []
+        for cfg in configs:
+            gen = None
+            if not cfg.sampling.greedy:
+                gen = torch.Generator()
+                gen.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
+            self.generators.append(gen)
+        spec = drafter.feature_layers if drafter is not None else None
+        self.wants_features = spec is not None
+        self.layers = spec if isinstance(spec, tuple) else None  # intermediate target layers, if any
+        self.active = list(range(batch))
+        self.results: list[GenerationResult] = []
+
+    def pick(self, row: int, tree: DraftTree, logits: torch.Tensor) -> tuple[list[int], int]:
+        """Sequence ``row``'s accepted path through ``tree`` and the token after it."""
+        cfg = self.configs[row]
         if cfg.sampling.greedy:
             return verify_greedy(tree, logits)
-        return verify_sampling(tree, logits, cfg.sampling, generators[row])
+        return verify_sampling(tree, logits, cfg.sampling, self.generators[row])
 
-    def drafter_features(out, i, rows):
-        if features_spec is None:
+    def drafter_features(self, out, i: int, rows):
+        """What the drafter reads of batch row ``i``'s target outputs at positions ``rows``."""
+        if not self.wants_features:
             return None
-        return (out.layer_features if layers else out.features)[i, rows]
+        return (out.layer_features if self.layers else out.features)[i, rows]
 
-    # Prefill: right-padded prompts, causal; padding never enters the committed region.
-    start = time.perf_counter()
-    padded, prompt_lens = pad_ragged(prompts)
-    capacity = None
-    if configs[0].static_cache:
-        longest = int(prompt_lens.max()) + max(c.max_new_tokens for c in configs) + tree_shape.total_tokens + 1
-        # Rounded up, so a compiled decoder sees few distinct cache sizes.
-        capacity = min(-(-longest // STATIC_CACHE_STEP) * STATIC_CACHE_STEP, target.max_context)
-    kv = target.new_kv(batch, capacity)
-    positions = torch.arange(padded.shape[1], device=device).expand_as(padded)
-    # Logits only at each prompt's last position: the LM head over every prompt token is waste.
-    out = target.forward_batch(padded, positions, kv.cache, None, kv.lengths, feature_layers=layers, logits=False,
-                               logit_rows=prompt_lens - 1, features=features_spec is not None)
-    kv.commit([torch.arange(int(n), device=device) for n in prompt_lens])
-    roots = [pick(b, DraftTree.root_only(0, device), out.logits[b])[1] for b in range(batch)]
-    if drafter is not None:
-        # The target's cache mode and CUDA graphs carry over to the drafter's own cache.
-        drafter.use_static_cache(kv.capacity if configs[0].static_cache else None,
-                                 cuda_graphs=configs[0].static_cache and target.uses_cuda_graphs)
-        root_logits = drafter.begin_batch(
-            prompts, roots, [drafter_features(out, b, slice(0, int(n))) for b, n in enumerate(prompt_lens)]
-        )
-    synchronize(device)
-    prefill_s = time.perf_counter() - start
-    results = [GenerationResult(prompt_len=int(n), token_ids=[], finish_reason="length", prefill_s=prefill_s)
-               for n in prompt_lens]
+    def prefill(self) -> None:
+        """Run the prompts (right-padded, causal: padding never enters the committed region),
+        choose each first token and start the drafter."""
+        target, options, device = self.target, self.options, self.device
+        self.start = time.perf_counter()
+        padded, prompt_lens = pad_ragged(self.prompts)
+        capacity = None
+        if options.static_cache:
+            longest = (int(prompt_lens.max()) + max(c.max_new_tokens for c in self.configs)
+                       + options.tree.total_tokens + 1)
+            # Rounded up, so a compiled decoder sees few distinct cache sizes.
+            capacity = min(-(-longest // STATIC_CACHE_STEP) * STATIC_CACHE_STEP, target.max_context)
+        self.kv = kv = target.new_kv(len(self.prompts), capacity)
+        positions = torch.arange(padded.shape[1], device=device).expand_as(padded)
+        # Logits only at each prompt's last position: the LM head over every prompt token is waste.
+        out = target.forward(padded, positions, kv.cache, None, kv.lengths, feature_layers=self.layers, logits=False,
+                             logit_rows=prompt_lens - 1, features=self.wants_features)
+        kv.commit([torch.arange(int(n), device=device) for n in prompt_lens])
+        self.roots = [self.pick(b, DraftTree.root_only(0, device), out.logits[b])[1] for b in range(len(self.prompts))]
+        if self.drafter is not None:
+            # The target's cache mode and CUDA graphs carry over to the drafter's own cache.
+            self.drafter.use_static_cache(kv.capacity if options.static_cache else None,
+                                          cuda_graphs=options.static_cache and target.uses_cuda_graphs)
+            self.root_logits = self.drafter.begin(
+                self.prompts, self.roots,
+                [self.drafter_features(out, b, slice(0, int(n))) for b, n in enumerate(prompt_lens)],
+            )
+        synchronize(device)
+        prefill_s = time.perf_counter() - self.start
+        self.results = [GenerationResult(prompt_len=int(n), token_ids=[], finish_reason="length", prefill_s=prefill_s)
+                        for n in prompt_lens]
+        self.new_tokens = [[r] for r in self.roots]
 
-    active = list(range(batch))  # batch row i decodes sequence active[i]
-    new_tokens = [[r] for r in roots]
-    while True:
-        # Commit each row's tokens (EOS / max_new_tokens / stop strings); finished rows leave.
-        still = []
-        for i, row in enumerate(active):
-            committed, finished = _commit(target, results[row], new_tokens[i], configs[row])
+    def commit(self) -> Iterator[tuple[int, list[int]]]:
+        """Commit each row's new tokens (cut at EOS / max_new_tokens / stop strings), yielding
+        ``(row, tokens)``; rows that finish leave the batch."""
+        kv, still = self.kv, []
+        for i, row in enumerate(self.active):
+            committed, finished = _commit(self.target, self.results[row], self.new_tokens[i], self.configs[row])
             if committed:
                 yield row, committed
             if finished is None and int(kv.lengths[i]) + 1 >= kv.capacity:
@@ -188,77 +235,83 @@ def stream_generate_batch(
             if finished is None:
                 still.append(i)
             else:
-                results[row].finish_reason = finished
-                results[row].total_s = time.perf_counter() - start
-        if not still:
-            break
-        if len(still) < len(active):
-            rows = torch.tensor(still, device=device)
+                self.results[row].finish_reason = finished
+                self.results[row].total_s = time.perf_counter() - self.start
+        if still and len(still) < len(self.active):
+            rows = torch.tensor(still, device=self.device)
             kv.keep_rows(rows)
-            if drafter is not None:
-                drafter.keep_rows(rows)
-                root_logits = root_logits[rows]
-            active, roots = [active[i] for i in still], [roots[i] for i in still]
+            if self.drafter is not None:
+                self.drafter.keep_rows(rows)
+                self.root_logits = self.root_logits[rows]
+            self.roots = [self.roots[i] for i in still]
+        self.active = [self.active[i] for i in still]
 
-        # Draft one tree per row.
-        t0 = time.perf_counter()
-        roots_t = torch.tensor(roots, device=device)
-        if drafter is None:
-            trees = DraftTreeBatch.roots_only(roots_t)
+    def draft(self) -> DraftTreeBatch:
+        """One draft tree per row (only the root without a drafter: vanilla decoding)."""
+        self.t_draft = time.perf_counter()
+        roots = torch.tensor(self.roots, device=self.device)
+        if self.drafter is None:
+            trees = DraftTreeBatch.roots_only(roots)
         else:
             # Tree nodes that fit: the root and drafted tokens take positions lengths.., and the
             # bonus token after the deepest accepted node needs a position too.
-            room = kv.capacity - int(kv.lengths.max()) - 1
-            shape = tree_shape
+            room = self.kv.capacity - int(self.kv.lengths.max()) - 1
+            shape = self.options.tree
             if shape.total_tokens > room:
                 shape = TreeConfig(min(shape.depth, room - 1), shape.top_k, room)
             with record_function("draft_tree"):
-                trees = draft_tree_batch(drafter, roots_t, root_logits, shape)
-                drafter.end_round()
-        synchronize(device)
-        t1 = time.perf_counter()
+                trees = draft_tree(self.drafter, roots, self.root_logits, shape)
+                self.drafter.end_round()
+        synchronize(self.device)
+        return trees
 
-        # Verify every tree in one target forward, accept a path per row, keep its KV entries.
+    def verify_and_accept(self, trees: DraftTreeBatch) -> None:
+        """Verify every tree in one target forward, accept a path per row, keep its KV entries
+        and feed the committed tokens to the drafter."""
+        device, kv = self.device, self.kv
+        t_verify = time.perf_counter()
         # (The LM head runs for every node: at these tree sizes its cost is reading its weights
         # once, so computing only the nodes acceptance visits, one at a time, is slower.)
         with record_function("verify_forward"):
-            out = target.forward_batch(
-                trees.tokens, kv.lengths[:, None] + trees.depths, kv.cache, trees.ancestor_mask(), kv.lengths, layers,
-                features=features_spec is not None,
+            out = self.target.forward(
+                trees.tokens, kv.lengths[:, None] + trees.depths, kv.cache, trees.ancestor_mask(), kv.lengths,
+                self.layers, features=self.wants_features,
             )
-        paths, new_tokens, features = [], [], []
+        paths, self.new_tokens, features = [], [], []
         with record_function("accept"):
-            for i, row in enumerate(active):
+            for i, row in enumerate(self.active):
                 tree = trees.row(i)
-                path, bonus = pick(row, tree, out.logits[i])
-                if configs[row].on_round is not None:
-                    configs[row].on_round(tree, out.logits[i])
+                path, bonus = self.pick(row, tree, out.logits[i])
+                if self.configs[row].on_round is not None:
+                    self.configs[row].on_round(tree, out.logits[i])
                 path_t = torch.tensor(path, device=device)
                 paths.append(path_t)
-                new_tokens.append(tree.tokens[path_t[1:]].tolist() + [bonus])
-                features.append(drafter_features(out, i, path_t))
-                result = results[row]
+                self.new_tokens.append(tree.tokens[path_t[1:]].tolist() + [bonus])
+                features.append(self.drafter_features(out, i, path_t))
+                result = self.results[row]
                 result.accepted.append(len(path) - 1)
                 result.tree_depths.append(int(tree.depths.max()))
                 result.tree_sizes.append(tree.size)
                 result.exhausted.append(not bool((tree.parents == path[-1]).any()))
         with record_function("cache_commit"):
             kv.commit(paths)
-        if drafter is not None:
+        if self.drafter is not None:
             with record_function("drafter_extend"):
-                root_logits = drafter.extend_batch([torch.tensor(t, device=device) for t in new_tokens], features)
+                self.root_logits = self.drafter.extend([torch.tensor(t, device=device) for t in self.new_tokens],
+                                                       features)
         synchronize(device)
-        t2 = time.perf_counter()
-        for row in active:  # rows share the round's wall time
-            results[row].draft_s += t1 - t0
-            results[row].verify_s += t2 - t1
-        roots = [t[-1] for t in new_tokens]
+        done = time.perf_counter()
+        for row in self.active:  # rows share the round's wall time
+            self.results[row].draft_s += t_verify - self.t_draft
+            self.results[row].verify_s += done - t_verify
+        self.roots = [t[-1] for t in self.new_tokens]
 
-    kv.release()
-    if target.tokenizer is not None:
-        for result in results:
-            result.text = target.decode(result.token_ids)
-    yield results
+    def finish(self) -> list[GenerationResult]:
+        self.kv.release()
+        if self.target.tokenizer is not None:
+            for result in self.results:
+                result.text = self.target.decode(result.token_ids)
+        return self.results
 
 
 def _commit(target: Target, result: GenerationResult, tokens: list[int], config: GenerationConfig):
@@ -285,17 +338,6 @@ def _commit(target: Target, result: GenerationResult, tokens: list[int], config:
     return tokens, finished
 
 
-def stream_generate(
-    target: Target,
-    prompt_ids: Sequence[int] | torch.Tensor,
-    drafter: Drafter | None = None,
-    config: GenerationConfig | None = None,
-) -> Iterator[list[int] | GenerationResult]:
-    """One sequence: yield each round's committed tokens as a list, then the GenerationResult."""
-    for item in stream_generate_batch(target, [prompt_ids], drafter, config):
-        yield item[0] if isinstance(item, list) else item[1]
-
-
 def _stop_string_cut(target: Target, token_ids: list[int], n_new: int, stops: Sequence[str]) -> int | None:
     """Token count to keep when a stop string appears in text touched by the newest tokens."""
     # Decode a window wide enough to contain any stop string that ends in the new tokens.
@@ -317,14 +359,16 @@ def generate(
     prompt_ids: Sequence[int] | torch.Tensor,
     drafter: Drafter | None = None,
     config: GenerationConfig | None = None,
+    options: DecodeOptions | None = None,
     on_tokens: Callable[[list[int]], None] | None = None,
 ) -> GenerationResult:
-    """Generate with speculative decoding (or vanilla decoding when ``drafter`` is None)."""
-    for item in stream_generate(target, prompt_ids, drafter, config):
-        if isinstance(item, GenerationResult):
-            return item
+    """Generate for one prompt with speculative decoding (vanilla decoding when ``drafter`` is
+    None); ``on_tokens`` receives each round's committed tokens as they come."""
+    for item in stream_generate_batch(target, [prompt_ids], drafter, config, options):
+        if isinstance(item, list):
+            return item[0]
         if on_tokens is not None:
-            on_tokens(item)
+            on_tokens(item[1])
     raise AssertionError("unreachable")
 
 
@@ -333,10 +377,12 @@ def generate_batch(
     prompts: Sequence[Sequence[int] | torch.Tensor],
     drafter: Drafter | None = None,
     configs: GenerationConfig | Sequence[GenerationConfig] | None = None,
+    options: DecodeOptions | None = None,
     on_tokens: Callable[[int, list[int]], None] | None = None,
 ) -> list[GenerationResult]:
-    """Decode several prompts together (batched speculative decoding); results in prompt order."""
-    for item in stream_generate_batch(target, prompts, drafter, configs):
+    """Decode several prompts together (batched speculative decoding); results in prompt order.
+    ``on_tokens(row, tokens)`` receives each row's committed tokens as they come."""
+    for item in stream_generate_batch(target, prompts, drafter, configs, options):
         if isinstance(item, list):
             return item
         if on_tokens is not None:

@@ -158,13 +158,7 @@ class DraftTreeBatch:
         return mask
 
 
-def draft_tree(drafter: "Drafter", root_token: int, root_logits: torch.Tensor, cfg: TreeConfig) -> DraftTree:
-    """One sequence: :func:`draft_tree_batch` with a batch of one."""
-    roots = torch.tensor([root_token], device=root_logits.device)
-    return draft_tree_batch(drafter, roots, root_logits[None], cfg).row(0)
-
-
-def draft_tree_batch(
+def draft_tree(
     drafter: "Drafter", roots: torch.Tensor, root_logits: torch.Tensor, cfg: TreeConfig
 ) -> DraftTreeBatch:
     """Build an EAGLE-2 dynamic tree per sequence with ``drafter``.
@@ -208,7 +202,7 @@ def draft_tree_batch(
         slot_mask = torch.cat([torch.cat([slot_mask, padding], 2), new_rows], 1)
         all_tokens, all_scores = torch.cat(cand_tokens, 1), torch.cat(cand_scores, 1)
         with record_function("drafter_expand"):
-            logits = drafter.expand_batch(all_tokens.gather(1, frontier), frontier_parent_slot, new_rows, depth)
+            logits = drafter.expand(all_tokens.gather(1, frontier), frontier_parent_slot, new_rows, depth)
         child_logp, child_idx = torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)  # [B, k, k]
         cum = all_scores.gather(1, frontier)[..., None] + child_logp
         cand_tokens.append(drafter.to_target_ids(child_idx).flatten(1))

@@ -29,7 +29,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..runtime.decode import SEED_MAX, SEED_MIN, GenerationConfig, GenerationResult
-from ..runtime.tree import TreeConfig
 from ..runtime.verify import SamplingConfig
 from .engine import BatchingEngine, EngineRequest
 
@@ -188,16 +187,15 @@ def visible_text(text: str, stops: list[str], final: bool) -> str:
 def create_app(
     engine: BatchingEngine,
     model_name: str,
-    tree: TreeConfig,
     default_max_tokens: int = 256,
-    static_cache: bool = False,
     *,
     max_tokens_cap: int | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     api_key: str | None = None,
     docs: bool = False,
 ) -> FastAPI:
-    """The app for ``engine``. ``default_max_tokens``: the reply length when a request gives
+    """The app for ``engine`` (whose DecodeOptions set the tree and the cache mode of every
+    batch). ``default_max_tokens``: the reply length when a request gives
     none. ``max_tokens_cap``: the most a request may ask for (always also bounded by the
     context the prompt leaves). ``api_key``: required as a Bearer token on every path but
     /health. ``docs``: serve /docs, /redoc and /openapi.json."""
@@ -257,10 +255,8 @@ def create_app(
         config = GenerationConfig(
             max_new_tokens=reply_length(body, len(prompt_ids)),
             sampling=SamplingConfig(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k),
-            tree=tree,
             stop_strings=tuple(stops),
             seed=body.seed,
-            static_cache=static_cache,
         )
         return config, stops
 

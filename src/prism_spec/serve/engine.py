@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..drafters.base import Drafter
-from ..runtime.decode import GenerationConfig, GenerationResult, stream_generate_batch
+from ..runtime.decode import DecodeOptions, GenerationConfig, GenerationResult, stream_generate_batch
 from ..targets.hf import Target
 
 log = logging.getLogger("prism_spec.serve")
@@ -37,13 +37,15 @@ class EngineRequest:
 
 class BatchingEngine:
     def __init__(
-        self, target: Target, drafter: Drafter | None, max_batch: int = 8, batch_window_s: float = 0.01
+        self, target: Target, drafter: Drafter | None, max_batch: int = 8, batch_window_s: float = 0.01,
+        options: DecodeOptions | None = None,
     ):
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         if drafter is not None and not drafter.supports_batches:
             max_batch = 1  # this drafter drafts for one sequence at a time
         self.target, self.drafter = target, drafter
+        self.options = options or DecodeOptions()  # tree shape and cache mode of every batch
         self.max_batch, self.batch_window_s = max_batch, batch_window_s
         self._queue: queue.Queue[EngineRequest] = queue.Queue()
         self._stop = threading.Event()
@@ -101,7 +103,8 @@ class BatchingEngine:
             configs.append(config)
         streamed: set[int] = set()  # rows that have had tokens delivered
         try:
-            for item in stream_generate_batch(self.target, [r.prompt_ids for r in batch], self.drafter, configs):
+            for item in stream_generate_batch(self.target, [r.prompt_ids for r in batch], self.drafter, configs,
+                                              self.options):
                 if isinstance(item, list):
                     for request, result in zip(batch, item):
                         self.rows_cancelled += result.finish_reason == "cancelled"

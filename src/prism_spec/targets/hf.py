@@ -236,24 +236,8 @@ class Target:
         scale = self.family.embed_scale
         return embeds if scale is None else embeds * torch.tensor(scale, dtype=embeds.dtype)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        cache: DynamicCache,
-        tree_mask: torch.Tensor | None = None,
-        feature_layers: Sequence[int] | None = None,
-    ) -> ForwardOutput:
-        """One sequence: run new tokens (1-D) at ``positions`` on top of ``cache`` (which grows
-        by n); ``tree_mask`` is [n, t] (see :func:`batch_attention_mask`)."""
-        out = self.forward_batch(
-            input_ids[None], positions[None], cache, None if tree_mask is None else tree_mask[None], None, feature_layers
-        )
-        layers = None if out.layer_features is None else out.layer_features[0]
-        return ForwardOutput(None if out.logits is None else out.logits[0], out.features[0], layers)
-
     @torch.inference_mode()
-    def forward_batch(
+    def forward(
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
@@ -324,7 +308,7 @@ class Target:
         ids = torch.arange(1, length + 1, device=self.device)[None] % self.vocab_size
         reference = self.model(input_ids=ids, use_cache=False).logits.float()[0]
         cache = self.new_cache()
-        ours = self.forward(ids[0], torch.arange(length, device=self.device), cache).logits
+        ours = self.forward(ids, torch.arange(length, device=self.device)[None], cache).logits[0]
         tolerance = 1e-3 if self.dtype in (torch.float32, torch.float64) else 5e-2
         error = float((ours - reference).abs().max()) / max(float(reference.abs().max()), 1e-6)
         if not error <= tolerance:

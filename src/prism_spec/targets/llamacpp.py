@@ -80,7 +80,7 @@ class LlamaCppKV:
 
     def __init__(self, target: "LlamaCppTarget", capacity: int):
         self.target = target
-        self.cache = self  # what forward_batch receives
+        self.cache = self  # what forward receives
         self.lengths = torch.zeros(1, dtype=torch.long)
         self.region = 0
         self.capacity = capacity
@@ -223,10 +223,10 @@ class LlamaCppTarget(Target):
         return torch.from_numpy(array.copy())
 
     @torch.inference_mode()
-    def forward_batch(self, input_ids, positions, cache, tree_mask=None, lengths=None, feature_layers=None,
+    def forward(self, input_ids, positions, cache, tree_mask=None, lengths=None, feature_layers=None,
                       logits: bool = True, logit_rows: torch.Tensor | None = None,
                       features: bool = True) -> ForwardOutput:
-        """One sequence ([1, n] tokens). See :meth:`Target.forward_batch`; ``features=False``
+        """One sequence ([1, n] tokens). See :meth:`Target.forward`; ``features=False``
         skips the hidden states (the embeddings output) where no drafter reads them."""
         if input_ids.shape[0] != 1:
             raise ValueError("the llama.cpp engine decodes one sequence at a time")
