@@ -17,7 +17,7 @@ import pytest
 import torch
 from helpers import tiny_chat_target
 
-from prism_spec import cli, generate_cli
+from prism_spec import cli, cli_common
 
 # Tiny models gain nothing from a second thread, and on a shared 2-core machine it makes them
 # far slower (the `one_thread` fixture lives in tests/conftest.py).
@@ -358,7 +358,7 @@ def test_chat_keeps_the_history(tiny_target, capsys, monkeypatch):
     from prism_spec.runtime import GenerationConfig, generate
 
     loaded, rendered = [], []
-    load = generate_cli.load_target_from_args
+    load = cli_common.load_target_from_args
 
     def spy(args):
         target = load(args)
@@ -372,7 +372,7 @@ def test_chat_keeps_the_history(tiny_target, capsys, monkeypatch):
         loaded.append(target)
         return target
 
-    monkeypatch.setattr(generate_cli, "load_target_from_args", spy)
+    monkeypatch.setattr(cli_common, "load_target_from_args", spy)
     monkeypatch.setattr("sys.stdin", io.StringIO("My name is Ada.\nWhat is my name?\n"))
     code, out, err = run_cli(capsys, "chat", "--target", tiny_target, "--drafter", "layers:1", "--max-new-tokens", "6",
                              "--system", "Be brief.")

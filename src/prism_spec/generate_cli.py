@@ -22,10 +22,9 @@ from .cli_common import (
     add_sampling_options,
     add_subparser,
     add_target_options,
+    load_decoding_setup,
     CLIError,
-    decode_options,
     generation_config,
-    load_target_from_args,
     print_status,
     write_jsonl_atomic,
 )
@@ -143,16 +142,13 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from .drafters.resolve import resolve_drafter
     from .runtime import generate
 
     prompts = collect_prompts(args)  # all input errors surface before the model loads
     if args.output is not None and not Path(args.output).parent.is_dir():
         raise CLIError(f"output folder {str(Path(args.output).parent)!r} does not exist")
     cfg = generation_config(args, args.stop)
-    target = load_target_from_args(args)
-    resolved = resolve_drafter("none" if args.vanilla else args.drafter, target)
-    options = decode_options(args, target, resolved)
+    target, resolved, options = load_decoding_setup(args, "none" if args.vanilla else args.drafter)
     if resolved.drafter is not None and not resolved.trained:
         print_status(f"drafter: {resolved.label} (lossless, but expect little or no speedup)")
     method = resolved.drafter.method if resolved.drafter is not None else "vanilla"
@@ -204,14 +200,11 @@ def add_chat_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_chat(args: argparse.Namespace, stdin=None, stdout=None) -> int:
-    from .drafters.resolve import resolve_drafter
     from .runtime import PromptError, generate
 
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     cfg = generation_config(args)
-    target = load_target_from_args(args)
-    resolved = resolve_drafter(args.drafter, target)
-    options = decode_options(args, target, resolved)
+    target, resolved, options = load_decoding_setup(args, args.drafter)
     print_status(f"chatting with {args.target} (drafter: {resolved.label}); /reset clears, /exit quits")
     messages = [{"role": "system", "content": args.system}] if args.system else []
     interactive = stdin.isatty()

@@ -17,8 +17,7 @@ from .cli_common import (
     add_drafter_options,
     add_subparser,
     add_target_options,
-    decode_options,
-    load_target_from_args,
+    load_decoding_setup,
     print_status,
     tree_label,
 )
@@ -74,14 +73,11 @@ def exposure_warning(host: str, api_key: str | None) -> str | None:
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .drafters.resolve import resolve_drafter
     from .serve import BatchingEngine, create_app
     from .serve.app import DEFAULT_MAX_BODY_BYTES
 
     api_key = args.api_key or os.environ.get("PRISM_API_KEY") or None
-    target = load_target_from_args(args)
-    resolved = resolve_drafter(args.drafter, target)
-    options = decode_options(args, target, resolved)
+    target, resolved, options = load_decoding_setup(args, args.drafter)
     engine = BatchingEngine(target, resolved.drafter, max_batch=args.max_batch, options=options).start()
     name = args.model_name or args.target
     print_status(f"serving {name} on http://{args.host}:{args.port}/v1 (drafter: {resolved.label}, "

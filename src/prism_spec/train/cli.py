@@ -19,7 +19,7 @@ import json
 import sys
 from typing import Sequence
 
-from ..options import TRAINING_SEED_MAX, dtype, positive, training_seed
+from ..options import TRAINING_SEED_MAX, dtype, positive_int, training_seed
 from .config import build_config, recipe_descriptions
 from .errors import ConfigError, TrainingError
 
@@ -50,10 +50,6 @@ def _recipes_help() -> str:
     return "\n".join(f"  {name:<10} {desc}" for name, desc in recipe_descriptions().items())
 
 
-#: An argparse type: a positive integer (the one every prism command uses).
-_positive_int = positive(int)
-
-
 def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--recipe", metavar="NAME",
                    help=f"training recipe: {', '.join(recipe_descriptions())} (default: prism, or the config file's 'recipe')")
@@ -67,14 +63,14 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", help="config file (.json, .toml, or .yaml with pyyaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config value (repeatable), e.g. stages.0.lr=1e-4")
-    p.add_argument("--steps", type=_positive_int, metavar="N",
+    p.add_argument("--steps", type=positive_int, metavar="N",
                    help="optimizer steps for EVERY stage (replaces the recipe's epochs)")
     p.add_argument("--epochs", type=float, metavar="E", help="passes over the training data for every stage")
-    p.add_argument("--max-length", type=_positive_int, metavar="N", help="tokens per example (default 2048)")
-    p.add_argument("--max-examples", type=_positive_int, metavar="N",
+    p.add_argument("--max-length", type=positive_int, metavar="N", help="tokens per example (default 2048)")
+    p.add_argument("--max-examples", type=positive_int, metavar="N",
                    help="train on at most N conversations (a seeded subset)")
-    p.add_argument("--batch-size", type=_positive_int, metavar="N", help="examples per process per micro-batch, every stage")
-    p.add_argument("--grad-accum", type=_positive_int, metavar="N", help="micro-batches per optimizer step, every stage")
+    p.add_argument("--batch-size", type=positive_int, metavar="N", help="examples per process per micro-batch, every stage")
+    p.add_argument("--grad-accum", type=positive_int, metavar="N", help="micro-batches per optimizer step, every stage")
     p.add_argument("--lr", type=float, metavar="LR", help="learning rate of EVERY stage (use --set stages.i.lr for one)")
     p.add_argument("--dtype", type=dtype, metavar="DTYPE", help="dtype of the frozen target (float32, bf16, fp16)")
     p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"],
@@ -91,7 +87,7 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "(later stages are skipped)")
     p.add_argument("--checkpoint-every", type=int, metavar="N", help="training checkpoint every N optimizer steps (0: stage ends)")
     p.add_argument("--eval-every", type=int, metavar="N", help="validation every N optimizer steps (0: stage ends)")
-    p.add_argument("--log-every", type=_positive_int, metavar="N", help="train_log.jsonl line every N steps")
+    p.add_argument("--log-every", type=positive_int, metavar="N", help="train_log.jsonl line every N steps")
     feats = p.add_mutually_exclusive_group()
     feats.add_argument("--online", action="store_true",
                        help="compute the target's features inside the trainer (frozen target, no grad; the default)")
