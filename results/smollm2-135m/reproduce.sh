@@ -31,6 +31,9 @@
 #   bash results/smollm2-135m/reproduce.sh attention       # grouped-query SDPA without the KV copy: forward latency, A/B
 #   bash results/smollm2-135m/reproduce.sh bench-cpu-packaged   # bf16 CPU speed, --tree auto with the eight-prompt calibration set
 #   bash results/smollm2-135m/reproduce.sh bench-cpu-baselines  # the same runtime for the baselines (equal training) and the packaged PRISM
+# CPU only (2026-12-05, 2-vCPU Intel Xeon VM):
+#   bash results/smollm2-135m/reproduce.sh prism-ft3       # prism-ft2 fine-tuned on the target's own corpus, shards 0-19
+#   bash results/smollm2-135m/reproduce.sh bench-ft3       # fp32 paper-tree AL of prism-ft2 and prism-ft3, 128 new tokens
 # Runs superseded by a later run of the same measurement are kept under results/archive/smollm2-135m
 # (results/archive/README.md); the commands that made them write there.
 set -euo pipefail
@@ -219,6 +222,23 @@ case "${1:-}" in
     fine_tune --output-dir "$RUNS/prism-ft2-mixed" --init-from "$OUT/drafters/prism-ft" \
       --set stages.tuning.steps=330 --set stages.tuning.lr=5e-5 --seed 1 --eval-every 165 --log-every 15
     finish prism-ft2 prism-ft2-mixed ;;
+  prism-ft3)  # a third pass from prism-ft2, on the target's own greedy corpus (shards 0-19: 5,120 replies)
+    packaged_weights
+    snapshot=$RUNS/corpus-shards-0-19   # a fixed copy: the corpus folder grows while its job runs
+    mkdir -p "$snapshot" && cp "$OUT/corpus/corpus.json" "$OUT/corpus/prompts.npz" "$snapshot/"
+    for i in $(seq -f "%05g" 0 19); do cp "$OUT/corpus/shard-$i.npz" "$OUT/corpus/shard-$i.json" "$snapshot/"; done
+    python -m prism_spec.train --recipe prism --target smollm2-135m --online --dtype float32 --mixed-precision no \
+      --data "$snapshot" --max-length 512 --batch-size 16 --save-dtype bf16 --seed 2 \
+      --set drafter.draft_vocab_size=16384 --set data.holdout=100 --set data.group_by_length=true \
+      --set stages.warmup.enabled=false --init-from "$OUT/drafters/prism-ft2" \
+      --set stages.tuning.steps="${FT3_STEPS:-200}" --set stages.tuning.lr=5e-5 \
+      --checkpoint-every 25 --eval-every 100 --log-every 10 --output-dir "$RUNS/prism-ft3-corpus" --resume
+    finish prism-ft3 prism-ft3-corpus ;;
+  bench-ft3)  # fp32 paper-tree AL: the packaged drafter (prism-ft2) and its corpus pass (prism-ft3), 128 new tokens
+    packaged_weights
+    prism bench --method vanilla --method prism@prism-ft2=$OUT/drafters/prism-ft2 --method prism@prism-ft3=$OUT/drafters/prism-ft3 \
+      --temperature 0 --tree paper --limit "${LIMIT:-5}" --max-new-tokens 128 --threads 2 --dtype float32 \
+      --out "$OUT/bench-paper-tree-fp32-corpus-fine-tuning" ;;
   bench-ft)  # the packaged PRISM before (prism-gpu) and after (prism-ft) its first fine-tuning pass
     packaged_weights
     prism bench --method vanilla --method prism@prism-gpu=$OUT/drafters/prism-gpu --method prism@prism-ft=$OUT/drafters/prism-ft \
