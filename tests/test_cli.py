@@ -292,6 +292,18 @@ def test_demo_on_the_tiny_target(tiny_target, capsys):
     assert "untrained stand-in: the target's first 1 layer" in out
 
 
+@pytest.mark.parametrize("spec", ["none", " Vanilla "])
+def test_demo_refuses_no_drafter_before_loading(spec, capsys, monkeypatch):
+    """The demo compares two decodings, so a vanilla-only spec is a usage error, raised before
+    any model is loaded (the target path here does not even exist)."""
+    from prism_spec import cli_common
+
+    monkeypatch.setattr(cli_common, "load_target_from_args", lambda args: pytest.fail("loaded a target"))
+    rc, _, err = run_cli(capsys, "demo", "--target", "/no/such/model", "--drafter", spec, "--no-warmup")
+    assert rc == 2
+    assert "pick a drafter" in err and len(err.strip().splitlines()) == 1
+
+
 def test_resolve_drafter(tiny_target):
     from prism_spec.drafters.resolve import DrafterSpecError, resolve_drafter
     from prism_spec.targets import load_target

@@ -31,7 +31,7 @@
 #   bash results/smollm2-135m/reproduce.sh attention       # grouped-query SDPA without the KV copy: forward latency, A/B
 #   bash results/smollm2-135m/reproduce.sh bench-cpu-packaged   # bf16 CPU speed, --tree auto with the eight-prompt calibration set
 #   bash results/smollm2-135m/reproduce.sh bench-cpu-baselines  # the same runtime for the baselines (equal training) and the packaged PRISM
-# CPU only (2026-12-05, 2-vCPU Intel Xeon VM):
+# CPU only (2026-12-05, 2-vCPU AMD EPYC VM):
 #   bash results/smollm2-135m/reproduce.sh prism-ft3       # prism-ft2 fine-tuned on the target's own corpus, shards 0-19
 #   bash results/smollm2-135m/reproduce.sh bench-ft3       # fp32 paper-tree AL of prism-ft2 and prism-ft3, 128 new tokens
 # Runs superseded by a later run of the same measurement are kept under results/archive/smollm2-135m

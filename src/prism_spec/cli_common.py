@@ -165,17 +165,13 @@ def generation_config(args: argparse.Namespace, stop_strings: Sequence[str] = ()
     )
 
 
-def load_decoding_setup(args: argparse.Namespace, drafter_spec: str, check_drafter=None):
+def load_decoding_setup(args: argparse.Namespace, drafter_spec: str):
     """What every decoding command starts with: the target from the flags, the drafter from
-    ``drafter_spec`` and the DecodeOptions the flags ask for. ``check_drafter(resolved)`` runs
-    before the tree is resolved (``--tree auto`` can take a while), so a bad combination is
-    refused first."""
+    ``drafter_spec`` and the DecodeOptions the flags ask for."""
     from .drafters.resolve import resolve_drafter
 
     target = load_target_from_args(args)
     resolved = resolve_drafter(drafter_spec, target)
-    if check_drafter is not None:
-        check_drafter(resolved)
     return target, resolved, decode_options(args, target, resolved)
 
 

@@ -18,9 +18,9 @@ from .cli_common import (
     add_sampling_options,
     add_subparser,
     add_target_options,
-    load_decoding_setup,
     CLIError,
     generation_config,
+    load_decoding_setup,
     print_status,
     tree_label,
 )
@@ -47,21 +47,19 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _needs_a_drafter(resolved) -> None:
-    if resolved.drafter is None:
-        raise CLIError("the demo compares vanilla and speculative decoding: pick a drafter, not --drafter none")
-
-
 def run_demo(args: argparse.Namespace) -> int:
     import torch
 
+    from .drafters.resolve import NONE_SPECS
     from .runtime import generate
 
     if not args.prompt.strip():
         raise CLIError("the prompt is empty")
+    if args.drafter.strip().lower() in NONE_SPECS:  # refused before the model loads
+        raise CLIError(f"the demo compares vanilla and speculative decoding: pick a drafter, not --drafter {args.drafter}")
     cfg = generation_config(args)
     print_status(f"loading target {args.target} ({args.dtype}, {args.device}) ...")
-    target, resolved, options = load_decoding_setup(args, args.drafter, check_drafter=_needs_a_drafter)
+    target, resolved, options = load_decoding_setup(args, args.drafter)
     ids = target.encode_prompt(args.prompt)
 
     if args.warmup:  # one-time costs (allocator, kernels) should not land on either side

@@ -22,9 +22,9 @@ from .cli_common import (
     add_sampling_options,
     add_subparser,
     add_target_options,
-    load_decoding_setup,
     CLIError,
     generation_config,
+    load_decoding_setup,
     print_status,
     write_jsonl_atomic,
 )
