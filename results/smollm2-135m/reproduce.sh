@@ -34,6 +34,8 @@
 # CPU only (2026-12-05, 2-vCPU AMD EPYC VM):
 #   bash results/smollm2-135m/reproduce.sh prism-ft3       # prism-ft2 fine-tuned on the target's own corpus, shards 0-19
 #   bash results/smollm2-135m/reproduce.sh bench-ft3       # fp32 paper-tree AL of prism-ft2 and prism-ft3, 128 new tokens
+# The canonical summary of the current drafters (summary.json; LIMIT questions per benchmark, default 20):
+#   LIMIT=N bash results/smollm2-135m/reproduce.sh summary
 # Runs superseded by a later run of the same measurement are kept under results/archive/smollm2-135m
 # (results/archive/README.md); the commands that made them write there.
 set -euo pipefail
@@ -239,6 +241,17 @@ case "${1:-}" in
     prism bench --method vanilla --method prism@prism-ft2=$OUT/drafters/prism-ft2 --method prism@prism-ft3=$OUT/drafters/prism-ft3 \
       --temperature 0 --tree paper --limit "${LIMIT:-5}" --max-new-tokens 128 --threads 2 --dtype float32 \
       --out "$OUT/bench-paper-tree-fp32-corpus-fine-tuning" ;;
+  summary)  # the canonical summary of the current drafters: results/smollm2-135m/summary.json
+    # The packaged PRISM and the equal-budget EAGLE-2, HASS and PRISM, T=0 and T=1, float32, paper tree, 128 new
+    # tokens, LIMIT questions per benchmark (resumable: a larger LIMIT adds questions to the same
+    # run). The folder is named by the packaged weights' hash, so a new packaged drafter starts afresh.
+    packaged=src/prism_spec/assets/drafters/smollm2-135m-prism
+    bench_dir=$OUT/bench-summary-$(sha256sum "$packaged/model.safetensors" | cut -c1-8)
+    prism bench --method vanilla "${DRAFTERS[@]}" --method prism@packaged=$packaged \
+      --temperature 0 --temperature 1 --tree paper --limit "${LIMIT:-20}" --max-new-tokens 128 \
+      --threads "${THREADS:-2}" --dtype float32 --out "$bench_dir" --resume
+    python scripts/bench_summary.py "$bench_dir" "$OUT/summary.json" \
+      --command "LIMIT=${LIMIT:-20} bash results/smollm2-135m/reproduce.sh summary" ;;
   bench-ft)  # the packaged PRISM before (prism-gpu) and after (prism-ft) its first fine-tuning pass
     packaged_weights
     prism bench --method vanilla --method prism@prism-gpu=$OUT/drafters/prism-gpu --method prism@prism-ft=$OUT/drafters/prism-ft \
@@ -283,6 +296,6 @@ case "${1:-}" in
       --dtype bfloat16 --temperature 0 --tree auto --limit "${LIMIT:-5}" --max-new-tokens 64 --threads 2 \
       --out "$OUT/bench-cpu-baselines-and-packaged" ;;
   *)
-    echo "usage: $0 regen|features|eagle2|hass|prism|prism3|prism-star|stacked2|standard|scaling|bench|bench-fp32|bench-ablations|bench-cpu|profile|regen-gpu|prism-gpu|bench-gpu-prism|packing|prism-star-norm|bench-star-norm|prism-ft|prism-ft2|bench-ft|bench-ft2|bench-cpu-ft2|attention|bench-cpu-packaged|bench-cpu-baselines" >&2
+    echo "usage: $0 regen|features|eagle2|hass|prism|prism3|prism-star|stacked2|standard|scaling|bench|bench-fp32|bench-ablations|bench-cpu|profile|regen-gpu|prism-gpu|bench-gpu-prism|packing|prism-star-norm|bench-star-norm|prism-ft|prism-ft2|bench-ft|bench-ft2|bench-cpu-ft2|attention|bench-cpu-packaged|bench-cpu-baselines|summary" >&2
     exit 2 ;;
 esac
