@@ -2,15 +2,19 @@
 give a token different bits when it is computed with other tokens (tree verification) than
 alone (a decode step), on this machine's kernels.
 
-    python benchmarks/row_invariance.py [--prompts 2] [--max-new-tokens 64] [--json out.json]
+    python benchmarks/row_invariance.py [--prompts 2] [--max-new-tokens 64] [--trees 4/0/3,paper] \
+        [--modes today,attention,exact] [--skip-linear] [--json out.json]
 
 1. Linear layers at the default target's shapes: the share of output elements of one M-row
    product that differ from M one-row products, whether a row's result depends on the other
    rows at a fixed M, and the time of an M-row product relative to one row (median of 20).
-2. End to end on the default target in bf16 (packaged drafter, tree 4/0/3, first turns of
+2. End to end on the default target in bf16 (packaged drafter, ``--trees``, first turns of
    ``--prompts`` questions per benchmark): prompts whose speculative output differs from
-   vanilla, with today's verification and with ``Target.row_invariant_verify`` (every node's
-   attention computed as its one-token step computes it).
+   vanilla, per ``--modes``: today's verification, ``Target.row_invariant_verify`` (every
+   node's attention computed as its one-token step computes it) and ``exact``
+   (``Target.make_row_invariant``: that attention plus linear layers split along K where this
+   machine's kernels need it; vanilla runs in the same mode, and the vanilla outputs that
+   changed from plain vanilla are counted).
 Run it on an otherwise idle machine (the times in part 1).
 """
 
@@ -69,20 +73,34 @@ def linear_rows() -> list[dict]:
     return rows
 
 
-def end_to_end(prompts_per_benchmark: int, max_new_tokens: int) -> list[dict]:
+MODES = {  # --modes: how the speculative runs verify (vanilla runs in the same mode)
+    "today": "batched (today)",
+    "attention": "row-invariant attention",
+    "exact": "row-invariant attention + split linears (--row-invariant)",
+}
+
+
+def end_to_end(prompts_per_benchmark: int, max_new_tokens: int, trees: list[str], modes: list[str]) -> list[dict]:
     target = load_target(dtype="bfloat16")
     drafter = resolve_drafter("auto", target).drafter
     prompts = [conversation_prompt(target, q.turns[:1], [])
                for name in BENCHMARKS for q in load_benchmark(name).questions[:prompts_per_benchmark]]
-    config, options = GenerationConfig(max_new_tokens=max_new_tokens), DecodeOptions(TreeConfig.parse("4/0/3"))
-    vanilla = [generate(target, p, None, config, options).token_ids for p in prompts]
-    rows = []
-    for row_invariant in (False, True):
-        target.row_invariant_verify = row_invariant
-        differing = sum(generate(target, p, drafter, config, options).token_ids != v for p, v in zip(prompts, vanilla))
-        rows.append({"verify": "row-invariant attention" if row_invariant else "batched (today)",
-                     "prompts": len(prompts), "outputs_differing_from_vanilla": differing})
-    target.row_invariant_verify = False
+    config = GenerationConfig(max_new_tokens=max_new_tokens)
+    plain = [generate(target, p, None, config).token_ids for p in prompts]
+    vanilla, rows = plain, []
+    for mode in modes:  # "exact" last: it changes the target's layers for good
+        if mode == "exact":
+            plan = target.make_row_invariant()
+            vanilla = [generate(target, p, None, config).token_ids for p in prompts]
+            rows.append({"verify": MODES[mode], "split_linears": plan, "prompts": len(prompts),
+                         "vanilla_outputs_differing_from_plain_vanilla": sum(a != b for a, b in zip(vanilla, plain))})
+        target.row_invariant_verify = mode != "today"
+        for tree in trees:
+            options = DecodeOptions(TreeConfig.parse(tree))
+            differing = sum(generate(target, p, drafter, config, options).token_ids != v for p, v in zip(prompts, vanilla))
+            rows.append({"verify": MODES[mode], "tree": tree, "prompts": len(prompts), "max_new_tokens": max_new_tokens,
+                         "outputs_differing_from_vanilla": differing})
+            print(f"bf16 end to end, {MODES[mode]}, tree {tree}: {differing} of {len(prompts)} outputs differ", flush=True)
     return rows
 
 
@@ -91,18 +109,24 @@ def main(argv=None) -> int:
     parser.add_argument("--prompts", type=int, default=2, help="questions per benchmark for part 2 (0: skip it)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--trees", default="4/0/3", help="comma-separated trees for part 2 (e.g. 4/0/3,paper)")
+    parser.add_argument("--modes", default="today,attention", help=f"comma-separated, of {', '.join(MODES)}")
+    parser.add_argument("--skip-linear", action="store_true", help="part 2 only")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
+    modes = args.modes.split(",")
+    if any(m not in MODES for m in modes):
+        parser.error(f"--modes: each of {', '.join(MODES)}")
+    modes.sort(key=list(MODES).index)
     torch.set_num_threads(args.threads)
-    linear = linear_rows()
-    print("dtype     shape       weights rows  differing  independent  time/1-row")
+    linear = [] if args.skip_linear else linear_rows()
+    if linear:
+        print("dtype     shape       weights rows  differing  independent  time/1-row")
     for r in linear:
         print(f"{r['dtype']:9s} {r['shape']:11s} {r['weights']:7s} {r['rows']:4d}  "
               f"{r['elements_differing_from_one_row_products']:9.5f}  {str(r['row_result_independent_of_other_rows']):11s}  "
               f"{r['time_vs_one_row']:.2f}")
-    e2e = end_to_end(args.prompts, args.max_new_tokens) if args.prompts else []
-    for r in e2e:
-        print(f"bf16 end to end, {r['verify']}: {r['outputs_differing_from_vanilla']} of {r['prompts']} outputs differ")
+    e2e = end_to_end(args.prompts, args.max_new_tokens, args.trees.split(","), modes) if args.prompts else []
     write_rows(args.json, vars(args), linear + e2e)
     return 0
 

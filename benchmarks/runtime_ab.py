@@ -1,13 +1,15 @@
 """Two runtime settings A/B, vanilla and speculative decoding, interleaved in one process so
 that drifting machine load hits every configuration alike.
 
-    python benchmarks/runtime_ab.py [--compare packing|attention] [--bench mt_bench] \
+    python benchmarks/runtime_ab.py [--compare packing|attention|exact] [--bench mt_bench] \
         [--dtype bfloat16] [--tree 4/0/3] [--prompts 4] [--max-new-tokens 64] [--repeats 3] [--json out.json]
 
 ``--compare packing``: prepacked against plain linear layers (docs/performance.md, "Prepacked
 CPU weights"). ``--compare attention``: transformers' ``sdpa`` against ``prism_sdpa``, the
 same kernel with grouped query heads folded instead of the KV cache copied
-(``targets/attention.py``). Two copies of the default target (one per setting) and of the
+(``targets/attention.py``). ``--compare exact``: today's verification against bit-identical
+verification (``--row-invariant``, ``Target.make_row_invariant``; vanilla decoding runs in the
+same mode, since it is the reference its outputs must equal). Two copies of the default target (one per setting) and of the
 packaged drafter; every repeat runs each prompt (first turns of ``--bench``) through the four
 configurations in turn. Reports tokens/s (new tokens / total generate time, prefill
 included) summed over all runs, the speedup of speculative over vanilla decoding within each
@@ -42,9 +44,14 @@ def load_attention(setting: str, dtype: str):
     return target
 
 
+def load_exact(setting: str, dtype: str):
+    return load_target("smollm2-135m", dtype=dtype, row_invariant=setting == "row-invariant")
+
+
 COMPARISONS = {  # --compare: (the two settings, baseline first; loader; what the table's first column is)
     "packing": (("plain", "packed"), load_packing, "weights"),
     "attention": (("sdpa", "prism_sdpa"), load_attention, "attention"),
+    "exact": (("batched", "row-invariant"), load_exact, "verification"),
 }
 
 

@@ -129,6 +129,28 @@ def test_generate_with_static_cache_matches(tiny_target, tmp_path, capsys):
     assert outs[()] == outs[("--static-cache",)]
 
 
+def test_row_invariant_where_the_kernels_do_not_allow_it(tiny_target, capsys, monkeypatch):
+    from prism_spec.targets import row_invariance
+
+    monkeypatch.setattr(row_invariance, "rows_invariant", lambda *a, **k: False)
+    rc, _, err = run_cli(capsys, *GEN, "Hello there!", "--target", tiny_target, "--dtype", "bfloat16", "--row-invariant")
+    assert rc == 2 and "error: --row-invariant: no split" in err and "Traceback" not in err
+
+
+def test_generate_row_invariant_bf16(tiny_target, tmp_path, capsys):
+    """--row-invariant: speculative output equals vanilla output in the same mode (bf16)."""
+    outs = {}
+    for drafter in ("none", "layers:1"):
+        out = tmp_path / f"{drafter.replace(':', '')}.jsonl"
+        rc, _, err = run_cli(capsys, *GEN, "Hello there!", "Tell me more.", "--target", tiny_target, "--drafter",
+                             drafter, "--dtype", "bfloat16", "--row-invariant", "-o", out)
+        if rc != 0 and "not available here" in err:
+            pytest.skip(f"this machine's kernels: {err.strip()}")
+        assert rc == 0, err
+        outs[drafter] = [r["token_ids"] for r in read_jsonl(out)]
+    assert outs["none"] == outs["layers:1"]
+
+
 def test_generate_without_packed_weights_matches(tiny_target, tmp_path, capsys):
     outs = {}
     for flag in ((), ("--no-packed-weights",)):

@@ -75,6 +75,12 @@ def add_target_options(parser: argparse.ArgumentParser) -> None:
         "for float32/bfloat16: faster small products, about twice the linear layers' memory)",
     )
     group.add_argument(
+        "--row-invariant", action="store_true",
+        help="bit-identical verification: every verified token computed as its decode step computes it, so "
+        "speculative output equals vanilla output also in bfloat16, where this machine's kernels allow it "
+        "(an error where they do not; docs/families.md)",
+    )
+    group.add_argument(
         "--static-cache", action="store_true",
         help="preallocated KV cache written in place (fixed addresses; needed by --compile)",
     )
@@ -107,7 +113,8 @@ def load_target_from_args(args: argparse.Namespace):
         print_status(f"engine: llama.cpp ({'GGUF target' if args.target.lower().endswith('.gguf') else '--engine llama.cpp'}, "
                      f"the target's own quantised weights)")
     target = load_target(args.target, dtype=args.dtype, device=args.device, engine=engine, threads=args.threads,
-                         pack_weights=None if getattr(args, "packed_weights", True) else False)
+                         pack_weights=None if getattr(args, "packed_weights", True) else False,
+                         row_invariant=getattr(args, "row_invariant", False))
     if getattr(args, "compile", False):
         target.compile_decoder()
     if getattr(args, "cuda_graphs", False):

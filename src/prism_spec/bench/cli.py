@@ -68,6 +68,8 @@ def _add_common(p: argparse.ArgumentParser, sub: bool) -> None:
     g.add_argument("--threads", type=threads, default=d(None), help="torch CPU threads (default: torch's choice)")
     g.add_argument("--no-packed-weights", dest="packed_weights", action="store_false", default=d(True),
                    help="on a CPU, plain nn.Linear layers instead of oneDNN-prepacked weights (see prism generate --help)")
+    g.add_argument("--row-invariant", action="store_true", default=d(False),
+                   help="bit-identical verification, vanilla runs in the same mode (see prism generate --help)")
     g.add_argument("--static-cache", action="store_true", default=d(False),
                    help="preallocated target KV cache written in place (see prism generate --help)")
     g.add_argument("--compile", action="store_true", default=d(False),
@@ -174,6 +176,7 @@ def _config(args, methods, command: str, **extra):
         compile=bool(args.compile),
         cuda_graphs=bool(args.cuda_graphs),
         packed_weights=bool(getattr(args, "packed_weights", True)),
+        row_invariant=bool(getattr(args, "row_invariant", False)),
         extra_settings=extra,
     )
 

@@ -61,6 +61,7 @@ class BenchConfig:
     threads: int | None = None  # torch.set_num_threads before loading anything
     static_cache: bool = False  # DecodeOptions.static_cache for every method
     packed_weights: bool = True  # load_target's default CPU weight prepacking (False: plain nn.Linear)
+    row_invariant: bool = False  # Target.make_row_invariant(): bit-identical verification
     compile: bool = False  # Target.compile_decoder() before the runs
     cuda_graphs: bool = False  # Target.use_cuda_graphs() before the runs
     extra_settings: dict = field(default_factory=dict)  # recorded in bench.json (sweeps)
@@ -109,6 +110,7 @@ def _settings(cfg: BenchConfig, benches: list[Benchmark], tree: TreeConfig) -> d
         **({"compile": True} if cfg.compile else {}),
         **({"cuda_graphs": True} if cfg.cuda_graphs else {}),
         **({} if cfg.packed_weights else {"packed_weights": False}),
+        **({"row_invariant": True} if cfg.row_invariant else {}),
         **cfg.extra_settings,
     }
 
@@ -270,7 +272,7 @@ def run_bench(
 
     if target is None:
         target = load_target(cfg.target, dtype=cfg.dtype, device=device, engine=cfg.engine, threads=cfg.threads,
-                             pack_weights=None if cfg.packed_weights else False)
+                             pack_weights=None if cfg.packed_weights else False, row_invariant=cfg.row_invariant)
         if cfg.compile:
             target.compile_decoder()
         if cfg.cuda_graphs:

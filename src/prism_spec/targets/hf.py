@@ -135,6 +135,21 @@ class Target:
         self.lm_head = self.model.get_output_embeddings()
         return changed
 
+    def make_row_invariant(self) -> dict[str, int]:
+        """Bit-identical verification (:mod:`prism_spec.targets.row_invariance`): every verified
+        node gets the attention of its one-token step, and the linear layers whose kernels on
+        this machine round a row differently in a many-row product are split along K until they
+        do not (probed here, about a second). Vanilla and speculative decoding of this target
+        then give identical tokens in any dtype, also bf16. Returns ``{"OUTxIN": chunks}``;
+        raises ``RowInvarianceUnavailable`` (a ValueError) where no split is invariant. Call it
+        after :meth:`pack_weights`."""
+        from .row_invariance import make_linears_row_invariant
+
+        report = make_linears_row_invariant(self.model)
+        self.lm_head = self.model.get_output_embeddings()
+        self.row_invariant_verify = True
+        return report
+
     @property
     def packed_weights(self) -> bool:
         """Whether the linear layers run on prepacked weights (:meth:`pack_weights`)."""

@@ -23,6 +23,7 @@ def load_target(
     pack_weights: bool | None = None,
     engine: str = "auto",
     threads: int | None = None,
+    row_invariant: bool = False,
 ) -> Target:
     """Load any transformers causal LM by hub id or local path, or the embedded default.
     ``pack_weights`` (default: on for CPU targets in float32 / bfloat16) runs its linear
@@ -30,8 +31,14 @@ def load_target(
 
     ``engine``: ``torch`` (transformers), ``llama.cpp`` (GGUF files, and the default target's
     own GGUF; :mod:`prism_spec.targets.llamacpp`) or ``auto``: llama.cpp for ``.gguf`` paths,
-    torch otherwise (see :func:`~prism_spec.targets.hf.resolve_engine`)."""
+    torch otherwise (see :func:`~prism_spec.targets.hf.resolve_engine`).
+
+    ``row_invariant``: bit-identical verification (:meth:`Target.make_row_invariant`, torch
+    engine): speculative output equals vanilla output of this target in any dtype where this
+    machine's kernels allow it; ``RowInvarianceUnavailable`` (a ValueError) where they do not."""
     engine = resolve_engine(name_or_path, engine)
+    if row_invariant and engine != "torch":
+        raise ValueError("row-invariant verification is a torch-engine option (the llama.cpp engine runs its own kernels)")
     if engine == "llama.cpp":
         from .llamacpp import load_llamacpp_target  # numpy and ctypes: only for llama.cpp targets
 
@@ -40,5 +47,8 @@ def load_target(
         if name_or_path == DEFAULT_TARGET:
             return load_llamacpp_target(default_gguf_path(), default_target_path(), threads=threads, name=DEFAULT_TARGET)
         return load_llamacpp_target(name_or_path, threads=threads)
-    return load_hf_target(name_or_path, dtype=dtype, device=device, attn_implementation=attn_implementation,
-                          pack_weights=pack_weights)
+    target = load_hf_target(name_or_path, dtype=dtype, device=device, attn_implementation=attn_implementation,
+                            pack_weights=pack_weights)
+    if row_invariant:
+        target.make_row_invariant()
+    return target

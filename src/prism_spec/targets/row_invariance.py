@@ -1,0 +1,117 @@
+"""Linear layers whose result for a row does not depend on how many rows the product has.
+
+Verifying a tree multiplies several rows by each weight, a decode step one row. Whether a
+row's bits are the same in both depends on the CPU kernel: oneDNN picks its blocking of the
+reduction dimension K from the row count, so for some K an M-row product rounds a row
+differently from a one-row product. Measured on the 2-vCPU AMD EPYC VM (Zen 4, bf16
+instructions, torch 2.13, 2026-12-06): bfloat16 products with K <= 1024 were invariant at
+every M from 2 to 64, K = 1536 and 2048 were not (``benchmarks/row_invariance.py``).
+
+:class:`SplitKLinear` computes a product as a sum of products over K-chunks that are
+invariant, accumulated in float32 in a fixed order and rounded once; :func:`make_linears_row_invariant`
+probes each distinct weight shape of a model on this machine and splits only the shapes that
+need it. Vanilla decoding and verification then run the same arithmetic on every row, so a
+verified token gets the bits its decode step would have (with the attention of
+``attention.row_invariant_attention``). A split product rounds partial sums, so its results
+differ in the last bits from the unsplit layer's: outputs are identical between vanilla and
+speculative decoding *in this mode*, not to decoding without it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .packed import PackedLinear, packed_linear
+
+class RowInvarianceUnavailable(ValueError):
+    """No split of some linear layer is row-invariant with this machine's kernels (float32
+    products on the CPUs measured): bit-identical verification cannot be had here."""
+
+
+#: Row counts probed: every tree size up to 16, then larger trees (the paper tree has 60 nodes).
+PROBE_ROWS = tuple(range(2, 17)) + (24, 32, 48, 61, 64)
+
+
+class SplitKLinear(nn.Module):
+    """``x @ weight.T + bias`` as ``chunks`` products over equal slices of K (the last may be
+    shorter), summed in float32 in order and cast back once. Keeps the original ``weight`` and
+    ``bias`` parameters (state dicts and code reading ``.weight`` are unchanged); the chunks are
+    contiguous copies, prepacked for oneDNN where that applies. The sum is in float32 for
+    16-bit inputs (float64 stays float64)."""
+
+    def __init__(self, linear: nn.Linear, chunks: int):
+        super().__init__()
+        k = linear.in_features
+        if not 2 <= chunks <= k:
+            raise ValueError(f"chunks must be in 2..{k} (the layer's in_features), got {chunks}")
+        self.in_features, self.out_features, self.chunks = k, linear.out_features, chunks
+        self.weight, self.bias = linear.weight, linear.bias
+        size = -(-k // chunks)
+        self.bounds = [(start, min(start + size, k)) for start in range(0, k, size)]
+        with torch.no_grad():
+            pack = isinstance(linear, PackedLinear)
+            self.parts = [packed_linear(self.weight[:, a:b].detach().contiguous()) if pack
+                          else self.weight[:, a:b].detach().contiguous() for a, b in self.bounds]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        acc = torch.promote_types(x.dtype, torch.float32)  # float32 for 16-bit inputs, float64 stays
+        total = None
+        for (a, b), part in zip(self.bounds, self.parts):
+            chunk = x[..., a:b]
+            y = (part(chunk) if isinstance(part, nn.Module) else F.linear(chunk, part)).to(acc)
+            total = y if total is None else total + y
+        if self.bias is not None:
+            total = total + self.bias.to(acc)
+        return total.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, chunks={self.chunks}"
+
+
+def rows_invariant(layer: nn.Module, in_features: int, dtype: torch.dtype, rows=PROBE_ROWS,
+                   trials: int = 2, seed: int = 0) -> bool:
+    """Whether ``layer`` gives every row of an M-row input the bits of a one-row input, for
+    every M in ``rows`` (``trials`` random inputs each). A probe, not a proof: a summation
+    order that differs shows up in some element of a random product with high probability."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in rows:
+            for _ in range(trials):
+                x = torch.randn(1, m, in_features, generator=gen).to(dtype)
+                together = layer(x)[0]
+                alone = torch.cat([layer(x[:, i : i + 1])[0] for i in range(m)])
+                if not torch.equal(together, alone):
+                    return False
+    return True
+
+
+def make_linears_row_invariant(model: nn.Module, max_chunks: int = 8, rows=PROBE_ROWS) -> dict[str, int]:
+    """Probe every distinct (out, in) linear shape under ``model`` and swap each layer of a shape
+    that is not row-invariant for a :class:`SplitKLinear` with the fewest chunks that is.
+    Returns ``{"OUTxIN": chunks}`` (1: left as it was). Raises :class:`RowInvarianceUnavailable`
+    (swapping nothing) when no split up to ``max_chunks`` is invariant."""
+    layers = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+              if isinstance(child, nn.Linear)]
+    plan: dict[tuple[int, int], int] = {}
+    for _, _, layer in layers:
+        shape = (layer.out_features, layer.in_features)
+        if shape in plan:
+            continue
+        dtype = layer.weight.dtype
+        for chunks in range(1, max_chunks + 1):
+            candidate = layer if chunks == 1 else SplitKLinear(layer, chunks)
+            if rows_invariant(candidate, layer.in_features, dtype, rows):
+                plan[shape] = chunks
+                break
+        else:
+            raise RowInvarianceUnavailable(
+                f"--row-invariant: no split of a {shape[0]}x{shape[1]} {dtype} linear layer into up to {max_chunks} K-chunks is "
+                "row-invariant on this machine: bit-identical verification is not available here (bfloat16 is "
+                "where it usually is; docs/families.md)")
+    for parent, name, layer in layers:
+        chunks = plan[(layer.out_features, layer.in_features)]
+        if chunks > 1:
+            setattr(parent, name, SplitKLinear(layer, chunks))
+    return {f"{out}x{k}": chunks for (out, k), chunks in plan.items()}
