@@ -18,6 +18,8 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from prism_spec.bench.methods import MethodSpec
+
 REQUIRED = ("method", "kind", "temperature", "mean_acceptance_length", "mean_speedup",
             "t0_outputs_differing_from_vanilla")
 
@@ -29,23 +31,17 @@ def weights_sha256(arg: str) -> str | None:
         path = path / "model.safetensors"
     if not path.is_file():
         return None
-    digest = hashlib.sha256()
     with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def drafters(sessions: list[dict]) -> dict[str, dict]:
-    """label -> {spec, sha256} for every method spec with an argument (KIND[@LABEL]=ARG)."""
+    """method name -> {spec, sha256} for every method with an argument (KIND[@LABEL]=ARG)."""
     out = {}
     for session in sessions:
-        for spec in session.get("methods", []):
-            head, sep, arg = spec.partition("=")
-            if not sep:
-                continue
-            kind, _, label = head.partition("@")
-            out[label or kind] = {"spec": spec, "sha256": weights_sha256(arg)}
+        for spec in map(MethodSpec.parse, session.get("methods", [])):
+            if spec.arg:
+                out[spec.name] = {"spec": spec.spec_string(), "sha256": weights_sha256(spec.arg)}
     return out
 
 
@@ -99,7 +95,7 @@ def main(argv=None) -> int:
             p.error(f"{args.bench_dir / name} does not exist (not a finished prism bench folder?)")
     try:
         result = build(args.bench_dir, args.command)
-    except (ValueError, KeyError, json.JSONDecodeError) as exc:
+    except (ValueError, KeyError) as exc:  # bad JSON and bad method specs are ValueErrors
         p.error(f"{args.bench_dir}: {exc}")
     tmp = args.out.with_name(args.out.name + ".tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")

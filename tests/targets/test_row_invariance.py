@@ -34,7 +34,7 @@ class _RowWise(nn.Module):
 
 
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("chunks", [2, 3, 5])
+@pytest.mark.parametrize("chunks", [2, 3, 5, 7, 37])
 def test_split_product_equals_the_layer(bias, chunks):
     torch.manual_seed(0)
     linear = nn.Linear(37, 11, bias=bias).double()
@@ -42,7 +42,9 @@ def test_split_product_equals_the_layer(bias, chunks):
     x = torch.randn(2, 4, 37, dtype=torch.float64)
     torch.testing.assert_close(split(x), linear(x), rtol=1e-12, atol=1e-12)
     assert split.weight is linear.weight and split.bias is linear.bias  # same parameters, same state dict
-    assert sum(b - a for a, b in split.bounds) == 37 and len(split.bounds) == chunks
+    assert len(split.bounds) == chunks and all(b > a for a, b in split.bounds)
+    assert split.bounds[0][0] == 0 and split.bounds[-1][1] == 37
+    assert all(b0 == a1 for (_, b0), (a1, _) in zip(split.bounds, split.bounds[1:]))
 
 
 def test_split_product_rounds_once_from_float32():
@@ -61,7 +63,7 @@ def test_split_product_rounds_once_from_float32():
 def test_split_of_a_packed_layer_packs_its_chunks():
     linear = PackedLinear.from_linear(nn.Linear(64, 16).to(torch.bfloat16))
     split = SplitKLinear(linear, 2)
-    assert all(isinstance(part, PackedLinear) for part in split.parts)
+    assert all(isinstance(product, PackedLinear) for product in split._products)
     x = torch.randn(1, 5, 64).to(torch.bfloat16)
     with torch.inference_mode():
         torch.testing.assert_close(split(x).float(), linear(x).float(), rtol=2e-2, atol=2e-2)
@@ -97,15 +99,16 @@ def test_refuses_when_no_split_is_invariant(monkeypatch):
     assert type(model[0]) is nn.Linear  # nothing swapped
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_speculative_equals_vanilla_in_row_invariant_mode(dtype):
-    """Without the mode, 3 of these 18 bf16 decodes differed from vanilla on the AMD EPYC VM."""
+def test_speculative_equals_vanilla_in_row_invariant_mode():
+    """bf16, where the mode is available on CPUs with bf16 instructions (float32 products are
+    not row-invariant on the CPUs measured: the refusal is tested above). Without the mode, 3
+    of these 18 decodes differed from vanilla on the AMD EPYC VM."""
     config = GenerationConfig(max_new_tokens=24)
     for seed in range(3):
-        target = tiny_llama(hidden_size=64, dtype=dtype, seed=seed)
+        target = tiny_llama(hidden_size=64, dtype=torch.bfloat16, seed=seed)
         try:
             target.make_row_invariant()
-        except RowInvarianceUnavailable as exc:  # float32 products are not row-invariant on the CPUs measured
+        except RowInvarianceUnavailable as exc:
             pytest.skip(f"this machine's kernels: {exc}")
         assert target.row_invariant_verify
         drafter = resolve_drafter("layers:1", target).drafter

@@ -19,11 +19,14 @@ speculative decoding *in this mode*, not to decoding without it.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .packed import PackedLinear, packed_linear
+
 
 class RowInvarianceUnavailable(ValueError):
     """No split of some linear layer is row-invariant with this machine's kernels (float32
@@ -35,11 +38,11 @@ PROBE_ROWS = tuple(range(2, 17)) + (24, 32, 48, 61, 64)
 
 
 class SplitKLinear(nn.Module):
-    """``x @ weight.T + bias`` as ``chunks`` products over equal slices of K (the last may be
-    shorter), summed in float32 in order and cast back once. Keeps the original ``weight`` and
-    ``bias`` parameters (state dicts and code reading ``.weight`` are unchanged); the chunks are
-    contiguous copies, prepacked for oneDNN where that applies. The sum is in float32 for
-    16-bit inputs (float64 stays float64)."""
+    """``x @ weight.T + bias`` as ``chunks`` products over near-equal slices of K, summed in
+    order in float32 (float64 stays float64) and cast back once. Keeps the original ``weight``
+    and ``bias`` parameters (state dicts and code reading ``.weight`` are unchanged). The chunks
+    are contiguous copies, prepacked for oneDNN when the layer was: derived state, made once
+    (the target's weights are frozen) and kept out of the state dict."""
 
     def __init__(self, linear: nn.Linear, chunks: int):
         super().__init__()
@@ -48,19 +51,20 @@ class SplitKLinear(nn.Module):
             raise ValueError(f"chunks must be in 2..{k} (the layer's in_features), got {chunks}")
         self.in_features, self.out_features, self.chunks = k, linear.out_features, chunks
         self.weight, self.bias = linear.weight, linear.bias
-        size = -(-k // chunks)
-        self.bounds = [(start, min(start + size, k)) for start in range(0, k, size)]
+        edges = [i * k // chunks for i in range(chunks + 1)]
+        self.bounds = list(zip(edges[:-1], edges[1:]))
         with torch.no_grad():
-            pack = isinstance(linear, PackedLinear)
-            self.parts = [packed_linear(self.weight[:, a:b].detach().contiguous()) if pack
-                          else self.weight[:, a:b].detach().contiguous() for a, b in self.bounds]
+            slices = [self.weight[:, a:b].detach().contiguous() for a, b in self.bounds]
+        if isinstance(linear, PackedLinear):
+            self._products = [packed_linear(w) for w in slices]
+        else:
+            self._products = [functools.partial(F.linear, weight=w) for w in slices]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        acc = torch.promote_types(x.dtype, torch.float32)  # float32 for 16-bit inputs, float64 stays
+        acc = torch.promote_types(x.dtype, torch.float32)
         total = None
-        for (a, b), part in zip(self.bounds, self.parts):
-            chunk = x[..., a:b]
-            y = (part(chunk) if isinstance(part, nn.Module) else F.linear(chunk, part)).to(acc)
+        for (a, b), product in zip(self.bounds, self._products):
+            y = product(x[..., a:b]).to(acc)
             total = y if total is None else total + y
         if self.bias is not None:
             total = total + self.bias.to(acc)
