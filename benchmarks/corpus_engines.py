@@ -1,13 +1,15 @@
 """Reply tokens per second of `prism corpus build`'s engines on the same corpus prompts.
 
     python benchmarks/corpus_engines.py [--corpus results/smollm2-135m/corpus] [--prompts 64]
-        [--max-new-tokens 128] [--llama-cpp-batches 1,8,16,32] [--torch-batches 48] [--threads 2] [--json out.json]
+        [--max-new-tokens 128] [--llama-cpp-batches 1,8,16,32] [--torch-batches 48] [--torch-dtypes float32] \
+        [--threads 2] [--json out.json]
 
 Each engine answers the same ``--prompts`` prompts (the first ones of the corpus's last shard,
 greedy, ``--max-new-tokens``) through its ``generate``; tokens/s is reply tokens over wall time.
 "llama.cpp" is the GGUF model with continuous batching (train.corpus.engines.LlamaCppEngine);
-"transformers" is the float32 model with left-padded batches (train.corpus.engines.HFEngine). Run it
-on an idle machine.
+"transformers" is the model in each of ``--torch-dtypes`` with left-padded batches
+(train.corpus.engines.HFEngine; bfloat16 pays on CPUs with bf16 instructions). Run it on an idle
+machine.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--llama-cpp-batches", default="1,8,16,32")
     parser.add_argument("--torch-batches", default="48")
+    parser.add_argument("--torch-dtypes", default="float32", help="comma-separated, e.g. float32,bfloat16")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json")
     args = parser.parse_args(argv)
@@ -39,13 +42,15 @@ def main(argv=None) -> int:
     last = (manifest["num_shards"] - 1) * manifest["shard_size"]
     prompts = load_prompts(args.corpus).ids[last:last + args.prompts]
     settings = DecodingSettings(max_new_tokens=args.max_new_tokens)
-    gguf = load_target(engine="llama.cpp", threads=args.threads)
-    engines = [(f"llama.cpp batch {b}", lambda b=b: LlamaCppEngine(gguf.gguf_path, gguf.eos_token_ids, int(b),
-                                                                    args.threads))
-               for b in args.llama_cpp_batches.split(",") if b]
-    if args.torch_batches:
-        torch_target = load_target(dtype="float32")
-        engines += [(f"transformers float32 batch {b}", lambda b=b: HFEngine(torch_target, int(b)))
+    engines = []
+    if args.llama_cpp_batches:
+        gguf = load_target(engine="llama.cpp", threads=args.threads)
+        engines += [(f"llama.cpp batch {b}", lambda b=b: LlamaCppEngine(gguf.gguf_path, gguf.eos_token_ids, int(b),
+                                                                         args.threads))
+                    for b in args.llama_cpp_batches.split(",") if b]
+    for dtype in args.torch_dtypes.split(",") if args.torch_batches else []:
+        torch_target = load_target(dtype=dtype)
+        engines += [(f"transformers {dtype} batch {b}", lambda b=b, t=torch_target: HFEngine(t, int(b)))
                     for b in args.torch_batches.split(",")]
     rows = []
     print(f"{len(prompts)} prompts, up to {args.max_new_tokens} new tokens, greedy, {args.threads} threads")

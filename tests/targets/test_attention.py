@@ -112,24 +112,27 @@ def test_transformers_own_forward_and_generate_are_unchanged():
 
 
 
+@pytest.mark.parametrize("ragged", [True, False], ids=["ragged-rows", "equal-rows"])
+@pytest.mark.parametrize("parents", [[-1, 0, 0, 1, 2, 3], [-1, 0, 1, 0, 3, 2]], ids=["by-depth", "depth-first"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_row_invariant_attention_is_each_nodes_one_token_attention(dtype):
-    """Under row_invariant_attention, every node of a verified tree (ragged batch rows) gets
-    bit for bit the attention a decode step computes over a cache holding just its prefix
-    and its path (transformers' sdpa with one query token, as vanilla decoding runs it)."""
+def test_row_invariant_attention_is_each_nodes_one_token_attention(dtype, parents, ragged):
+    """Under row_invariant_attention, every node of a verified tree gets bit for bit the
+    attention a decode step computes over a cache holding just its prefix and its path
+    (transformers' sdpa with one query token, as vanilla decoding runs it): batch rows of
+    different or equal lengths (nodes of one depth grouped within a row or across rows),
+    trees listed by depth or not (outputs put back in order)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     from prism_spec.targets.attention import row_invariant_attention
 
     gen = torch.Generator().manual_seed(0)
     batch, kv_heads, groups, dim, past = 2, 3, 3, 64, 300
-    parents = [-1, 0, 0, 1, 2, 3]  # node 0 is the root
-    n = len(parents)
+    n = len(parents)  # node 0 is the root
     tree = torch.eye(n, dtype=torch.bool)
     for node, parent in enumerate(parents):
         while parent >= 0:
             tree[node, parent], parent = True, parents[parent]
-    lengths = torch.tensor([past, past - 37])
+    lengths = torch.tensor([past, past - 37 if ragged else past])
     query = torch.randn(batch, kv_heads * groups, n, dim, generator=gen).to(dtype)
     key = torch.randn(batch, kv_heads, past + n, dim, generator=gen).to(dtype)
     value = torch.randn(batch, kv_heads, past + n, dim, generator=gen).to(dtype)
@@ -146,3 +149,28 @@ def test_row_invariant_attention_is_each_nodes_one_token_attention(dtype):
             step, _ = sdpa_attention_forward(module, query[b : b + 1, :, node : node + 1], keys, values, step_mask,
                                              scaling=dim**-0.5)
             assert torch.equal(step[0, 0], verified[b, node]), (b, node)
+
+
+def test_row_invariant_attention_calls_the_kernel_one_query_at_a_time(monkeypatch):
+    """Batch 1 and one query per call, as a decode step: batching one-token queries over a
+    tree's nodes changed the CPU kernel's work split and, over long key sequences, its rounding
+    (a real prompt whose output differed from vanilla; docs/families.md)."""
+    from prism_spec.targets import attention
+    from prism_spec.targets.attention import row_invariant_attention
+
+    shapes = []
+    real = attention.sdpa_attention_forward
+
+    def recording(module, query, key, value, mask, **kwargs):
+        shapes.append((tuple(query.shape[:3]), key.shape[0], tuple(mask.shape)))
+        return real(module, query, key, value, mask, **kwargs)
+
+    monkeypatch.setattr(attention, "sdpa_attention_forward", recording)
+    n, past = 4, 20
+    tree = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 1, 1]], dtype=torch.bool)
+    mask = batch_attention_mask(None, past, n, tree[None], torch.float32, "cpu")
+    query, key, value = torch.randn(1, 6, n, 8), torch.randn(1, 3, past + n, 8), torch.randn(1, 3, past + n, 8)
+    with row_invariant_attention():
+        grouped_sdpa_attention(SimpleNamespace(num_key_value_groups=2, is_causal=True), query, key, value, mask)
+    counts = [past + int(tree[i].sum()) for i in range(n)]
+    assert shapes == [((1, 6, 1), 1, (1, 1, 1, c)) for c in counts]

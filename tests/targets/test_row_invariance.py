@@ -12,6 +12,7 @@ from prism_spec.runtime import DecodeOptions, GenerationConfig, TreeConfig, gene
 from prism_spec.targets import row_invariance
 from prism_spec.targets.packed import PackedLinear, packed_linear_available
 from prism_spec.targets.row_invariance import (
+    MinRowsLinear,
     RowInvarianceUnavailable,
     SplitKLinear,
     make_linears_row_invariant,
@@ -79,16 +80,48 @@ def test_probe_tells_row_count_dependence():
     assert rows_invariant(_RowWise(), 8, torch.float32, rows=(2, 3, 16))
 
 
-def test_only_the_shapes_that_fail_are_split(monkeypatch):
-    model = nn.Sequential(nn.Linear(8, 6), nn.Linear(6, 8), nn.Linear(8, 6))
+def test_only_the_shapes_that_fail_are_changed_cheapest_first(monkeypatch):
+    model = nn.Sequential(nn.Linear(8, 6), nn.Linear(6, 8), nn.Linear(8, 6), nn.Linear(5, 7))
 
-    def probe(layer, in_features, dtype, rows):  # unsplit 6x8 layers fail, their 2-chunk split passes
-        return not (isinstance(layer, nn.Linear) and (layer.out_features, in_features) == (6, 8))
+    def probe(layer, in_features, dtype, rows):
+        shape = (layer.out_features, in_features)
+        if shape == (6, 8):  # only a K-split passes
+            return isinstance(layer, SplitKLinear)
+        if shape == (7, 5):  # a two-row minimum passes
+            return isinstance(layer, MinRowsLinear)
+        return True
 
     monkeypatch.setattr(row_invariance, "rows_invariant", probe)
     report = make_linears_row_invariant(model)
-    assert report == {"6x8": 2, "8x6": 1}
-    assert [type(m).__name__ for m in model] == ["SplitKLinear", "Linear", "SplitKLinear"]
+    assert report == {"6x8": "2 K-chunks", "8x6": "unchanged", "7x5": "min 2 rows"}
+    assert [type(m).__name__ for m in model] == ["SplitKLinear", "Linear", "SplitKLinear", "MinRowsLinear"]
+    assert make_linears_row_invariant(model) == {"8x6": "unchanged"}  # nothing left to change: not wrapped twice
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 9), (1, 9), (9,), (2, 3, 9), (1, 4, 9)])
+def test_min_rows_product_equals_the_layer(shape):
+    torch.manual_seed(0)
+    linear = nn.Linear(9, 5).double()
+    wrapped = MinRowsLinear(linear, min_rows=3)
+    x = torch.randn(*shape, dtype=torch.float64)
+    torch.testing.assert_close(wrapped(x), linear(x), rtol=1e-12, atol=1e-12)  # (a padded product may round otherwise)
+    assert wrapped.weight is linear.weight and wrapped.bias is linear.bias
+
+
+def test_min_rows_pads_small_products():
+    calls = []
+
+    class Recorder(nn.Linear):
+        def forward(self, x):
+            calls.append(tuple(x.shape))
+            return super().forward(x)
+
+    wrapped = MinRowsLinear(Recorder(4, 2))
+    wrapped(torch.randn(1, 1, 4))
+    wrapped(torch.randn(1, 3, 4))
+    assert calls == [(2, 4), (1, 3, 4)]
+    with pytest.raises(ValueError, match="min_rows"):
+        MinRowsLinear(nn.Linear(4, 2), min_rows=1)
 
 
 def test_refuses_when_no_split_is_invariant(monkeypatch):

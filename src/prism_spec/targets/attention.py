@@ -22,10 +22,13 @@ own ``sdpa`` function unchanged.
 Row-invariant attention (:func:`row_invariant_attention`, used by tree verification when a
 target's ``row_invariant_verify`` is on): a forward over several new tokens gives each token
 the attention a one-token decode step would compute for it, bit for bit in any dtype. Each
-query row attends, in its own one-token call to transformers' ``sdpa`` function, over exactly
-the keys its mask row shows (the prefix and its ancestors in the tree), in cache order: the
-same kernel, shapes and reduction order as the decode step that vanilla decoding runs. The
-rest of a layer (linear layers, norms, rotary embeddings) is computed row by row already.
+query row attends as a one-token query, through transformers' ``sdpa`` function, over exactly
+the keys its mask row shows (the prefix and its ancestors in the tree), in its own
+batch-1 call, gathered in cache order: the same kernel, shapes and reduction order as the
+decode step that vanilla decoding runs (batch 1). The kernel's rounding depends on the key
+count and on the batch size, so nodes cannot share a call: a tree costs one attention call
+per node instead of one in all, plus the gathers (measured in docs/families.md). The rest of a layer is row-wise
+given ``row_invariance.make_linears_row_invariant``.
 
 :func:`attention_backends` picks the SDPA kernels that the runtime's, the drafters' and
 training's forwards may use on CUDA (cuDNN attention left out).
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
@@ -61,14 +65,15 @@ def folds_query_groups(module, query: torch.Tensor, attention_mask, dropout: flo
     )
 
 
-_ROW_INVARIANT = contextvars.ContextVar("prism_row_invariant_attention", default=False)
+# Within row_invariant_attention(): a dict of per-forward plans (see row_invariant_sdpa); else None.
+_ROW_INVARIANT = contextvars.ContextVar("prism_row_invariant_attention", default=None)
 
 
 @contextlib.contextmanager
 def row_invariant_attention(enabled: bool = True):
     """Within the block, forwards on :data:`GROUPED_SDPA` models over several new tokens give
     every token the attention of a one-token step (see the module docstring)."""
-    token = _ROW_INVARIANT.set(enabled)
+    token = _ROW_INVARIANT.set({} if enabled else None)
     try:
         yield
     finally:
@@ -89,47 +94,71 @@ def attention_backends(device) -> contextlib.AbstractContextManager:
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
-def visible_key_runs(attention_mask: torch.Tensor, kv_len: int) -> list[list[torch.Tensor | int]]:
-    """Per batch row b and query i of an additive mask [B, 1, n, >= kv_len]: the key indices
-    the query sees, as an int ``c`` when they are exactly ``0..c-1`` (a slice, no copy) and as
-    an index tensor otherwise."""
+@dataclasses.dataclass(frozen=True)
+class _VisibleKeys:
+    """The keys query ``query`` of batch row ``row`` sees: the first ``shared`` cache entries,
+    then ``tail`` (indices in cache order; None when there are none)."""
+
+    row: int
+    query: int
+    shared: int
+    tail: torch.Tensor | None
+
+    @property
+    def count(self) -> int:
+        return self.shared + (0 if self.tail is None else len(self.tail))
+
+
+def visible_keys(attention_mask: torch.Tensor, kv_len: int) -> list[_VisibleKeys]:
+    """Per batch row b and query i (in that order) of an additive mask [B, 1, n, >= kv_len]:
+    the keys the query sees (:class:`_VisibleKeys`)."""
     visible = attention_mask[:, 0, :, :kv_len] == 0
-    counts = visible.sum(-1)
-    prefix_like = visible.cumsum(-1).eq(torch.arange(1, kv_len + 1, device=visible.device)).sum(-1) == counts
-    runs = []
-    for b in range(visible.shape[0]):
-        row = []
-        for i in range(visible.shape[1]):
-            c = int(counts[b, i])
-            row.append(c if bool(prefix_like[b, i]) else visible[b, i].nonzero().flatten())
-        runs.append(row)
-    return runs
+    # The length of each row's leading run of visible keys (its committed prefix, or more).
+    shared = visible.long().cumprod(-1).sum(-1).tolist()
+    counts = visible.sum(-1).tolist()
+    plan = []
+    for b, (row_shared, row_counts) in enumerate(zip(shared, counts)):
+        for i, (c0, c) in enumerate(zip(row_shared, row_counts)):
+            tail = visible[b, i, c0:].nonzero().flatten() + c0 if c > c0 else None
+            plan.append(_VisibleKeys(b, i, c0, tail))
+    return plan
+
+
+def _keys_of(cache: torch.Tensor, keys: _VisibleKeys) -> torch.Tensor:
+    """[1, kv_heads, count, d]: the keys (or values) of ``cache`` [B, kv_heads, L, d] a query sees."""
+    prefix = cache[keys.row : keys.row + 1, :, : keys.shared]  # a view
+    if keys.tail is None:
+        return prefix
+    return torch.cat([prefix, cache[keys.row : keys.row + 1].index_select(2, keys.tail)], dim=2)
 
 
 def row_invariant_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
-    """Each query row in its own one-token call over the keys its mask row shows."""
+    """Each query row in its own one-token call (batch 1, as a decode step) over the keys its
+    mask row shows, in cache order. Not batched: the CPU kernel's work split, and with it the
+    rounding of long key sequences, depends on the batch size (measured: one-token queries
+    batched over a tree's nodes differed from the same queries alone)."""
     batch, _, n, _ = query.shape
-    outputs = []
-    for b, row in enumerate(visible_key_runs(attention_mask, key.shape[-2])):
-        for i, keys in enumerate(row):
-            if isinstance(keys, int):
-                k, v = key[b : b + 1, :, :keys], value[b : b + 1, :, :keys]
-            else:
-                k, v = key[b : b + 1].index_select(2, keys), value[b : b + 1].index_select(2, keys)
-            # The decode step's own mask: every key visible (zeros, in the mask's dtype).
-            mask = attention_mask.new_zeros((1, 1, 1, k.shape[-2]))
-            out, _ = sdpa_attention_forward(
-                module, query[b : b + 1, :, i : i + 1], k, v, mask, dropout=dropout, scaling=scaling, **kwargs
-            )
-            outputs.append(out)  # [1, 1, heads, d]
-    return torch.cat(outputs, dim=1).reshape(batch, n, *outputs[0].shape[2:]), None
+    plans = _ROW_INVARIANT.get()
+    plan_key = (id(attention_mask), key.shape[-2])
+    if plan_key not in plans:  # one plan per forward: every layer gets the same mask
+        plans[plan_key] = (attention_mask, visible_keys(attention_mask, key.shape[-2]))
+    outputs, masks = [], {}
+    for keys in plans[plan_key][1]:
+        count = keys.count
+        if count not in masks:  # the decode step's own mask: every key visible (zeros, in the mask's dtype)
+            masks[count] = attention_mask.new_zeros((1, 1, 1, count))
+        out, _ = sdpa_attention_forward(module, query[keys.row : keys.row + 1, :, keys.query : keys.query + 1],
+                                        _keys_of(key, keys), _keys_of(value, keys), masks[count],
+                                        dropout=dropout, scaling=scaling, **kwargs)
+        outputs.append(out)  # [1, 1, heads, d]
+    return torch.cat(outputs, dim=1).view(batch, n, *outputs[0].shape[2:]), None
 
 
 def grouped_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """transformers' attention-function signature: query [b, heads, n, d], key/value
     [b, kv_heads, kv_len, d]; returns ([b, n, heads, d], None)."""
     if (
-        _ROW_INVARIANT.get()
+        _ROW_INVARIANT.get() is not None
         and query.shape[2] > 1
         and isinstance(attention_mask, torch.Tensor)
         and attention_mask.dim() == 4

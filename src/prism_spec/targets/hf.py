@@ -135,13 +135,14 @@ class Target:
         self.lm_head = self.model.get_output_embeddings()
         return changed
 
-    def make_row_invariant(self) -> dict[str, int]:
+    def make_row_invariant(self) -> dict[str, str]:
         """Bit-identical verification (:mod:`prism_spec.targets.row_invariance`): every verified
         node gets the attention of its one-token step, and the linear layers whose kernels on
-        this machine round a row differently in a many-row product are split along K until they
-        do not (probed here, about a second). Vanilla and speculative decoding of this target
-        then give identical tokens in any dtype, also bf16. Returns ``{"OUTxIN": chunks}``;
-        raises ``RowInvarianceUnavailable`` (a ValueError) where no split is invariant. Call it
+        this machine round a row differently in a many-row product get a two-row minimum or are
+        split along K until they do not (probed here, about a second). Vanilla and speculative
+        decoding of this target then give identical tokens in any dtype, also bf16. Returns
+        ``{"OUTxIN": what was done}``; raises ``RowInvarianceUnavailable`` (a ValueError) where
+        nothing tried is invariant. Call it
         after :meth:`pack_weights`."""
         from .row_invariance import make_linears_row_invariant
 

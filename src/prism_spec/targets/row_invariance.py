@@ -5,16 +5,20 @@ row's bits are the same in both depends on the CPU kernel: oneDNN picks its bloc
 reduction dimension K from the row count, so for some K an M-row product rounds a row
 differently from a one-row product. Measured on the 2-vCPU AMD EPYC VM (Zen 4, bf16
 instructions, torch 2.13, 2026-12-06): bfloat16 products with K <= 1024 were invariant at
-every M from 2 to 64, K = 1536 and 2048 were not (``benchmarks/row_invariance.py``).
+every M from 2 to 64, K = 1536 and 2048 were not (``benchmarks/row_invariance.py``). There the
+odd one out is the one-row product (a matrix-vector kernel): every M >= 2 rounded each row
+alike, so a one-row product computed as two rows (:class:`MinRowsLinear`: the row twice, at
+about the cost of one, since a small product's cost is reading the weight) matches them all.
 
 :class:`SplitKLinear` computes a product as a sum of products over K-chunks that are
 invariant, accumulated in float32 in a fixed order and rounded once; :func:`make_linears_row_invariant`
-probes each distinct weight shape of a model on this machine and splits only the shapes that
-need it. Vanilla decoding and verification then run the same arithmetic on every row, so a
-verified token gets the bits its decode step would have (with the attention of
-``attention.row_invariant_attention``). A split product rounds partial sums, so its results
-differ in the last bits from the unsplit layer's: outputs are identical between vanilla and
-speculative decoding *in this mode*, not to decoding without it.
+probes each distinct weight shape of a model on this machine and changes only the shapes
+that need it, trying the cheapest change first (two-row minimum, then K-splits). Vanilla
+decoding and verification then run the same arithmetic on every row, so a verified token gets
+the bits its decode step would have (with the attention of
+``attention.row_invariant_attention``). A changed product rounds a one-row product (or partial
+sums) differently from the plain layer: outputs are identical between vanilla and speculative
+decoding *in this mode*, not to decoding without it.
 """
 
 from __future__ import annotations
@@ -74,6 +78,31 @@ class SplitKLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, chunks={self.chunks}"
 
 
+class MinRowsLinear(nn.Module):
+    """A linear layer that never multiplies fewer than ``min_rows`` rows: a smaller input is
+    padded with copies of its last row and the padding's outputs dropped. Wraps ``layer``
+    (its ``weight``/``bias`` are the layer's: state dicts are unchanged)."""
+
+    def __init__(self, layer: nn.Module, min_rows: int = 2):
+        super().__init__()
+        if min_rows < 2:
+            raise ValueError(f"min_rows must be at least 2, got {min_rows}")
+        self.layer, self.min_rows = layer, min_rows
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.weight, self.bias = layer.weight, layer.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[:-1].numel()
+        if rows == 0 or rows >= self.min_rows:
+            return self.layer(x)
+        flat = x.reshape(rows, x.shape[-1])
+        padded = torch.cat([flat, flat[-1:].expand(self.min_rows - rows, -1)])
+        return self.layer(padded)[:rows].reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"min_rows={self.min_rows}"
+
+
 def rows_invariant(layer: nn.Module, in_features: int, dtype: torch.dtype, rows=PROBE_ROWS,
                    trials: int = 2, seed: int = 0) -> bool:
     """Whether ``layer`` gives every row of an M-row input the bits of a one-row input, for
@@ -91,31 +120,42 @@ def rows_invariant(layer: nn.Module, in_features: int, dtype: torch.dtype, rows=
     return True
 
 
-def make_linears_row_invariant(model: nn.Module, max_chunks: int = 8, rows=PROBE_ROWS) -> dict[str, int]:
+def row_invariant_candidates(layer: nn.Linear, max_chunks: int):
+    """``(description, module)`` for each way to compute ``layer``, cheapest first: as it is,
+    with a two-row minimum, then split into 2..max_chunks K-chunks (each also with the minimum)."""
+    yield "unchanged", layer
+    yield "min 2 rows", MinRowsLinear(layer)
+    for chunks in range(2, min(max_chunks, layer.in_features) + 1):
+        split = SplitKLinear(layer, chunks)
+        yield f"{chunks} K-chunks", split
+        yield f"{chunks} K-chunks, min 2 rows", MinRowsLinear(split)
+
+
+def make_linears_row_invariant(model: nn.Module, max_chunks: int = 8, rows=PROBE_ROWS) -> dict[str, str]:
     """Probe every distinct (out, in) linear shape under ``model`` and swap each layer of a shape
-    that is not row-invariant for a :class:`SplitKLinear` with the fewest chunks that is.
-    Returns ``{"OUTxIN": chunks}`` (1: left as it was). Raises :class:`RowInvarianceUnavailable`
-    (swapping nothing) when no split up to ``max_chunks`` is invariant."""
+    that is not row-invariant for the first of :func:`row_invariant_candidates` that is.
+    Returns ``{"OUTxIN": description}`` ("unchanged": left as it was). Raises
+    :class:`RowInvarianceUnavailable` (swapping nothing) when no candidate is invariant."""
     layers = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-              if isinstance(child, nn.Linear)]
-    plan: dict[tuple[int, int], int] = {}
+              if isinstance(child, nn.Linear) and not isinstance(parent, MinRowsLinear)]  # (already done)
+    plan: dict[tuple[int, int], str] = {}
     for _, _, layer in layers:
         shape = (layer.out_features, layer.in_features)
         if shape in plan:
             continue
         dtype = layer.weight.dtype
-        for chunks in range(1, max_chunks + 1):
-            candidate = layer if chunks == 1 else SplitKLinear(layer, chunks)
+        for description, candidate in row_invariant_candidates(layer, max_chunks):
             if rows_invariant(candidate, layer.in_features, dtype, rows):
-                plan[shape] = chunks
+                plan[shape] = description
                 break
         else:
             raise RowInvarianceUnavailable(
-                f"--row-invariant: no split of a {shape[0]}x{shape[1]} {dtype} linear layer into up to {max_chunks} K-chunks is "
-                "row-invariant on this machine: bit-identical verification is not available here (bfloat16 is "
+                f"--row-invariant: no split of a {shape[0]}x{shape[1]} {dtype} linear layer into up to {max_chunks} K-chunks, "
+                "with or without a two-row minimum, is row-invariant on this machine: bit-identical verification is not available here (bfloat16 is "
                 "where it usually is; docs/families.md)")
     for parent, name, layer in layers:
-        chunks = plan[(layer.out_features, layer.in_features)]
-        if chunks > 1:
-            setattr(parent, name, SplitKLinear(layer, chunks))
-    return {f"{out}x{k}": chunks for (out, k), chunks in plan.items()}
+        description = plan[(layer.out_features, layer.in_features)]
+        if description != "unchanged":
+            chosen = next(m for d, m in row_invariant_candidates(layer, max_chunks) if d == description)
+            setattr(parent, name, chosen)
+    return {f"{out}x{k}": description for (out, k), description in plan.items()}
