@@ -13,8 +13,9 @@ alone (a decode step), on this machine's kernels.
    vanilla, per ``--modes``: today's verification, ``Target.row_invariant_verify`` (every
    node's attention computed as its one-token step computes it) and ``exact``
    (``Target.make_row_invariant``: that attention plus linear layers given a two-row minimum
-   or split along K where this machine's kernels need it; vanilla runs in the same mode, and the vanilla outputs that
-   changed from plain vanilla are counted).
+   or split along K where this machine's kernels need it; vanilla runs in the same mode, and
+   the vanilla outputs that changed from plain vanilla are counted). Differing prompts are
+   listed with their first differing token.
 Run it on an otherwise idle machine (the times in part 1).
 """
 
@@ -97,12 +98,12 @@ def end_to_end(prompts_per_benchmark: int, max_new_tokens: int, trees: list[str]
         target.row_invariant_verify = mode != "today"
         for tree in trees:
             options = DecodeOptions(TreeConfig.parse(tree))
-            cases = []  # (benchmark, question id, first token that differs)
+            cases = []  # [benchmark, question id, index of the first token that differs]
             for (name, question), p, v in zip(questions, prompts, vanilla):
                 out = generate(target, p, drafter, config, options).token_ids
                 if out != v:
-                    cases.append([name, str(question.question_id), next((i for i, (a, b) in enumerate(zip(out, v)) if a != b),
-                                                               min(len(out), len(v)))])
+                    first = next((i for i, (a, b) in enumerate(zip(out, v)) if a != b), min(len(out), len(v)))
+                    cases.append([name, str(question.question_id), first])
             differing = len(cases)
             rows.append({"verify": MODES[mode], "tree": tree, "prompts": len(prompts), "max_new_tokens": max_new_tokens,
                          "outputs_differing_from_vanilla": differing, "differing": cases})

@@ -22,13 +22,13 @@ own ``sdpa`` function unchanged.
 Row-invariant attention (:func:`row_invariant_attention`, used by tree verification when a
 target's ``row_invariant_verify`` is on): a forward over several new tokens gives each token
 the attention a one-token decode step would compute for it, bit for bit in any dtype. Each
-query row attends as a one-token query, through transformers' ``sdpa`` function, over exactly
-the keys its mask row shows (the prefix and its ancestors in the tree), in its own
-batch-1 call, gathered in cache order: the same kernel, shapes and reduction order as the
-decode step that vanilla decoding runs (batch 1). The kernel's rounding depends on the key
-count and on the batch size, so nodes cannot share a call: a tree costs one attention call
-per node instead of one in all, plus the gathers (measured in docs/families.md). The rest of a layer is row-wise
-given ``row_invariance.make_linears_row_invariant``.
+query row attends as a one-token query, through transformers' ``sdpa`` function, in its own
+batch-1 call, over exactly the keys its mask row shows (the prefix and its ancestors in the
+tree), gathered in cache order: the same kernel, shapes and reduction order as the decode step
+that vanilla decoding runs (batch 1). The kernel's rounding depends on the key count and on
+the batch size, so nodes cannot share a call: a tree costs one attention call per node instead
+of one in all, plus the gathers (measured in docs/families.md). The rest of a layer is
+row-wise given ``row_invariance.make_linears_row_invariant``.
 
 :func:`attention_backends` picks the SDPA kernels that the runtime's, the drafters' and
 training's forwards may use on CUDA (cuDNN attention left out).

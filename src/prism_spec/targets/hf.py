@@ -142,8 +142,7 @@ class Target:
         split along K until they do not (probed here, about a second). Vanilla and speculative
         decoding of this target then give identical tokens in any dtype, also bf16. Returns
         ``{"OUTxIN": what was done}``; raises ``RowInvarianceUnavailable`` (a ValueError) where
-        nothing tried is invariant. Call it
-        after :meth:`pack_weights`."""
+        nothing tried is invariant. Call it after :meth:`pack_weights`."""
         from .row_invariance import make_linears_row_invariant
 
         report = make_linears_row_invariant(self.model)

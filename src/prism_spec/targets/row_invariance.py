@@ -121,14 +121,14 @@ def rows_invariant(layer: nn.Module, in_features: int, dtype: torch.dtype, rows=
 
 
 def row_invariant_candidates(layer: nn.Linear, max_chunks: int):
-    """``(description, module)`` for each way to compute ``layer``, cheapest first: as it is,
-    with a two-row minimum, then split into 2..max_chunks K-chunks (each also with the minimum)."""
-    yield "unchanged", layer
-    yield "min 2 rows", MinRowsLinear(layer)
+    """``(description, build)`` for each way to compute ``layer``, cheapest first: as it is,
+    with a two-row minimum, then split into 2..max_chunks K-chunks (each also with the
+    minimum). ``build()`` makes the module (a split copies the weight: only when asked)."""
+    yield "unchanged", lambda: layer
+    yield "min 2 rows", lambda: MinRowsLinear(layer)
     for chunks in range(2, min(max_chunks, layer.in_features) + 1):
-        split = SplitKLinear(layer, chunks)
-        yield f"{chunks} K-chunks", split
-        yield f"{chunks} K-chunks, min 2 rows", MinRowsLinear(split)
+        yield f"{chunks} K-chunks", functools.partial(SplitKLinear, layer, chunks)
+        yield f"{chunks} K-chunks, min 2 rows", lambda c=chunks: MinRowsLinear(SplitKLinear(layer, c))
 
 
 def make_linears_row_invariant(model: nn.Module, max_chunks: int = 8, rows=PROBE_ROWS) -> dict[str, str]:
@@ -144,18 +144,17 @@ def make_linears_row_invariant(model: nn.Module, max_chunks: int = 8, rows=PROBE
         if shape in plan:
             continue
         dtype = layer.weight.dtype
-        for description, candidate in row_invariant_candidates(layer, max_chunks):
-            if rows_invariant(candidate, layer.in_features, dtype, rows):
+        for description, build in row_invariant_candidates(layer, max_chunks):
+            if rows_invariant(build(), layer.in_features, dtype, rows):
                 plan[shape] = description
                 break
         else:
             raise RowInvarianceUnavailable(
-                f"--row-invariant: no split of a {shape[0]}x{shape[1]} {dtype} linear layer into up to {max_chunks} K-chunks, "
-                "with or without a two-row minimum, is row-invariant on this machine: bit-identical verification is not available here (bfloat16 is "
-                "where it usually is; docs/families.md)")
+                f"--row-invariant: no split of a {shape[0]}x{shape[1]} {dtype} linear layer into up to "
+                f"{max_chunks} K-chunks, with or without a two-row minimum, is row-invariant on this machine: "
+                "bit-identical verification is not available here (bfloat16 is where it usually is; docs/families.md)")
     for parent, name, layer in layers:
         description = plan[(layer.out_features, layer.in_features)]
         if description != "unchanged":
-            chosen = next(m for d, m in row_invariant_candidates(layer, max_chunks) if d == description)
-            setattr(parent, name, chosen)
+            setattr(parent, name, dict(row_invariant_candidates(layer, max_chunks))[description]())
     return {f"{out}x{k}": description for (out, k), description in plan.items()}
