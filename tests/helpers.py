@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from scipy.stats import chisquare
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -341,3 +342,15 @@ def tiny_family(name: str, seed: int = 0, dtype=torch.float64, vocab_size: int |
     target = Target(model, None, name=f"tiny-{name}")
     target.check_against_model()
     return target
+
+
+def require_llama_cpp():
+    """The llama_cpp module, or a skip that says why the engine cannot run here: the llamacpp
+    extra is not installed, or it was built for instructions this CPU lacks."""
+    pytest.importorskip("llama_cpp", reason="the llamacpp extra (llama-cpp-python) is not installed")
+    from prism_spec.targets.llamacpp import llama_cpp_module
+
+    try:
+        return llama_cpp_module()
+    except ImportError as error:
+        pytest.skip(str(error), allow_module_level=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 import warnings
 
 import pytest
-from helpers import tiny_chat_target
+from helpers import require_llama_cpp, tiny_chat_target
 import torch
 
 from prism_spec.bench import report as R
@@ -482,7 +482,7 @@ def test_end_to_end_llama_cpp_peer(tmp_path):
     """llama.cpp's own decoding is a method of a bench on the llama.cpp engine, measured in the
     same run; at T=0 prism-spec's vanilla decoding on the engine matches it, and its sampled
     runs are reproducible from the bench seed."""
-    pytest.importorskip("llama_cpp", reason="the llamacpp extra (llama-cpp-python) is not installed")
+    require_llama_cpp()
     out = tmp_path / "llama.cpp"
     argv = ["--engine", "llama.cpp", "--threads", "2", "--limit", "1", "--bench", "qa", "--method", "vanilla",
             "--method", "llama.cpp", "--temperature", "0", "--temperature", "1", "--max-new-tokens", "8",

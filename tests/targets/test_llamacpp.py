@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-llama_cpp = pytest.importorskip("llama_cpp", reason="the llamacpp extra (llama-cpp-python) is not installed")
+from helpers import NoisyDrafter, chi_square_pvalue, require_llama_cpp  # noqa: E402
 
-from helpers import NoisyDrafter, chi_square_pvalue  # noqa: E402
+llama_cpp = require_llama_cpp()
 from prism_spec.drafters import FeatureDrafter, FeatureDrafterModel, StandardDrafter, prism_config  # noqa: E402
 from prism_spec.drafters.resolve import resolve_drafter  # noqa: E402
 from prism_spec.runtime import (  # noqa: E402
@@ -32,6 +32,7 @@ from prism_spec.targets.llamacpp import (  # noqa: E402
     load_llamacpp_target,
     plain_greedy,
     plain_llama,
+    requantize,
 )
 
 QUESTIONS = ["Write a short poem about the sea.", "What is 17 times 23? Explain step by step.",
@@ -206,6 +207,21 @@ def test_tiny_gguf_loads_with_a_companion_of_the_same_model(tiny_engine, tiny_pr
     probs = torch.softmax(ours.double(), -1)
     entropy = -(probs * probs.clamp_min(1e-300).log()).sum(-1)
     assert 0.5 < float(entropy.mean()) < 6.0, entropy
+
+
+def test_requantize_writes_a_model_llama_cpp_decodes(tiny_gguf_path, tiny_engine, tiny_prompts, tmp_path):
+    """``requantize`` (the llama.cpp-speed benchmark's --quant) writes the same model in another
+    type through llama.cpp's quantiser, completely or not at all, and refuses unknown types."""
+    out = requantize(tiny_gguf_path, tmp_path / "tiny.q8_0.gguf", "Q8_0", threads=1)
+    assert out.is_file() and not list(tmp_path.glob("*.partial"))
+    assert out.stat().st_size < 0.5 * tiny_gguf_path.stat().st_size  # float32 in, ~8.5 bits a weight out
+    engine = load_llamacpp_target(out, threads=1)
+    ours, reference = last_logits(engine, tiny_prompts[0]), last_logits(tiny_engine, tiny_prompts[0])
+    assert (ours - reference).abs().max() < 0.05 * reference.abs().max()  # the same model, rounded
+    with pytest.raises(ValueError, match="unknown quantisation 'Q3_X'"):
+        requantize(tiny_gguf_path, tmp_path / "x.gguf", "Q3_X")
+    with pytest.raises(FileNotFoundError):
+        requantize(tmp_path / "missing.gguf", tmp_path / "y.gguf", "Q4_0")
 
 
 def test_tiny_gguf_context_is_its_trained_one_capped(tiny_gguf_path, tiny_engine, monkeypatch):

@@ -8,7 +8,7 @@ from torch import nn
 
 from helpers import tiny_llama
 from prism_spec.drafters.resolve import resolve_drafter
-from prism_spec.runtime import DecodeOptions, GenerationConfig, TreeConfig, generate
+from prism_spec.runtime import DecodeOptions, GenerationConfig, TreeConfig, generate, generate_batch
 from prism_spec.targets import row_invariance
 from prism_spec.targets.packed import PackedLinear, packed_linear_available
 from prism_spec.targets.row_invariance import (
@@ -150,3 +150,23 @@ def test_speculative_equals_vanilla_in_row_invariant_mode():
             for tree in ("8/3/3", "chain:3"):
                 options = DecodeOptions(TreeConfig.parse(tree))
                 assert generate(target, prompt, drafter, config, options).token_ids == vanilla, (seed, prompt, tree)
+
+
+def test_batched_speculative_equals_single_vanilla_in_row_invariant_mode():
+    """Rows of a batch (different prompt lengths, so left padding and rows that accept
+    different counts) each give the tokens of their prompt decoded alone by vanilla decoding:
+    every verified node attends over its own row's keys only, and the linear layers do not
+    round a row by the batch's row count."""
+    config = GenerationConfig(max_new_tokens=24)
+    prompts = [[5, 17, 3, 9], [40, 2, 2, 71, 8, 30], list(range(1, 13)), [7, 7, 7]]
+    for seed in range(2):
+        target = tiny_llama(hidden_size=64, dtype=torch.bfloat16, seed=seed)
+        try:
+            target.make_row_invariant()
+        except RowInvarianceUnavailable as exc:
+            pytest.skip(f"this machine's kernels: {exc}")
+        drafter = resolve_drafter("layers:1", target).drafter
+        alone = [generate(target, prompt, None, config).token_ids for prompt in prompts]
+        for tree in ("8/3/3", "chain:3"):
+            batched = generate_batch(target, prompts, drafter, config, DecodeOptions(TreeConfig.parse(tree)))
+            assert [result.token_ids for result in batched] == alone, (seed, tree)

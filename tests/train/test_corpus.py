@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from helpers import tiny_chat_target
+from helpers import require_llama_cpp, tiny_chat_target
 
 from prism_spec.cli import main as cli_main
 from prism_spec.runtime import GenerationConfig, generate
@@ -205,7 +205,7 @@ def test_a_creation_cut_short_is_started_over(tmp_path, target, prompt_files):
 def test_llama_cpp_engine_answers_like_llama_cpps_own_decoding(tmp_path):
     """The GGUF engine: alone in its batch a reply is llama.cpp's own greedy decoding; batched
     (continuous batching) every prompt is answered once; sampled replies repeat with the seed."""
-    pytest.importorskip("llama_cpp", reason="the llamacpp extra (llama-cpp-python) is not installed")
+    require_llama_cpp()
     from prism_spec.targets import load_target
     from prism_spec.targets.llamacpp import plain_greedy, plain_llama
     from prism_spec.train.corpus.engines import LlamaCppEngine

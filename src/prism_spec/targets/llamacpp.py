@@ -39,9 +39,49 @@ TOMBSTONE = MAX_SEQUENCES - 1
 DEFAULT_MAX_N_CTX = 8192
 
 
+#: x86 instruction sets as llama.cpp's system-info line names them, and the /proc/cpuinfo flag
+#: of each (SSE3 is "pni" there).
+X86_FEATURE_FLAGS = {
+    "SSE3": "pni", "SSSE3": "ssse3", "AVX": "avx", "AVX_VNNI": "avx_vnni", "AVX2": "avx2", "F16C": "f16c",
+    "FMA": "fma", "BMI2": "bmi2", "AVX512": "avx512f", "AVX512_VBMI": "avx512vbmi", "AVX512_VNNI": "avx512_vnni",
+    "AVX512_BF16": "avx512_bf16", "AMX_INT8": "amx_int8",
+}
+
+
+def cpu_flags(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> set[str] | None:
+    """The CPU's feature flags from ``cpuinfo`` (Linux), or None where they cannot be read."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return None
+
+
+def missing_instruction_sets(system_info: str, flags: set[str] | None) -> list[str]:
+    """The x86 instruction sets a llama.cpp build was compiled for (``NAME = 1`` in its
+    system-info line) that a CPU with ``flags`` lacks; empty where ``flags`` is None."""
+    if flags is None:
+        return []
+    built = {name.strip() for name, _, value in (item.partition("=") for item in system_info.split("|"))
+             if value.strip() == "1"}
+    return [name for name, flag in X86_FEATURE_FLAGS.items() if name in built and flag not in flags]
+
+
+def cmake_args(flags: set[str]) -> str:
+    """CMAKE_ARGS that build llama.cpp for a CPU with ``flags``: each instruction set on only
+    where the CPU has it, AMX off (as ``scripts/llamacpp_cmake_args.sh`` prints)."""
+    switches = [f"-DGGML_{name}={'ON' if X86_FEATURE_FLAGS[name] in flags else 'OFF'}"
+                for name in ("AVX", "AVX2", "FMA", "F16C", "BMI2", "AVX512", "AVX512_VBMI", "AVX512_VNNI", "AVX512_BF16")]
+    return " ".join(["-DGGML_NATIVE=OFF", *switches, "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"])
+
+
 def llama_cpp_module():
     """The llama_cpp module (its C library's log silenced unless PRISM_LLAMA_LOG is set), or
-    an ImportError saying how to install it."""
+    an ImportError saying how to install it, also when the installed build uses instructions
+    this CPU lacks (it would die of SIGILL at its first decode instead)."""
     try:
         import llama_cpp
     except ImportError as error:  # pragma: no cover - depends on the environment
@@ -49,13 +89,27 @@ def llama_cpp_module():
             "the llama.cpp engine needs llama-cpp-python: pip install 'prism-spec[llamacpp]' "
             "(see the README for the build flags this CPU needs)"
         ) from error
-    global _SILENT_LOG
+    global _SILENT_LOG, _CHECKED_BUILD
+    if not _CHECKED_BUILD:
+        system_info = llama_cpp.llama_print_system_info()
+        system_info = system_info.decode("utf-8", "replace") if isinstance(system_info, bytes) else str(system_info)
+        flags = cpu_flags()
+        missing = missing_instruction_sets(system_info, flags)
+        if missing:
+            raise ImportError(
+                f"this llama-cpp-python build uses {', '.join(missing)}, which this CPU does not have "
+                "(it would crash with an illegal instruction); rebuild it for this CPU: "
+                f"CMAKE_ARGS=\"{cmake_args(flags)}\" pip install --no-cache-dir --force-reinstall --no-deps "
+                "'llama-cpp-python==0.3.36'"
+            )
+        _CHECKED_BUILD = True
     if _SILENT_LOG is None and not os.environ.get("PRISM_LLAMA_LOG"):
         _SILENT_LOG = llama_cpp.llama_log_callback(lambda level, text, user_data: None)  # kept alive here
         llama_cpp.llama_log_set(_SILENT_LOG, ctypes.c_void_p(0))
     return llama_cpp
 
 
+_CHECKED_BUILD = False
 _SILENT_LOG = None
 
 
@@ -318,6 +372,36 @@ def plain_llama(target: "LlamaCppTarget"):
     threads, flash attention): plain llama.cpp decoding to compare with."""
     return llama_cpp_module().Llama(str(target.gguf_path), n_ctx=target.n_ctx, n_threads=target.threads,
                                     flash_attn=target.flash_attention, verbose=False)
+
+
+#: llama.cpp file types :func:`requantize` writes (``llama_ftype`` values).
+REQUANTIZE_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q4_K_M": 15}
+
+
+def requantize(source: str | os.PathLike, destination: str | os.PathLike, quant: str, threads: int | None = None) -> Path:
+    """Write ``source`` GGUF re-quantised to ``quant`` (one of :data:`REQUANTIZE_TYPES`) at
+    ``destination`` with llama.cpp's own quantiser (its default tensor-type choices, as
+    ``llama-quantize`` makes them). A quantised source is de-quantised first, so the weights
+    carry both roundings: a way to measure another type's kernels on the same model, not a
+    model of that type's quality. Written to a temporary name and renamed when complete."""
+    if quant not in REQUANTIZE_TYPES:
+        raise ValueError(f"unknown quantisation {quant!r}; one of {', '.join(REQUANTIZE_TYPES)}")
+    source, destination = Path(source), Path(destination)
+    if not source.is_file():
+        raise FileNotFoundError(f"no GGUF file at {source}")
+    llama_cpp = llama_cpp_module()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = REQUANTIZE_TYPES[quant]
+    params.allow_requantize = True
+    params.nthread = threads or os.cpu_count() or 1
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    partial = destination.with_name(destination.name + ".partial")
+    status = llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), ctypes.byref(params))
+    if status != 0:
+        partial.unlink(missing_ok=True)
+        raise RuntimeError(f"llama.cpp could not quantise {source} to {quant} (status {status})")
+    partial.replace(destination)
+    return destination
 
 
 def load_llamacpp_target(gguf_path: str | os.PathLike, companion_path: str | os.PathLike | None = None,
