@@ -2,13 +2,22 @@
 speculative decoding on its llama.cpp engine, interleaved per prompt in one process.
 
     python benchmarks/llamacpp_speed.py [--prompts 2] [--max-new-tokens 96] [--trees chain:1,chain:2,4/0/3]
-        [--threads 2] [--json out.json]
+        [--threads 2] [--quant Q4_0] [--drafter-weights float,int8] [--json out.json]
 
 Prompts: the first turns of ``--prompts`` questions per benchmark, chat template. Every method
 decodes greedily (T=0). "llama.cpp plain" is llama-cpp-python's ``Llama.generate`` on the same
 GGUF with the engine's settings (flash attention on, same threads). Tokens/s are new tokens
 over the whole generate call (prefill included), summed over the prompts; "identical" counts
 prompts whose output equals llama.cpp plain's token for token. Run it on an idle machine.
+
+``--quant Q4_0`` (or another llama.cpp type) runs the default target re-quantised from its
+shipped Q4_1 by llama.cpp's quantiser (written once to the cache), with the float32 model as
+the drafters' companion as usual: Q4_0 weights take llama.cpp's repacked matrix kernels on x86,
+whose verify curve is flatter (docs/llamacpp.md). Outputs then are that model's own.
+
+``--drafter-weights float,packed,int8`` runs every tree with each kind of drafter weights
+(float32 as loaded, oneDNN-prepacked: ``Drafter.pack_weights``, int8: ``Drafter.use_int8_weights``),
+as separate methods of the same interleaved run.
 """
 
 from __future__ import annotations
@@ -23,7 +32,8 @@ from prism_spec.bench.datasets import BENCHMARKS, conversation_prompt, load_benc
 from prism_spec.drafters.resolve import resolve_drafter
 from prism_spec.runtime import DecodeOptions, GenerationConfig, TreeConfig, generate
 from prism_spec.targets import load_target
-from prism_spec.targets.llamacpp import plain_greedy, plain_llama
+from prism_spec.targets.default import DEFAULT_TARGET, cache_dir, default_gguf_path, default_target_path
+from prism_spec.targets.llamacpp import REQUANTIZE_TYPES, load_llamacpp_target, plain_greedy, plain_llama, requantize
 
 
 def main(argv=None) -> int:
@@ -33,16 +43,36 @@ def main(argv=None) -> int:
     parser.add_argument("--trees", default="chain:1,chain:2,4/0/3")
     parser.add_argument("--drafter", default="auto")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quant", choices=sorted(REQUANTIZE_TYPES),
+                        help="re-quantise the default target to this type first (default: the GGUF as shipped)")
+    parser.add_argument("--drafter-weights", default="float", help="comma-separated: float, packed, int8")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    engine = load_target(engine="llama.cpp", threads=args.threads)
+    if args.quant:
+        path = cache_dir() / "requantized" / f"{default_gguf_path().stem}.as-{args.quant}.gguf"
+        if not path.is_file():
+            requantize(default_gguf_path(), path, args.quant, threads=args.threads)
+        print(f"target: {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+        # The default target's name: the same model, so --drafter auto finds its packaged drafter.
+        engine = load_llamacpp_target(path, default_target_path(), threads=args.threads, name=DEFAULT_TARGET)
+    else:
+        engine = load_target(engine="llama.cpp", threads=args.threads)
     drafter = resolve_drafter(args.drafter, engine)
+    kinds = args.drafter_weights.split(",")
+    drafters = {}
+    for kind in kinds:
+        drafters[kind] = resolve_drafter(args.drafter, engine).drafter
+        if kind == "int8" and not drafters[kind].use_int8_weights():
+            raise SystemExit("this drafter or machine has no int8 weights")
+        if kind == "packed" and not drafters[kind].pack_weights():
+            raise SystemExit("this drafter or machine has no prepacked weights")
     plain = plain_llama(engine)
     prompts = [conversation_prompt(engine, q.turns[:1], [])
                for name in BENCHMARKS for q in load_benchmark(name).questions[: args.prompts]]
-    methods = ["llama.cpp plain", "prism vanilla"] + [f"prism {t}" for t in args.trees.split(",")]
+    methods = ["llama.cpp plain", "prism vanilla"] + [f"prism {t}" + ("" if kind == "float" else f" {kind}")
+                                                       for t in args.trees.split(",") for kind in kinds]
     totals = {m: {"tokens": 0, "seconds": 0.0, "identical": 0, "rounds": 0, "accepted": 0} for m in methods}
 
     for prompt in prompts:
@@ -52,11 +82,11 @@ def main(argv=None) -> int:
         totals["llama.cpp plain"]["tokens"] += len(reference)
         totals["llama.cpp plain"]["identical"] += 1
         for method in methods[1:]:
-            tree = method.removeprefix("prism ")
+            tree, _, kind = method.removeprefix("prism ").partition(" ")
             config = GenerationConfig(max_new_tokens=args.max_new_tokens)
             options = DecodeOptions(TreeConfig.parse(tree if tree != "vanilla" else "chain:1"))
             start = time.perf_counter()
-            result = generate(engine, prompt, None if tree == "vanilla" else drafter.drafter, config, options)
+            result = generate(engine, prompt, None if tree == "vanilla" else drafters[kind or "float"], config, options)
             row = totals[method]
             row["seconds"] += time.perf_counter() - start
             row["tokens"] += len(result.token_ids)
@@ -67,13 +97,13 @@ def main(argv=None) -> int:
     base = totals["llama.cpp plain"]["tokens"] / totals["llama.cpp plain"]["seconds"]
     rows = []
     print(f"{len(prompts)} prompts, {args.max_new_tokens} new tokens, {args.threads} threads, drafter: {drafter.label}")
-    print(f"{'method':18s} {'tokens/s':>9s} {'vs plain':>9s} {'AL':>5s} {'identical':>10s}")
+    print(f"{'method':24s} {'tokens/s':>9s} {'vs plain':>9s} {'AL':>5s} {'identical':>10s}")
     for method, row in totals.items():
         speed = row["tokens"] / row["seconds"]
         al = (row["accepted"] + row["rounds"]) / row["rounds"] if row["rounds"] else float("nan")
         rows.append({"method": method, "tokens_per_s": round(speed, 2), "vs_llama_cpp_plain": round(speed / base, 3),
                      "acceptance_length": round(al, 3), "identical_to_plain": row["identical"], "prompts": len(prompts)})
-        print(f"{method:18s} {speed:9.1f} {speed / base:9.3f} {al:5.2f} {row['identical']:>5d}/{len(prompts)}")
+        print(f"{method:24s} {speed:9.1f} {speed / base:9.3f} {al:5.2f} {row['identical']:>5d}/{len(prompts)}")
     write_rows(args.json, vars(args), rows)
     return 0
 

@@ -1,7 +1,7 @@
 """Two runtime settings A/B, vanilla and speculative decoding, interleaved in one process so
 that drifting machine load hits every configuration alike.
 
-    python benchmarks/runtime_ab.py [--compare packing|attention|exact] [--bench mt_bench] \
+    python benchmarks/runtime_ab.py [--compare packing|attention|exact|drafter-int8] [--bench mt_bench] \
         [--dtype bfloat16] [--tree 4/0/3] [--prompts 4] [--max-new-tokens 64] [--repeats 3] [--json out.json]
 
 ``--compare packing``: prepacked against plain linear layers (docs/performance.md, "Prepacked
@@ -9,7 +9,9 @@ CPU weights"). ``--compare attention``: transformers' ``sdpa`` against ``prism_s
 same kernel with grouped query heads folded instead of the KV cache copied
 (``targets/attention.py``). ``--compare exact``: today's verification against bit-identical
 verification (``--row-invariant``, ``Target.make_row_invariant``; vanilla decoding runs in the
-same mode, since it is the reference its outputs must equal). Two copies of the default target (one per setting) and of the
+same mode, since it is the reference its outputs must equal). ``--compare drafter-int8``: the
+drafter on its float weights against int8 weights (``--drafter-weights int8``); vanilla decoding
+is the same in both. Two copies of the default target (one per setting) and of the
 packaged drafter; every repeat runs each prompt (first turns of ``--bench``) through the four
 configurations in turn. Reports tokens/s (new tokens / total generate time, prefill
 included) summed over all runs, the speedup of speculative over vanilla decoding within each
@@ -48,10 +50,15 @@ def load_exact(setting: str, dtype: str):
     return load_target("smollm2-135m", dtype=dtype, row_invariant=setting == "row-invariant")
 
 
+def load_default(setting: str, dtype: str):
+    return load_target("smollm2-135m", dtype=dtype)
+
+
 COMPARISONS = {  # --compare: (the two settings, baseline first; loader; what the table's first column is)
     "packing": (("plain", "packed"), load_packing, "weights"),
     "attention": (("sdpa", "prism_sdpa"), load_attention, "attention"),
     "exact": (("batched", "row-invariant"), load_exact, "verification"),
+    "drafter-int8": (("float", "int8"), load_default, "drafter weights"),
 }
 
 
@@ -73,7 +80,8 @@ def main(argv=None) -> int:
     setups = {}
     for name in settings:
         target = load(name, args.dtype)
-        setups[name] = (target, resolve_drafter(args.drafter, target).drafter)
+        weights = name if args.compare == "drafter-int8" else "float"
+        setups[name] = (target, resolve_drafter(args.drafter, target, weights).drafter)
     first = setups[settings[0]][0]
     questions = load_benchmark(args.bench).questions[: args.prompts]
     prompts = [conversation_prompt(first, q.turns[:1], []) for q in questions]

@@ -339,6 +339,29 @@ def test_resolve_drafter(tiny_target):
         resolve_drafter("layers:two", target)
 
 
+def test_resolve_drafter_weights(tiny_target, tmp_path):
+    """--drafter-weights: int8 for a feature drafter (labelled), an error for a drafter that
+    shares the target's layers, auto stays float on the torch engine."""
+    from prism_spec.drafters import FeatureDrafterModel, prism_config
+    from prism_spec.drafters.checkpoint import save_feature_drafter
+    from prism_spec.drafters.resolve import DrafterSpecError, resolve_drafter
+    from prism_spec.targets import load_target
+    from prism_spec.targets.packed import int8_linear_available
+
+    target = load_target(tiny_target)
+    save_feature_drafter(FeatureDrafterModel(prism_config(target), target), tmp_path / "prism")
+    assert resolve_drafter(str(tmp_path / "prism"), target, "auto").drafter.model.int8 is False
+    assert "int8" not in resolve_drafter("layers:1", target, "auto").label
+    with pytest.raises(DrafterSpecError, match="one of auto, float, int8"):
+        resolve_drafter("layers:1", target, "int4")
+    if not int8_linear_available():
+        return
+    int8 = resolve_drafter(str(tmp_path / "prism"), target, "int8")
+    assert int8.drafter.model.int8 and int8.label.endswith(", int8 weights")
+    with pytest.raises(DrafterSpecError, match="int8 weights are not available for untrained stand-in"):
+        resolve_drafter("layers:1", target, "int8")
+
+
 def test_console_entry_point_has_no_traceback(tmp_path):
     """The real process: exit codes and messages, no traceback, for user errors."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from .options import (
+    DRAFTER_WEIGHTS,
     TreeTooLargeError,
     check_tree_fits,
     device,
@@ -145,6 +146,12 @@ def add_drafter_options(parser: argparse.ArgumentParser, default: str = "auto", 
         help="draft tree: paper, serving, cpu, chain:N, TOTAL/DEPTH/TOPK, or auto (measured on this "
         f"machine for this drafter, cached) (default: {tree})",
     )
+    group.add_argument(
+        "--drafter-weights", choices=DRAFTER_WEIGHTS, default="auto",
+        help="float: as loaded; int8: the drafter's own layers and head on int8 weights (CPU; cheaper draft "
+        "steps, drafts may differ slightly, output stays lossless); auto: int8 on the llama.cpp engine, "
+        "float otherwise (default: auto)",
+    )
 
 
 def add_sampling_options(parser: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
@@ -178,7 +185,7 @@ def load_decoding_setup(args: argparse.Namespace, drafter_spec: str):
     from .drafters.resolve import resolve_drafter
 
     target = load_target_from_args(args)
-    resolved = resolve_drafter(drafter_spec, target)
+    resolved = resolve_drafter(drafter_spec, target, getattr(args, "drafter_weights", "auto"))
     return target, resolved, decode_options(args, target, resolved)
 
 

@@ -6,6 +6,9 @@ from __future__ import annotations
 import argparse
 from typing import Callable
 
+#: ``--drafter-weights`` (see :func:`prism_spec.drafters.resolve.resolve_drafter`).
+DRAFTER_WEIGHTS = ("auto", "float", "int8")
+
 
 def _number(kind: type, text: str, what: str):
     """``text`` as a ``kind`` (int or float); an argparse error saying ``expected <what>`` when

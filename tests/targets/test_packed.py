@@ -13,7 +13,9 @@ from torch import nn
 from helpers import tiny_llama
 from prism_spec.runtime import DecodeOptions, GenerationConfig, TreeConfig, generate
 from prism_spec.targets.packed import (
+    Int8Linear,
     PackedLinear,
+    int8_linear_available,
     pack_linears,
     packed_linear,
     packed_linear_available,
@@ -270,3 +272,72 @@ def test_linear_weight_bytes_counts_tied_weights_once():
     assert linear_weight_bytes(model) == untied
     shared = nn.Sequential(model.lm_head, model.lm_head)
     assert linear_weight_bytes(shared) == model.lm_head.weight.numel() * 4
+
+
+# ------------------------------------------------------------------ int8 weights (drafters)
+needs_int8 = pytest.mark.skipif(not int8_linear_available(), reason="no fbgemm quantized kernels")
+
+
+@needs_int8
+@pytest.mark.parametrize("rows", [1, 3, 10])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_linear_is_close_to_f_linear(rows, dtype):
+    """int8 weights (per output row) and 7-bit activations: within a few percent of the
+    largest output, in the input's dtype; the parameters and state dict are the layer's."""
+    linear = _linear(out_f=256, in_f=128, dtype=dtype)
+    layer = Int8Linear.from_linear(linear)
+    assert layer.weight is linear.weight and layer.state_dict().keys() == linear.state_dict().keys()
+    x = torch.randn(rows, 128).to(dtype)
+    with torch.inference_mode():
+        out, reference = layer(x), F.linear(x, linear.weight, linear.bias)
+    assert out.dtype == dtype and out.shape == reference.shape
+    error = float((out.float() - reference.float()).abs().max() / reference.float().abs().max())
+    assert 0 < error < 0.04  # quantised (not the float product), but close
+
+
+@needs_int8
+def test_int8_linear_falls_back_for_autograd_and_float64_and_requantizes_after_updates():
+    linear = _linear(dtype=torch.float32)
+    layer = Int8Linear.from_linear(linear)
+    x = torch.randn(4, 32, requires_grad=True)
+    torch.testing.assert_close(layer(x), F.linear(x, linear.weight, linear.bias))  # autograd: exact product
+    layer64 = Int8Linear.from_linear(_linear(dtype=torch.float64))
+    x64 = torch.randn(2, 32, dtype=torch.float64)
+    torch.testing.assert_close(layer64(x64), F.linear(x64, layer64.weight, layer64.bias))
+    with torch.inference_mode():
+        before = layer(x.detach())
+    with torch.no_grad():
+        linear.weight.mul_(2)
+    with torch.inference_mode():
+        after = layer(x.detach())
+    assert not torch.allclose(before, after)  # the in-place update was seen
+
+
+@needs_int8
+def test_int8_feature_drafter_is_cheaper_in_kind_and_decodes_losslessly():
+    """A reduced-vocabulary PRISM drafter on int8 weights: every linear layer and the draft head
+    swapped (parameters and state dict unchanged), logits close to the float ones, and
+    speculative decoding with it equals vanilla decoding."""
+    from prism_spec.drafters import FeatureDrafter, FeatureDrafterModel, prism_config
+
+    target = tiny_llama(dtype=torch.float32, layers=2, hidden_size=64, vocab_size=128)
+    torch.manual_seed(0)
+    model = FeatureDrafterModel(prism_config(target, draft_vocab_size=64), target, torch.arange(0, 128, 2))
+    keys = set(model.state_dict())
+    x = torch.randn(3, 64)
+    drafter = FeatureDrafter(model)
+    with torch.inference_mode():
+        float_logits = model.logits(x)
+        layers = sum(isinstance(m, nn.Linear) for m in model.modules())
+        assert drafter.use_int8_weights() == layers + 1 and model.int8
+        assert all(isinstance(m, Int8Linear) for m in model.modules() if isinstance(m, nn.Linear))
+        int8_logits = model.logits(x)
+        assert isinstance(model._head_cache[3], Int8Linear)
+    assert set(model.state_dict()) == keys
+    assert 0 < float((int8_logits - float_logits).abs().max()) < 0.05 * float(float_logits.abs().max())
+    assert model.derived_weight_bytes() == 64 * 64 * 4 + 64 * 64  # the float slice and its int8 copy
+    prompt = torch.randint(0, 128, (10,))
+    vanilla = generate(target, prompt, None, GenerationConfig(max_new_tokens=24))
+    spec = generate(target, prompt, drafter, GenerationConfig(max_new_tokens=24),
+                    DecodeOptions(TreeConfig.parse("8/2/2")))
+    assert spec.token_ids == vanilla.token_ids

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..options import device, dtype, seed, threads, tree_shape
+from ..options import DRAFTER_WEIGHTS, device, dtype, seed, threads, tree_shape
 from ..targets.hf import ENGINES
 from ..targets.default import DEFAULT_TARGET
 from .datasets import BENCHMARKS, BenchmarkError, parse_max_new_tokens
@@ -70,6 +70,9 @@ def _add_common(p: argparse.ArgumentParser, sub: bool) -> None:
                    help="on a CPU, plain nn.Linear layers instead of oneDNN-prepacked weights (see prism generate --help)")
     g.add_argument("--row-invariant", action="store_true", default=d(False),
                    help="bit-identical verification, vanilla runs in the same mode (see prism generate --help)")
+    g.add_argument("--drafter-weights", choices=DRAFTER_WEIGHTS, default=d("auto"),
+                   help="feature drafters on int8 weights (int8), as loaded (float) or auto: int8 on the llama.cpp "
+                        "engine (see prism generate --help) (default auto)")
     g.add_argument("--static-cache", action="store_true", default=d(False),
                    help="preallocated target KV cache written in place (see prism generate --help)")
     g.add_argument("--compile", action="store_true", default=d(False),
@@ -177,6 +180,7 @@ def _config(args, methods, command: str, **extra):
         cuda_graphs=bool(args.cuda_graphs),
         packed_weights=bool(getattr(args, "packed_weights", True)),
         row_invariant=bool(getattr(args, "row_invariant", False)),
+        drafter_weights=getattr(args, "drafter_weights", "auto"),
         extra_settings=extra,
     )
 

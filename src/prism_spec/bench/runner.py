@@ -24,10 +24,12 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Iterable, Sequence
 
 import torch
 
+from ..drafters.resolve import apply_drafter_weights
 from ..options import TreeTooLargeError, check_tree_fits
 from ..runtime.decode import PromptError
 from ..runtime.tree import TreeConfig
@@ -62,6 +64,7 @@ class BenchConfig:
     static_cache: bool = False  # DecodeOptions.static_cache for every method
     packed_weights: bool = True  # load_target's default CPU weight prepacking (False: plain nn.Linear)
     row_invariant: bool = False  # Target.make_row_invariant(): bit-identical verification
+    drafter_weights: str = "auto"  # --drafter-weights: int8 feature drafters (auto: on the llama.cpp engine)
     compile: bool = False  # Target.compile_decoder() before the runs
     cuda_graphs: bool = False  # Target.use_cuda_graphs() before the runs
     extra_settings: dict = field(default_factory=dict)  # recorded in bench.json (sweeps)
@@ -111,8 +114,16 @@ def _settings(cfg: BenchConfig, benches: list[Benchmark], tree: TreeConfig) -> d
         **({"cuda_graphs": True} if cfg.cuda_graphs else {}),
         **({} if cfg.packed_weights else {"packed_weights": False}),
         **({"row_invariant": True} if cfg.row_invariant else {}),
+        **({"drafter_weights": "int8"} if _int8_drafters(cfg, engine) else {}),
         **cfg.extra_settings,
     }
+
+
+def _int8_drafters(cfg: BenchConfig, engine: str) -> bool:
+    """Whether the bench's feature drafters run on int8 weights (standard drafters stay float)."""
+    from ..drafters.resolve import wants_int8_weights
+
+    return wants_int8_weights(SimpleNamespace(engine=engine), cfg.drafter_weights)
 
 
 def _check_resume(meta: dict, settings: dict) -> None:
@@ -284,6 +295,9 @@ def run_bench(
     loaded = {spec.name: loader(spec, target) for spec in specs if spec.name in needed}
     for method in loaded.values():
         method.static_cache = cfg.static_cache
+        if method.drafter is not None and not method.spec.is_peer:
+            method.info["int8_weights"] = apply_drafter_weights(method.drafter, target, cfg.drafter_weights,
+                                                                method.spec.spec_string(), strict=False)
         if auto_tree and method.drafter is not None and method.spec.tree is None and not method.spec.is_peer:
             from ..runtime.autotune import resolve_tree
 

@@ -84,6 +84,13 @@ class Drafter(ABC):
         the target's weights are packed."""
         return 0
 
+    def use_int8_weights(self) -> int:
+        """On a CPU, run the drafter's own linear layers and its head on int8 weights
+        (:class:`prism_spec.targets.packed.Int8Linear`): cheaper draft steps, slightly
+        different drafts, the same (lossless) output. Returns how many layers changed; 0 where
+        the drafter or this machine cannot (drafters sharing the target's layers keep them)."""
+        return 0
+
 
 def follow_target_packing(drafter: Drafter, target) -> Drafter:
     """Prepack the drafter's CPU weights when the target's are (load_target's default)."""

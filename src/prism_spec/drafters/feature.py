@@ -33,7 +33,7 @@ from ..targets.family import full_attention_config, generic_layer_config
 from ..targets.hf import Target, cache_kwarg
 from ..targets.kv_cache import RaggedCache, StaticCachePool, StaticKV
 from ..targets.masks import batch_attention_mask, fit_mask_to_cache, pad_ragged
-from ..targets.packed import pack_linears, packed_linear
+from ..targets.packed import int8_linear, int8_linear_available, int8_linears, pack_linears, packed_linear
 from .base import Drafter, DrafterMismatchError
 
 
@@ -193,6 +193,7 @@ class FeatureDrafterModel(nn.Module):
         self.__dict__["target_head"] = target.lm_head
         self.__dict__["_head_cache"] = None  # (key, weight[d2t], bias[d2t] or None, packed head or None)
         self.packed = False  # FeatureDrafter.pack_weights: CPU linears on prepacked weights
+        self.int8 = False  # FeatureDrafter.use_int8_weights: CPU linears and head on int8 weights
         if config.draft_vocab_size is None:
             if d2t is not None:
                 raise ValueError("a d2t map needs config.draft_vocab_size")
@@ -221,38 +222,44 @@ class FeatureDrafterModel(nn.Module):
         return weight, bias
 
     def _draft_head(self) -> tuple[torch.Tensor, torch.Tensor | None, nn.Module | None]:
-        """:meth:`draft_head` plus the slice as a prepacked linear layer when ``packed``."""
+        """:meth:`draft_head` plus the head as a layer of its own when its weights are prepacked
+        (the slice, ``packed``) or int8 (the slice or the whole head, ``int8``)."""
         head = self.target_head
         weight, bias = head.weight, getattr(head, "bias", None)
-        if self.d2t is None:
-            return weight, bias, None
         d2t = self.d2t
-        key = (weight.device, weight.dtype, weight.data_ptr(), weight._version,
-               d2t.device, d2t.data_ptr(), d2t._version)
+        if d2t is None and not self.int8:
+            return weight, bias, None
+        key = (weight.device, weight.dtype, weight.data_ptr(), weight._version, self.packed, self.int8,
+               None if d2t is None else (d2t.device, d2t.data_ptr(), d2t._version))
         cached = self._head_cache
         if cached is None or cached[0] != key:
             # A plain (non-inference) tensor even when first built under inference_mode, so
             # training can save it for backward later.
             with torch.inference_mode(False), torch.no_grad():
-                if int(d2t.min()) < 0:
-                    raise RuntimeError(
-                        "the draft vocabulary is not set: call set_draft_vocab(build_draft_vocab(...)) "
-                        "or load the drafter's weights first"
-                    )
-                idx = d2t.to(weight.device)
-                sliced = (weight.detach()[idx].contiguous(), None if bias is None else bias.detach()[idx].contiguous())
-            head = packed_linear(*sliced) if self.packed else None
+                if d2t is None:
+                    sliced = (weight.detach(), None if bias is None else bias.detach())
+                else:
+                    if int(d2t.min()) < 0:
+                        raise RuntimeError(
+                            "the draft vocabulary is not set: call set_draft_vocab(build_draft_vocab(...)) "
+                            "or load the drafter's weights first"
+                        )
+                    idx = d2t.to(weight.device)
+                    sliced = (weight.detach()[idx].contiguous(),
+                              None if bias is None else bias.detach()[idx].contiguous())
+            head = int8_linear(*sliced) if self.int8 else packed_linear(*sliced) if self.packed else None
             self.__dict__["_head_cache"] = cached = (key, *sliced, head)
         return cached[1], cached[2], cached[3]
 
     def derived_weight_bytes(self) -> int:
-        """Memory held besides parameters and buffers: the reduced vocabulary's head slice
-        (and its prepacked copy when packed)."""
-        if self.d2t is None:
-            return 0
+        """Memory held besides parameters and buffers: the reduced vocabulary's head slice (and
+        its prepacked copy when packed), and the int8 copy of the head when ``int8``."""
         weight = self.target_head.weight
-        rows = self.config.draft_vocab_size * weight.shape[1] * weight.element_size()
-        return rows * (2 if self.packed else 1)
+        rows = (self.config.draft_vocab_size or weight.shape[0]) * weight.shape[1]
+        total = rows if self.int8 else 0
+        if self.d2t is not None:
+            total += rows * weight.element_size() * (2 if self.packed and not self.int8 else 1)
+        return total
 
     def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
         """Draft ids -> target ids (identity without a reduced vocabulary)."""
@@ -297,10 +304,10 @@ class FeatureDrafterModel(nn.Module):
     def logits(self, predicted: torch.Tensor) -> torch.Tensor:
         """Logits over the draft vocabulary: the target's full vocabulary, or the ``d2t``
         rows of its head when the vocabulary is reduced ([.., N], indexed by draft id)."""
-        if self.d2t is None:
+        if self.d2t is None and not self.int8:
             return self.target_head(predicted)
-        weight, bias, packed_head = self._draft_head()
-        return F.linear(predicted, weight, bias) if packed_head is None else packed_head(predicted)
+        weight, bias, head = self._draft_head()
+        return F.linear(predicted, weight, bias) if head is None else head(predicted)
 
 
 class FeatureDrafter(Drafter):
@@ -347,6 +354,13 @@ class FeatureDrafter(Drafter):
         model.__dict__["_head_cache"] = None  # rebuilt with a packed draft head
         return pack_linears(model)
 
+    def use_int8_weights(self) -> int:
+        model = self.model
+        if self._device.type != "cpu" or not int8_linear_available():
+            return 0
+        model.int8 = True
+        model.__dict__["_head_cache"] = None  # rebuilt as an int8 head
+        return int8_linears(model) + 1  # its own layers and the head
     def use_static_cache(self, capacity: int | None, cuda_graphs: bool = False) -> None:
         """From the next generation on, keep the drafter's KV cache in a preallocated
         StaticCache of ``capacity`` entries (the decode loop passes the target's static cache

@@ -22,6 +22,7 @@ from importlib import resources
 from pathlib import Path
 from typing import NamedTuple
 
+from ..options import DRAFTER_WEIGHTS
 from .base import Drafter, follow_target_packing
 from .standard import StandardDrafter
 
@@ -33,6 +34,7 @@ STAND_IN_LAYERS = 4
 PACKAGED_DRAFTERS: dict[str, str] = {"smollm2-135m": "assets/drafters/smollm2-135m-prism"}
 
 NONE_SPECS = ("none", "vanilla")
+
 
 
 class DrafterSpecError(ValueError):
@@ -54,8 +56,45 @@ def packaged_drafter_path(target) -> Path | None:
     return path if path.exists() else None
 
 
-def resolve_drafter(spec: str, target) -> ResolvedDrafter:
-    """Build the drafter that ``spec`` names for ``target`` (see the module docstring)."""
+def resolve_drafter(spec: str, target, weights: str = "float") -> ResolvedDrafter:
+    """Build the drafter that ``spec`` names for ``target`` (see the module docstring), its
+    weights as ``weights`` says (``--drafter-weights``): ``float`` keeps them as loaded
+    (prepacked on a CPU when the target's are), ``int8`` runs the drafter's own layers and head
+    on int8 weights (:meth:`Drafter.use_int8_weights`), ``auto`` is int8 on the llama.cpp
+    engine, where a float32 drafter step costs about half a target step and int8 measured
+    faster at the same acceptance (docs/llamacpp.md), float elsewhere."""
+    resolved = _resolve(spec, target)
+    if resolved.drafter is not None and apply_drafter_weights(resolved.drafter, target, weights, resolved.label):
+        return resolved._replace(label=f"{resolved.label}, int8 weights")
+    return resolved
+
+
+def wants_int8_weights(target, weights: str) -> bool:
+    """Whether ``--drafter-weights`` ``weights`` asks for int8 drafter weights on ``target``."""
+    if weights not in DRAFTER_WEIGHTS:
+        raise DrafterSpecError(f"drafter weights {weights!r}: one of {', '.join(DRAFTER_WEIGHTS)}")
+    return weights == "int8" or (weights == "auto" and getattr(target, "engine", "torch") == "llama.cpp")
+
+
+def apply_drafter_weights(drafter: Drafter, target, weights: str, label: str = "this drafter",
+                          strict: bool | None = None) -> bool:
+    """Give ``drafter`` the weights ``--drafter-weights`` asks for (see :func:`resolve_drafter`);
+    True when they are int8. An explicit ``int8`` that the drafter cannot have (a standard
+    drafter sharing the target's layers, a GPU, no quantized kernels) is an error unless
+    ``strict`` is False; under ``auto`` it stays float."""
+    if not wants_int8_weights(target, weights):
+        return False
+    if drafter.use_int8_weights():
+        return True
+    if strict if strict is not None else weights == "int8":
+        raise DrafterSpecError(
+            f"int8 weights are not available for {label} on {target.device}: they need a feature drafter "
+            "(its own layers) on a CPU and a torch build with fbgemm's quantized kernels"
+        )
+    return False
+
+
+def _resolve(spec: str, target) -> ResolvedDrafter:
     spec = spec.strip()
     if not spec:
         raise DrafterSpecError("empty drafter spec: use auto, layers:N, none or a checkpoint path")
