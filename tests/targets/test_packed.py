@@ -341,3 +341,23 @@ def test_int8_feature_drafter_is_cheaper_in_kind_and_decodes_losslessly():
     spec = generate(target, prompt, drafter, GenerationConfig(max_new_tokens=24),
                     DecodeOptions(TreeConfig.parse("8/2/2")))
     assert spec.token_ids == vanilla.token_ids
+
+
+@needs_int8
+def test_int8_full_vocabulary_head_is_a_quantised_copy_of_the_targets():
+    """Without a reduced vocabulary the int8 head is built over the target's own head weight
+    (shared, not copied in float) and the target's head itself stays float."""
+    from prism_spec.drafters import FeatureDrafter, FeatureDrafterModel, prism_config
+
+    target = tiny_llama(dtype=torch.float32, layers=2, hidden_size=64, vocab_size=128)
+    model = FeatureDrafterModel(prism_config(target), target)
+    x = torch.randn(2, 64)
+    with torch.inference_mode():
+        float_logits = model.logits(x)
+        FeatureDrafter(model).use_int8_weights()
+        int8_logits = model.logits(x)
+    head = model._head_cache[3]
+    assert isinstance(head, Int8Linear) and head.weight.data_ptr() == target.lm_head.weight.data_ptr()
+    assert type(target.lm_head) is not Int8Linear
+    assert 0 < float((int8_logits - float_logits).abs().max()) < 0.05 * float(float_logits.abs().max())
+    assert model.derived_weight_bytes() == 128 * 64  # the int8 copy only

@@ -29,7 +29,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from ..drafters.resolve import apply_drafter_weights
+from ..drafters.resolve import apply_drafter_weights, wants_int8_weights
 from ..options import TreeTooLargeError, check_tree_fits
 from ..runtime.decode import PromptError
 from ..runtime.tree import TreeConfig
@@ -114,16 +114,9 @@ def _settings(cfg: BenchConfig, benches: list[Benchmark], tree: TreeConfig) -> d
         **({"cuda_graphs": True} if cfg.cuda_graphs else {}),
         **({} if cfg.packed_weights else {"packed_weights": False}),
         **({"row_invariant": True} if cfg.row_invariant else {}),
-        **({"drafter_weights": "int8"} if _int8_drafters(cfg, engine) else {}),
+        **({"drafter_weights": "int8"} if wants_int8_weights(SimpleNamespace(engine=engine), cfg.drafter_weights) else {}),
         **cfg.extra_settings,
     }
-
-
-def _int8_drafters(cfg: BenchConfig, engine: str) -> bool:
-    """Whether the bench's feature drafters run on int8 weights (standard drafters stay float)."""
-    from ..drafters.resolve import wants_int8_weights
-
-    return wants_int8_weights(SimpleNamespace(engine=engine), cfg.drafter_weights)
 
 
 def _check_resume(meta: dict, settings: dict) -> None:
@@ -295,7 +288,7 @@ def run_bench(
     loaded = {spec.name: loader(spec, target) for spec in specs if spec.name in needed}
     for method in loaded.values():
         method.static_cache = cfg.static_cache
-        if method.drafter is not None and not method.spec.is_peer:
+        if getattr(method, "drafter", None) is not None and not method.spec.is_peer:
             method.info["int8_weights"] = apply_drafter_weights(method.drafter, target, cfg.drafter_weights,
                                                                 method.spec.spec_string(), strict=False)
         if auto_tree and method.drafter is not None and method.spec.tree is None and not method.spec.is_peer:

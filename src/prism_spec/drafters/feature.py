@@ -361,6 +361,7 @@ class FeatureDrafter(Drafter):
         model.int8 = True
         model.__dict__["_head_cache"] = None  # rebuilt as an int8 head
         return int8_linears(model) + 1  # its own layers and the head
+
     def use_static_cache(self, capacity: int | None, cuda_graphs: bool = False) -> None:
         """From the next generation on, keep the drafter's KV cache in a preallocated
         StaticCache of ``capacity`` entries (the decode loop passes the target's static cache

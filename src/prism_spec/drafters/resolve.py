@@ -14,6 +14,9 @@ Accepted specs:
     No drafter: vanilla decoding (the resolved drafter is ``None``).
 anything else
     A drafter checkpoint folder, loaded by ``prism_spec.drafters.checkpoint.load_drafter``.
+
+``--drafter-weights`` (``weights``) then picks float or int8 weights for the drafter
+(:func:`apply_drafter_weights`).
 """
 
 from __future__ import annotations
@@ -34,7 +37,6 @@ STAND_IN_LAYERS = 4
 PACKAGED_DRAFTERS: dict[str, str] = {"smollm2-135m": "assets/drafters/smollm2-135m-prism"}
 
 NONE_SPECS = ("none", "vanilla")
-
 
 
 class DrafterSpecError(ValueError):
