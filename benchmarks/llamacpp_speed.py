@@ -2,7 +2,7 @@
 speculative decoding on its llama.cpp engine, interleaved per prompt in one process.
 
     python benchmarks/llamacpp_speed.py [--prompts 2] [--max-new-tokens 96] [--trees chain:1,chain:2,4/0/3]
-        [--threads 2] [--quant Q4_0] [--drafter-weights float,int8] [--json out.json]
+        [--threads 2] [--quant Q4_0] [--drafter-weights float,packed,int8] [--json out.json]
 
 Prompts: the first turns of ``--prompts`` questions per benchmark, chat template. Every method
 decodes greedily (T=0). "llama.cpp plain" is llama-cpp-python's ``Llama.generate`` on the same
@@ -59,15 +59,14 @@ def main(argv=None) -> int:
         engine = load_llamacpp_target(path, default_target_path(), threads=args.threads, name=DEFAULT_TARGET)
     else:
         engine = load_target(engine="llama.cpp", threads=args.threads)
-    drafter = resolve_drafter(args.drafter, engine)
     kinds = args.drafter_weights.split(",")
-    drafters = {}
-    for kind in kinds:
-        drafters[kind] = resolve_drafter(args.drafter, engine).drafter
-        if kind == "int8" and not drafters[kind].use_int8_weights():
-            raise SystemExit("this drafter or machine has no int8 weights")
-        if kind == "packed" and not drafters[kind].pack_weights():
+    drafters, label = {}, None
+    for kind in kinds:  # one copy per kind: packing and int8 change the drafter in place
+        resolved = resolve_drafter(args.drafter, engine, "float" if kind == "packed" else kind)
+        if kind == "packed" and not resolved.drafter.pack_weights():
             raise SystemExit("this drafter or machine has no prepacked weights")
+        drafters[kind] = resolved.drafter
+        label = label if kind != kinds[0] else resolved.label
     plain = plain_llama(engine)
     prompts = [conversation_prompt(engine, q.turns[:1], [])
                for name in BENCHMARKS for q in load_benchmark(name).questions[: args.prompts]]
@@ -96,7 +95,7 @@ def main(argv=None) -> int:
 
     base = totals["llama.cpp plain"]["tokens"] / totals["llama.cpp plain"]["seconds"]
     rows = []
-    print(f"{len(prompts)} prompts, {args.max_new_tokens} new tokens, {args.threads} threads, drafter: {drafter.label}")
+    print(f"{len(prompts)} prompts, {args.max_new_tokens} new tokens, {args.threads} threads, drafter: {label}")
     print(f"{'method':24s} {'tokens/s':>9s} {'vs plain':>9s} {'AL':>5s} {'identical':>10s}")
     for method, row in totals.items():
         speed = row["tokens"] / row["seconds"]

@@ -25,6 +25,15 @@ from prism_spec.targets.packed import (
 needs_packed = pytest.mark.skipif(not packed_linear_available(torch.bfloat16), reason="no oneDNN packed linear")
 
 
+def assert_decodes_like_vanilla(target, drafter):
+    """Speculative decoding with ``drafter`` gives vanilla decoding's tokens on a random prompt."""
+    prompt = torch.randint(0, 128, (10,))
+    vanilla = generate(target, prompt, None, GenerationConfig(max_new_tokens=24))
+    spec = generate(target, prompt, drafter, GenerationConfig(max_new_tokens=24),
+                    DecodeOptions(TreeConfig.parse("8/2/2")))
+    assert spec.token_ids == vanilla.token_ids
+
+
 def _linear(out_f=48, in_f=32, bias=True, dtype=torch.bfloat16, seed=0):
     torch.manual_seed(seed)
     return nn.Linear(in_f, out_f, bias=bias).to(dtype)
@@ -209,11 +218,7 @@ def test_packed_feature_drafter_drafts_like_the_plain_one():
         torch.testing.assert_close(model.logits(x), plain_logits, atol=1e-4, rtol=1e-4)
         assert model._head_cache[3] is not None  # the draft head is packed too
     target.pack_weights()
-    prompt = torch.randint(0, 128, (10,))
-    vanilla = generate(target, prompt, None, GenerationConfig(max_new_tokens=24))
-    spec = generate(target, prompt, drafter, GenerationConfig(max_new_tokens=24),
-                    DecodeOptions(TreeConfig.parse("8/2/2")))
-    assert spec.token_ids == vanilla.token_ids
+    assert_decodes_like_vanilla(target, drafter)
 
 
 @needs_packed
@@ -336,11 +341,7 @@ def test_int8_feature_drafter_is_cheaper_in_kind_and_decodes_losslessly():
     assert set(model.state_dict()) == keys
     assert 0 < float((int8_logits - float_logits).abs().max()) < 0.05 * float(float_logits.abs().max())
     assert model.derived_weight_bytes() == 64 * 64 * 4 + 64 * 64  # the float slice and its int8 copy
-    prompt = torch.randint(0, 128, (10,))
-    vanilla = generate(target, prompt, None, GenerationConfig(max_new_tokens=24))
-    spec = generate(target, prompt, drafter, GenerationConfig(max_new_tokens=24),
-                    DecodeOptions(TreeConfig.parse("8/2/2")))
-    assert spec.token_ids == vanilla.token_ids
+    assert_decodes_like_vanilla(target, drafter)
 
 
 @needs_int8

@@ -132,17 +132,23 @@ def test_refuses_when_no_split_is_invariant(monkeypatch):
     assert type(model[0]) is nn.Linear  # nothing swapped
 
 
+def row_invariant_tiny_llama(seed: int):
+    """A bf16 tiny Llama in row-invariant mode, or a skip where this machine's kernels refuse it."""
+    target = tiny_llama(hidden_size=64, dtype=torch.bfloat16, seed=seed)
+    try:
+        target.make_row_invariant()
+    except RowInvarianceUnavailable as exc:
+        pytest.skip(f"this machine's kernels: {exc}")
+    return target
+
+
 def test_speculative_equals_vanilla_in_row_invariant_mode():
     """bf16, where the mode is available on CPUs with bf16 instructions (float32 products are
     not row-invariant on the CPUs measured: the refusal is tested above). Without the mode, 3
     of these 18 decodes differed from vanilla on the AMD EPYC VM."""
     config = GenerationConfig(max_new_tokens=24)
     for seed in range(3):
-        target = tiny_llama(hidden_size=64, dtype=torch.bfloat16, seed=seed)
-        try:
-            target.make_row_invariant()
-        except RowInvarianceUnavailable as exc:
-            pytest.skip(f"this machine's kernels: {exc}")
+        target = row_invariant_tiny_llama(seed)
         assert target.row_invariant_verify
         drafter = resolve_drafter("layers:1", target).drafter
         for prompt in ([5, 17, 3, 9], [40, 2, 2, 71, 8, 30], list(range(1, 13))):
@@ -160,11 +166,7 @@ def test_batched_speculative_equals_single_vanilla_in_row_invariant_mode():
     config = GenerationConfig(max_new_tokens=24)
     prompts = [[5, 17, 3, 9], [40, 2, 2, 71, 8, 30], list(range(1, 13)), [7, 7, 7]]
     for seed in range(2):
-        target = tiny_llama(hidden_size=64, dtype=torch.bfloat16, seed=seed)
-        try:
-            target.make_row_invariant()
-        except RowInvarianceUnavailable as exc:
-            pytest.skip(f"this machine's kernels: {exc}")
+        target = row_invariant_tiny_llama(seed)
         drafter = resolve_drafter("layers:1", target).drafter
         alone = [generate(target, prompt, None, config).token_ids for prompt in prompts]
         for tree in ("8/3/3", "chain:3"):

@@ -24,7 +24,6 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -114,7 +113,7 @@ def _settings(cfg: BenchConfig, benches: list[Benchmark], tree: TreeConfig) -> d
         **({"cuda_graphs": True} if cfg.cuda_graphs else {}),
         **({} if cfg.packed_weights else {"packed_weights": False}),
         **({"row_invariant": True} if cfg.row_invariant else {}),
-        **({"drafter_weights": "int8"} if wants_int8_weights(SimpleNamespace(engine=engine), cfg.drafter_weights) else {}),
+        **({"drafter_weights": "int8"} if wants_int8_weights(engine, cfg.drafter_weights) else {}),
         **cfg.extra_settings,
     }
 

@@ -71,11 +71,11 @@ def resolve_drafter(spec: str, target, weights: str = "float") -> ResolvedDrafte
     return resolved
 
 
-def wants_int8_weights(target, weights: str) -> bool:
-    """Whether ``--drafter-weights`` ``weights`` asks for int8 drafter weights on ``target``."""
+def wants_int8_weights(engine: str, weights: str) -> bool:
+    """Whether ``--drafter-weights`` ``weights`` asks for int8 drafter weights on ``engine``."""
     if weights not in DRAFTER_WEIGHTS:
         raise DrafterSpecError(f"drafter weights {weights!r}: one of {', '.join(DRAFTER_WEIGHTS)}")
-    return weights == "int8" or (weights == "auto" and getattr(target, "engine", "torch") == "llama.cpp")
+    return weights == "int8" or (weights == "auto" and engine == "llama.cpp")
 
 
 def apply_drafter_weights(drafter: Drafter, target, weights: str, label: str = "this drafter",
@@ -84,7 +84,7 @@ def apply_drafter_weights(drafter: Drafter, target, weights: str, label: str = "
     True when they are int8. An explicit ``int8`` that the drafter cannot have (a standard
     drafter sharing the target's layers, a GPU, no quantized kernels) is an error unless
     ``strict`` is False; under ``auto`` it stays float."""
-    if not wants_int8_weights(target, weights):
+    if not wants_int8_weights(target.engine, weights):
         return False
     if drafter.use_int8_weights():
         return True

@@ -132,10 +132,13 @@ class PackedLinear(nn.Linear):
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, self.bias, "none", [], "")
 
 
+def _frozen(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[nn.Parameter, nn.Parameter | None]:
+    return nn.Parameter(weight, requires_grad=False), None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+
 def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> PackedLinear:
     """A PackedLinear over existing tensors (e.g. a slice of a head), not trainable."""
-    return PackedLinear._over(nn.Parameter(weight, requires_grad=False),
-                              None if bias is None else nn.Parameter(bias, requires_grad=False))
+    return PackedLinear._over(*_frozen(weight, bias))
 
 
 # ------------------------------------------------------------------ int8 weights (drafters)
@@ -165,50 +168,36 @@ def _int8_pack(weight: torch.Tensor, bias: torch.Tensor | None):
         return torch.ops.quantized.linear_prepack(q, None if bias is None else bias.detach().float())
 
 
-class Int8Linear(nn.Linear):
-    """An ``nn.Linear`` (same parameters, same state dict) whose CPU inference forward runs on
-    int8 weights, quantised per output row, and int8 activations quantised per call (torch's
-    dynamic quantisation, fbgemm kernels: SmolLM2's 16k-row draft head on one row 0.34 ms
-    against 2.9 ms in float32 and 1.1 ms prepacked, 2-vCPU AMD EPYC; docs/performance.md). Not
-    exact: about 1-2% of the largest output. For drafters, whose proposals the target verifies,
-    so decoding stays lossless. Falls back to ``F.linear`` where the kernel does not apply
-    (autograd, tracing, CUDA, float64); bfloat16 inputs are computed in float32."""
+class Int8Linear(PackedLinear):
+    """A :class:`PackedLinear` whose packed copy is int8: weights quantised per output row,
+    activations quantised per call (torch's dynamic quantisation, fbgemm kernels: SmolLM2's
+    16k-row draft head on one row 0.34 ms against 2.9 ms in float32 and 1.1 ms prepacked, 2-vCPU
+    AMD EPYC; docs/performance.md). Not exact: about 1-2% of the largest output. For drafters,
+    whose proposals the target verifies, so decoding stays lossless. Same parameters, state
+    dict and fallbacks as PackedLinear; bfloat16 inputs are computed in float32."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._packed = _PackedWeight()
+    @property
+    def packable(self) -> bool:
+        return self.weight.device.type == "cpu" and self.weight.dtype in PACKABLE_DTYPES and int8_linear_available()
 
-    @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
-        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
-        layer.register_parameter("weight", linear.weight)
-        layer.register_parameter("bias", linear.bias)
-        return layer
+    def _pack(self, weight: torch.Tensor):
+        if not self.packable:
+            return None
+        with torch.inference_mode(False), torch.no_grad():
+            return _int8_pack(weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight
-        if (
-            x.device.type != "cpu"
-            or x.dtype not in PACKABLE_DTYPES
-            or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
-            or torch.compiler.is_compiling()
-            or not int8_linear_available()
-        ):
-            return F.linear(x, weight, self.bias)
-        cache = self._packed
-        key = (weight.data_ptr(), weight._version)
-        if cache.key != key:
-            with torch.inference_mode(False), torch.no_grad():
-                cache.tensor, cache.key = _int8_pack(weight, self.bias), key
+        packed = self._packed_weight(x)
+        if packed is None:
+            return F.linear(x, self.weight, self.bias)
         # reduce_range: 7-bit activations, as fbgemm needs on CPUs without VNNI (its 16-bit
         # intermediate sums saturate otherwise: 10% errors measured on the AMD EPYC VM).
-        out = torch.ops.quantized.linear_dynamic(x.float().contiguous(), cache.tensor, True)
-        return out.to(x.dtype)
+        return torch.ops.quantized.linear_dynamic(x.float().contiguous(), packed, True).to(x.dtype)
 
 
 def int8_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Int8Linear:
     """An Int8Linear over existing tensors (e.g. a slice of a head), not trainable."""
-    return Int8Linear.from_linear(packed_linear(weight, bias))
+    return Int8Linear._over(*_frozen(weight, bias))
 
 
 def int8_linears(module: nn.Module) -> int:
