@@ -4,8 +4,8 @@ cache compaction and the drafter's catch-up, for vanilla and speculative decodin
     python benchmarks/profile_round.py [--drafter auto] [--dtype float32] [--tree cpu] \
         [--prompts 4] [--max-new-tokens 64] [--threads 2] [--json out.json]
 
-The decode loop labels its phases with ``torch.profiler.record_function`` (free when no
-profiler runs); this script runs ``torch.profiler`` over whole generations and reports each
+The decode loop labels its phases with ``torch.profiler.record_function`` while a profiler
+records (``prism_spec.devices.profiled``); this script runs ``torch.profiler`` over whole generations and reports each
 label's time per round. The profiler itself slows every op a little, so the tokens/s and the
 speedup come from a second, unprofiled pass over the same prompts (ratios within one run).
 Run it on an otherwise idle machine.

@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from contextlib import nullcontext
+from typing import Callable, ContextManager
 
 import torch
+from torch.profiler import record_function
+
+# Whether a torch profiler is recording (private in torch; where it is missing, always label).
+_profiler_enabled = getattr(getattr(torch._C, "_autograd", None), "_profiler_enabled", lambda: True)
 
 
 def synchronize(device: str | torch.device | None) -> None:
@@ -15,6 +20,13 @@ def synchronize(device: str | torch.device | None) -> None:
     None. Call it around a timed region so the clock covers the work, not its launch."""
     if device is not None and torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def profiled(label: str) -> ContextManager:
+    """``torch.profiler.record_function(label)`` while a profiler records, else nothing:
+    entering and leaving one costs microseconds even with no profiler on, a visible share of a
+    llama.cpp decode step (``benchmarks/round_ops.py``)."""
+    return record_function(label) if _profiler_enabled() else nullcontext()
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, device: str | torch.device | None = None) -> float:

@@ -12,7 +12,7 @@ from helpers import NoisyDrafter, chi_square_pvalue, forward_one, tiny_llama
 from prism_spec.drafters import StandardDrafter
 from prism_spec.runtime import DecodeOptions, GenerationConfig, SamplingConfig, TreeConfig, generate
 from prism_spec.runtime.tree import DraftTree
-from prism_spec.runtime.verify import target_probs, verify_greedy, verify_sampling
+from prism_spec.runtime.verify import argmax_rows, target_probs, verify_greedy, verify_sampling
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -90,6 +90,26 @@ def logits_with_argmax(argmax: list[int], vocab: int = 8) -> torch.Tensor:
 )
 def test_verify_greedy_hand_tree(argmax, path, bonus):
     assert verify_greedy(TREE, logits_with_argmax(argmax)) == (path, bonus)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(7,), (5, 7), (2, 3, 7)])
+def test_argmax_rows_is_torchs_argmax(dtype, shape):
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randint(-3, 3, shape, generator=gen).to(dtype)  # small integers: many ties
+    flat = logits.view(-1, shape[-1])
+    flat[-1, 2:4] = float("inf")  # a tie at the top: the first index
+    flat[0, 5] = float("nan")  # NaN counts as the largest, as in torch
+    got = argmax_rows(logits)
+    assert got.dtype == torch.long and torch.equal(got, logits.argmax(dim=-1))
+    assert got.view(-1)[0] == 5 and (len(flat) == 1 or got.view(-1)[-1] == 2)
+
+
+def test_argmax_rows_leaves_integers_and_autograd_to_torch():
+    ints = torch.tensor([[1, 5, 5], [7, 0, 7]])
+    assert argmax_rows(ints).tolist() == [1, 0]
+    weights = torch.tensor([[0.0, 2.0, 1.0]], requires_grad=True)
+    assert argmax_rows(weights * 2).tolist() == [1]
 
 
 def test_verify_greedy_root_only():

@@ -188,6 +188,18 @@ def last_logits(engine, ids) -> torch.Tensor:
     return out.logits[0, 0]
 
 
+def test_tiny_forward_outputs_only_what_is_asked(tiny_engine, tiny_prompts):
+    ids = torch.tensor(tiny_prompts[0])
+    kv = tiny_engine.new_kv(1)
+    out = tiny_engine.forward(ids[None], torch.arange(len(ids))[None], kv.cache, None, kv.lengths,
+                              logits=False, logit_rows=torch.tensor([len(ids) - 1]), features=False)
+    assert out.features is None and out.logits.shape == (1, 1, tiny_engine.vocab_size)
+    kv = tiny_engine.new_kv(1)
+    out = tiny_engine.forward(ids[None], torch.arange(len(ids))[None], kv.cache, None, kv.lengths)
+    assert out.features.shape == (1, len(ids), tiny_engine.hidden_size)
+    assert out.logits.shape == (1, len(ids), tiny_engine.vocab_size)
+
+
 def test_tiny_gguf_loads_with_a_companion_of_the_same_model(tiny_engine, tiny_prompts):
     assert (tiny_engine.vocab_size, tiny_engine.hidden_size, tiny_engine.max_context) == (49152, 64, 512)
     assert tiny_engine.num_layers == 2 and tiny_engine.eos_token_ids == {2}

@@ -50,6 +50,7 @@ from ..devices import median_seconds
 from ..targets.default import cache_dir
 from .decode import DecodeOptions, GenerationConfig, generate
 from .tree import DraftTree, TreeConfig
+from .verify import argmax_rows
 
 CALIBRATION_TREE = TreeConfig(depth=6, top_k=6, total_tokens=48)
 # A long document to summarise: long contexts make verification dearer and drafts less
@@ -205,7 +206,7 @@ def collect_traces(target, drafter, prompts=CALIBRATION_PROMPTS, max_new_tokens:
 
     def record(t: DraftTree, logits: torch.Tensor):
         start = time.perf_counter()
-        argmax = logits.argmax(-1)
+        argmax = argmax_rows(logits)
         correct = (t.tokens == argmax[t.parents.clamp(min=0)]).tolist()
         correct[0] = True
         traces.append(RoundTrace(t.parents.tolist(), t.depths.tolist(), t.scores.tolist(), correct))

@@ -13,9 +13,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import torch
-from torch.profiler import record_function
 
-from ..devices import synchronize
+from ..devices import profiled, synchronize
 from ..drafters.base import Drafter
 from ..targets.hf import Target
 from ..targets.masks import pad_ragged
@@ -163,6 +162,7 @@ class _BatchDecode:
                 )
         self.target, self.prompts, self.drafter, self.configs, self.options = target, prompts, drafter, configs, options
         self.device = target.device
+        self.eos_token_ids = target.eos_token_ids  # read once: a property that walks configs
         self.generators = []
         for cfg in configs:
             gen = None
@@ -175,6 +175,10 @@ class _BatchDecode:
         self.layers = spec if isinstance(spec, tuple) else None  # intermediate target layers, if any
         self.active = list(range(batch))
         self.results: list[GenerationResult] = []
+        # A round of vanilla decoding: the tree of the root alone (its token is not read) and
+        # the accepted path through it.
+        self.root_tree = DraftTree.root_only(0, self.device)
+        self.root_path = torch.zeros(1, dtype=torch.long, device=self.device)
 
     def pick(self, row: int, tree: DraftTree, logits: torch.Tensor) -> tuple[list[int], int]:
         """Sequence ``row``'s accepted path through ``tree`` and the token after it."""
@@ -207,7 +211,7 @@ class _BatchDecode:
         out = target.forward(padded, positions, kv.cache, None, kv.lengths, feature_layers=self.layers, logits=False,
                              logit_rows=prompt_lens - 1, features=self.wants_features)
         kv.commit([torch.arange(int(n), device=device) for n in prompt_lens])
-        self.roots = [self.pick(b, DraftTree.root_only(0, device), out.logits[b])[1] for b in range(len(self.prompts))]
+        self.roots = [self.pick(b, self.root_tree, out.logits[b])[1] for b in range(len(self.prompts))]
         if self.drafter is not None:
             # The target's cache mode and CUDA graphs carry over to the drafter's own cache.
             self.drafter.use_static_cache(kv.capacity if options.static_cache else None,
@@ -227,7 +231,8 @@ class _BatchDecode:
         ``(row, tokens)``; rows that finish leave the batch."""
         kv, still = self.kv, []
         for i, row in enumerate(self.active):
-            committed, finished = _commit(self.target, self.results[row], self.new_tokens[i], self.configs[row])
+            committed, finished = _commit(self.target, self.results[row], self.new_tokens[i], self.configs[row],
+                                          self.eos_token_ids)
             if committed:
                 yield row, committed
             if finished is None and int(kv.lengths[i]) + 1 >= kv.capacity:
@@ -259,7 +264,7 @@ class _BatchDecode:
             shape = self.options.tree
             if shape.total_tokens > room:
                 shape = TreeConfig(min(shape.depth, room - 1), shape.top_k, room)
-            with record_function("draft_tree"):
+            with profiled("draft_tree"):
                 trees = draft_tree(self.drafter, roots, self.root_logits, shape)
                 self.drafter.end_round()
         synchronize(self.device)
@@ -272,31 +277,34 @@ class _BatchDecode:
         t_verify = time.perf_counter()
         # (The LM head runs for every node: at these tree sizes its cost is reading its weights
         # once, so computing only the nodes acceptance visits, one at a time, is slower.)
-        with record_function("verify_forward"):
+        with profiled("verify_forward"):
             out = self.target.forward(
                 trees.tokens, kv.lengths[:, None] + trees.depths, kv.cache, trees.ancestor_mask(), kv.lengths,
                 self.layers, features=self.wants_features,
             )
         paths, self.new_tokens, features = [], [], []
-        with record_function("accept"):
+        # Vanilla rounds (the root alone) skip the tree bookkeeping: on a fast engine a decode
+        # step is ~8 ms and every tensor op here is ~1% of it.
+        roots_only = trees.tokens.shape[1] == 1
+        with profiled("accept"):
             for i, row in enumerate(self.active):
-                tree = trees.row(i)
+                tree = self.root_tree if roots_only else trees.row(i)
                 path, bonus = self.pick(row, tree, out.logits[i])
                 if self.configs[row].on_round is not None:
-                    self.configs[row].on_round(tree, out.logits[i])
-                path_t = torch.tensor(path, device=device)
+                    self.configs[row].on_round(trees.row(i), out.logits[i])
+                path_t = self.root_path if roots_only else torch.tensor(path, device=device)
                 paths.append(path_t)
-                self.new_tokens.append(tree.tokens[path_t[1:]].tolist() + [bonus])
+                self.new_tokens.append([bonus] if roots_only else tree.tokens[path_t[1:]].tolist() + [bonus])
                 features.append(self.drafter_features(out, i, path_t))
                 result = self.results[row]
                 result.accepted.append(len(path) - 1)
-                result.tree_depths.append(int(tree.depths.max()))
-                result.tree_sizes.append(tree.size)
-                result.exhausted.append(not bool((tree.parents == path[-1]).any()))
-        with record_function("cache_commit"):
+                result.tree_depths.append(0 if roots_only else int(tree.depths.max()))
+                result.tree_sizes.append(len(tree.tokens))
+                result.exhausted.append(roots_only or not bool((tree.parents == path[-1]).any()))
+        with profiled("cache_commit"):
             kv.commit(paths)
         if self.drafter is not None:
-            with record_function("drafter_extend"):
+            with profiled("drafter_extend"):
                 self.root_logits = self.drafter.extend([torch.tensor(t, device=device) for t in self.new_tokens],
                                                        features)
         synchronize(device)
@@ -314,13 +322,14 @@ class _BatchDecode:
         return self.results
 
 
-def _commit(target: Target, result: GenerationResult, tokens: list[int], config: GenerationConfig):
+def _commit(target: Target, result: GenerationResult, tokens: list[int], config: GenerationConfig,
+            eos_token_ids: set[int]):
     """Append a round's tokens to ``result``, cut at EOS / max_new_tokens / stop strings;
     returns (the tokens committed, the finish reason or None)."""
     if config.cancelled is not None and config.cancelled():
         return [], "cancelled"
     finished = None
-    eos = target.eos_token_ids if config.stop_on_eos else ()
+    eos = eos_token_ids if config.stop_on_eos else ()
     for i, tok in enumerate(tokens):
         if tok in eos:
             tokens, finished = tokens[: i + 1], "eos"

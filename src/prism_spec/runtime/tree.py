@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from torch.profiler import record_function
+
+from ..devices import profiled
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..drafters.base import Drafter
@@ -150,6 +151,8 @@ class DraftTreeBatch:
 
     def _ancestor_mask(self) -> torch.Tensor:
         batch, n = self.parents.shape
+        if n == 1:  # roots only (vanilla decoding)
+            return torch.ones(batch, 1, 1, dtype=torch.bool, device=self.parents.device)
         mask = torch.eye(n, dtype=torch.bool, device=self.parents.device).expand(batch, n, n).clone()
         parent_rows = self.parents.clamp(min=0)[..., None].expand(batch, n, n)
         for d in range(1, int(self.depths.max()) + 1):
@@ -201,7 +204,7 @@ def draft_tree(
         padding = torch.zeros(batch, n_slots, k, dtype=torch.bool, device=device)
         slot_mask = torch.cat([torch.cat([slot_mask, padding], 2), new_rows], 1)
         all_tokens, all_scores = torch.cat(cand_tokens, 1), torch.cat(cand_scores, 1)
-        with record_function("drafter_expand"):
+        with profiled("drafter_expand"):
             logits = drafter.expand(all_tokens.gather(1, frontier), frontier_parent_slot, new_rows, depth)
         child_logp, child_idx = torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)  # [B, k, k]
         cum = all_scores.gather(1, frontier)[..., None] + child_logp

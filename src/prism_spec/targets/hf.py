@@ -51,7 +51,7 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
 @dataclass
 class ForwardOutput:
     logits: torch.Tensor | None  # [n, vocab] (float32); None when not asked for (Target.logits later)
-    features: torch.Tensor  # [n, hidden]: last hidden state after the final norm
+    features: torch.Tensor | None  # [n, hidden]: last hidden state after the final norm (None: not asked for)
     layer_features: torch.Tensor | None = None  # [n, len(layers) * hidden] when asked for
 
 
