@@ -31,9 +31,8 @@ from common import write_rows
 from prism_spec.bench.datasets import BENCHMARKS, conversation_prompt, load_benchmark
 from prism_spec.drafters.resolve import resolve_drafter
 from prism_spec.runtime import DecodeOptions, GenerationConfig, TreeConfig, generate
-from prism_spec.targets import load_target
 from prism_spec.targets.default import DEFAULT_TARGET, cache_dir, default_gguf_path, default_target_path
-from prism_spec.targets.llamacpp import REQUANTIZE_TYPES, load_llamacpp_target, plain_greedy, plain_llama, requantize
+from prism_spec.targets.llamacpp import KV_TYPES, REQUANTIZE_TYPES, load_llamacpp_target, plain_greedy, plain_llama, requantize
 
 
 def main(argv=None) -> int:
@@ -46,6 +45,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quant", choices=sorted(REQUANTIZE_TYPES),
                         help="re-quantise the default target to this type first (default: the GGUF as shipped)")
     parser.add_argument("--drafter-weights", default="float", help="comma-separated: float, packed, int8")
+    parser.add_argument("--kv-type", choices=sorted(KV_TYPES), default="f16",
+                        help="the KV cache type of both llama.cpp plain and the engine (q8_0: row-invariant attention)")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -55,10 +56,11 @@ def main(argv=None) -> int:
         if not path.is_file():
             requantize(default_gguf_path(), path, args.quant, threads=args.threads)
         print(f"target: {path} ({path.stat().st_size / 2**20:.1f} MiB)")
-        # The default target's name: the same model, so --drafter auto finds its packaged drafter.
-        engine = load_llamacpp_target(path, default_target_path(), threads=args.threads, name=DEFAULT_TARGET)
     else:
-        engine = load_target(engine="llama.cpp", threads=args.threads)
+        path = default_gguf_path()
+    # The default target's name: the same model, so --drafter auto finds its packaged drafter.
+    engine = load_llamacpp_target(path, default_target_path(), threads=args.threads, name=DEFAULT_TARGET,
+                                  kv_type=args.kv_type)
     kinds = args.drafter_weights.split(",")
     drafters, label = {}, None
     for kind in kinds:  # one copy per kind: packing and int8 change the drafter in place

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import NoisyDrafter, chi_square_pvalue, require_llama_cpp  # noqa: E402
+from helpers import NoisyDrafter, chi_square_pvalue, require_llama_cpp, tiny_gguf  # noqa: E402
 
 llama_cpp = require_llama_cpp()
 from prism_spec.drafters import FeatureDrafter, FeatureDrafterModel, StandardDrafter, prism_config  # noqa: E402
@@ -28,6 +28,7 @@ from prism_spec.targets import load_target  # noqa: E402
 from prism_spec.targets.hf import Target, resolve_engine  # noqa: E402
 from prism_spec.targets.llamacpp import (  # noqa: E402
     DEFAULT_MAX_N_CTX,
+    KV_TYPES,
     LlamaCppTarget,
     load_llamacpp_target,
     plain_greedy,
@@ -234,6 +235,63 @@ def test_requantize_writes_a_model_llama_cpp_decodes(tiny_gguf_path, tiny_engine
         requantize(tiny_gguf_path, tmp_path / "x.gguf", "Q3_X")
     with pytest.raises(FileNotFoundError):
         requantize(tmp_path / "missing.gguf", tmp_path / "y.gguf", "Q4_0")
+
+
+def verified_against_stepped(engine, prefix: list[int], chain: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits of ``chain[0]`` after ``prefix``: as row 0 of a verify forward over ``chain``
+    and from a one-token step."""
+    rows = []
+    for tokens in (chain, chain[:1]):
+        kv = engine.new_kv(1)
+        ids = torch.tensor(prefix)
+        engine.forward(ids[None], torch.arange(len(ids))[None], kv.cache, None, kv.lengths, logits=False,
+                       logit_rows=torch.tensor([len(ids) - 1]), features=False)
+        kv.commit([torch.arange(len(ids))])
+        n = len(tokens)
+        out = engine.forward(torch.tensor(tokens)[None], (len(prefix) + torch.arange(n))[None], kv.cache,
+                             torch.ones(1, n, n, dtype=torch.bool).tril(), kv.lengths, features=False)
+        rows.append(out.logits[0, 0])
+    return rows[0], rows[1]
+
+
+def test_q8_0_kv_gives_a_verified_token_its_one_token_steps_logits(tmp_path, tiny_prompts):
+    """With two threads and more than 256 cells in use, llama.cpp's float16 KV cache sends a
+    one-token step to its split-KV attention kernel and a verify forward to the per-row one;
+    a q8_0 cache sends both to the per-row kernel, so the logits agree bit for bit. (Quantised
+    weights, as the default target's: float32 ones take other matrix kernels for several rows.)"""
+    f32 = tiny_gguf(tmp_path / "tiny-heads-of-32.gguf", heads=2, kv_heads=1)  # q8_0 blocks: 32 values
+    path = requantize(f32, tmp_path / "tiny-heads-of-32.q4_1.gguf", "Q4_1", threads=1)
+    companion = load_llamacpp_target(f32, threads=1)
+    companion = Target(companion.model, companion.tokenizer)
+    prefix = (tiny_prompts[0] * 40)[:300]
+    f16 = LlamaCppTarget(path, companion, threads=2)
+    verified, stepped = verified_against_stepped(f16, prefix, [17, 23, 31])
+    assert not torch.equal(verified, stepped)  # the split-KV kernel really runs here
+    del f16
+    engine = LlamaCppTarget(path, companion, threads=2, kv_type="q8_0")
+    assert engine.kv_type == "q8_0" and plain_llama(engine).context_params.type_k == KV_TYPES["q8_0"]
+    verified, stepped = verified_against_stepped(engine, prefix, [17, 23, 31])
+    assert torch.equal(verified, stepped)
+
+
+def test_row_invariant_loads_a_q8_0_kv_cache(tiny_gguf_path, monkeypatch):
+    import prism_spec.targets.llamacpp as llamacpp
+
+    seen = {}
+    monkeypatch.setattr(llamacpp, "LlamaCppTarget", lambda *args, **kwargs: seen.update(kwargs))
+    monkeypatch.setattr(llamacpp, "_companion_from_gguf", lambda path: None)
+    load_target(str(tiny_gguf_path), row_invariant=True)
+    assert seen["kv_type"] == "q8_0"
+    load_target(str(tiny_gguf_path))
+    assert seen["kv_type"] == "f16"
+
+
+def test_kv_types_are_checked(tiny_gguf_path, tiny_engine):
+    companion = Target(tiny_engine.model, tiny_engine.tokenizer)
+    with pytest.raises(ValueError, match="unknown KV cache type 'q4_k'"):
+        LlamaCppTarget(tiny_gguf_path, companion, threads=1, kv_type="q4_k")
+    with pytest.raises(ValueError, match="blocks of 32 values: this model's attention heads have 16"):
+        LlamaCppTarget(tiny_gguf_path, companion, threads=1, kv_type="q8_0")
 
 
 def test_tiny_gguf_context_is_its_trained_one_capped(tiny_gguf_path, tiny_engine, monkeypatch):

@@ -438,7 +438,8 @@ def load_method(spec: MethodSpec | str, target: Target) -> LoadedMethod:
         from ..targets.llamacpp import plain_llama
 
         llama = plain_llama(target)
-        info.update(gguf=Path(gguf_path).name, threads=target.threads, flash_attention=target.flash_attention)
+        info.update(gguf=Path(gguf_path).name, threads=target.threads, flash_attention=target.flash_attention,
+                    kv_type=target.kv_type)
         drafter_modules = []
     else:
         drafter_modules = []

@@ -37,6 +37,12 @@ TOMBSTONE = MAX_SEQUENCES - 1
 #: declare 128k positions (16 GiB of float16 KV for an 8B Llama). The default target's is 8192.
 DEFAULT_MAX_N_CTX = 8192
 
+#: KV cache types (ggml type ids). ``f16`` is llama.cpp's default. With ``q8_0`` every query of
+#: a batch takes the same per-row flash-attention kernel as a one-token step, at any context
+#: length and thread count (f16/f32 caches switch one-token steps over 512 cells to a split-KV
+#: kernel, and batches of 64 or more queries to a tiled one): docs/llamacpp.md#exactness.
+KV_TYPES = {"f16": 1, "q8_0": 8}
+
 
 #: x86 instruction sets as llama.cpp's system-info line names them, and the /proc/cpuinfo flag
 #: of each (SSE3 is "pni" there).
@@ -186,7 +192,8 @@ class LlamaCppTarget(Target):
     engine = "llama.cpp"
 
     def __init__(self, gguf_path: str | os.PathLike, companion: Target, n_ctx: int | None = None,
-                 threads: int | None = None, name: str | None = None, flash_attention: bool = True):
+                 threads: int | None = None, name: str | None = None, flash_attention: bool = True,
+                 kv_type: str = "f16"):
         super().__init__(companion.model, companion.tokenizer, name=name or str(gguf_path))
         self.llama_cpp = llama_cpp = llama_cpp_module()
         self.gguf_path = Path(gguf_path)
@@ -203,7 +210,15 @@ class LlamaCppTarget(Target):
                 f"{self.gguf_path.name} (vocabulary {self.n_vocab}, width {self.n_embd}) is not the model of its "
                 f"transformers companion {companion.name} ({companion.vocab_size}, {companion.hidden_size})"
             )
+        if kv_type not in KV_TYPES:
+            raise ValueError(f"unknown KV cache type {kv_type!r}; one of {', '.join(KV_TYPES)}")
+        config = companion.model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        if kv_type == "q8_0" and head_dim % 32:
+            raise ValueError(f"a q8_0 KV cache stores blocks of 32 values: this model's attention heads have {head_dim}")
         params = llama_cpp.llama_context_default_params()
+        self.kv_type = kv_type
+        params.type_k = params.type_v = KV_TYPES[kv_type]
         self.n_ctx = int(n_ctx or min(companion.max_context, DEFAULT_MAX_N_CTX))
         self.flash_attention = flash_attention
         params.n_ctx = self.n_ctx
@@ -380,9 +395,10 @@ def plain_greedy(llm, prompt: Sequence[int], max_new_tokens: int, eos_token_ids=
 
 def plain_llama(target: "LlamaCppTarget"):
     """A llama-cpp-python ``Llama`` on ``target``'s GGUF with the engine's settings (context,
-    threads, flash attention): plain llama.cpp decoding to compare with."""
+    threads, flash attention, KV cache type): plain llama.cpp decoding to compare with."""
+    kv = KV_TYPES[target.kv_type]
     return llama_cpp_module().Llama(str(target.gguf_path), n_ctx=target.n_ctx, n_threads=target.threads,
-                                    flash_attn=target.flash_attention, verbose=False)
+                                    flash_attn=target.flash_attention, type_k=kv, type_v=kv, verbose=False)
 
 
 #: llama.cpp file types :func:`requantize` writes (``llama_ftype`` values).
@@ -417,7 +433,7 @@ def requantize(source: str | os.PathLike, destination: str | os.PathLike, quant:
 
 def load_llamacpp_target(gguf_path: str | os.PathLike, companion_path: str | os.PathLike | None = None,
                          threads: int | None = None, n_ctx: int | None = None,
-                         name: str | None = None) -> LlamaCppTarget:
+                         name: str | None = None, kv_type: str = "f16") -> LlamaCppTarget:
     """A GGUF model on llama.cpp. The companion (tokenizer, config, embeddings and head for
     the drafters) is a transformers folder of the same model, or the GGUF itself de-quantised
     by transformers. ``n_ctx``: the context (KV cells); by default the model's trained context,
@@ -431,7 +447,7 @@ def load_llamacpp_target(gguf_path: str | os.PathLike, companion_path: str | os.
         companion = _companion_from_gguf(gguf_path)
     else:
         companion = load_hf_target(str(companion_path), dtype="float32", pack_weights=False)
-    return LlamaCppTarget(gguf_path, companion, n_ctx=n_ctx, threads=threads, name=name)
+    return LlamaCppTarget(gguf_path, companion, n_ctx=n_ctx, threads=threads, name=name, kv_type=kv_type)
 
 
 def _companion_from_gguf(gguf_path: Path) -> Target:

@@ -33,20 +33,23 @@ def load_target(
     own GGUF; :mod:`prism_spec.targets.llamacpp`) or ``auto``: llama.cpp for ``.gguf`` paths,
     torch otherwise (see :func:`~prism_spec.targets.hf.resolve_engine`).
 
-    ``row_invariant``: bit-identical verification (:meth:`Target.make_row_invariant`, torch
-    engine): speculative output equals vanilla output of this target in any dtype where this
-    machine's kernels allow it; ``RowInvarianceUnavailable`` (a ValueError) where they do not."""
+    ``row_invariant``: bit-identical verification. On the torch engine
+    (:meth:`Target.make_row_invariant`), speculative output equals vanilla output of this target
+    in any dtype where this machine's kernels allow it; ``RowInvarianceUnavailable`` (a
+    ValueError) where they do not. On the llama.cpp engine, a q8_0 KV cache (``kv_type``), with
+    which every verified token takes its one-token step's attention kernel at any context length
+    and thread count; llama.cpp's plain decoding compared with it uses the same cache."""
     engine = resolve_engine(name_or_path, engine)
-    if row_invariant and engine != "torch":
-        raise ValueError("row-invariant verification is a torch-engine option (the llama.cpp engine runs its own kernels)")
     if engine == "llama.cpp":
         from .llamacpp import load_llamacpp_target  # numpy and ctypes: only for llama.cpp targets
 
         if device != "cpu" or dtype not in ("float32", "fp32", "auto", torch.float32):
             raise ValueError("the llama.cpp engine runs GGUF weights on the CPU: leave --dtype and --device at their defaults")
+        kv_type = "q8_0" if row_invariant else "f16"
         if name_or_path == DEFAULT_TARGET:
-            return load_llamacpp_target(default_gguf_path(), default_target_path(), threads=threads, name=DEFAULT_TARGET)
-        return load_llamacpp_target(name_or_path, threads=threads)
+            return load_llamacpp_target(default_gguf_path(), default_target_path(), threads=threads,
+                                        name=DEFAULT_TARGET, kv_type=kv_type)
+        return load_llamacpp_target(name_or_path, threads=threads, kv_type=kv_type)
     target = load_hf_target(name_or_path, dtype=dtype, device=device, attn_implementation=attn_implementation,
                             pack_weights=pack_weights)
     if row_invariant:
