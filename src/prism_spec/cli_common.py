@@ -113,8 +113,9 @@ def load_target_from_args(args: argparse.Namespace):
         raise FileNotFoundError(f"target folder {args.target!r} not found")
     engine = resolve_engine(args.target, getattr(args, "engine", "auto"))
     if engine == "llama.cpp":
+        kv = ", q8_0 KV cache (--row-invariant)" if getattr(args, "row_invariant", False) else ""
         print_status(f"engine: llama.cpp ({'GGUF target' if args.target.lower().endswith('.gguf') else '--engine llama.cpp'}, "
-                     f"the target's own quantised weights)")
+                     f"the target's own quantised weights{kv})")
     target = load_target(args.target, dtype=args.dtype, device=args.device, engine=engine, threads=args.threads,
                          pack_weights=None if getattr(args, "packed_weights", True) else False,
                          row_invariant=getattr(args, "row_invariant", False))
