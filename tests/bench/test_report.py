@@ -579,7 +579,13 @@ def test_end_to_end_batch_sweep(tiny_target_dir, tmp_path):
 
 @pytest.mark.usefixtures("one_thread")
 def test_bench_tree_auto_tunes_each_drafter(tiny_target_dir, tmp_path, capsys, monkeypatch):
+    from prism_spec.runtime import autotune
+
     monkeypatch.setenv("PRISM_SPEC_CACHE", str(tmp_path / "cache"))
+    # Two calibration prompts, one timed: the bench's wiring is under test here; the tuning
+    # itself is tests/runtime/test_autotune.py's.
+    monkeypatch.setattr(autotune, "CALIBRATION_PROMPTS", autotune.CALIBRATION_PROMPTS[:2])
+    monkeypatch.setattr(autotune, "TIMING_PROMPTS", (0,))
     out = tmp_path / "auto"
     argv = ["--target", str(tiny_target_dir), "--dtype", "float64", "--limit", "1", "--bench", "qa",
             "--method", "vanilla", "--method", "standard=layers:1", "--max-new-tokens", "6", "--tree", "auto",
