@@ -283,8 +283,8 @@ class _BatchDecode:
                 self.layers, features=self.wants_features,
             )
         paths, self.new_tokens, features = [], [], []
-        # Vanilla rounds (the root alone) skip the tree bookkeeping: on a fast engine a decode
-        # step is ~8 ms and every tensor op here is ~1% of it.
+        # Rounds of the root alone (vanilla decoding) and paths that accept nothing skip the
+        # tensor bookkeeping: on a fast engine a decode step is ~8 ms and every op here ~1% of it.
         roots_only = trees.tokens.shape[1] == 1
         with profiled("accept"):
             for i, row in enumerate(self.active):
@@ -292,9 +292,9 @@ class _BatchDecode:
                 path, bonus = self.pick(row, tree, out.logits[i])
                 if self.configs[row].on_round is not None:
                     self.configs[row].on_round(trees.row(i), out.logits[i])
-                path_t = self.root_path if roots_only else torch.tensor(path, device=device)
+                path_t = self.root_path if len(path) == 1 else torch.tensor(path, device=device)
                 paths.append(path_t)
-                self.new_tokens.append([bonus] if roots_only else tree.tokens[path_t[1:]].tolist() + [bonus])
+                self.new_tokens.append(tree.tokens[path_t[1:]].tolist() + [bonus] if len(path) > 1 else [bonus])
                 features.append(self.drafter_features(out, i, path_t))
                 result = self.results[row]
                 result.accepted.append(len(path) - 1)
