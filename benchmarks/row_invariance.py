@@ -94,6 +94,7 @@ def end_to_end(prompts_per_benchmark: int, max_new_tokens: int, trees: list[str]
             plan = target.make_row_invariant()
             vanilla = [generate(target, p, None, config).token_ids for p in prompts]
             rows.append({"verify": MODES[mode], "row_invariant_linears": plan, "prompts": len(prompts),
+                         "attention": "compiled kernel" if target.attention_kernel is not None else "per-node SDPA",
                          "vanilla_outputs_differing_from_plain_vanilla": sum(a != b for a, b in zip(vanilla, plain))})
         target.row_invariant_verify = mode != "today"
         for tree in trees:

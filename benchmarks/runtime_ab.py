@@ -1,7 +1,7 @@
 """Two runtime settings A/B, vanilla and speculative decoding, interleaved in one process so
 that drifting machine load hits every configuration alike.
 
-    python benchmarks/runtime_ab.py [--compare packing|attention|exact|drafter-int8] [--bench mt_bench] \
+    python benchmarks/runtime_ab.py [--compare packing|attention|exact|exact-attention|drafter-int8] [--bench mt_bench] \
         [--dtype bfloat16] [--tree 4/0/3] [--prompts 4] [--max-new-tokens 64] [--repeats 3] [--json out.json]
 
 ``--compare packing``: prepacked against plain linear layers (docs/performance.md, "Prepacked
@@ -9,7 +9,9 @@ CPU weights"). ``--compare attention``: transformers' ``sdpa`` against ``prism_s
 same kernel with grouped query heads folded instead of the KV cache copied
 (``targets/attention.py``). ``--compare exact``: today's verification against bit-identical
 verification (``--row-invariant``, ``Target.make_row_invariant``; vanilla decoding runs in the
-same mode, since it is the reference its outputs must equal). ``--compare drafter-int8``: the
+same mode, since it is the reference its outputs must equal). ``--compare exact-attention``:
+both row-invariant, the attention as one SDPA call per verified node against the compiled
+kernel (``targets/attention_kernel.py``). ``--compare drafter-int8``: the
 drafter on its float weights against int8 weights (``--drafter-weights int8``); vanilla decoding
 is the same in both. Two copies of the default target (one per setting) and of the
 packaged drafter; every repeat runs each prompt (first turns of ``--bench``) through the four
@@ -32,6 +34,7 @@ from prism_spec.bench.machine import cpu_name
 from prism_spec.drafters.resolve import resolve_drafter
 from prism_spec.runtime import DecodeOptions, GenerationConfig, TreeConfig, generate
 from prism_spec.targets import load_target
+from prism_spec.targets.attention_kernel import unavailable_reason
 
 
 def load_packing(setting: str, dtype: str):
@@ -50,6 +53,14 @@ def load_exact(setting: str, dtype: str):
     return load_target("smollm2-135m", dtype=dtype, row_invariant=setting == "row-invariant")
 
 
+def load_kernel_attention(setting: str, dtype: str):
+    target = load_target("smollm2-135m", dtype=dtype, row_invariant=True)
+    if setting == "per-node-sdpa":
+        target.attention_kernel = None
+    assert target.attention_kernel is not None or setting == "per-node-sdpa", unavailable_reason()
+    return target
+
+
 def load_default(setting: str, dtype: str):
     return load_target("smollm2-135m", dtype=dtype)
 
@@ -58,6 +69,7 @@ COMPARISONS = {  # --compare: (the two settings, baseline first; loader; what th
     "packing": (("plain", "packed"), load_packing, "weights"),
     "attention": (("sdpa", "prism_sdpa"), load_attention, "attention"),
     "exact": (("batched", "row-invariant"), load_exact, "verification"),
+    "exact-attention": (("per-node-sdpa", "kernel"), load_kernel_attention, "row-invariant attention"),
     "drafter-int8": (("float", "int8"), load_default, "drafter weights"),
 }
 

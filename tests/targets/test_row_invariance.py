@@ -10,6 +10,7 @@ from helpers import tiny_llama
 from prism_spec.drafters.resolve import resolve_drafter
 from prism_spec.runtime import DecodeOptions, GenerationConfig, TreeConfig, generate, generate_batch
 from prism_spec.targets import row_invariance
+from prism_spec.targets.attention_kernel import unavailable_reason
 from prism_spec.targets.packed import PackedLinear, packed_linear_available
 from prism_spec.targets.row_invariance import (
     MinRowsLinear,
@@ -132,23 +133,30 @@ def test_refuses_when_no_split_is_invariant(monkeypatch):
     assert type(model[0]) is nn.Linear  # nothing swapped
 
 
-def row_invariant_tiny_llama(seed: int):
-    """A bf16 tiny Llama in row-invariant mode, or a skip where this machine's kernels refuse it."""
+def row_invariant_tiny_llama(seed: int, attention: str):
+    """A bf16 tiny Llama in row-invariant mode, or a skip where this machine's kernels refuse it.
+    ``attention``: "kernel" (the compiled kernel for every decode step and verification) or
+    "per-node" (one SDPA call per verified node, the fallback without a compiler)."""
     target = tiny_llama(hidden_size=64, dtype=torch.bfloat16, seed=seed)
     try:
         target.make_row_invariant()
     except RowInvarianceUnavailable as exc:
         pytest.skip(f"this machine's kernels: {exc}")
+    if attention == "per-node":
+        target.attention_kernel = None
+    elif target.attention_kernel is None:
+        pytest.skip(f"row-invariant attention kernel unavailable: {unavailable_reason()}")
     return target
 
 
-def test_speculative_equals_vanilla_in_row_invariant_mode():
+@pytest.mark.parametrize("attention", ["kernel", "per-node"])
+def test_speculative_equals_vanilla_in_row_invariant_mode(attention):
     """bf16, where the mode is available on CPUs with bf16 instructions (float32 products are
     not row-invariant on the CPUs measured: the refusal is tested above). Without the mode, 3
     of these 18 decodes differed from vanilla on the AMD EPYC VM."""
     config = GenerationConfig(max_new_tokens=24)
     for seed in range(3):
-        target = row_invariant_tiny_llama(seed)
+        target = row_invariant_tiny_llama(seed, attention)
         assert target.row_invariant_verify
         drafter = resolve_drafter("layers:1", target).drafter
         for prompt in ([5, 17, 3, 9], [40, 2, 2, 71, 8, 30], list(range(1, 13))):
@@ -158,7 +166,8 @@ def test_speculative_equals_vanilla_in_row_invariant_mode():
                 assert generate(target, prompt, drafter, config, options).token_ids == vanilla, (seed, prompt, tree)
 
 
-def test_batched_speculative_equals_single_vanilla_in_row_invariant_mode():
+@pytest.mark.parametrize("attention", ["kernel", "per-node"])
+def test_batched_speculative_equals_single_vanilla_in_row_invariant_mode(attention):
     """Rows of a batch (different prompt lengths, so left padding and rows that accept
     different counts) each give the tokens of their prompt decoded alone by vanilla decoding:
     every verified node attends over its own row's keys only, and the linear layers do not
@@ -166,7 +175,7 @@ def test_batched_speculative_equals_single_vanilla_in_row_invariant_mode():
     config = GenerationConfig(max_new_tokens=24)
     prompts = [[5, 17, 3, 9], [40, 2, 2, 71, 8, 30], list(range(1, 13)), [7, 7, 7]]
     for seed in range(2):
-        target = row_invariant_tiny_llama(seed)
+        target = row_invariant_tiny_llama(seed, attention)
         drafter = resolve_drafter("layers:1", target).drafter
         alone = [generate(target, prompt, None, config).token_ids for prompt in prompts]
         for tree in ("8/3/3", "chain:3"):

@@ -19,16 +19,23 @@ the copy is gone. Registered with transformers' public ``AttentionInterface`` as
 anything else (one new token, no mask, bias or softcap, non-CPU devices) goes to transformers'
 own ``sdpa`` function unchanged.
 
-Row-invariant attention (:func:`row_invariant_attention`, used by tree verification when a
-target's ``row_invariant_verify`` is on): a forward over several new tokens gives each token
-the attention a one-token decode step would compute for it, bit for bit in any dtype. Each
-query row attends as a one-token query, through transformers' ``sdpa`` function, in its own
-batch-1 call, over exactly the keys its mask row shows (the prefix and its ancestors in the
-tree), gathered in cache order: the same kernel, shapes and reduction order as the decode step
-that vanilla decoding runs (batch 1). The kernel's rounding depends on the key count and on
-the batch size, so nodes cannot share a call: a tree costs one attention call per node instead
-of one in all, plus the gathers (measured in docs/families.md). The rest of a layer is
-row-wise given ``row_invariance.make_linears_row_invariant``.
+Row-invariant attention (:func:`row_invariant_attention`, used by tree verification and decode
+steps when a target's ``row_invariant_verify`` is on): a forward over several new tokens gives
+each token the attention a one-token decode step would compute for it, bit for bit in any
+dtype. Two ways, chosen once per target:
+
+- the compiled kernel (:mod:`.attention_kernel`, CPU, float32/bfloat16/float16): every query's
+  attention is a fixed function of the keys its mask row shows, in cache order, whatever else
+  is in the call; decode steps run through it too, so they agree by construction. One call per
+  layer, at about the cost of the batched SDPA call it replaces.
+- without it (no compiler, other dtypes or devices, soft-capped or biased attention): each
+  query row attends as a one-token query, through transformers' ``sdpa`` function, in its own
+  batch-1 call over exactly its keys (the prefix and its ancestors), gathered in cache order:
+  the kernel, shapes and reduction order of the decode step vanilla decoding runs. The SDPA
+  kernel's rounding depends on the key count and on the batch size, so nodes cannot share a
+  call: a tree costs one attention call per node instead of one in all.
+
+The rest of a layer is row-wise given ``row_invariance.make_linears_row_invariant``.
 
 :func:`attention_backends` picks the SDPA kernels that the runtime's, the drafters' and
 training's forwards may use on CUDA (cuDNN attention left out).
@@ -46,6 +53,9 @@ import torch
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
+
+from .attention_kernel import DTYPES as KERNEL_DTYPES
+from .attention_kernel import attention_plan
 
 GROUPED_SDPA = "prism_sdpa"
 
@@ -67,15 +77,25 @@ def folds_query_groups(module, query: torch.Tensor, attention_mask, dropout: flo
     )
 
 
-# Within row_invariant_attention(): a dict of per-forward plans (see row_invariant_sdpa); else None.
+@dataclasses.dataclass
+class _RowInvariantState:
+    """What :func:`row_invariant_attention` sets for the forwards inside it."""
+
+    kernel: object | None  # the compiled kernel module (attention_kernel.py), or None: per-node SDPA
+    plans: dict = dataclasses.field(default_factory=dict)  # per-forward plans, keyed by (mask id, key count)
+
+
 _ROW_INVARIANT = contextvars.ContextVar("prism_row_invariant_attention", default=None)
 
 
 @contextlib.contextmanager
-def row_invariant_attention(enabled: bool = True):
-    """Within the block, forwards on :data:`GROUPED_SDPA` models over several new tokens give
-    every token the attention of a one-token step (see the module docstring)."""
-    token = _ROW_INVARIANT.set({} if enabled else None)
+def row_invariant_attention(enabled: bool = True, kernel=None):
+    """Within the block, forwards on :data:`GROUPED_SDPA` models give every token the
+    attention of a one-token step (see the module docstring). With ``kernel`` (the module of
+    :func:`attention_kernel.load_kernel`) every forward in the block, one-token steps included,
+    runs its attention through that kernel; without it, forwards over several tokens make one
+    SDPA call per token and one-token forwards run transformers' ``sdpa`` as usual."""
+    token = _ROW_INVARIANT.set(_RowInvariantState(kernel) if enabled else None)
     try:
         yield
     finally:
@@ -140,7 +160,7 @@ def row_invariant_sdpa(module, query, key, value, attention_mask, dropout: float
     rounding of long key sequences, depends on the batch size (measured: one-token queries
     batched over a tree's nodes differed from the same queries alone)."""
     batch, _, n, _ = query.shape
-    plans = _ROW_INVARIANT.get()
+    plans = _ROW_INVARIANT.get().plans
     plan_key = (id(attention_mask), key.shape[-2])
     if plan_key not in plans:  # one plan per forward: every layer gets the same mask
         plans[plan_key] = (attention_mask, visible_keys(attention_mask, key.shape[-2]))
@@ -183,18 +203,53 @@ def _one_query_sdpa(module, query, key, value, mask, scaling=None):
     return out.reshape(1, heads, 1, value.shape[-1]).transpose(1, 2), None
 
 
+def _kernel_handles(module, query, key, value, attention_mask, dropout: float, kwargs) -> bool:
+    """Whether the compiled row-invariant kernel computes this call (plain softmax attention
+    over a mask shared by the heads). Independent of the number of new tokens, so a decode
+    step and a verification of the same layer always take the same path."""
+    return (
+        query.device.type == "cpu"
+        and query.dtype in KERNEL_DTYPES
+        and key.dtype == query.dtype
+        and query.shape[1] % key.shape[1] == 0
+        and query.stride(-1) == key.stride(-1) == value.stride(-1) == 1
+        and (attention_mask is None or (
+            isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4
+            and attention_mask.shape[1] == 1 and attention_mask.shape[2] == query.shape[2]))
+        and not dropout
+        and all(kwargs.get(name) is None for name in ("softcap", "position_bias", "s_aux", "sinks"))
+        and not kwargs.get("output_attentions", False)
+    )
+
+
+def kernel_attention(state: _RowInvariantState, query, key, value, attention_mask, scaling=None) -> torch.Tensor:
+    """[b, n, heads, d] from the compiled kernel: each query over the keys its mask row shows,
+    in cache order (attention_kernel.py)."""
+    batch, _, n, dim = query.shape
+    kv_len = key.shape[-2]
+    plan_key = (id(attention_mask), kv_len, batch, n)
+    if plan_key not in state.plans:  # one plan per forward (and mask): every layer shares it
+        state.plans[plan_key] = (attention_mask, attention_plan(attention_mask, batch, n, kv_len))
+    shared, offsets, index = state.plans[plan_key][1]
+    scale = dim**-0.5 if scaling is None else float(scaling)
+    return state.kernel.row_invariant_attention(query, key, value, shared, offsets, index, scale)
+
+
 def grouped_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """transformers' attention-function signature: query [b, heads, n, d], key/value
     [b, kv_heads, kv_len, d]; returns ([b, n, heads, d], None)."""
-    if (
-        _ROW_INVARIANT.get() is not None
-        and query.shape[2] > 1
-        and isinstance(attention_mask, torch.Tensor)
-        and attention_mask.dim() == 4
-        and attention_mask.shape[2] == query.shape[2]
-        and not dropout
-    ):
-        return row_invariant_sdpa(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    state = _ROW_INVARIANT.get()
+    if state is not None:
+        if state.kernel is not None and _kernel_handles(module, query, key, value, attention_mask, dropout, kwargs):
+            return kernel_attention(state, query, key, value, attention_mask, scaling), None
+        if (
+            query.shape[2] > 1
+            and isinstance(attention_mask, torch.Tensor)
+            and attention_mask.dim() == 4
+            and attention_mask.shape[2] == query.shape[2]
+            and not dropout
+        ):
+            return row_invariant_sdpa(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     if not folds_query_groups(module, query, attention_mask, dropout, kwargs):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     batch, heads, n, dim = query.shape

@@ -18,6 +18,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel, StaticCache
 
 from .attention import attention_backends, row_invariant_attention, use_grouped_sdpa
+from .attention_kernel import DTYPES as KERNEL_DTYPES
+from .attention_kernel import load_kernel
 from .default import DEFAULT_TARGET, default_target_path
 from .family import TargetFamily, UnsupportedTargetError, check_supported, full_attention_config
 from .kv_cache import RaggedCache, StaticCachePool, StaticKV
@@ -90,6 +92,7 @@ class Target:
         # Tree verification gives every node the attention of a one-token step, so that
         # speculative output equals vanilla output bit for bit in any dtype (attention.py).
         self.row_invariant_verify = False
+        self.attention_kernel = None  # the compiled row-invariant kernel, when make_row_invariant() built one
         self._compiled_decoder = None  # see compile_decoder()
         self._graphed_decoder = None  # see use_cuda_graphs()
         self.static_caches = StaticCachePool(self.cache_config)  # buffers for StaticKV
@@ -148,6 +151,8 @@ class Target:
         report = make_linears_row_invariant(self.model)
         self.lm_head = self.model.get_output_embeddings()
         self.row_invariant_verify = True
+        if self.device.type == "cpu" and self.dtype in KERNEL_DTYPES:
+            self.attention_kernel = load_kernel()
         return report
 
     @property
@@ -295,8 +300,11 @@ class Target:
             return out.last_hidden_state, layers
 
         inputs = (input_ids.to(self.device), positions.to(self.device), mask)
-        row_invariant = self.row_invariant_verify and tree_mask is not None and n > 1
-        with attention_backends(self.device), row_invariant_attention(row_invariant):
+        # Decode steps (vanilla rounds) and verification; prefill is the same forward in both.
+        # Without the kernel a one-token step is already its own row-invariant reference.
+        row_invariant = self.row_invariant_verify and tree_mask is not None and (
+            n > 1 or self.attention_kernel is not None)
+        with attention_backends(self.device), row_invariant_attention(row_invariant, self.attention_kernel):
             # (The graph runner takes tensors only: per-type mask dicts run eagerly.)
             if self._graphed_decoder is not None and small_static and tree_mask is not None and None in masks:
                 hidden, layer_features = self._graphed_decoder(run, inputs, cache, key=tuple(feature_layers or ()))
