@@ -31,7 +31,9 @@ dtype. Two ways, chosen once per target:
 - without it (no compiler, other dtypes or devices, soft-capped or biased attention): each
   query row attends as a one-token query, through transformers' ``sdpa`` function, in its own
   batch-1 call over exactly its keys (the prefix and its ancestors), gathered in cache order:
-  the kernel, shapes and reduction order of the decode step vanilla decoding runs. The SDPA
+  the kernel, shapes and reduction order of a decode step over a dynamic cache. Decode steps
+  in this mode take the same path (over a static cache's longer, masked buffer SDPA would
+  round otherwise). The SDPA
   kernel's rounding depends on the key count and on the batch size, so nodes cannot share a
   call: a tree costs one attention call per node instead of one in all.
 
@@ -94,7 +96,8 @@ def row_invariant_attention(enabled: bool = True, kernel=None):
     attention of a one-token step (see the module docstring). With ``kernel`` (the module of
     :func:`attention_kernel.load_kernel`) every forward in the block, one-token steps included,
     runs its attention through that kernel; without it, forwards over several tokens make one
-    SDPA call per token and one-token forwards run transformers' ``sdpa`` as usual."""
+    SDPA call per token over exactly the keys it sees (one-token forwards too: a static cache
+    hands attention a longer, masked buffer, and SDPA's rounding depends on the key count)."""
     token = _ROW_INVARIANT.set(_RowInvariantState(kernel) if enabled else None)
     try:
         yield
@@ -243,8 +246,7 @@ def grouped_sdpa_attention(module, query, key, value, attention_mask, dropout: f
         if state.kernel is not None and _kernel_handles(module, query, key, value, attention_mask, dropout, kwargs):
             return kernel_attention(state, query, key, value, attention_mask, scaling), None
         if (
-            query.shape[2] > 1
-            and isinstance(attention_mask, torch.Tensor)
+            isinstance(attention_mask, torch.Tensor)
             and attention_mask.dim() == 4
             and attention_mask.shape[2] == query.shape[2]
             and not dropout

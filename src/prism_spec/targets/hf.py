@@ -301,9 +301,7 @@ class Target:
 
         inputs = (input_ids.to(self.device), positions.to(self.device), mask)
         # Decode steps (vanilla rounds) and verification; prefill is the same forward in both.
-        # Without the kernel a one-token step is already its own row-invariant reference.
-        row_invariant = self.row_invariant_verify and tree_mask is not None and (
-            n > 1 or self.attention_kernel is not None)
+        row_invariant = self.row_invariant_verify and tree_mask is not None
         with attention_backends(self.device), row_invariant_attention(row_invariant, self.attention_kernel):
             # (The graph runner takes tensors only: per-type mask dicts run eagerly.)
             if self._graphed_decoder is not None and small_static and tree_mask is not None and None in masks:
