@@ -79,7 +79,9 @@ def add_target_options(parser: argparse.ArgumentParser) -> None:
         "--row-invariant", action="store_true",
         help="bit-identical verification: every verified token computed as its decode step computes it, so "
         "speculative output equals vanilla output also in bfloat16, where this machine's kernels allow it "
-        "(an error where they do not; docs/families.md). On the llama.cpp engine: a q8_0 KV cache, with "
+        "(an error where they do not; docs/families.md). On a CPU, decode steps and verification run their "
+        "attention through a C++ kernel compiled on first use (about 40 s, cached). On the llama.cpp "
+        "engine: a q8_0 KV cache, with "
         "which speculative output equals llama.cpp's plain greedy output at any context length "
         "(docs/llamacpp.md)",
     )
