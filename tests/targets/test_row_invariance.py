@@ -188,3 +188,49 @@ def test_batched_speculative_equals_single_vanilla_in_row_invariant_mode(attenti
         for tree in ("8/3/3", "chain:3"):
             batched = generate_batch(target, prompts, drafter, config, DecodeOptions(TreeConfig.parse(tree)))
             assert [result.token_ids for result in batched] == alone, (seed, tree)
+
+
+
+@pytest.mark.parametrize("name", ["qwen2-sliding", "gemma3", "gpt2", "llama"])
+def test_row_invariant_kernel_verifies_with_the_bits_of_decode_steps(name):
+    """Every node of a verified tree gets, bit for bit, the logits of the decode steps that reach
+    it one token at a time, and (to rounding) the logits of the model without the mode: through
+    sliding windows shorter than the context (Qwen2), one mask per layer type (Gemma 3's local
+    and global layers), multi-head attention with learned positions (GPT-2). bf16, compiled
+    kernel. (With the mode off, the short prompt's Qwen2 tree differed from its steps.)"""
+    from helpers import forward_one, tiny_family
+
+    plain = tiny_family(name, dtype=torch.bfloat16)
+    target = tiny_family(name, dtype=torch.bfloat16)
+    try:
+        target.make_row_invariant()
+    except RowInvarianceUnavailable as exc:
+        pytest.skip(f"this machine's kernels: {exc}")
+    if target.attention_kernel is None:
+        pytest.skip(f"row-invariant attention kernel unavailable: {unavailable_reason()}")
+    parents, tokens = [-1, 0, 0, 1, 3], torch.tensor([12, 40, 7, 23, 5])
+    ancestors = torch.eye(len(parents), dtype=torch.bool)
+    for i, parent in enumerate(parents):
+        if parent >= 0:
+            ancestors[i] |= ancestors[parent]
+    depths = ancestors.sum(-1) - 1
+    one = torch.ones(1, 1, dtype=torch.bool)
+    # Longer than Qwen2's window; the second long enough for SDPA to split the keys into blocks.
+    for prompt in (torch.tensor([5, 17, 33, 2, 9, 41, 60, 11, 3, 7, 21, 19, 4, 8]),
+                   torch.randint(1, 90, (200,), generator=torch.Generator().manual_seed(0))):
+
+        def prefilled(model):
+            cache = model.new_cache()
+            forward_one(model, prompt, torch.arange(len(prompt)), cache)
+            return cache
+
+        def verify(model):
+            return forward_one(model, tokens, len(prompt) + depths, prefilled(model), ancestors).logits
+
+        tree = verify(target)
+        torch.testing.assert_close(tree, verify(plain), rtol=0, atol=0.05 * float(tree.abs().max()))
+        for node in range(len(parents)):
+            cache = prefilled(target)
+            for depth, i in enumerate(ancestors[node].nonzero().flatten().tolist()):  # its path, root first
+                step = forward_one(target, tokens[i : i + 1], torch.tensor([len(prompt) + depth]), cache, one).logits
+            assert torch.equal(step[0], tree[node]), (name, len(prompt), node)
