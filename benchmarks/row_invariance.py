@@ -3,7 +3,7 @@ give a token different bits when it is computed with other tokens (tree verifica
 alone (a decode step), on this machine's kernels.
 
     python benchmarks/row_invariance.py [--prompts 2] [--max-new-tokens 64] [--trees 4/0/3,paper] \
-        [--modes today,attention,exact] [--skip-linear] [--json out.json]
+        [--modes today,attention,exact] [--skip-linear] [--batch-size 4] [--json out.json]
 
 1. Linear layers at the default target's shapes: the share of output elements of one M-row
    product that differ from M one-row products, whether a row's result depends on the other
@@ -15,7 +15,9 @@ alone (a decode step), on this machine's kernels.
    (``Target.make_row_invariant``: that attention plus linear layers given a two-row minimum
    or split along K where this machine's kernels need it; vanilla runs in the same mode, and
    the vanilla outputs that changed from plain vanilla are counted). Differing prompts are
-   listed with their first differing token.
+   listed with their first differing token. ``--batch-size N`` also decodes the prompts in
+   batches of N: speculative against vanilla decoding of the same batches, and batched vanilla
+   against each prompt alone.
 Run it on an otherwise idle machine (the times in part 1).
 """
 
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 from common import write_rows
 from prism_spec.bench.datasets import BENCHMARKS, conversation_prompt, load_benchmark
 from prism_spec.drafters.resolve import resolve_drafter
-from prism_spec.runtime import DecodeOptions, GenerationConfig, TreeConfig, generate
+from prism_spec.runtime import DecodeOptions, GenerationConfig, TreeConfig, generate, generate_batch
 from prism_spec.targets import load_target
 from prism_spec.targets.packed import packed_linear
 
@@ -81,7 +83,8 @@ MODES = {  # --modes: how the speculative runs verify (vanilla runs in the same 
 }
 
 
-def end_to_end(prompts_per_benchmark: int, max_new_tokens: int, trees: list[str], modes: list[str]) -> list[dict]:
+def end_to_end(prompts_per_benchmark: int, max_new_tokens: int, trees: list[str], modes: list[str],
+               batch_size: int = 0) -> list[dict]:
     target = load_target(dtype="bfloat16")
     drafter = resolve_drafter("auto", target).drafter
     questions = [(name, q) for name in BENCHMARKS for q in load_benchmark(name).questions[:prompts_per_benchmark]]
@@ -109,7 +112,25 @@ def end_to_end(prompts_per_benchmark: int, max_new_tokens: int, trees: list[str]
             rows.append({"verify": MODES[mode], "tree": tree, "prompts": len(prompts), "max_new_tokens": max_new_tokens,
                          "outputs_differing_from_vanilla": differing, "differing": cases})
             print(f"bf16 end to end, {MODES[mode]}, tree {tree}: {differing} of {len(prompts)} outputs differ", flush=True)
+            if batch_size > 1:
+                rows.append(batched(target, drafter, prompts, vanilla, config, options, batch_size, MODES[mode], tree))
     return rows
+
+
+def batched(target, drafter, prompts, alone, config, options, batch_size: int, mode: str, tree: str) -> dict:
+    """Prompts in consecutive batches of ``batch_size``: speculative against vanilla decoding of
+    the same batches, and vanilla batched against each prompt alone."""
+    speculative, vanilla = [], []
+    for i in range(0, len(prompts), batch_size):
+        speculative += [r.token_ids for r in generate_batch(target, prompts[i : i + batch_size], drafter, config, options)]
+        vanilla += [r.token_ids for r in generate_batch(target, prompts[i : i + batch_size], None, config)]
+    row = {"verify": mode, "tree": tree, "batch_size": batch_size, "prompts": len(prompts),
+           "batched_speculative_differing_from_batched_vanilla": sum(a != b for a, b in zip(speculative, vanilla)),
+           "batched_vanilla_differing_from_vanilla_alone": sum(a != b for a, b in zip(vanilla, alone))}
+    print(f"bf16 batches of {batch_size}, {mode}, tree {tree}: speculative differs from vanilla of the same batch for "
+          f"{row['batched_speculative_differing_from_batched_vanilla']} of {len(prompts)}; batched vanilla differs from "
+          f"the prompt alone for {row['batched_vanilla_differing_from_vanilla_alone']}", flush=True)
+    return row
 
 
 def main(argv=None) -> int:
@@ -120,6 +141,8 @@ def main(argv=None) -> int:
     parser.add_argument("--trees", default="4/0/3", help="comma-separated trees for part 2 (e.g. 4/0/3,paper)")
     parser.add_argument("--modes", default="today,attention", help=f"comma-separated, of {', '.join(MODES)}")
     parser.add_argument("--skip-linear", action="store_true", help="part 2 only")
+    parser.add_argument("--batch-size", type=int, default=0,
+                        help="part 2 also decodes the prompts in batches of this size (0: not)")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     modes = args.modes.split(",")
@@ -134,7 +157,8 @@ def main(argv=None) -> int:
         print(f"{r['dtype']:9s} {r['shape']:11s} {r['weights']:7s} {r['rows']:4d}  "
               f"{r['elements_differing_from_one_row_products']:9.5f}  {str(r['row_result_independent_of_other_rows']):11s}  "
               f"{r['time_vs_one_row']:.2f}")
-    e2e = end_to_end(args.prompts, args.max_new_tokens, args.trees.split(","), modes) if args.prompts else []
+    e2e = (end_to_end(args.prompts, args.max_new_tokens, args.trees.split(","), modes, args.batch_size)
+           if args.prompts else [])
     write_rows(args.json, vars(args), linear + e2e)
     return 0
 
