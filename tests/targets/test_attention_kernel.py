@@ -126,3 +126,11 @@ def test_failed_build_falls_back_with_the_reason(monkeypatch):
     finally:
         attention_kernel._build.cache_clear()
         attention_kernel._reason = None
+
+
+def test_a_query_that_sees_no_key_gets_zeros(kernel):
+    query, key, value = random_qkv(1, 4, 2, 2, 6, 64, torch.bfloat16)
+    mask = torch.zeros(1, 1, 2, 6)
+    mask[0, 0, 1] = float("-inf")  # the second query (a padding row) sees nothing
+    out = kernel.row_invariant_attention(query, key, value, *attention_plan(mask, 1, 2, 6), 0.125)
+    assert torch.equal(out[0, 1], torch.zeros_like(out[0, 1])) and out[0, 0].abs().sum() > 0

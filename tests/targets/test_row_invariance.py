@@ -178,10 +178,10 @@ def test_batched_speculative_equals_single_vanilla_in_row_invariant_mode(attenti
     """Rows of a batch (different prompt lengths, so left padding and rows that accept
     different counts) each give the tokens of their prompt decoded alone by vanilla decoding:
     every verified node attends over its own row's keys only, and the linear layers do not
-    round a row by the batch's row count. (Equal to the prompt alone here because this tiny
-    model's batched prefill rounds as a prompt's own does; on the default target a batched
-    prefill can round otherwise, and the guarantee is against vanilla decoding of the same
-    batch: docs/families.md.)"""
+    round a row by the batch's row count. With the kernel the prefill's attention runs through
+    it too, so a prompt's cache does not depend on its batch; with per-node SDPA the batched
+    prefill stays SDPA, which on this tiny model rounds as a prompt's own prefill does (on the
+    default target it did not: docs/families.md)."""
     config = GenerationConfig(max_new_tokens=24)
     prompts = [[5, 17, 3, 9], [40, 2, 2, 71, 8, 30], list(range(1, 13)), [7, 7, 7]]
     for seed in range(2):

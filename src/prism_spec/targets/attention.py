@@ -26,8 +26,9 @@ dtype. Two ways, chosen once per target:
 
 - the compiled kernel (:mod:`.attention_kernel`, CPU, float32/bfloat16/float16): every query's
   attention is a fixed function of the keys its mask row shows, in cache order, whatever else
-  is in the call; decode steps run through it too, so they agree by construction. One call per
-  layer, at about the cost of the batched SDPA call it replaces.
+  is in the call; decode steps and prefill run through it too, so they agree by construction
+  and a prompt's cache does not depend on its batch. One call per layer, at about the cost of
+  the batched SDPA call it replaces.
 - without it (no compiler, other dtypes or devices, soft-capped or biased attention): each
   query row attends as a one-token query, through transformers' ``sdpa`` function, in its own
   batch-1 call over exactly its keys (the prefix and its ancestors), gathered in cache order:
@@ -208,15 +209,15 @@ def _one_query_sdpa(module, query, key, value, mask, scaling=None):
 
 def _kernel_handles(module, query, key, value, attention_mask, dropout: float, kwargs) -> bool:
     """Whether the compiled row-invariant kernel computes this call (plain softmax attention
-    over a mask shared by the heads). Independent of the number of new tokens, so a decode
-    step and a verification of the same layer always take the same path."""
+    over a mask shared by the heads). The runtime's forwards always carry a 4D mask, so a
+    decode step, a verification and a prefill of the same layer take the same path."""
     return (
         query.device.type == "cpu"
         and query.dtype in KERNEL_DTYPES
         and key.dtype == query.dtype
         and query.shape[1] % key.shape[1] == 0
         and query.stride(-1) == key.stride(-1) == value.stride(-1) == 1
-        and (attention_mask is None or (
+        and (attention_mask is None and query.shape[2] == 1 or (  # (no mask over several tokens: causal)
             isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4
             and attention_mask.shape[1] == 1 and attention_mask.shape[2] == query.shape[2]))
         and not dropout

@@ -300,8 +300,11 @@ class Target:
             return out.last_hidden_state, layers
 
         inputs = (input_ids.to(self.device), positions.to(self.device), mask)
-        # Decode steps (vanilla rounds) and verification; prefill is the same forward in both.
-        row_invariant = self.row_invariant_verify and tree_mask is not None
+        # Decode steps (vanilla rounds) and verification. Prefill too where the kernel runs it:
+        # then a prompt's cache does not depend on the batch it is prefilled in (the kernel
+        # computes each query alone); per-node SDPA leaves prefill, the same forward in
+        # vanilla and speculative decoding of one batch, as it is.
+        row_invariant = self.row_invariant_verify and (tree_mask is not None or self.attention_kernel is not None)
         with attention_backends(self.device), row_invariant_attention(row_invariant, self.attention_kernel):
             # (The graph runner takes tensors only: per-type mask dicts run eagerly.)
             if self._graphed_decoder is not None and small_static and tree_mask is not None and None in masks:

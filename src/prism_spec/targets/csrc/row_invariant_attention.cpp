@@ -71,6 +71,11 @@ template <typename scalar_t, int kVecs>
 void attend_one(const scalar_t* q, const scalar_t* k, int64_t k_stride, const scalar_t* v, int64_t v_stride,
                 const Visible& keys, int64_t dim, float scale, float* scores, float* acc, scalar_t* out) {
   const int64_t count = keys.count;
+  if (count == 0) {  // a query that sees no key (a padding row): zeros, as no key has weight
+    std::fill(acc, acc + dim, 0.0f);
+    at::vec::convert(acc, out, dim);
+    return;
+  }
   if constexpr (kVecs > 0) {
     Vec q_vec[kVecs], row[kVecs];
     load_floats<scalar_t, kVecs>(q, q_vec);
