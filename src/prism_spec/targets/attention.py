@@ -85,7 +85,7 @@ class _RowInvariantState:
     """What :func:`row_invariant_attention` sets for the forwards inside it."""
 
     kernel: object | None  # the compiled kernel module (attention_kernel.py), or None: per-node SDPA
-    plans: dict = dataclasses.field(default_factory=dict)  # per-forward plans, keyed by (mask id, key count)
+    plans: dict = dataclasses.field(default_factory=dict)  # per-forward plans, keyed by the mask's id and shapes
 
 
 _ROW_INVARIANT = contextvars.ContextVar("prism_row_invariant_attention", default=None)
@@ -137,17 +137,13 @@ class _VisibleKeys:
 
 def visible_keys(attention_mask: torch.Tensor, kv_len: int) -> list[_VisibleKeys]:
     """Per batch row b and query i (in that order) of an additive mask [B, 1, n, >= kv_len]:
-    the keys the query sees (:class:`_VisibleKeys`)."""
-    visible = attention_mask[:, 0, :, :kv_len] == 0
-    # The length of each row's leading run of visible keys (its committed prefix, or more).
-    shared = visible.long().cumprod(-1).sum(-1).tolist()
-    counts = visible.sum(-1).tolist()
-    plan = []
-    for b, (row_shared, row_counts) in enumerate(zip(shared, counts)):
-        for i, (c0, c) in enumerate(zip(row_shared, row_counts)):
-            tail = visible[b, i, c0:].nonzero().flatten() + c0 if c > c0 else None
-            plan.append(_VisibleKeys(b, i, c0, tail))
-    return plan
+    the keys the query sees (:class:`_VisibleKeys`), from the kernel's :func:`attention_plan`."""
+    batch, _, n, _ = attention_mask.shape
+    shared, offsets, index = attention_plan(attention_mask, batch, n, kv_len)
+    index = index.to(attention_mask.device)  # gathers from the cache, on its device
+    bounds = offsets.tolist()
+    return [_VisibleKeys(k // n, k % n, c0, index[bounds[k] : bounds[k + 1]] if bounds[k + 1] > bounds[k] else None)
+            for k, c0 in enumerate(shared.tolist())]
 
 
 def _keys_of(cache: torch.Tensor, keys: _VisibleKeys) -> torch.Tensor:

@@ -4,12 +4,12 @@ Row-invariant verification needs every verified token's attention to be bit for 
 one-token decode step computes. Calling PyTorch's SDPA once per tree node gives that, but
 reads the whole prefix once per node (a 4-node tree costs four decode steps' attention). This
 kernel defines the attention of one query as a fixed function of the keys it sees, in order,
-and computes all the queries of a call in one pass over the keys they share; decode steps and
-verification both run through it in row-invariant mode, so they agree by construction.
+and computes every query of a call in one call per layer; decode steps, verification and
+prefill all run through it in row-invariant mode, so they agree by construction.
 
 It is compiled on first use with ``torch.utils.cpp_extension`` (a C++ compiler, and ninja from
-the ``ninja`` wheel; about a minute, cached under ``TORCH_EXTENSIONS_DIR``) for the vector instructions PyTorch
-itself uses on this CPU. Where it cannot be built, :func:`load_kernel` returns None with the
+the ``ninja`` wheel; about 40 s on two cores, cached under ``TORCH_EXTENSIONS_DIR``) for the
+vector instructions PyTorch itself uses on this CPU. Where it cannot be built, :func:`load_kernel` returns None with the
 reason in :func:`unavailable_reason`, and row-invariant verification falls back to one SDPA
 call per node. ``PRISM_SPEC_ATTENTION_KERNEL=0`` turns it off (for A/B measurements).
 """
@@ -72,8 +72,7 @@ def _build():
             print(f"[prism-spec] Building the row-invariant attention kernel for {capability} "
                   "(one time, about a minute) ...", file=sys.stderr, flush=True)
         return load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp", *flags],
-                    extra_ldflags=["-fopenmp"],
-                    verbose=False)
+                    extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as error:  # no compiler, no ninja, a failed build: fall back, say why
         lines = str(error).strip().splitlines() or [""]
         _reason = f"{type(error).__name__}: " + next((line for line in lines if "error:" in line), lines[-1])
