@@ -95,8 +95,10 @@ def test_time_budget_cuts_a_segment_and_the_next_run_goes_on_from_it(setup, tmp_
     assert state["progress"] == {"0:eagle2": 1} and (folder / state["drafters"]["eagle2"]).is_dir()
     monkeypatch.undo()
     state = camp.run_campaign(folder, max_levels=1, quiet=True, log=lambda m: None)
-    segs = [(s["save"], s["start"], s["reached"]) for s in state["segments"]]
-    assert segs == [("eagle2", 0, 1), ("eagle2", 1, 4), ("hass-snapshot", 0, 3), ("hass", 3, 4), ("prism", 3, 4)]
+    segs = [(s["save"], s["start"], s.get("continue_at"), s["reached"]) for s in state["segments"]]
+    # The cut segment goes on at the step it reached, inside its own schedule (start 0 -> 4).
+    assert segs == [("eagle2", 0, None, 1), ("eagle2", 0, 1, 4), ("hass-snapshot", 0, None, 3),
+                    ("hass", 3, None, 4), ("prism", 3, None, 4)]
     assert state["progress"] == {} and list(state["levels"]) == ["0"]
     assert "hass-snapshot" not in state["drafters"]  # only needed within its level
     with pytest.raises(ValueError, match="other settings"):
@@ -140,3 +142,81 @@ def test_eval_records_acceptance_per_method(setup, tmp_path):
     for method in ("eagle2", "hass", "prism"):
         assert rows[method]["t0_outputs_differing_from_vanilla"] == 0 and rows[method]["runs"] == 6
     assert camp.read_state(folder)["levels"]["0"]["bench"]["rows"] == bench["rows"]
+
+
+def test_a_continued_stage_keeps_its_schedule_and_data_order(setup, tmp_path, monkeypatch):
+    """Cut after 3 of 10 steps and continued from the saved drafter: the learning rate is the
+    uncut run's from the re-warm's end on, and the batches are the uncut run's."""
+    from prism_spec.train import engine
+    from prism_spec.train.examples import BatchSource
+    from prism_spec.train.loop import Trainer
+
+    monkeypatch.setattr(engine, "RESTART_REWARM_STEPS", 2)
+    cfg = config(setup)
+    batches = []
+    real_batch = BatchSource.batch
+
+    def batch(self, indices):
+        if len(self.examples) > cfg.holdout:  # the training split's batches, not evaluation's
+            batches.append(tuple(indices))
+        return real_batch(self, indices)
+
+    def run(out, **kw):
+        c = camp._segment_config(cfg, "hass", 10, 0, kw.pop("init_from", None), out, start_step=kw.pop("start_step", 0))
+        c.log_every = 1
+        for k, v in kw.items():
+            setattr(c, k, v)
+        trainer = Trainer(c, quiet=True)
+        final = trainer.run()
+        log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+        return trainer, final, {r["step"]: r for r in log if r["split"] == "train"}
+
+    monkeypatch.setattr(BatchSource, "batch", batch)
+    _, _, whole = run(tmp_path / "whole")
+    whole_batches, batches[:] = list(batches), []
+    calls = {"n": 0}
+
+    def out_of_time(self):
+        calls["n"] += 1
+        return calls["n"] >= 3
+
+    monkeypatch.setattr(Trainer, "_out_of_time", out_of_time)
+    cut, cut_final, first = run(tmp_path / "cut", time_limit_s=1e6)
+    assert cut.stopped_at == (0, 3) and sorted(first) == [1, 2, 3]
+    monkeypatch.setattr(Trainer, "_out_of_time", lambda self: False)
+    _, _, rest = run(tmp_path / "rest", init_from=str(cut_final), start_step=3)
+    assert batches == whole_batches
+    assert sorted(rest) == list(range(4, 11))
+    assert rest[4]["lr"] == pytest.approx(whole[4]["lr"] / 2)  # re-warming
+    for step in range(5, 11):
+        assert rest[step]["lr"] == pytest.approx(whole[step]["lr"])
+        assert rest[step]["epoch"] == whole[step]["epoch"]
+    for step in range(1, 4):
+        assert first[step]["loss"] == whole[step]["loss"]
+    with pytest.raises(Exception, match="init_from"):
+        camp._segment_config(cfg, "hass", 10, 0, None, tmp_path / "x", start_step=3)
+
+
+def test_a_level_trains_on_the_corpus_shards_finished_when_it_began(setup, tmp_path, monkeypatch):
+    root, _, target = setup
+    corpus = tmp_path / "corpus"
+    prompts = root / "p.jsonl"
+    create_corpus(corpus, target, [str(prompts)], DecodingSettings(max_new_tokens=12), shard_size=20, progress=False)
+    build_corpus(corpus, HFEngine(target, batch_size=20), shards=[1], progress=False)
+    folder = tmp_path / "c"
+    camp.init_campaign(folder, config(setup, data=[str(corpus)]))
+    seen = []
+    real_train = camp._train
+
+    def train(*args, **kw):
+        seen.append(args[9] if len(args) > 9 else kw.get("corpus_shards"))
+        if len(seen) == 2:  # shard 0 finishes while level 0 is under way
+            build_corpus(corpus, HFEngine(target, batch_size=20), shards=[0], progress=False)
+        return real_train(*args, **kw)
+
+    monkeypatch.setattr(camp, "_train", train)
+    state = camp.run_campaign(folder, max_levels=2, quiet=True, log=lambda m: None)
+    assert seen == [[1]] * 4 + [[0, 1]] * 4
+    assert {k: v["corpus_shards"] for k, v in state["level_data"].items()} == {"0": [1], "1": [0, 1]}
+    with pytest.raises(ValueError, match="one corpus"):
+        camp.pin_level_data({}, config(setup, data=[str(corpus), str(root / "corpus")]), 0)

@@ -156,6 +156,26 @@ def test_training_reads_a_corpus_folder(tmp_path, target, tiny_target_dir, promp
         assert ex.loss_mask.tolist() == [bool(m) for m in source.loss_mask]
 
 
+def test_pinned_shards_read_only_those_and_refuse_unfinished_ones(tmp_path, target, tiny_target_dir, prompt_files):
+    build(tmp_path / "c", target, prompt_files, shards=[0, 2])  # shards 1 and 3 not answered yet
+    folder = tmp_path / "c"
+    whole = read_corpus(folder)
+    pinned = read_corpus(folder, shards=[2])
+    assert len(whole) == 16 and len(pinned) == 8
+    assert [e.key for e in pinned] == [e.key for e in whole[8:]]
+    with pytest.raises(ValueError, match="not finished"):
+        read_corpus(folder, shards=[0, 1])
+    with pytest.raises(ValueError, match="no shard"):
+        read_corpus(folder, shards=[9])
+    # Training reads the pinned shards only, whatever else the corpus has finished since.
+    build(tmp_path / "c", target, prompt_files, shards=[1])
+    config = build_config("eagle2", values={"target": tiny_target_dir, "data.paths": [str(folder)],
+                                            "data.holdout": 0, "data.max_length": 64, "data.corpus_shards": [0, 2]})
+    train, _, stats = load_examples(config, target.tokenizer)
+    assert stats["corpus_replies"] == 16
+    assert {tuple(e.input_ids.tolist()) for e in train} == {tuple(e.input_ids) for e in whole}
+
+
 def test_cli_build_status_export(tmp_path, tiny_target_dir, prompt_files, capsys):
     out = tmp_path / "c"
     args = ["corpus", "build", "--data", *prompt_files, "--out", str(out), "--target", tiny_target_dir,

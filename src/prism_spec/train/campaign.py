@@ -133,13 +133,15 @@ def hass_to_prism(hass_dir: Path, out_dir: Path, num_modules: int = 2) -> Path:
 
 
 def _segment_config(cfg: CampaignConfig, recipe: str, steps: int, seed: int, init_from: str | None,
-                    output_dir: Path, tuning_only: bool = False):
+                    output_dir: Path, tuning_only: bool = False, corpus_shards: list[int] | None = None,
+                    start_step: int = 0):
     from .config import build_config
 
     values = {
         "target": cfg.target, "dtype": cfg.dtype, "mixed_precision": cfg.mixed_precision, "save_dtype": "bf16",
         "data.paths": list(cfg.data), "data.max_length": cfg.max_length, "data.holdout": cfg.holdout,
-        "data.seed": cfg.seed, "data.group_by_length": cfg.group_by_length, "seed": seed, "output_dir": str(output_dir), "init_from": init_from,
+        "data.seed": cfg.seed, "data.group_by_length": cfg.group_by_length, "data.corpus_shards": corpus_shards,
+        "seed": seed, "output_dir": str(output_dir), "init_from": init_from, "start_step": start_step,
         "checkpoint_every": 0, "eval_every": 0, "log_every": max(1, min(50, steps // 4)),
     }
     if cfg.draft_vocab_size:
@@ -163,18 +165,20 @@ def _last_eval(run_dir: Path) -> dict:
 
 
 def _train(cfg: CampaignConfig, recipe: str, steps: int, seed: int, init_from: str | None, work: Path,
-           quiet: bool, tuning_only: bool = False, time_limit_s: float | None = None):
-    """One segment; returns (drafter folder, held-out metrics, seconds, steps done)."""
+           quiet: bool, tuning_only: bool = False, time_limit_s: float | None = None,
+           corpus_shards: list[int] | None = None, start_step: int = 0):
+    """One segment (from ``start_step`` of its ``steps`` when continuing a cut one); returns
+    (drafter folder, held-out metrics, seconds, the step of the segment it reached)."""
     from .loop import Trainer
 
     shutil.rmtree(work, ignore_errors=True)
-    config = _segment_config(cfg, recipe, steps, seed, init_from, work, tuning_only)
+    config = _segment_config(cfg, recipe, steps, seed, init_from, work, tuning_only, corpus_shards, start_step)
     config.time_limit_s = time_limit_s
     t0 = time.perf_counter()
     trainer = Trainer(config, quiet=quiet)
     final = trainer.run()
-    done = steps if trainer.stopped_at is None else trainer.stopped_at[1]
-    return Path(final), _last_eval(work), time.perf_counter() - t0, done
+    reached = steps if trainer.stopped_at is None else trainer.stopped_at[1]
+    return Path(final), _last_eval(work), time.perf_counter() - t0, reached
 
 
 def _keep(src: Path, folder: Path, name: str) -> str:
@@ -209,10 +213,34 @@ def planned_segments(state: dict) -> list[dict]:
         if (level, seg["save"]) in done:
             continue
         reached = progress.get(f"{level}:{seg['save']}")
-        if reached is not None:  # a time limit stopped it part way: go on from its own weights
-            seg = dict(seg, start=reached, **{"from": seg["save"]}, tuning_only=False, resumed=True)
+        if reached is not None:
+            # A time limit stopped it part way: it goes on from its own weights at the step it
+            # reached, with the segment's own schedule and data order (a fresh optimizer).
+            seg = dict(seg, **{"from": seg["save"]}, continue_at=reached)
         out.append(dict(seg, level=level))
     return out
+
+
+def pin_level_data(state: dict, cfg: CampaignConfig, level: int) -> list[int] | None:
+    """The corpus shards every segment of ``level`` trains on: those finished when the level
+    began (recorded in the state, so a corpus that grows meanwhile, here or on another machine,
+    does not give one method more data than another). None when the data is not a corpus."""
+    from .corpus.read import finished_shards
+    from .corpus.store import is_corpus
+
+    pinned = state.setdefault("level_data", {})
+    if str(level) in pinned:
+        return pinned[str(level)]["corpus_shards"]
+    corpora = [p for p in cfg.data if is_corpus(p)]
+    if not corpora:
+        return None
+    if len(corpora) > 1 or len(cfg.data) > 1:
+        raise ValueError(f"a campaign trains on one corpus folder (got {list(cfg.data)}): its levels pin its shards")
+    shards = finished_shards(corpora[0])
+    if not shards:
+        raise ValueError(f"the corpus {corpora[0]} has no finished shard yet (prism corpus status)")
+    pinned[str(level)] = {"corpus_shards": shards, "pinned": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    return shards
 
 
 #: Seconds a segment spends outside its training steps (loading the target, saving), and the
@@ -244,6 +272,8 @@ def run_campaign(folder: str | os.PathLike, time_budget_s: float | None = None, 
     t0 = time.perf_counter()
     work = folder / "work"
     while max_levels is None or len(state["levels"]) < max_levels:
+        shards = pin_level_data(state, cfg, len(state["levels"]))
+        _write_state(folder, state)
         for seg in planned_segments(state):
             left = None if time_budget_s is None else time_budget_s - (time.perf_counter() - t0)
             if left is not None and left - SEGMENT_OVERHEAD_S < MIN_SEGMENT_S:
@@ -251,21 +281,23 @@ def run_campaign(folder: str | os.PathLike, time_budget_s: float | None = None, 
                 return state
             init = state["drafters"].get(seg["from"])
             init_dir = str(folder / init) if init else None
-            if seg.get("tuning_only"):
+            if seg.get("tuning_only") and "continue_at" not in seg:
                 init_dir = str(hass_to_prism(folder / state["drafters"]["hass-snapshot"], folder / "work-prism-init"))
             steps = seg["stop"] - seg["start"]
-            log(f"[campaign] level {seg['level']}: {seg['save']} steps {seg['start']} -> {seg['stop']}"
-                f" from {seg['from'] if init_dir else 'scratch'}")
+            first = seg.get("continue_at", seg["start"])
+            log(f"[campaign] level {seg['level']}: {seg['save']} steps {first} -> {seg['stop']}"
+                f" from {seg['from'] if init_dir else 'scratch'}"
+                + (f" ({len(shards)} corpus shards)" if shards is not None else ""))
             limit = None if left is None else left - SEGMENT_OVERHEAD_S
             final, heldout, seconds, done = _train(
                 cfg, seg["recipe"], steps, cfg.seed + seg["start"], init_dir, work, quiet,
-                seg.get("tuning_only", False) or (seg["method"] == "prism"), limit)
+                seg.get("tuning_only", False), limit, shards, first - seg["start"])
             state["drafters"][seg["save"]] = _keep(final, folder, seg["save"])
             key = seg["recipe"] + ("-tuning" if seg["method"] == "prism" else "")
-            state["steps_per_s"][key] = round(done / max(seconds - 10.0, 1e-3), 4)
+            state["steps_per_s"][key] = round((seg["start"] + done - first) / max(seconds - 10.0, 1e-3), 4)
             reached = seg["start"] + done
-            state["segments"].append({**{k: v for k, v in seg.items() if k != "resumed"}, "reached": reached,
-                                      "seconds": round(seconds, 1), "heldout": heldout,
+            state["segments"].append({**seg, "reached": reached, "seconds": round(seconds, 1), "heldout": heldout,
+                                      "machine": _machine(), "precision": cfg.mixed_precision,
                                       "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
             progress_key = f"{seg['level']}:{seg['save']}"
             if reached < seg["stop"]:
@@ -291,6 +323,14 @@ def run_campaign(folder: str | os.PathLike, time_budget_s: float | None = None, 
         _write_state(folder, state)
         log(f"[campaign] level {level} done: {level_steps(cfg, level)} steps per method")
     return state
+
+
+def _machine() -> str:
+    import torch
+
+    from ..bench.machine import machine_description
+
+    return f"{machine_description()}, {torch.get_num_threads()} torch threads"
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -373,6 +413,8 @@ def main(argv=None) -> int:
                    help="float32: compute this run in float32 (faster on CPUs without bf16 instructions)")
     r.add_argument("--data", nargs="+", default=None, metavar="PATH",
                    help="where this machine holds the campaign's data (default: the configured paths)")
+    r.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice, every core); e.g. 1 beside a corpus job")
     r.add_argument("--quiet", action="store_true")
     e = sub.add_parser("eval", help="AL of the last level's drafters on the six benchmarks (prism bench)")
     e.add_argument("folder")
@@ -391,6 +433,10 @@ def main(argv=None) -> int:
             init_campaign(args.folder, config)
             print("\n".join(status_lines(read_state(args.folder))))
         elif args.cmd == "run":
+            if args.threads:
+                import torch
+
+                torch.set_num_threads(args.threads)
             state = run_campaign(args.folder, args.time_budget, args.max_levels, quiet=args.quiet,
                                  data_paths=args.data, precision=args.precision)
             print("\n".join(status_lines(state)))

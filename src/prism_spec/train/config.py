@@ -107,6 +107,10 @@ class DataConfig:
     feature_cache: str | None = None
     #: dtype the offline cache stores features in.
     feature_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    #: Read only these shards (indices) of the token-id corpora in ``paths``; None: every
+    #: finished shard. Pins the data of runs that must see the same examples while a corpus
+    #: is still growing (a campaign level); a listed shard that is not finished is an error.
+    corpus_shards: list[int] | None = None
 
 
 @dataclass
@@ -174,6 +178,11 @@ class TrainConfig:
     #: drafter as it is (later stages are skipped); ``Trainer.stopped_at`` says where it stopped.
     #: For time-boxed jobs (a GPU call, a CPU session); None: no limit.
     time_limit_s: float | None = None
+    #: Begin the first enabled stage at this step of its schedule and data order, from
+    #: ``init_from``'s weights with a fresh optimizer (its learning rate re-warmed over
+    #: ``RESTART_REWARM_STEPS`` steps): how a campaign continues a stage that a time limit cut,
+    #: on another machine, without carrying optimizer state. 0: from the start.
+    start_step: int = 0
 
     # ------------------------------------------------------------------ helpers
     def to_dict(self) -> dict:
@@ -225,6 +234,9 @@ class TrainConfig:
         if standard:
             need(d.input_layers == "none", "a standard drafter takes no target features (input_layers must be 'none')")
             need(self.init_from is None, "init_from applies to feature drafters, not the standard drafter")
+        need(self.start_step >= 0, f"start_step must be >= 0, got {self.start_step}")
+        need(self.start_step == 0 or self.init_from is not None,
+             "start_step continues a cut stage from its saved drafter: it needs init_from")
         need(self.time_limit_s is None or self.time_limit_s > 0,
              f"time_limit_s must be > 0 seconds, got {self.time_limit_s}")
         if check_files and self.init_from is not None:
@@ -235,6 +247,8 @@ class TrainConfig:
         need(data.max_length >= 8, "data.max_length must be >= 8")
         need(0.0 < data.fraction <= 1.0, f"data.fraction must be in (0, 1], got {data.fraction}")
         need(data.max_examples is None or data.max_examples >= 1, "data.max_examples must be >= 1")
+        need(data.corpus_shards is None or all(isinstance(k, int) and k >= 0 for k in data.corpus_shards),
+             f"data.corpus_shards must be a list of shard indices (>= 0), got {data.corpus_shards}")
         need(data.holdout >= 0 and (data.holdout < 1 or float(data.holdout).is_integer()),
              f"data.holdout must be a fraction in [0, 1) or a whole count, got {data.holdout}")
         if check_files:

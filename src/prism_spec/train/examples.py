@@ -41,7 +41,7 @@ def load_examples(config: TrainConfig, tokenizer) -> tuple[list[Example], list[E
     corpora = [p for p in paths if is_corpus(p)]  # token-id corpora (prism corpus build)
     try:
         conversations, reader_stats = load_training_mix([p for p in paths if p not in corpora], dedupe=data.dedupe)
-        corpus_examples = [ex for folder in corpora for ex in read_corpus(folder)]
+        corpus_examples = [ex for folder in corpora for ex in read_corpus(folder, shards=data.corpus_shards)]
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"cannot read the training data: {e}") from None
     stats = reader_stats.as_dict() if hasattr(reader_stats, "as_dict") else {"reader": str(reader_stats)}

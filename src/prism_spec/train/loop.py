@@ -234,11 +234,11 @@ class Trainer:
         return evaluate_heldout(self.model, self.eval_source, stage, self.accelerator)
 
     # ------------------------------------------------------------------ training
-    def _optimizer(self, stage: StageConfig, total: int):
+    def _optimizer(self, stage: StageConfig, total: int, start: int = 0):
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=stage.lr, betas=tuple(stage.betas), weight_decay=stage.weight_decay)
         warmup = int(stage.warmup_ratio * total)
-        scheduler = linear_schedule(optimizer, warmup, total)
+        scheduler = linear_schedule(optimizer, warmup, total, start)
         return self.accelerator.prepare_optimizer(optimizer), scheduler
 
     def run(self) -> Path:
@@ -256,7 +256,16 @@ class Trainer:
             start_stage, start_step = resume_state["stage_index"], resume_state["stage_step"]
             global_step, elapsed0 = resume_state["global_step"], resume_state["elapsed"]
             self._print(f"[train] resuming from {self.resume_from} (stage {start_stage}, step {start_step})")
-        elif self.is_main:
+        elif config.start_step:
+            # A stage cut by a time limit, continued from its saved drafter (init_from): same
+            # schedule position and data order, a fresh optimizer.
+            start_stage = next(i for i, s in enumerate(config.stages) if s.enabled)
+            start_step = global_step = config.start_step
+            if start_step >= self.stage_steps[start_stage]:
+                raise ConfigError(f"start_step {start_step} is not inside stage {start_stage} "
+                                  f"({self.stage_steps[start_stage]} steps)")
+            self._print(f"[train] continuing stage {start_stage} at step {start_step} from {config.init_from}")
+        if self.resume_from is None and self.is_main:
             # A fresh run in a used folder: old checkpoints and logs would mix with the new run.
             stale_paths = [self.output_dir / n for n in (CHECKPOINTS, LOG_FILE, "stages", "drafter")]
             for stale in stale_paths + list(self.output_dir.glob("digest-rank*.txt")):
@@ -277,7 +286,7 @@ class Trainer:
             if index < start_stage:
                 last_folder = _stage_folder(self.output_dir, index, stage)
                 continue
-            resuming = resume_state is not None and index == start_stage
+            resuming = (resume_state is not None or config.start_step > 0) and index == start_stage
             global_step = self._run_stage(index, stage, start_step if resuming else 0, global_step, t_start,
                                           resume_state if resuming else None)
             last_folder = self._save_drafter(_stage_folder(self.output_dir, index, stage), index, stage)
@@ -303,7 +312,8 @@ class Trainer:
         unwrapped = acc.unwrap_model(self.model)
         unwrapped.objective = ObjectiveConfig.for_stage(stage)
         unwrapped.generator = self.generator
-        optimizer, scheduler = self._optimizer(stage, total)
+        continued = resume_state is None and start_step > 0  # config.start_step: fresh optimizer
+        optimizer, scheduler = self._optimizer(stage, total, start_step if continued else 0)
         if resume_state is not None:
             if start_step > 0:  # mid-stage: the optimizer and schedule go on where they were
                 restore_training_state(self.resume_from, self.rank, self.generator, optimizer, scheduler, acc.scaler)
@@ -311,6 +321,8 @@ class Trainer:
                 restore_training_state(self.resume_from, self.rank, self.generator)
         if start_step == 0:  # each stage's noise stream starts from its own seed
             self.generator.manual_seed(mix_seed(config.seed, index, self.rank))
+        elif continued:  # and a continued stage's from the step it continues at
+            self.generator.manual_seed(mix_seed(config.seed, index, self.rank, start_step))
         lengths = [int(e.input_ids.numel()) for e in self.train_source.examples] if config.data.group_by_length else None
         order = DataOrder(len(self.train_source), config.seed, index, stage.batch_size, stage.grad_accum,
                           self.world, self.rank, lengths)

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
+from typing import Collection
 
 import numpy as np
 
@@ -47,14 +48,28 @@ def finished_shards(folder: str | os.PathLike) -> list[int]:
     return [s.index for s in shards_of(manifest) if shard_done(folder, s.index)]
 
 
-def read_corpus(folder: str | os.PathLike, include_partial: bool = False) -> list[CorpusExample]:
+def read_corpus(folder: str | os.PathLike, include_partial: bool = False,
+                shards: Collection[int] | None = None) -> list[CorpusExample]:
     """The finished replies of a corpus in corpus order (with ``include_partial``, also the
-    replies journalled in unfinished shards). Empty replies are left out."""
+    replies journalled in unfinished shards). Empty replies are left out. ``shards``: read
+    only these shard indices, each of which must be finished (a pinned data set)."""
     folder = Path(folder)
     manifest = read_manifest(folder)
+    all_shards = shards_of(manifest)
+    if shards is not None:
+        wanted = set(shards)
+        unknown = sorted(wanted - {s.index for s in all_shards})
+        if unknown:
+            raise ValueError(f"{folder} has {len(all_shards)} shards; no shard {unknown[:5]}")
+        unfinished = sorted(k for k in wanted if not shard_done(folder, k))
+        if unfinished:
+            raise ValueError(f"{folder}: pinned shards {unfinished[:5]} are not finished on this machine "
+                             f"({len(unfinished)} of {len(wanted)}); bring the corpus up to date first")
+        all_shards = [s for s in all_shards if s.index in wanted]
+        include_partial = False
     prompts = load_prompts(folder)
     out: list[CorpusExample] = []
-    for shard in shards_of(manifest):
+    for shard in all_shards:
         name = shard_name(shard.index)
         if shard_done(folder, shard.index):
             with np.load(folder / f"{name}.npz") as z:
