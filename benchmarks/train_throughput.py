@@ -9,8 +9,9 @@ timed) through the real trainer, one after the other in one process, and reads t
 from its log. "tokens" are the non-padding tokens of the batches (what the target and the
 drafter actually process); "padded" is the batch size times the longest example of each
 batch, what a padded batch computes; their ratio is the share lost to padding. PRISM's
-warm-up stage is the HASS loss, so ``prism-tuning`` times its second stage. Run it on an idle
-machine.
+warm-up stage is the HASS loss, so ``prism-tuning`` times its second stage. "target share" is
+the part of the timed steps spent in the frozen target's forward (the online features), what
+sharing features between methods or caching them would save. Run it on an idle machine.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 
 from common import write_rows
+from prism_spec.train import features
 from prism_spec.train.config import build_config
 from prism_spec.train.data_order import DataOrder
 from prism_spec.train.loop import Trainer
@@ -33,6 +35,31 @@ RECIPES = {
     "hass": ("hass", False),
     "prism-tuning": ("prism", True),
 }
+
+
+class TargetClock:
+    """Seconds the frozen target spends computing features (every ``capture_batch`` call):
+    the share of a step that features computed once and shared would save."""
+
+    def __init__(self):
+        self.calls: list[float] = []
+
+    def __enter__(self):
+        self._real = features.capture_batch
+
+        def timed(*args, **kw):
+            t = time.perf_counter()
+            out = self._real(*args, **kw)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.calls.append(time.perf_counter() - t)
+            return out
+
+        features.capture_batch = timed
+        return self
+
+    def __exit__(self, *exc):
+        features.capture_batch = self._real
 
 
 def run_one(args, recipe: str, tuning_only: bool, precision: str, grouped: bool, folder: Path) -> dict:
@@ -49,7 +76,8 @@ def run_one(args, recipe: str, tuning_only: bool, precision: str, grouped: bool,
             stage.enabled = stage.objective == "tuning"
             stage.copy_module0_after = False
     trainer = Trainer(config, quiet=True)
-    trainer.run()
+    with TargetClock() as clock:
+        trainer.run()
     log = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
     train = [r for r in log if r["split"] == "train"]
     times = [b["elapsed"] - a["elapsed"] for a, b in zip(train, train[1:])]  # steps 2.. (step 1 warms up)
@@ -64,11 +92,14 @@ def run_one(args, recipe: str, tuning_only: bool, precision: str, grouped: bool,
         tokens += sum(batch)
         padded += max(batch) * len(batch)
     seconds = sum(times)
+    # One feature capture per training step (eval_every=0; the final held-out pass comes last).
+    target_s = sum(clock.calls[1:args.steps])
     return {"recipe": recipe + ("-tuning" if tuning_only else ""), "precision": precision,
             "group_by_length": grouped,
             "batch_size": args.batch_size, "max_length": args.max_length, "timed_steps": len(times),
             "s_per_step": round(seconds / len(times), 3), "tokens_per_s": round(tokens / seconds, 1),
-            "padded_tokens_per_s": round(padded / seconds, 1), "padding_share": round(1 - tokens / padded, 3)}
+            "padded_tokens_per_s": round(padded / seconds, 1), "padding_share": round(1 - tokens / padded, 3),
+            "target_s_per_step": round(target_s / len(times), 3), "target_share": round(target_s / seconds, 3)}
 
 
 def main(argv=None):
@@ -100,7 +131,8 @@ def main(argv=None):
                 rows.append(row)
                 print(f"{row['recipe']:<13} {precision:<4} {order:<8} batch {args.batch_size} x <= {args.max_length}: "
                       f"{row['s_per_step']:.2f} s/step, {row['tokens_per_s']:.0f} tokens/s "
-                      f"({row['padding_share']:.0%} of the padded batch is padding)", flush=True)
+                      f"({row['padding_share']:.0%} of the padded batch is padding; "
+                      f"the target's features {row['target_share']:.0%} of the step)", flush=True)
     write_rows(args.json, {k: v for k, v in vars(args).items() if k != "json"}, rows)
 
 

@@ -174,6 +174,7 @@ def test_gpu_job_on_a_cpu(tmp_path):
         rows = json.load(tar.extractfile("./train_throughput.json"))["rows"]
     assert {(r["recipe"], r["group_by_length"]) for r in rows} == {
         (recipe, grouped) for recipe in ("eagle2", "hass", "prism-tuning") for grouped in (False, True)}
+    assert all(0 < r["target_share"] < 1 for r in rows)  # the frozen target's part of each step
     state = camp.read_state(campaign)
     assert list(state["levels"]) == ["0"] and set(state["drafters"]) == {"eagle2", "hass", "prism"}
     assert all((campaign / path / "model.safetensors").is_file() for path in state["drafters"].values())

@@ -220,3 +220,45 @@ def test_a_level_trains_on_the_corpus_shards_finished_when_it_began(setup, tmp_p
     assert {k: v["corpus_shards"] for k, v in state["level_data"].items()} == {"0": [1], "1": [0, 1]}
     with pytest.raises(ValueError, match="one corpus"):
         camp.pin_level_data({}, config(setup, data=[str(corpus), str(root / "corpus")]), 0)
+
+
+def test_hass_reads_the_features_eagle2_left_and_trains_the_same_drafter(setup, tmp_path):
+    from safetensors.torch import load_file
+
+    runs = {}
+    for share in (True, False):
+        folder = tmp_path / f"share-{share}"
+        camp.init_campaign(folder, config(setup))
+        runs[share] = camp.run_campaign(folder, max_levels=1, quiet=True, log=lambda m: None, share_features=share)
+        assert not (folder / camp.SHARED_FEATURES).exists()  # cleared once HASS has read it
+    segs = {s["save"]: s for s in runs[True]["segments"]}
+    assert segs["eagle2"]["shared_features"] == {"role": "write", "read": 0, "computed": 0, "written": 4}
+    # HASS's first 3 steps are EAGLE-2's first 3 batches: no target pass for them.
+    assert segs["hass-snapshot"]["shared_features"] == {"role": "read", "read": 3, "computed": 0, "written": 0}
+    assert "shared_features" not in segs["hass"] and "shared_features" not in segs["prism"]
+    assert all("shared_features" not in s for s in runs[False]["segments"])
+    for method in ("eagle2", "hass", "prism"):
+        a = load_file(str(tmp_path / "share-True" / runs[True]["drafters"][method] / "model.safetensors"))
+        b = load_file(str(tmp_path / "share-False" / runs[False]["drafters"][method] / "model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_stop_request_saves_the_running_segment_and_ends_the_run(setup, tmp_path, monkeypatch):
+    """What SIGTERM does to `campaign run`: the segment stops after its current step, saved."""
+    from prism_spec.train import loop
+
+    real_log = loop.Trainer._log
+
+    def log(self, record):
+        real_log(self, record)
+        if record["split"] == "train" and record["step"] == 2:
+            loop.request_stop()
+
+    monkeypatch.setattr(loop.Trainer, "_log", log)
+    monkeypatch.setitem(loop._STOP, "requested", False)
+    folder = tmp_path / "c"
+    camp.init_campaign(folder, config(setup))
+    state = camp.run_campaign(folder, quiet=True, log=lambda m: None)
+    assert [(s["save"], s["reached"]) for s in state["segments"]] == [("eagle2", 2)]
+    assert state["progress"] == {"0:eagle2": 2} and (folder / state["drafters"]["eagle2"]).is_dir()
+    assert camp.read_state(folder) == state

@@ -29,11 +29,13 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Callable
 
 STATE = "campaign.json"
+SHARED_FEATURES = "work-features"
 METHODS = ("eagle2", "hass", "prism")
 PRISM_WARMUP_SHARE = 0.75
 
@@ -134,13 +136,14 @@ def hass_to_prism(hass_dir: Path, out_dir: Path, num_modules: int = 2) -> Path:
 
 def _segment_config(cfg: CampaignConfig, recipe: str, steps: int, seed: int, init_from: str | None,
                     output_dir: Path, tuning_only: bool = False, corpus_shards: list[int] | None = None,
-                    start_step: int = 0):
+                    start_step: int = 0, feature_share: str | None = None, share_role: str = "read"):
     from .config import build_config
 
     values = {
         "target": cfg.target, "dtype": cfg.dtype, "mixed_precision": cfg.mixed_precision, "save_dtype": "bf16",
         "data.paths": list(cfg.data), "data.max_length": cfg.max_length, "data.holdout": cfg.holdout,
         "data.seed": cfg.seed, "data.group_by_length": cfg.group_by_length, "data.corpus_shards": corpus_shards,
+        "data.feature_share": feature_share, "data.feature_share_role": share_role,
         "seed": seed, "output_dir": str(output_dir), "init_from": init_from, "start_step": start_step,
         "checkpoint_every": 0, "eval_every": 0, "log_every": max(1, min(50, steps // 4)),
     }
@@ -166,19 +169,22 @@ def _last_eval(run_dir: Path) -> dict:
 
 def _train(cfg: CampaignConfig, recipe: str, steps: int, seed: int, init_from: str | None, work: Path,
            quiet: bool, tuning_only: bool = False, time_limit_s: float | None = None,
-           corpus_shards: list[int] | None = None, start_step: int = 0):
+           corpus_shards: list[int] | None = None, start_step: int = 0, feature_share: str | None = None,
+           share_role: str = "read"):
     """One segment (from ``start_step`` of its ``steps`` when continuing a cut one); returns
-    (drafter folder, held-out metrics, seconds, the step of the segment it reached)."""
+    (drafter folder, held-out metrics, seconds, the step of the segment it reached, what
+    shared features saved or None)."""
     from .loop import Trainer
 
     shutil.rmtree(work, ignore_errors=True)
-    config = _segment_config(cfg, recipe, steps, seed, init_from, work, tuning_only, corpus_shards, start_step)
+    config = _segment_config(cfg, recipe, steps, seed, init_from, work, tuning_only, corpus_shards, start_step,
+                             feature_share, share_role)
     config.time_limit_s = time_limit_s
     t0 = time.perf_counter()
     trainer = Trainer(config, quiet=quiet)
     final = trainer.run()
     reached = steps if trainer.stopped_at is None else trainer.stopped_at[1]
-    return Path(final), _last_eval(work), time.perf_counter() - t0, reached
+    return Path(final), _last_eval(work), time.perf_counter() - t0, reached, trainer.shared_features
 
 
 def _keep(src: Path, folder: Path, name: str) -> str:
@@ -249,16 +255,25 @@ SEGMENT_OVERHEAD_S = 25.0
 MIN_SEGMENT_S = 30.0
 
 
+#: The segments that share a level's batches: EAGLE-2 (0 -> B) and HASS's first part
+#: (0 -> 0.75 B) walk the same data order, so HASS reads the features EAGLE-2 left.
+SHARE_ROLES = {"eagle2": "write", "hass-snapshot": "read"}
+
+
 def run_campaign(folder: str | os.PathLike, time_budget_s: float | None = None, max_levels: int | None = None,
                  quiet: bool = False, log: Callable[[str], None] = print,
-                 data_paths: list[str] | None = None, precision: str | None = None) -> dict:
+                 data_paths: list[str] | None = None, precision: str | None = None,
+                 share_features: bool = True) -> dict:
     """Train segments until the time budget is spent or ``max_levels`` levels are done. A
     segment that the budget cuts short saves its drafter and the step it reached; the next run
-    goes on from there (fresh optimiser, the data order continued by seed). ``data_paths``:
+    goes on from there (the same schedule and data order, a fresh optimiser). ``data_paths``:
     where this machine holds the campaign's data, when not at the configured paths (a GPU
     machine that unpacked the corpus elsewhere). ``precision`` "float32" computes this run in
     float32 (CPUs without bf16 instructions run bf16 about 2.5x slower); the stored drafters
-    stay bf16 either way."""
+    stay bf16 either way. ``share_features``: EAGLE-2 leaves its batches' target features in
+    ``folder/work-features`` (machine-local, never committed) for HASS to read instead of
+    running the target again (features.SharedFeatures); a machine that lacks them computes
+    them, so results do not depend on it."""
     folder = Path(folder)
     state = read_state(folder)
     state.setdefault("progress", {})
@@ -276,6 +291,9 @@ def run_campaign(folder: str | os.PathLike, time_budget_s: float | None = None, 
         _write_state(folder, state)
         for seg in planned_segments(state):
             left = None if time_budget_s is None else time_budget_s - (time.perf_counter() - t0)
+            if _stop_requested():
+                log(f"[campaign] stop requested: stopping before {seg['save']} (level {seg['level']})")
+                return state
             if left is not None and left - SEGMENT_OVERHEAD_S < MIN_SEGMENT_S:
                 log(f"[campaign] stopping before {seg['save']} (level {seg['level']}): {max(left, 0):.0f} s left")
                 return state
@@ -288,16 +306,22 @@ def run_campaign(folder: str | os.PathLike, time_budget_s: float | None = None, 
             log(f"[campaign] level {seg['level']}: {seg['save']} steps {first} -> {seg['stop']}"
                 f" from {seg['from'] if init_dir else 'scratch'}"
                 + (f" ({len(shards)} corpus shards)" if shards is not None else ""))
-            limit = None if left is None else left - SEGMENT_OVERHEAD_S
-            final, heldout, seconds, done = _train(
+            # Always a limit, so a stop request (SIGTERM) can cut the segment cleanly.
+            limit = 1e12 if left is None else left - SEGMENT_OVERHEAD_S
+            role = SHARE_ROLES.get(seg["save"]) if share_features else None
+            final, heldout, seconds, done, shared = _train(
                 cfg, seg["recipe"], steps, cfg.seed + seg["start"], init_dir, work, quiet,
-                seg.get("tuning_only", False), limit, shards, first - seg["start"])
+                seg.get("tuning_only", False), limit, shards, first - seg["start"],
+                str(folder / SHARED_FEATURES) if role else None, role or "read")
             state["drafters"][seg["save"]] = _keep(final, folder, seg["save"])
             key = seg["recipe"] + ("-tuning" if seg["method"] == "prism" else "")
             state["steps_per_s"][key] = round((seg["start"] + done - first) / max(seconds - 10.0, 1e-3), 4)
             reached = seg["start"] + done
+            if role == "read" and reached == seg["stop"]:  # nothing else reads what is left
+                shutil.rmtree(folder / SHARED_FEATURES, ignore_errors=True)
             state["segments"].append({**seg, "reached": reached, "seconds": round(seconds, 1), "heldout": heldout,
                                       "machine": _machine(), "precision": cfg.mixed_precision,
+                                      **({"shared_features": shared} if shared else {}),
                                       "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
             progress_key = f"{seg['level']}:{seg['save']}"
             if reached < seg["stop"]:
@@ -312,6 +336,7 @@ def run_campaign(folder: str | os.PathLike, time_budget_s: float | None = None, 
                 return state
         level = len(state["levels"])
         # The snapshot only serves its own level's HASS and PRISM segments: drop it.
+        shutil.rmtree(folder / SHARED_FEATURES, ignore_errors=True)
         snapshot = state["drafters"].pop("hass-snapshot", None)
         if snapshot:
             shutil.rmtree(folder / snapshot, ignore_errors=True)
@@ -323,6 +348,12 @@ def run_campaign(folder: str | os.PathLike, time_budget_s: float | None = None, 
         _write_state(folder, state)
         log(f"[campaign] level {level} done: {level_steps(cfg, level)} steps per method")
     return state
+
+
+def _stop_requested() -> bool:
+    from .loop import stop_requested
+
+    return stop_requested()
 
 
 def _machine() -> str:
@@ -415,6 +446,8 @@ def main(argv=None) -> int:
                    help="where this machine holds the campaign's data (default: the configured paths)")
     r.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice, every core); e.g. 1 beside a corpus job")
+    r.add_argument("--no-shared-features", action="store_true",
+                   help="HASS runs the target itself instead of reading the features EAGLE-2 left (saves disk)")
     r.add_argument("--quiet", action="store_true")
     e = sub.add_parser("eval", help="AL of the last level's drafters on the six benchmarks (prism bench)")
     e.add_argument("folder")
@@ -437,8 +470,14 @@ def main(argv=None) -> int:
                 import torch
 
                 torch.set_num_threads(args.threads)
+            # SIGTERM / Ctrl-C: finish the current step, save the segment where it is, stop.
+            from .loop import request_stop
+
+            signal.signal(signal.SIGTERM, request_stop)
+            signal.signal(signal.SIGINT, request_stop)
             state = run_campaign(args.folder, args.time_budget, args.max_levels, quiet=args.quiet,
-                                 data_paths=args.data, precision=args.precision)
+                                 data_paths=args.data, precision=args.precision,
+                                 share_features=not args.no_shared_features)
             print("\n".join(status_lines(state)))
         elif args.cmd == "eval":
             evaluate_level(args.folder, args.questions, args.max_new_tokens, args.tree,

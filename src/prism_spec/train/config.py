@@ -111,6 +111,12 @@ class DataConfig:
     #: finished shard. Pins the data of runs that must see the same examples while a corpus
     #: is still growing (a campaign level); a listed shard that is not finished is an error.
     corpus_shards: list[int] | None = None
+    #: Online features handed between runs on one machine (features.SharedFeatures): a folder
+    #: where a run in role "write" leaves each training batch's features and a later run in
+    #: role "read" takes them instead of running the target again for the same batch (a
+    #: campaign's EAGLE-2 and HASS segments walk the same batches). None: off.
+    feature_share: str | None = None
+    feature_share_role: Literal["write", "read"] = "read"
 
 
 @dataclass
@@ -247,6 +253,10 @@ class TrainConfig:
         need(data.max_length >= 8, "data.max_length must be >= 8")
         need(0.0 < data.fraction <= 1.0, f"data.fraction must be in (0, 1], got {data.fraction}")
         need(data.max_examples is None or data.max_examples >= 1, "data.max_examples must be >= 1")
+        need(not (data.feature_share and data.feature_cache),
+             "data.feature_share applies to online features; data.feature_cache is set (offline)")
+        need(data.feature_share_role in ("write", "read"),
+             f"data.feature_share_role must be 'write' or 'read', got {data.feature_share_role!r}")
         need(data.corpus_shards is None or all(isinstance(k, int) and k >= 0 for k in data.corpus_shards),
              f"data.corpus_shards must be a list of shard indices (>= 0), got {data.corpus_shards}")
         need(data.holdout >= 0 and (data.holdout < 1 or float(data.holdout).is_integer()),

@@ -118,13 +118,14 @@ class BatchSource:
     """Turns lists of example indices into model-ready batches (online or offline features)."""
 
     def __init__(self, examples: list[Example], target: Target, feature_layers, device, pad_id: int,
-                 feature_dataset=None):
+                 feature_dataset=None, shared=None):
         self.examples = examples
         self.target = target
         self.feature_layers = feature_layers
         self.device = device
         self.pad_id = pad_id
         self.features = feature_dataset  # offline: indexable like ``examples``
+        self.shared = shared  # online: features.SharedFeatures handed between runs, or None
 
     def __len__(self):
         return len(self.examples)
@@ -140,8 +141,15 @@ class BatchSource:
         batch = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
         from .features import capture_batch
 
-        with torch.no_grad():
-            feats = capture_batch(self.target, batch["input_ids"], batch["attention_mask"], self.feature_layers)
+        key = self.shared.key(batch["input_ids"], batch["attention_mask"]) if self.shared is not None else None
+        feats = self.shared.get(key) if key is not None else None
+        if feats is not None:
+            feats = {k: v.to(self.device) for k, v in feats.items()}
+        else:
+            with torch.no_grad():
+                feats = capture_batch(self.target, batch["input_ids"], batch["attention_mask"], self.feature_layers)
+            if key is not None:
+                self.shared.put(key, feats)
         for key, value in feats.items():
             if isinstance(value, torch.Tensor):
                 # Inference-mode tensors cannot be saved for backward: give autograd a plain copy.

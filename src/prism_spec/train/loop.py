@@ -59,6 +59,20 @@ KILL_ENV = "PRISM_TRAIN_KILL_AFTER_CHECKPOINT"
 DIGEST_ENV = "PRISM_TRAIN_RANK_DIGEST"
 
 LOG_FILE = "train_log.jsonl"
+
+#: Set by :func:`request_stop` (a signal handler): a run with a time limit stops after its
+#: current step as if the limit had passed, saving the drafter where it is.
+_STOP = {"requested": False}
+
+
+def request_stop(*_signal_args) -> None:
+    """Ask time-limited runs to stop after the current optimizer step (usable as a signal
+    handler: ``signal.signal(signal.SIGTERM, request_stop)``)."""
+    _STOP["requested"] = True
+
+
+def stop_requested() -> bool:
+    return _STOP["requested"]
 CONFIG_FILE = "train_config.json"
 
 
@@ -194,7 +208,15 @@ class Trainer:
             folder = Path(self.config.data.feature_cache) / split
             dataset = offline_features(self.accelerator, self.target, examples, folder, self.feature_layers,
                                        parse_dtype(self.config.data.feature_dtype), self.is_main and not self.quiet)
-        return BatchSource(examples, self.target, self.feature_layers, self.accelerator.device, self.pad_id, dataset)
+        shared = None
+        if self.config.data.feature_share and split == "train":
+            from .features import SharedFeatures
+
+            # Per process: each rank's batches are its own.
+            folder = Path(self.config.data.feature_share) / f"rank-{self.rank}"
+            shared = SharedFeatures(folder, self.config.data.feature_share_role, self.target, self.feature_layers)
+        return BatchSource(examples, self.target, self.feature_layers, self.accelerator.device, self.pad_id, dataset,
+                           shared)
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint(self, stage_index: int, stage_step: int, global_step: int, optimizer, scheduler, elapsed: float):
@@ -279,6 +301,7 @@ class Trainer:
         t_start = time.perf_counter() - elapsed0
         self._t_started = time.perf_counter()  # the time limit counts this run's training only
         self.stopped_at = None
+        self.shared_features = None  # what data.feature_share saved this run (role, batches read, written)
         last_folder = None
         for index, stage in enumerate(config.stages):
             if not stage.enabled:
@@ -294,6 +317,12 @@ class Trainer:
                 self._print(f"[train] time limit of {config.time_limit_s} s reached: stopped in stage {index} "
                             f"after step {self.stopped_at[1]}; later stages skipped")
                 break
+        shared = self.train_source.shared
+        if shared is not None:
+            self.shared_features = {"role": shared.role, "read": shared.hits, "computed": shared.misses,
+                                    "written": shared.written}
+            self._print(f"[train] shared features ({shared.role}): {shared.hits} batches read, "
+                        f"{shared.written} written")
         final = self.output_dir / "drafter"
         if last_folder is None:
             raise TrainingError("no enabled stage ran")
@@ -393,7 +422,8 @@ class Trainer:
         limit = self.config.time_limit_s
         if limit is None:
             return False
-        flag = torch.tensor([float(time.perf_counter() - self._t_started > limit)], device=self.accelerator.device)
+        late = time.perf_counter() - self._t_started > limit or stop_requested()
+        flag = torch.tensor([float(late)], device=self.accelerator.device)
         if self.world > 1:
             flag = self.accelerator.reduce(flag, reduction="max")
         return bool(flag.item())
