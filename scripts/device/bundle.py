@@ -304,7 +304,11 @@ def unpack(files_at: str, corpus: str, campaign: str, results: str | None = None
             Path(campaign).mkdir(parents=True, exist_ok=True)
             for item in returned.iterdir():
                 dest = Path(campaign) / item.name
-                if item.is_dir():
+                if item.name == "levels":  # merged: the call carried no earlier level's drafters
+                    for level in item.iterdir():
+                        shutil.rmtree(dest / level.name, ignore_errors=True)
+                        shutil.copytree(level, dest / level.name)
+                elif item.is_dir():
                     shutil.rmtree(dest, ignore_errors=True)
                     shutil.copytree(item, dest)
                 else:

@@ -86,8 +86,9 @@ if [ "$CAMPAIGN_SECONDS" != 0 ] && has_item campaign.tar; then
     python3 -m prism_spec.train.campaign eval "$WORK/campaign" \
       --questions "$EVAL_QUESTIONS" --device "$DEVICE" || echo "eval failed (the trained drafters still come back)"
   fi
-  cp -r "$WORK/campaign" "$WORK/result/campaign"
-  rm -rf "$WORK/result/campaign/work" "$WORK/result/campaign/work-prism-init"
+  # Without its scratch folders (work*: a segment's run, the PRISM init, shared features of GBs).
+  mkdir -p "$WORK/result/campaign"
+  tar -cf - -C "$WORK/campaign" --exclude='./work*' . | tar -xf - -C "$WORK/result/campaign"
 fi
 echo "== done in $(( $(date +%s) - start )) s"
 tar -cf - -C "$WORK/result" . | split -b 15000000 - "$OUT/result.tar.part-"

@@ -157,6 +157,9 @@ def test_gpu_job_on_a_cpu(tmp_path):
     log = (out / "gpu_job.log").read_text()
     assert "3 new corpus shards" in log and "level 0 done" in log
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("result.tar.part-"))
+    earlier = campaign / "levels" / "L7" / "eagle2"  # a level kept here that the call did not carry
+    earlier.mkdir(parents=True)
+    (earlier / "config.json").write_text("{}")
     unpacked = subprocess.run([sys.executable, str(SCRIPTS / "bundle.py"), "unpack", str(out), "--corpus", str(local),
                                "--campaign", str(campaign), "--results", str(tmp_path / "measured")],
                               capture_output=True, text=True)
@@ -164,6 +167,7 @@ def test_gpu_job_on_a_cpu(tmp_path):
     result = json.loads(unpacked.stdout)
     assert result["shards_added"] == ["shard-00001", "shard-00002", "shard-00003"]
     assert result["campaign_segments"] == 4
+    assert (earlier / "config.json").is_file() and (campaign / "levels" / "L0" / "prism" / "model.safetensors").is_file()
     assert sorted(p.name for p in (tmp_path / "measured").iterdir()) == [
         "corpus_status.json", "gpu_job.log", "train_throughput.json"]
     whole = tmp_path / "whole"

@@ -131,17 +131,48 @@ def test_hass_to_prism_copies_module_0(setup, tmp_path):
         camp.hass_to_prism(out, tmp_path / "q")
 
 
-def test_eval_records_acceptance_per_method(setup, tmp_path):
+def test_every_level_keeps_its_drafters_and_any_level_can_be_evaluated_and_plotted(setup, tmp_path):
     folder = tmp_path / "c"
     camp.init_campaign(folder, config(setup))
-    camp.run_campaign(folder, max_levels=1, quiet=True, log=lambda m: None)
-    bench = camp.evaluate_level(folder, questions=1, max_new_tokens=8, tree="8/3/3", device="cpu")
-    rows = {r["method"]: r for r in bench["rows"]}
-    assert set(rows) == {"vanilla", "eagle2", "hass", "prism"}
-    assert rows["vanilla"]["mean_acceptance_length"] == 1.0
-    for method in ("eagle2", "hass", "prism"):
-        assert rows[method]["t0_outputs_differing_from_vanilla"] == 0 and rows[method]["runs"] == 6
-    assert camp.read_state(folder)["levels"]["0"]["bench"]["rows"] == bench["rows"]
+    camp.run_campaign(folder, max_levels=2, quiet=True, log=lambda m: None)
+    state = camp.read_state(folder)
+    for level in ("0", "1"):
+        kept = state["levels"][level]["drafters"]
+        assert kept == {m: f"levels/L{level}/{m}" for m in ("eagle2", "hass", "prism")}
+    # Level 1's archive is the working copy; level 0's is what level 1 trained on from.
+    for m in ("eagle2", "hass", "prism"):
+        now = (folder / state["drafters"][m] / "model.safetensors").read_bytes()
+        assert (folder / "levels/L1" / m / "model.safetensors").read_bytes() == now
+        assert (folder / "levels/L0" / m / "model.safetensors").read_bytes() != now
+    assert state["levels"]["1"]["examples"] == 8 * 2
+    for level in (0, 1):  # level 0 after level 1 has trained: from its archive
+        bench = camp.evaluate_level(folder, questions=1, max_new_tokens=8, tree="8/3/3", device="cpu", level=level)
+        rows = {r["method"]: r for r in bench["rows"]}
+        assert set(rows) == {"vanilla", "eagle2", "hass", "prism"}
+        assert rows["vanilla"]["mean_acceptance_length"] == 1.0
+        for method in ("eagle2", "hass", "prism"):
+            assert rows[method]["t0_outputs_differing_from_vanilla"] == 0 and rows[method]["runs"] == 6
+        assert camp.read_state(folder)["levels"][str(level)]["bench"]["rows"] == bench["rows"]
+    state = camp.read_state(folder)
+    curves = camp.plot_learning_curves(state, tmp_path / "curves.png")
+    assert [(r["level"], r["examples"], r["method"]) for r in curves] == [
+        (lv, n, m) for lv, n in ((0, 8), (1, 16)) for m in ("eagle2", "hass", "prism")]
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="not finished"):
+        camp.evaluate_level(folder, questions=1, level=2)
+
+
+def test_a_state_without_archives_evaluates_only_its_last_level_before_the_next_trains(setup, tmp_path):
+    folder = tmp_path / "c"
+    camp.init_campaign(folder, config(setup))
+    state = camp.run_campaign(folder, max_levels=1, quiet=True, log=lambda m: None)
+    del state["levels"]["0"]["drafters"]  # as written before levels kept their drafters
+    assert camp.level_drafters(state, "0") == {m: state["drafters"][m] for m in ("eagle2", "hass", "prism")}
+    state["segments"].append({"level": 1, "save": "eagle2", "start": 4, "stop": 8, "reached": 5})
+    with pytest.raises(ValueError, match="not kept"):
+        camp.level_drafters(state, "0")
+    with pytest.raises(ValueError, match="no evaluated level"):
+        camp.plot_learning_curves(state, tmp_path / "x.png")
 
 
 def test_a_continued_stage_keeps_its_schedule_and_data_order(setup, tmp_path, monkeypatch):

@@ -342,12 +342,33 @@ def run_campaign(folder: str | os.PathLike, time_budget_s: float | None = None, 
             shutil.rmtree(folder / snapshot, ignore_errors=True)
         state["levels"][str(level)] = {
             "steps": level_steps(cfg, level),
+            "examples": level_steps(cfg, level) * cfg.batch_size,
             "heldout": {s["save"]: s["heldout"] for s in state["segments"]
                         if s["level"] == level and s["save"] in METHODS},
+            "drafters": {m: _archive(folder, state["drafters"][m], level, m) for m in METHODS},
         }
         _write_state(folder, state)
         log(f"[campaign] level {level} done: {level_steps(cfg, level)} steps per method")
     return state
+
+
+def _archive(folder: Path, drafter: str, level: int, method: str) -> str:
+    """Keep a finished level's drafter as ``levels/L<level>/<method>`` (the next level trains
+    on from the working copy): hard links where the file system allows (git stores the same
+    bytes once either way, and tar keeps links as links), copies otherwise."""
+    src, dest = folder / drafter, folder / "levels" / f"L{level}" / method
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for item in src.iterdir():
+        if item.is_file():
+            try:
+                os.link(item, tmp / item.name)
+            except OSError:
+                shutil.copyfile(item, tmp / item.name)
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    return str(dest.relative_to(folder))
 
 
 def _stop_requested() -> bool:
@@ -365,23 +386,44 @@ def _machine() -> str:
 
 
 # ----------------------------------------------------------------------------- evaluation
+def level_drafters(state: dict, level: str) -> dict[str, str]:
+    """The drafters (paths inside the campaign folder) of a finished level: its archive, or,
+    for a campaign state older than the archives, the working copies while it is the last."""
+    entry = state["levels"].get(level)
+    if entry is None:
+        raise ValueError(f"level {level} is not finished (levels done: {sorted(state['levels'], key=int)})")
+    if "drafters" in entry:
+        return entry["drafters"]
+    if int(level) != len(state["levels"]) - 1 or _next_level_started(state):
+        raise ValueError(f"level {level}'s drafters were not kept (an older campaign state); "
+                         "only the last level can be evaluated, before the next one trains")
+    return {m: state["drafters"][m] for m in METHODS}
+
+
+def _next_level_started(state: dict) -> bool:
+    return any(s["level"] == len(state["levels"]) for s in state["segments"])
+
+
 def evaluate_level(folder: str | os.PathLike, questions: int = 20, max_new_tokens: int = 128,
                    tree: str = "paper", temperatures: tuple[float, ...] = (0.0,), dtype: str = "float32",
-                   device: str = "auto", threads: int | None = None, resume: bool = True) -> dict:
-    """Acceptance length of the last finished level's drafters (and vanilla decoding, for the
-    T=0 identity check) on the six benchmarks with ``prism bench``; stored in the level's
-    entry and in ``bench-L<level>/`` inside the campaign folder."""
+                   device: str = "auto", threads: int | None = None, resume: bool = True,
+                   level: int | None = None) -> dict:
+    """Acceptance length of a finished level's drafters (default: the last level) and vanilla
+    decoding (for the T=0 identity check) on the six benchmarks with ``prism bench``; stored in
+    the level's entry and in ``bench-L<level>/`` inside the campaign folder. Every level keeps
+    its drafters, so any level can be evaluated later (e.g. all of them on a lent GPU)."""
     from ..bench.cli import main as bench_main
 
     folder = Path(folder)
     state = read_state(folder)
     if not state["levels"]:
         raise ValueError("no finished level to evaluate yet")
-    level = str(len(state["levels"]) - 1)
+    level = str(len(state["levels"]) - 1 if level is None else level)
+    drafters = level_drafters(state, level)
     out = folder / f"bench-L{level}"
     args = ["--target", state["config"]["target"], "--method", "vanilla"]
     for method in METHODS:
-        args += ["--method", f"{method}={folder / state['drafters'][method]}"]
+        args += ["--method", f"{method}={folder / drafters[method]}"]
     for t in temperatures:
         args += ["--temperature", str(t)]
     args += ["--limit", str(questions), "--max-new-tokens", str(max_new_tokens), "--tree", tree,
@@ -404,6 +446,64 @@ def evaluate_level(folder: str | os.PathLike, questions: int = 20, max_new_token
     }
     _write_state(folder, state)
     return state["levels"][level]["bench"]
+
+
+def learning_curves(state: dict) -> list[dict]:
+    """One row per evaluated (level, method, temperature): the budget (steps and examples per
+    method) and the benchmark means, in level order."""
+    rows = []
+    for level in sorted(state["levels"], key=int):
+        entry = state["levels"][level]
+        bench = entry.get("bench")
+        if not bench:
+            continue
+        examples = entry.get("examples", entry["steps"] * state["config"]["batch_size"])
+        for row in bench["rows"]:
+            if row["method"] in METHODS:
+                rows.append({"level": int(level), "steps": entry["steps"], "examples": examples,
+                             "method": row["method"], "temperature": row["temperature"],
+                             "mean_acceptance_length": row["mean_acceptance_length"],
+                             "t0_outputs_differing_from_vanilla": row.get("t0_outputs_differing_from_vanilla"),
+                             "tree": bench["settings"]["tree"],
+                             "questions_per_benchmark": bench["settings"]["questions_per_benchmark"]})
+    return rows
+
+
+def plot_learning_curves(state: dict, out: str | os.PathLike) -> list[dict]:
+    """The campaign's learning curves (mean AL over the six benchmarks against the examples
+    each method trained on, one line per method and temperature) as an image; returns the
+    rows plotted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = learning_curves(state)
+    if not rows:
+        raise ValueError("no evaluated level yet: run `campaign eval` after a level finishes")
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    styles = {0.0: "-", 1.0: "--"}
+    for method in METHODS:
+        for t in sorted({r["temperature"] for r in rows}):
+            pts = [(r["examples"], r["mean_acceptance_length"]) for r in rows
+                   if r["method"] == method and r["temperature"] == t]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, styles.get(t, ":"), marker="o", label=f"{method} T={t:g}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("training examples per method (equal budget)")
+    ax.set_ylabel("mean acceptance length (6 benchmarks)")
+    trees = sorted({r["tree"] for r in rows})
+    questions = sorted({r["questions_per_benchmark"] for r in rows})
+    ax.set_title(f"{state['config']['target']}: tree {', '.join(trees)}, "
+                 f"{', '.join(map(str, questions))} questions per benchmark", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return rows
 
 
 def status_lines(state: dict) -> list[str]:
@@ -457,6 +557,10 @@ def main(argv=None) -> int:
     e.add_argument("--temperature", type=float, action="append", default=None)
     e.add_argument("--device", default="auto")
     e.add_argument("--threads", type=int, default=None)
+    e.add_argument("--level", type=int, default=None, help="which finished level (default: the last)")
+    pl = sub.add_parser("plot", help="learning curves of the evaluated levels (AL against examples per method)")
+    pl.add_argument("folder")
+    pl.add_argument("-o", "--out", required=True, help="image file (.png, .svg, .pdf)")
     s = sub.add_parser("status", help="levels, held-out accuracy, AL, what comes next")
     s.add_argument("folder")
     args = parser.parse_args(argv)
@@ -481,8 +585,15 @@ def main(argv=None) -> int:
             print("\n".join(status_lines(state)))
         elif args.cmd == "eval":
             evaluate_level(args.folder, args.questions, args.max_new_tokens, args.tree,
-                           tuple(args.temperature or [0.0]), device=args.device, threads=args.threads)
+                           tuple(args.temperature or [0.0]), device=args.device, threads=args.threads,
+                           level=args.level)
             print("\n".join(status_lines(read_state(args.folder))))
+        elif args.cmd == "plot":
+            rows = plot_learning_curves(read_state(args.folder), args.out)
+            for r in rows:
+                print(f"L{r['level']} {r['examples']:>7} examples  {r['method']:<7} T={r['temperature']:g}  "
+                      f"AL {r['mean_acceptance_length']:.3f}")
+            print(f"wrote {args.out}")
         else:
             print("\n".join(status_lines(read_state(args.folder))))
     except (ValueError, FileNotFoundError) as exc:
