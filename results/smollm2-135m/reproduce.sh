@@ -36,6 +36,10 @@
 #   bash results/smollm2-135m/reproduce.sh bench-ft3       # fp32 paper-tree AL of prism-ft2 and prism-ft3, 128 new tokens
 # The canonical summary of the current drafters (summary.json; LIMIT questions per benchmark, default 20):
 #   LIMIT=N bash results/smollm2-135m/reproduce.sh summary
+# The equal-budget campaign on the target's own corpus (docs/gpu-campaign.md; resumable, any machine):
+#   SECONDS_BUDGET=S bash results/smollm2-135m/reproduce.sh campaign   # train on within S seconds
+#   LEVEL=L LIMIT=N bash results/smollm2-135m/reproduce.sh curves      # AL of level L, then the learning-curve figure
+#   bash results/smollm2-135m/reproduce.sh data-mix        # own replies only vs dataset answers mixed in (EAGLE-2, equal budget)
 # Runs superseded by a later run of the same measurement are kept under results/archive/smollm2-135m
 # (results/archive/README.md); the commands that made them write there.
 set -euo pipefail
@@ -295,7 +299,24 @@ case "${1:-}" in
     prism bench --method vanilla "${DRAFTERS[@]}" --method prism@packaged=$OUT/drafters/prism-ft2 \
       --dtype bfloat16 --temperature 0 --tree auto --limit "${LIMIT:-5}" --max-new-tokens 64 --threads 2 \
       --out "$OUT/bench-cpu-baselines-and-packaged" ;;
+  campaign)  # the next segments of the equal-budget campaign (float32 on CPUs without bf16 instructions)
+    precision=config; grep -q avx512_bf16 /proc/cpuinfo || precision=float32
+    [ "$(python -c 'import torch; print(torch.cuda.is_available())')" = True ] && precision=config
+    python -m prism_spec.train.campaign run $OUT/campaign --time-budget "${SECONDS_BUDGET:-7200}" --precision $precision
+    python -m prism_spec.train.campaign status $OUT/campaign ;;
+  curves)  # AL of a finished level (default: the last) on the paper tree, T=0 and T=1, then the figure
+    python -m prism_spec.train.campaign eval $OUT/campaign ${LEVEL:+--level $LEVEL} --questions "${LIMIT:-20}" \
+      --temperature 0 --temperature 1 --threads "${THREADS:-2}"
+    python -m prism_spec.train.campaign plot $OUT/campaign -o $OUT/campaign/learning_curves.png ;;
+  data-mix)  # does mixing the datasets' own answers into the target's replies help, at equal budget?
+    T=../shared/data/train
+    python benchmarks/data_mix.py --corpus $OUT/corpus --train-shards 0:56 --eval-shards 56 \
+      --mix $T/gsm8k_train.jsonl $T/math_test.jsonl $T/code_alpaca_2k.json $T/gpteacher_codegen.json \
+        $T/gpteacher_roleplay.json $T/mbpp.jsonl $T/self_instruct_seed_tasks.jsonl \
+        $T/t0_subset/cnn_dailymail_3_0_0_news_summary.jsonl $T/t0_subset/xsum_summarize_DOC.jsonl \
+        $T/t0_subset/samsum_Summarize_.jsonl \
+      --steps 120 --batch-size 8 --max-length 512 --threads "${THREADS:-1}" --json results/cpu/data_mix_eagle2_intel.json ;;
   *)
-    echo "usage: $0 regen|features|eagle2|hass|prism|prism3|prism-star|stacked2|standard|scaling|bench|bench-fp32|bench-ablations|bench-cpu|profile|regen-gpu|prism-gpu|bench-gpu-prism|packing|prism-star-norm|bench-star-norm|prism-ft|prism-ft2|bench-ft|bench-ft2|bench-cpu-ft2|attention|bench-cpu-packaged|bench-cpu-baselines|summary" >&2
+    echo "usage: $0 regen|features|eagle2|hass|prism|prism3|prism-star|stacked2|standard|scaling|bench|bench-fp32|bench-ablations|bench-cpu|profile|regen-gpu|prism-gpu|bench-gpu-prism|packing|prism-star-norm|bench-star-norm|prism-ft|prism-ft2|bench-ft|bench-ft2|bench-cpu-ft2|attention|bench-cpu-packaged|bench-cpu-baselines|summary|campaign|curves|data-mix" >&2
     exit 2 ;;
 esac

@@ -93,6 +93,8 @@ def test_time_budget_cuts_a_segment_and_the_next_run_goes_on_from_it(setup, tmp_
     state = camp.run_campaign(folder, time_budget_s=1e6, quiet=True, log=lambda m: None)
     assert [(s["save"], s["start"], s["reached"]) for s in state["segments"]] == [("eagle2", 0, 1)]
     assert state["progress"] == {"0:eagle2": 1} and (folder / state["drafters"]["eagle2"]).is_dir()
+    status = "\n".join(camp.status_lines(state))
+    assert "next: eagle2 1->4, hass-snapshot 0->3" in status and "pinned corpus shards" in status
     monkeypatch.undo()
     state = camp.run_campaign(folder, max_levels=1, quiet=True, log=lambda m: None)
     segs = [(s["save"], s["start"], s.get("continue_at"), s["reached"]) for s in state["segments"]]

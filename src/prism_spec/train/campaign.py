@@ -517,12 +517,23 @@ def status_lines(state: dict) -> list[str]:
                      + ", ".join(f"{m} {a:.3f}" if a is not None else f"{m} -" for m, a in accs.items()))
         for row in entry.get("bench", {}).get("rows", []):
             lines.append(f"      {row['method']:<8} T={row['temperature']}: AL {row['mean_acceptance_length']:.3f}")
+    if state.get("level_data", {}).get(str(len(state["levels"]))):
+        shards = state["level_data"][str(len(state["levels"]))]["corpus_shards"]
+        lines.append(f"level {len(state['levels'])} trains on {len(shards)} pinned corpus shards")
     pending = planned_segments(state)
     if pending:
-        lines.append("next: " + ", ".join(f"{s['save']} {s['start']}->{s['stop']}" for s in pending))
-    rates = ", ".join(f"{k} {v:.2f}" for k, v in state["steps_per_s"].items())
+        lines.append("next: " + ", ".join(
+            f"{s['save']} {s.get('continue_at', s['start'])}->{s['stop']}" for s in pending))
+    rates = ", ".join(f"{k} {v:.4f}" for k, v in state["steps_per_s"].items())
     if rates:
-        lines.append(f"steps/s measured: {rates}")
+        last = state["segments"][-1] if state["segments"] else {}
+        lines.append(f"steps/s measured: {rates}" + (f" (last on {last['machine']})" if last.get("machine") else ""))
+        left = [(s["stop"] - s.get("continue_at", s["start"]),
+                 state["steps_per_s"].get(s["recipe"] + ("-tuning" if s["method"] == "prism" else "")))
+                for s in pending]
+        if left and all(rate for _, rate in left):
+            hours = sum(n / rate for n, rate in left) / 3600
+            lines.append(f"this level's remaining steps: about {hours:.1f} h at those rates")
     return lines
 
 
