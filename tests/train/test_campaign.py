@@ -268,7 +268,9 @@ def test_hass_reads_the_features_eagle2_left_and_trains_the_same_drafter(setup, 
     assert segs["eagle2"]["shared_features"] == {"role": "write", "read": 0, "computed": 0, "written": 4}
     # HASS's first 3 steps are EAGLE-2's first 3 batches: no target pass for them.
     assert segs["hass-snapshot"]["shared_features"] == {"role": "read", "read": 3, "computed": 0, "written": 0}
-    assert "shared_features" not in segs["hass"] and "shared_features" not in segs["prism"]
+    # PRISM's tuning walks the batches of HASS's last steps (3 -> 4) and reads what HASS left.
+    assert segs["hass"]["shared_features"] == {"role": "write", "read": 0, "computed": 0, "written": 1}
+    assert segs["prism"]["shared_features"] == {"role": "read", "read": 1, "computed": 0, "written": 0}
     assert all("shared_features" not in s for s in runs[False]["segments"])
     for method in ("eagle2", "hass", "prism"):
         a = load_file(str(tmp_path / "share-True" / runs[True]["drafters"][method] / "model.safetensors"))

@@ -153,9 +153,12 @@ def _segment_config(cfg: CampaignConfig, recipe: str, steps: int, seed: int, ini
     config = build_config(recipe, values=values, all_stages=stage_values)
     for stage in config.stages:
         stage.lr = cfg.tuning_lr if stage.objective == "tuning" else cfg.lr
-    if tuning_only:  # PRISM from a HASS snapshot: only the tuning stage is left
+    if tuning_only:
+        # PRISM from a HASS snapshot: only the tuning stage is left. It becomes stage 0, so its
+        # data order is HASS's over the same steps (stage index and seed decide the order) and
+        # it reads the target features HASS's segment left for those batches.
+        config.stages = [stage for stage in config.stages if stage.objective == "tuning"]
         for stage in config.stages:
-            stage.enabled = stage.objective == "tuning"
             stage.copy_module0_after = False
     return config
 
@@ -256,8 +259,9 @@ MIN_SEGMENT_S = 30.0
 
 
 #: The segments that share a level's batches: EAGLE-2 (0 -> B) and HASS's first part
-#: (0 -> 0.75 B) walk the same data order, so HASS reads the features EAGLE-2 left.
-SHARE_ROLES = {"eagle2": "write", "hass-snapshot": "read"}
+#: (0 -> 0.75 B) walk the same data order, so HASS reads the features EAGLE-2 left; HASS's
+#: second part and PRISM's tuning (0.75 B -> B) do the same.
+SHARE_ROLES = {"eagle2": "write", "hass-snapshot": "read", "hass": "write", "prism": "read"}
 
 
 def run_campaign(folder: str | os.PathLike, time_budget_s: float | None = None, max_levels: int | None = None,
