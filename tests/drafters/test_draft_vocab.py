@@ -386,6 +386,27 @@ def test_compute_loss_over_the_draft_vocabulary(target, stage):
     assert model.processing[0].fc.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("stage", ["hass", "tuning"])
+def test_a_step_without_accuracy_has_the_same_loss_and_skips_the_full_vocabulary(target, stage, monkeypatch):
+    from prism_spec.train import objectives
+
+    batch = _batch(target)
+    d2t = torch.tensor(sorted(set(range(0, VOCAB, 3)) | {1}))
+    model = reduced_model(target, d2t, num_modules=2).eval()
+    cfg = ObjectiveConfig(objective=stage, aligned_steps=3, topk_weight=0.5, topk=3)
+    loss, metrics = compute_loss(model, batch, cfg)
+    full_calls = []
+    real = objectives._target_logits
+    monkeypatch.setattr(objectives, "_target_logits", lambda *a: full_calls.append(1) or real(*a))
+    lean, lean_metrics = compute_loss(model, batch, cfg, accuracy=False)
+    assert not full_calls  # no [rows, vocabulary] product
+    assert lean.item() == pytest.approx(loss.item(), rel=1e-12)
+    for j in (1, 2, 3):
+        assert lean_metrics[f"ce_loss_step{j}"] == pytest.approx(metrics[f"ce_loss_step{j}"], rel=1e-12)
+        assert lean_metrics[f"count_step{j}"] == metrics[f"count_step{j}"]
+        assert f"acc_step{j}" not in lean_metrics and f"acc_step{j}" in metrics
+
+
 def test_compute_loss_accuracy_uses_the_full_vocabulary_argmax(target):
     """A drafter that predicts the target features exactly is right wherever the target's
     argmax is draftable and wrong elsewhere, whatever the restricted distribution says."""

@@ -30,9 +30,12 @@ class LossModule(nn.Module):
         self.drafter = drafter
         self.objective = None
         self.generator: torch.Generator | None = None
+        #: False on training steps whose metrics are not logged: compute_loss then skips the
+        #: accuracy (and the target's full-vocabulary logits it needs).
+        self.accuracy = True
 
     def forward(self, batch: dict):
-        return compute_loss(self.drafter, batch, self.objective, self.generator)
+        return compute_loss(self.drafter, batch, self.objective, self.generator, accuracy=self.accuracy)
 
 
 @torch.no_grad()
@@ -44,8 +47,8 @@ def evaluate_heldout(model: nn.Module, source, stage: StageConfig, accelerator) 
     rank, world = acc.process_index, acc.num_processes
     unwrapped = acc.unwrap_model(model)
     objective = dataclasses.replace(ObjectiveConfig.for_stage(stage), noise_std=0.0)
-    saved = unwrapped.objective, unwrapped.generator
-    unwrapped.objective, unwrapped.generator = objective, None
+    saved = unwrapped.objective, unwrapped.generator, unwrapped.accuracy
+    unwrapped.objective, unwrapped.generator, unwrapped.accuracy = objective, None, True
     model.eval()
     n = len(source)
     bs = stage.batch_size
@@ -62,7 +65,7 @@ def evaluate_heldout(model: nn.Module, source, stage: StageConfig, accelerator) 
                 sums[k] = sums.get(k, 0.0) + v
     finally:
         model.train()
-        unwrapped.objective, unwrapped.generator = saved
+        unwrapped.objective, unwrapped.generator, unwrapped.accuracy = saved
     return aggregate_metrics(sums, per_rank, acc)
 
 

@@ -260,7 +260,7 @@ def _accumulate(metrics: dict, terms: dict, j: int, rows: int) -> None:
 
 
 def compute_loss(
-    model, batch: dict, cfg: ObjectiveConfig, generator: torch.Generator | None = None
+    model, batch: dict, cfg: ObjectiveConfig, generator: torch.Generator | None = None, accuracy: bool = True
 ) -> tuple[torch.Tensor, dict]:
     """batch: input_ids [B,n] long, attention_mask [B,n] (1 = real token, right padding),
     loss_mask [B,n] (1 on assistant tokens), hidden [B,n,h] (target last hidden state after
@@ -279,6 +279,8 @@ def compute_loss(
     target distribution restricted to its d2t ids and renormalised (soft CE and top-K over the
     draft ids); ``acc_step{j}`` compares d2t[drafter argmax] with the target's full-vocabulary
     argmax, so a row whose target argmax is outside the draft vocabulary counts as wrong.
+    ``accuracy=False`` (training steps whose metrics nobody logs) leaves out the ``acc`` and
+    ``correct`` metrics and with them the target's full-vocabulary logits: the loss is the same.
 
     Objectives: "eagle" = 1 pass, feature + CE; "hass" = cfg.aligned_steps passes, feature + CE,
     cross-pass inputs and KV detached, module 0 for every pass; "tuning" = aligned passes
@@ -330,12 +332,19 @@ def compute_loss(
     rows1 = select.reshape(-1).nonzero().squeeze(-1)  # pass-1 rows; later passes use a subset
     row_pos = rows1 % m
     target_feat = hidden[:, 1:].reshape(-1, hidden.shape[-1]).detach()[rows1]
+    d2t = getattr(model, "d2t", None)
     with torch.no_grad():
-        # Reduced draft vocabulary (model.d2t): p restricted to the d2t ids and renormalised,
-        # accuracy against the target's full-vocabulary argmax (see TargetDistribution).
+        if accuracy or d2t is None:
+            # Reduced draft vocabulary (model.d2t): p restricted to the d2t ids and renormalised,
+            # accuracy against the target's full-vocabulary argmax (see TargetDistribution).
+            target_logits = _target_logits(model, target_feat)
+        else:
+            # The loss alone (an unlogged training step): the target's logits over the draft
+            # vocabulary only. The full-vocabulary product served only the accuracy's argmax,
+            # and costs (vocabulary / draft vocabulary) times this one.
+            target_logits, d2t = _logits(model, target_feat), None
         target_dist = TargetDistribution.from_logits(
-            _target_logits(model, target_feat), cfg.topk if cfg.topk_weight > 0 else 0, _shared_head(model),
-            d2t=getattr(model, "d2t", None),
+            target_logits, cfg.topk if cfg.topk_weight > 0 else 0, _shared_head(model), d2t=d2t,
         )
 
     metrics: dict[str, float] = {}
@@ -362,7 +371,10 @@ def compute_loss(
             tk = masked_mean(terms["topk"], count)
             total["topk"] = total["topk"] + w * tk
             metrics[f"topk_loss_step{j}"] = float(tk.detach())
-        _accumulate(metrics, terms, j, count)
+        if accuracy:
+            _accumulate(metrics, terms, j, count)
+        else:
+            metrics[f"count_step{j}"] = float(count)
 
     loss = cfg.ce_weight * total["ce"]
     if train_feature:
