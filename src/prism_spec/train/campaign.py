@@ -1,9 +1,9 @@
 """Equal-budget training campaigns: EAGLE-2, HASS and PRISM trained on the same data for the
 same number of steps, budget doubling after budget doubling, resumable across machines.
 
-A campaign lives in a state folder (``campaign.json`` + the drafters of the last finished
-level). Level ``L`` is a budget of ``base_steps * 2**L`` optimizer steps of ``batch_size``
-examples per method:
+A campaign lives in a state folder (``campaign.json``, the working drafters, and under
+``levels/L<n>/`` the drafters of every finished level). Level ``L`` is a budget of
+``base_steps * 2**L`` optimizer steps of ``batch_size`` examples per method:
 
 * EAGLE-2 and HASS go on from their level ``L-1`` drafters for the steps in between;
 * PRISM's first stage *is* HASS on module 0 (same loss, same data order), so PRISM at budget B
@@ -13,14 +13,17 @@ examples per method:
 
 Each segment is an ordinary ``prism train`` run started from the previous drafter
 (``init_from``): a fresh optimiser whose schedule warms up and decays within the segment, and a
-fresh seeded data order (seed + first step), so segments walk on through the data. Drafters are
+fresh seeded data order (seed + first step), so segments walk on through the data. Every
+segment of a level trains on the corpus shards finished when the level began (pinned in the
+state), so a growing corpus never gives one method more data than another. Drafters are
 stored in bfloat16 without anything derivable from the target (its embeddings and LM-head rows
 are read from the target at load time), which keeps a level small enough to move between
 machines and to commit.
 
-``run`` stops before a segment that would not end within ``time_budget_s`` (the steps per
-second of each method are measured as it goes), so a GPU call or a CPU session always leaves a
-consistent state that the next run continues, on either kind of machine.
+``run`` cuts the running segment when ``time_budget_s`` is spent (or on SIGTERM) and saves it;
+the next run, on either kind of machine, continues it at the step it reached inside its own
+schedule and data order, so a GPU call or a CPU session always leaves a consistent state.
+Segments that walk the same batches (``SHARE_ROLES``) compute the target's features once.
 """
 
 from __future__ import annotations
@@ -274,10 +277,11 @@ def run_campaign(folder: str | os.PathLike, time_budget_s: float | None = None, 
     where this machine holds the campaign's data, when not at the configured paths (a GPU
     machine that unpacked the corpus elsewhere). ``precision`` "float32" computes this run in
     float32 (CPUs without bf16 instructions run bf16 about 2.5x slower); the stored drafters
-    stay bf16 either way. ``share_features``: EAGLE-2 leaves its batches' target features in
-    ``folder/work-features`` (machine-local, never committed) for HASS to read instead of
-    running the target again (features.SharedFeatures); a machine that lacks them computes
-    them, so results do not depend on it."""
+    stay bf16 either way. ``share_features``: the first segment of each pair that walks the
+    same batches (``SHARE_ROLES``) leaves their target features in ``folder/work-features``
+    (machine-local, never committed) for the second to read instead of running the target
+    again (features.SharedFeatures); a machine that lacks them computes them, so results do
+    not depend on it."""
     folder = Path(folder)
     state = read_state(folder)
     state.setdefault("progress", {})
