@@ -481,7 +481,10 @@ def plot_learning_curves(state: dict, out: str | os.PathLike) -> list[dict]:
     """The campaign's learning curves (mean AL over the six benchmarks against the examples
     each method trained on, one line per method and temperature) as an image; returns the
     rows plotted."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise ValueError("campaign plot needs matplotlib: pip install 'prism-spec[bench]'") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
