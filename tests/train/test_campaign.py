@@ -154,11 +154,17 @@ def test_every_level_keeps_its_drafters_and_any_level_can_be_evaluated_and_plott
         assert rows["vanilla"]["mean_acceptance_length"] == 1.0
         for method in ("eagle2", "hass", "prism"):
             assert rows[method]["t0_outputs_differing_from_vanilla"] == 0 and rows[method]["runs"] == 6
-        assert camp.read_state(folder)["levels"][str(level)]["bench"]["rows"] == bench["rows"]
+        assert camp.read_state(folder)["levels"][str(level)]["bench"]["8/3/3"]["rows"] == bench["rows"]
+    # A second tree for the last level: its own entry and folder, the first one kept.
+    camp.evaluate_level(folder, questions=1, max_new_tokens=8, tree="4/0/3", device="cpu")
     state = camp.read_state(folder)
+    assert sorted(state["levels"]["1"]["bench"]) == ["4/0/3", "8/3/3"] and sorted(state["levels"]["0"]["bench"]) == ["8/3/3"]
+    assert (folder / "bench-L1-4-0-3" / "summary.json").is_file() and (folder / "bench-L1-8-3-3").is_dir()
     curves = camp.plot_learning_curves(state, tmp_path / "curves.png")
-    assert [(r["level"], r["examples"], r["method"]) for r in curves] == [
-        (lv, n, m) for lv, n in ((0, 8), (1, 16)) for m in ("eagle2", "hass", "prism")]
+    assert [(r["level"], r["examples"], r["tree"], r["method"]) for r in curves] == [
+        (0, 8, "8/3/3", m) for m in ("eagle2", "hass", "prism")] + [
+        (1, 16, tree, m) for tree in ("4/0/3", "8/3/3") for m in ("eagle2", "hass", "prism")]
+    assert "tree 4/0/3 prism" in "\n".join(camp.status_lines(state))
     assert (tmp_path / "curves.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="not finished"):
         camp.evaluate_level(folder, questions=1, level=2)

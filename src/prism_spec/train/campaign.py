@@ -418,8 +418,9 @@ def evaluate_level(folder: str | os.PathLike, questions: int = 20, max_new_token
                    level: int | None = None) -> dict:
     """Acceptance length of a finished level's drafters (default: the last level) and vanilla
     decoding (for the T=0 identity check) on the six benchmarks with ``prism bench``; stored in
-    the level's entry and in ``bench-L<level>/`` inside the campaign folder. Every level keeps
-    its drafters, so any level can be evaluated later (e.g. all of them on a lent GPU)."""
+    the level's entry under ``bench[tree]`` (the paper tree and a CPU-tuned one each have their
+    own) and in ``bench-L<level>-<tree>/`` inside the campaign folder. Every level keeps its
+    drafters, so any level can be evaluated later (e.g. all of them on a lent GPU)."""
     from ..bench.cli import main as bench_main
 
     folder = Path(folder)
@@ -428,7 +429,7 @@ def evaluate_level(folder: str | os.PathLike, questions: int = 20, max_new_token
         raise ValueError("no finished level to evaluate yet")
     level = str(len(state["levels"]) - 1 if level is None else level)
     drafters = level_drafters(state, level)
-    out = folder / f"bench-L{level}"
+    out = folder / f"bench-L{level}-{tree.replace('/', '-')}"
     args = ["--target", state["config"]["target"], "--method", "vanilla"]
     for method in METHODS:
         args += ["--method", f"{method}={folder / drafters[method]}"]
@@ -445,42 +446,40 @@ def evaluate_level(folder: str | os.PathLike, questions: int = 20, max_new_token
         raise RuntimeError(f"prism bench exited with {code}")
     summary = json.loads((out / "summary.json").read_text())
     state = read_state(folder)
-    state["levels"][level]["bench"] = {
+    state["levels"][level].setdefault("bench", {})[tree] = {
         "settings": {"questions_per_benchmark": questions, "max_new_tokens": max_new_tokens, "tree": tree,
-                     "dtype": dtype, "machine": summary.get("machine", {})},
+                     "dtype": dtype, "machine": summary.get("machine", {}), "folder": out.name},
         "rows": [{k: row.get(k) for k in ("method", "temperature", "mean_acceptance_length", "mean_speedup",
                                           "t0_outputs_differing_from_vanilla", "t0_outputs_compared", "runs")}
                  for row in summary["rows"]],
     }
     _write_state(folder, state)
-    return state["levels"][level]["bench"]
+    return state["levels"][level]["bench"][tree]
 
 
 def learning_curves(state: dict) -> list[dict]:
-    """One row per evaluated (level, method, temperature): the budget (steps and examples per
-    method) and the benchmark means, in level order."""
+    """One row per evaluated (level, tree, method, temperature): the budget (steps and
+    examples per method) and the benchmark means, in level order."""
     rows = []
     for level in sorted(state["levels"], key=int):
         entry = state["levels"][level]
-        bench = entry.get("bench")
-        if not bench:
-            continue
         examples = entry.get("examples", entry["steps"] * state["config"]["batch_size"])
-        for row in bench["rows"]:
-            if row["method"] in METHODS:
-                rows.append({"level": int(level), "steps": entry["steps"], "examples": examples,
+        for tree, bench in sorted(entry.get("bench", {}).items()):
+            for row in bench["rows"]:
+                if row["method"] not in METHODS:
+                    continue
+                rows.append({"level": int(level), "steps": entry["steps"], "examples": examples, "tree": tree,
                              "method": row["method"], "temperature": row["temperature"],
                              "mean_acceptance_length": row["mean_acceptance_length"],
                              "t0_outputs_differing_from_vanilla": row.get("t0_outputs_differing_from_vanilla"),
-                             "tree": bench["settings"]["tree"],
                              "questions_per_benchmark": bench["settings"]["questions_per_benchmark"]})
     return rows
 
 
 def plot_learning_curves(state: dict, out: str | os.PathLike) -> list[dict]:
-    """The campaign's learning curves (mean AL over the six benchmarks against the examples
-    each method trained on, one line per method and temperature) as an image; returns the
-    rows plotted."""
+    """The campaign's learning curves as an image: mean AL over the six benchmarks against the
+    examples each method trained on, one panel per tree, one line per method and temperature;
+    returns the rows plotted."""
     try:
         import matplotlib
     except ImportError:
@@ -492,24 +491,26 @@ def plot_learning_curves(state: dict, out: str | os.PathLike) -> list[dict]:
     rows = learning_curves(state)
     if not rows:
         raise ValueError("no evaluated level yet: run `campaign eval` after a level finishes")
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    styles = {0.0: "-", 1.0: "--"}
-    for method in METHODS:
-        for t in sorted({r["temperature"] for r in rows}):
-            pts = [(r["examples"], r["mean_acceptance_length"]) for r in rows
-                   if r["method"] == method and r["temperature"] == t]
-            if pts:
-                xs, ys = zip(*pts)
-                ax.plot(xs, ys, styles.get(t, ":"), marker="o", label=f"{method} T={t:g}")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("training examples per method (equal budget)")
-    ax.set_ylabel("mean acceptance length (6 benchmarks)")
     trees = sorted({r["tree"] for r in rows})
-    questions = sorted({r["questions_per_benchmark"] for r in rows})
-    ax.set_title(f"{state['config']['target']}: tree {', '.join(trees)}, "
-                 f"{', '.join(map(str, questions))} questions per benchmark", fontsize=9)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, len(trees), figsize=(6.0 * len(trees), 4.2), squeeze=False)
+    styles = {0.0: "-", 1.0: "--"}
+    for ax, tree in zip(axes[0], trees):
+        mine = [r for r in rows if r["tree"] == tree]
+        for colour, method in enumerate(METHODS):  # one colour per method, one line style per T
+            for t in sorted({r["temperature"] for r in mine}):
+                pts = [(r["examples"], r["mean_acceptance_length"]) for r in mine
+                       if r["method"] == method and r["temperature"] == t]
+                if pts:
+                    xs, ys = zip(*pts)
+                    ax.plot(xs, ys, styles.get(t, ":"), color=f"C{colour}", marker="o", label=f"{method} T={t:g}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("training examples per method (equal budget)")
+        ax.set_ylabel("mean acceptance length (6 benchmarks)")
+        questions = sorted({r["questions_per_benchmark"] for r in mine})
+        ax.set_title(f"{state['config']['target']}, tree {tree}, "
+                     f"{', '.join(map(str, questions))} questions per benchmark", fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
@@ -526,8 +527,10 @@ def status_lines(state: dict) -> list[str]:
         accs = {m: entry["heldout"].get(m, {}).get("acc_step1") for m in METHODS}
         lines.append(f"  L{level} ({entry['steps']} steps): held-out step-1 top-1 "
                      + ", ".join(f"{m} {a:.3f}" if a is not None else f"{m} -" for m, a in accs.items()))
-        for row in entry.get("bench", {}).get("rows", []):
-            lines.append(f"      {row['method']:<8} T={row['temperature']}: AL {row['mean_acceptance_length']:.3f}")
+        for tree, bench in sorted(entry.get("bench", {}).items()):
+            for row in bench["rows"]:
+                lines.append(f"      tree {tree} {row['method']:<8} T={row['temperature']}: "
+                             f"AL {row['mean_acceptance_length']:.3f}")
     if state.get("level_data", {}).get(str(len(state["levels"]))):
         shards = state["level_data"][str(len(state["levels"]))]["corpus_shards"]
         lines.append(f"level {len(state['levels'])} trains on {len(shards)} pinned corpus shards")
@@ -613,7 +616,7 @@ def main(argv=None) -> int:
         elif args.cmd == "plot":
             rows = plot_learning_curves(read_state(args.folder), args.out)
             for r in rows:
-                print(f"L{r['level']} {r['examples']:>7} examples  {r['method']:<7} T={r['temperature']:g}  "
+                print(f"L{r['level']} {r['examples']:>7} examples  tree {r['tree']}  {r['method']:<7} T={r['temperature']:g}  "
                       f"AL {r['mean_acceptance_length']:.3f}")
             print(f"wrote {args.out}")
         else:
