@@ -165,6 +165,13 @@ def test_every_level_keeps_its_drafters_and_any_level_can_be_evaluated_and_plott
         (0, 8, "8/3/3", m) for m in ("eagle2", "hass", "prism")] + [
         (1, 16, tree, m) for tree in ("4/0/3", "8/3/3") for m in ("eagle2", "hass", "prism")]
     assert "tree 4/0/3 prism" in "\n".join(camp.status_lines(state))
+    # T=0 acceptance replayed from the greedy continuations equals the decoded one (float64).
+    decoded = camp.evaluate_level(folder, questions=1, max_new_tokens=8, tree="4/0/3", device="cpu", dtype="float64")
+    replayed = camp.replay_level(folder, questions=1, max_new_tokens=8, tree="4/0/3", device="cpu", dtype="float64")
+    want = {r["method"]: r["mean_acceptance_length"] for r in decoded["rows"] if r["method"] != "vanilla"}
+    assert {r["method"]: r["mean_acceptance_length"] for r in replayed["rows"]} == pytest.approx(want, abs=1e-12)
+    assert (folder / "replay-continuations-float64.json").is_file()
+    assert {"4/0/3 float64", "4/0/3 float64 replay"} <= set(camp.read_state(folder)["levels"]["1"]["bench"])
     assert (tmp_path / "curves.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="not finished"):
         camp.evaluate_level(folder, questions=1, level=2)

@@ -419,7 +419,8 @@ def evaluate_level(folder: str | os.PathLike, questions: int = 20, max_new_token
     """Acceptance length of a finished level's drafters (default: the last level) and vanilla
     decoding (for the T=0 identity check) on the six benchmarks with ``prism bench``; stored in
     the level's entry under ``bench[tree]`` (the paper tree and a CPU-tuned one each have their
-    own) and in ``bench-L<level>-<tree>/`` inside the campaign folder. Every level keeps its
+    own; a dtype other than float32 is part of the key) and in ``bench-L<level>-<key>/`` inside
+    the campaign folder. Every level keeps its
     drafters, so any level can be evaluated later (e.g. all of them on a lent GPU)."""
     from ..bench.cli import main as bench_main
 
@@ -429,7 +430,8 @@ def evaluate_level(folder: str | os.PathLike, questions: int = 20, max_new_token
         raise ValueError("no finished level to evaluate yet")
     level = str(len(state["levels"]) - 1 if level is None else level)
     drafters = level_drafters(state, level)
-    out = folder / f"bench-L{level}-{tree.replace('/', '-')}"
+    key = _bench_key(tree, dtype)
+    out = folder / f"bench-L{level}-{key.replace('/', '-').replace(' ', '-')}"
     args = ["--target", state["config"]["target"], "--method", "vanilla"]
     for method in METHODS:
         args += ["--method", f"{method}={folder / drafters[method]}"]
@@ -446,7 +448,7 @@ def evaluate_level(folder: str | os.PathLike, questions: int = 20, max_new_token
         raise RuntimeError(f"prism bench exited with {code}")
     summary = json.loads((out / "summary.json").read_text())
     state = read_state(folder)
-    state["levels"][level].setdefault("bench", {})[tree] = {
+    state["levels"][level].setdefault("bench", {})[key] = {
         "settings": {"questions_per_benchmark": questions, "max_new_tokens": max_new_tokens, "tree": tree,
                      "dtype": dtype, "machine": summary.get("machine", {}), "folder": out.name},
         "rows": [{k: row.get(k) for k in ("method", "temperature", "mean_acceptance_length", "mean_speedup",
@@ -454,7 +456,58 @@ def evaluate_level(folder: str | os.PathLike, questions: int = 20, max_new_token
                  for row in summary["rows"]],
     }
     _write_state(folder, state)
-    return state["levels"][level]["bench"][tree]
+    return state["levels"][level]["bench"][key]
+
+
+def _bench_key(tree: str, dtype: str, replay: bool = False) -> str:
+    """A level's evaluations are kept per tree (and dtype, other than the float32 of record)."""
+    return tree + ("" if dtype == "float32" else f" {dtype}") + (" replay" if replay else "")
+
+
+def replay_level(folder: str | os.PathLike, questions: int = 20, max_new_tokens: int = 128, tree: str = "paper",
+                 dtype: str = "float32", device: str = "auto", threads: int | None = None,
+                 level: int | None = None) -> dict:
+    """T=0 acceptance of a finished level's drafters replayed from the target's greedy
+    continuations (prism_spec.bench.replay) instead of decoding: the same prompts and pooling
+    as ``prism bench``, a fraction of its time, and the continuations (``replay-continuations.json``
+    in the campaign folder) serve every later level. Stored beside the decoded evaluations as
+    ``bench["<tree> replay"]``."""
+    import torch
+
+    from ..bench.datasets import load_benchmarks
+    from ..bench.replay import ContinuationStore, replay_benchmarks
+    from ..bench.runner import resolve_device
+    from ..drafters.checkpoint import load_drafter
+    from ..runtime import TreeConfig
+    from ..targets import load_target
+
+    folder = Path(folder)
+    state = read_state(folder)
+    if not state["levels"]:
+        raise ValueError("no finished level to evaluate yet")
+    level = str(len(state["levels"]) - 1 if level is None else level)
+    drafters = level_drafters(state, level)
+    if threads:
+        torch.set_num_threads(threads)
+    target = load_target(state["config"]["target"], dtype=dtype, device=resolve_device(device))
+    shape = TreeConfig.parse(tree)
+    store = ContinuationStore(folder / f"replay-continuations-{dtype}.json", target, lookahead=16)
+    if shape.max_depth + 1 > store.lookahead:
+        raise ValueError(f"tree {tree} is deeper than the stored continuations' lookahead ({store.lookahead})")
+    benches = load_benchmarks(limit=questions, max_new_tokens=max_new_tokens)
+    results = replay_benchmarks(target, {m: load_drafter(folder / drafters[m], target) for m in METHODS},
+                                benches, shape, store)
+    state = read_state(folder)
+    key = _bench_key(tree, dtype, replay=True)
+    state["levels"][level].setdefault("bench", {})[key] = {
+        "settings": {"questions_per_benchmark": questions, "max_new_tokens": max_new_tokens, "tree": tree,
+                     "dtype": dtype, "al_source": "replay", "machine": _machine()},
+        "rows": [{"method": m, "temperature": 0.0, "mean_acceptance_length": r["mean"], "per_benchmark": r["per_benchmark"],
+                  "mean_speedup": None, "t0_outputs_differing_from_vanilla": None, "rounds": r["rounds"]}
+                 for m, r in results.items()],
+    }
+    _write_state(folder, state)
+    return state["levels"][level]["bench"][key]
 
 
 def learning_curves(state: dict) -> list[dict]:
@@ -583,6 +636,9 @@ def main(argv=None) -> int:
     e.add_argument("--device", default="auto")
     e.add_argument("--threads", type=int, default=None)
     e.add_argument("--level", type=int, default=None, help="which finished level (default: the last)")
+    e.add_argument("--replay", action="store_true",
+                   help="T=0 only: replay acceptance from the target's greedy continuations instead of decoding "
+                        "(prism_spec.bench.replay; a fraction of the time, no speed or identity figures)")
     pl = sub.add_parser("plot", help="learning curves of the evaluated levels (AL against examples per method)")
     pl.add_argument("folder")
     pl.add_argument("-o", "--out", required=True, help="image file (.png, .svg, .pdf)")
@@ -609,9 +665,15 @@ def main(argv=None) -> int:
                                  share_features=not args.no_shared_features)
             print("\n".join(status_lines(state)))
         elif args.cmd == "eval":
-            evaluate_level(args.folder, args.questions, args.max_new_tokens, args.tree,
-                           tuple(args.temperature or [0.0]), device=args.device, threads=args.threads,
-                           level=args.level)
+            if args.replay:
+                if any(t != 0 for t in args.temperature or [0.0]):
+                    raise ValueError("--replay measures T=0 acceptance only")
+                replay_level(args.folder, args.questions, args.max_new_tokens, args.tree, device=args.device,
+                             threads=args.threads, level=args.level)
+            else:
+                evaluate_level(args.folder, args.questions, args.max_new_tokens, args.tree,
+                               tuple(args.temperature or [0.0]), device=args.device, threads=args.threads,
+                               level=args.level)
             print("\n".join(status_lines(read_state(args.folder))))
         elif args.cmd == "plot":
             rows = plot_learning_curves(read_state(args.folder), args.out)

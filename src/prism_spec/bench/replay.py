@@ -1,0 +1,194 @@
+"""T=0 acceptance length replayed from the target's known greedy output, without verifying trees.
+
+At temperature 0 speculative decoding commits exactly the target's greedy continuation, so
+which drafted nodes a round accepts is decided by that continuation alone: a node is accepted
+when its path from the root spells the next greedy tokens. A replay therefore needs the target
+once per prompt (its greedy continuation, and one forward over prompt + continuation for the
+features the drafter reads) and, per round, only the drafter's own calls (``begin``,
+``draft_tree``, ``extend``, as the decode loop makes them), not the verification forward over
+each tree that dominates a CPU round. The greedy continuation is shared by every drafter and
+every campaign level evaluated on the same prompts.
+
+The features come from one forward over the whole sequence instead of the prefill and the
+verification forwards: equal in exact arithmetic, so the accepted counts equal the decode
+loop's (tested in float64); in float32 or bf16 their last bits can differ, which can move a
+near-tie in the drafter's ranking. The decode loop itself (``prism bench``) stays the measure
+of record; a replay is the cheap way to follow acceptance across many drafters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ..drafters.base import Drafter
+from ..runtime import DecodeOptions, GenerationConfig, TreeConfig
+from ..runtime.decode import checked_prompts, stream_generate_batch
+from ..runtime.tree import draft_tree
+from ..targets.hf import Target
+
+
+@dataclass
+class GreedyContinuation:
+    """The target's greedy continuation of a prompt: ``tokens`` runs ``lookahead`` tokens past
+    what vanilla decoding commits (``committed``: up to the first EOS, or ``max_new_tokens``),
+    since a round may accept drafts beyond the end before the output is cut there."""
+
+    tokens: list[int]
+    committed: int
+
+
+def greedy_continuation(target: Target, prompt_ids: Sequence[int] | torch.Tensor, max_new_tokens: int,
+                        lookahead: int) -> GreedyContinuation:
+    """Vanilla greedy decoding through the runtime, not stopping at EOS, until ``lookahead``
+    tokens past the committed output."""
+    eos = target.eos_token_ids
+    config = GenerationConfig(max_new_tokens=max_new_tokens + lookahead, stop_on_eos=False)
+    tokens: list[int] = []
+    committed = None
+    stream = stream_generate_batch(target, [prompt_ids], None, config, DecodeOptions())
+    for item in stream:
+        if isinstance(item, list):
+            break
+        tokens.extend(item[1])
+        if committed is None:
+            hit = next((i for i, t in enumerate(tokens) if t in eos), None)
+            if hit is not None and hit < max_new_tokens:
+                committed = hit + 1
+            elif len(tokens) >= max_new_tokens:
+                committed = max_new_tokens
+        if committed is not None and len(tokens) >= committed + lookahead:
+            break
+    stream.close()
+    if committed is None:
+        committed = min(len(tokens), max_new_tokens)
+    return GreedyContinuation(tokens[: committed + lookahead], committed)
+
+
+def replay_acceptance(target: Target, drafter: Drafter, prompt_ids: Sequence[int] | torch.Tensor,
+                      continuation: GreedyContinuation, tree: TreeConfig) -> list[int]:
+    """Drafted tokens accepted per round when ``drafter`` decodes ``prompt_ids`` at T=0 with
+    ``tree``: the decode loop's rounds, with each tree checked against the known continuation."""
+    prompt = checked_prompts(target, [prompt_ids])[0]
+    cont = continuation.tokens
+    if len(cont) < continuation.committed + tree.max_depth:
+        raise ValueError(f"the continuation needs {tree.max_depth} tokens past the output "
+                         f"(a lookahead of at least the tree's depth), has {len(cont) - continuation.committed}")
+    drafter.check_target(target)
+    device = target.device
+    spec = drafter.feature_layers
+    layers = spec if isinstance(spec, tuple) else None
+    n_prompt = prompt.numel()
+    full = torch.cat([prompt.to(device), torch.tensor(cont, dtype=torch.long, device=device)])[None]
+    features = None
+    if spec is not None:
+        kv = target.new_kv(1, None)
+        positions = torch.arange(full.shape[1], device=device)[None]
+        with torch.inference_mode():
+            out = target.forward(full, positions, kv.cache, None, kv.lengths, feature_layers=layers, logits=False,
+                                 features=True)
+        features = (out.layer_features if layers else out.features)[0]
+        kv.release()
+
+    def feats(start: int, stop: int):
+        return None if features is None else features[start:stop]
+
+    with torch.inference_mode():
+        drafter.use_static_cache(None)
+        root_logits = drafter.begin([prompt], [cont[0]], [feats(0, n_prompt)])
+        pos, committed, accepted = 0, 1, []  # pos: index in cont of the round's root token
+        while committed < continuation.committed:
+            room = target.max_context - (n_prompt + pos) - 1
+            shape = tree
+            if shape.total_tokens > room:
+                shape = TreeConfig(min(shape.depth, room - 1), shape.top_k, room)
+            trees = draft_tree(drafter, torch.tensor([cont[pos]], device=device), root_logits, shape)
+            drafter.end_round()
+            row = trees.row(0)
+            tokens, parents = row.tokens.tolist(), row.parents.tolist()
+            node, k = 0, 0
+            while True:  # follow the child that spells the next greedy token, if any
+                want = cont[pos + k + 1]
+                child = next((c for c in range(1, len(tokens)) if parents[c] == node and tokens[c] == want), None)
+                if child is None:
+                    break
+                node, k = child, k + 1
+            accepted.append(k)
+            new = torch.tensor(cont[pos + 1: pos + k + 2], dtype=torch.long, device=device)
+            root_logits = drafter.extend([new], [feats(n_prompt + pos, n_prompt + pos + k + 1)])
+            pos += k + 1
+            committed += k + 1
+    return accepted
+
+
+# ----------------------------------------------------------------------------- benchmarks
+class ContinuationStore:
+    """Greedy continuations of benchmark turns, kept in a JSON file so that every drafter and
+    every later evaluation on the same prompts reuses them (vanilla decoding of the prompts is
+    then paid once). A continuation is keyed by its prompt's token ids and the setting that
+    decide it (target, dtype, max_new_tokens); a store with enough lookahead serves any tree."""
+
+    def __init__(self, path: str | os.PathLike | None, target: Target, lookahead: int):
+        self.path, self.target, self.lookahead = path, target, lookahead
+        self.items: dict[str, dict] = {}
+        if path and os.path.exists(path):
+            with open(path) as f:
+                self.items = json.load(f)["continuations"]
+        param = next(target.model.parameters())
+        self.salt = f"{target.name}|{param.dtype}|{param.device.type}"
+        self.computed = 0
+
+    def get(self, prompt_ids: list[int], max_new_tokens: int) -> GreedyContinuation:
+        key = hashlib.sha256(f"{self.salt}|{max_new_tokens}|{prompt_ids}".encode()).hexdigest()[:32]
+        item = self.items.get(key)
+        if item is None or len(item["tokens"]) - item["committed"] < self.lookahead:
+            cont = greedy_continuation(self.target, prompt_ids, max_new_tokens, self.lookahead)
+            self.items[key] = {"tokens": cont.tokens, "committed": cont.committed}
+            self.computed += 1
+            self._save()
+            return cont
+        return GreedyContinuation(item["tokens"], item["committed"])
+
+    def _save(self) -> None:
+        if not self.path:
+            return
+        tmp = f"{self.path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({"target": self.salt, "continuations": self.items}, f)
+        os.replace(tmp, self.path)
+
+
+def replay_benchmarks(target: Target, drafters: dict[str, Drafter], benchmarks, tree: TreeConfig,
+                      store: ContinuationStore, progress: bool = True) -> dict[str, dict]:
+    """T=0 acceptance of each drafter on every turn of ``benchmarks`` (``prism bench``'s
+    prompts: MT-bench's second turn after the target's own first answer), pooled per benchmark
+    as ``prism bench`` pools it. Returns {drafter: {"per_benchmark": {name: AL}, "mean": AL,
+    "rounds": n}}."""
+    from tqdm.auto import tqdm
+
+    from .datasets import conversation_prompt
+    from .metrics import acceptance_length
+
+    turns_of: dict[str, dict[str, list]] = {name: {} for name in drafters}
+    jobs = [(b, q) for b in benchmarks for q in b.questions]
+    for bench, question in tqdm(jobs, desc="replay", disable=not progress):
+        answers: list[str] = []
+        for i in range(len(question.turns)):
+            prompt = conversation_prompt(target, question.turns[: i + 1], answers)
+            cont = store.get(list(prompt), bench.max_new_tokens)
+            for name, drafter in drafters.items():
+                accepted = replay_acceptance(target, drafter, prompt, cont, tree)
+                turns_of[name].setdefault(bench.name, []).append({"accepted": accepted})
+            answers.append(target.decode(cont.tokens[: cont.committed]).strip())
+    out = {}
+    for name, per_bench in turns_of.items():
+        als = {b: acceptance_length(turns) for b, turns in per_bench.items()}
+        valid = [v for v in als.values() if v is not None]
+        out[name] = {"per_benchmark": als, "mean": sum(valid) / len(valid) if valid else None,
+                     "rounds": sum(len(t["accepted"]) for turns in per_bench.values() for t in turns)}
+    return out
