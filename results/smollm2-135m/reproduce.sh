@@ -40,6 +40,7 @@
 #   SECONDS_BUDGET=S bash results/smollm2-135m/reproduce.sh campaign   # train on within S seconds
 #   LEVEL=L LIMIT=N bash results/smollm2-135m/reproduce.sh curves      # AL of level L, then the learning-curve figure
 #   bash results/smollm2-135m/reproduce.sh data-mix        # own replies only vs dataset answers mixed in (EAGLE-2, equal budget)
+#   LIMIT=N bash results/smollm2-135m/reproduce.sh replay  # T=0 AL of the current drafters replayed (no decoding), N questions
 # Runs superseded by a later run of the same measurement are kept under results/archive/smollm2-135m
 # (results/archive/README.md); the commands that made them write there.
 set -euo pipefail
@@ -316,7 +317,12 @@ case "${1:-}" in
         $T/t0_subset/cnn_dailymail_3_0_0_news_summary.jsonl $T/t0_subset/xsum_summarize_DOC.jsonl \
         $T/t0_subset/samsum_Summarize_.jsonl \
       --steps 120 --batch-size 8 --max-length 512 --threads "${THREADS:-1}" --json results/cpu/data_mix_eagle2_intel.json ;;
+  replay)  # T=0 AL, paper tree, float32, replayed from stored greedy continuations (docs/bench.md)
+    python benchmarks/replay_al.py --method packaged=auto --method eagle2=$OUT/drafters/eagle2 \
+      --method hass=$OUT/drafters/hass --method prism=$OUT/drafters/prism --questions "${LIMIT:-5}" \
+      --max-new-tokens 128 --tree paper --store $OUT/replay/continuations-float32.json --threads "${THREADS:-1}" \
+      --json $OUT/replay/replay_al_${LIMIT:-5}q_paper_fp32.json ;;
   *)
-    echo "usage: $0 regen|features|eagle2|hass|prism|prism3|prism-star|stacked2|standard|scaling|bench|bench-fp32|bench-ablations|bench-cpu|profile|regen-gpu|prism-gpu|bench-gpu-prism|packing|prism-star-norm|bench-star-norm|prism-ft|prism-ft2|bench-ft|bench-ft2|bench-cpu-ft2|attention|bench-cpu-packaged|bench-cpu-baselines|summary|campaign|curves|data-mix" >&2
+    echo "usage: $0 regen|features|eagle2|hass|prism|prism3|prism-star|stacked2|standard|scaling|bench|bench-fp32|bench-ablations|bench-cpu|profile|regen-gpu|prism-gpu|bench-gpu-prism|packing|prism-star-norm|bench-star-norm|prism-ft|prism-ft2|bench-ft|bench-ft2|bench-cpu-ft2|attention|bench-cpu-packaged|bench-cpu-baselines|summary|campaign|curves|data-mix|replay" >&2
     exit 2 ;;
 esac
