@@ -13,6 +13,7 @@ from safetensors import safe_open
 from prism_spec.drafters import load_drafter
 from prism_spec.targets import load_target
 from prism_spec.train import campaign as camp
+from prism_spec.train.campaign import evaluate as ev
 from prism_spec.train.corpus.build import build_corpus, create_corpus
 from prism_spec.train.corpus.engines import HFEngine
 from prism_spec.train.corpus.store import DecodingSettings
@@ -148,7 +149,7 @@ def test_every_level_keeps_its_drafters_and_any_level_can_be_evaluated_and_plott
         assert (folder / "levels/L0" / m / "model.safetensors").read_bytes() != now
     assert state["levels"]["1"]["examples"] == 8 * 2
     for level in (0, 1):  # level 0 after level 1 has trained: from its archive
-        bench = camp.evaluate_level(folder, questions=1, max_new_tokens=8, tree="8/3/3", device="cpu", level=level)
+        bench = ev.evaluate_level(folder, questions=1, max_new_tokens=8, tree="8/3/3", device="cpu", level=level)
         rows = {r["method"]: r for r in bench["rows"]}
         assert set(rows) == {"vanilla", "eagle2", "hass", "prism"}
         assert rows["vanilla"]["mean_acceptance_length"] == 1.0
@@ -156,25 +157,25 @@ def test_every_level_keeps_its_drafters_and_any_level_can_be_evaluated_and_plott
             assert rows[method]["t0_outputs_differing_from_vanilla"] == 0 and rows[method]["runs"] == 6
         assert camp.read_state(folder)["levels"][str(level)]["bench"]["8/3/3"]["rows"] == bench["rows"]
     # A second tree for the last level: its own entry and folder, the first one kept.
-    camp.evaluate_level(folder, questions=1, max_new_tokens=8, tree="4/0/3", device="cpu")
+    ev.evaluate_level(folder, questions=1, max_new_tokens=8, tree="4/0/3", device="cpu")
     state = camp.read_state(folder)
     assert sorted(state["levels"]["1"]["bench"]) == ["4/0/3", "8/3/3"] and sorted(state["levels"]["0"]["bench"]) == ["8/3/3"]
     assert (folder / "bench-L1-4-0-3" / "summary.json").is_file() and (folder / "bench-L1-8-3-3").is_dir()
-    curves = camp.plot_learning_curves(state, tmp_path / "curves.png")
+    curves = ev.plot_learning_curves(state, tmp_path / "curves.png")
     assert [(r["level"], r["examples"], r["tree"], r["method"]) for r in curves] == [
         (0, 8, "8/3/3", m) for m in ("eagle2", "hass", "prism")] + [
         (1, 16, tree, m) for tree in ("4/0/3", "8/3/3") for m in ("eagle2", "hass", "prism")]
     assert "tree 4/0/3 prism" in "\n".join(camp.status_lines(state))
     # T=0 acceptance replayed from the greedy continuations equals the decoded one (float64).
-    decoded = camp.evaluate_level(folder, questions=1, max_new_tokens=8, tree="4/0/3", device="cpu", dtype="float64")
-    replayed = camp.replay_level(folder, questions=1, max_new_tokens=8, tree="4/0/3", device="cpu", dtype="float64")
+    decoded = ev.evaluate_level(folder, questions=1, max_new_tokens=8, tree="4/0/3", device="cpu", dtype="float64")
+    replayed = ev.replay_level(folder, questions=1, max_new_tokens=8, tree="4/0/3", device="cpu", dtype="float64")
     want = {r["method"]: r["mean_acceptance_length"] for r in decoded["rows"] if r["method"] != "vanilla"}
     assert {r["method"]: r["mean_acceptance_length"] for r in replayed["rows"]} == pytest.approx(want, abs=1e-12)
     assert (folder / "replay-continuations-float64.json").is_file()
     assert {"4/0/3 float64", "4/0/3 float64 replay"} <= set(camp.read_state(folder)["levels"]["1"]["bench"])
     assert (tmp_path / "curves.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="not finished"):
-        camp.evaluate_level(folder, questions=1, level=2)
+        ev.evaluate_level(folder, questions=1, level=2)
 
 
 def test_a_state_without_archives_evaluates_only_its_last_level_before_the_next_trains(setup, tmp_path):
@@ -182,12 +183,12 @@ def test_a_state_without_archives_evaluates_only_its_last_level_before_the_next_
     camp.init_campaign(folder, config(setup))
     state = camp.run_campaign(folder, max_levels=1, quiet=True, log=lambda m: None)
     del state["levels"]["0"]["drafters"]  # as written before levels kept their drafters
-    assert camp.level_drafters(state, "0") == {m: state["drafters"][m] for m in ("eagle2", "hass", "prism")}
+    assert ev.level_drafters(state, "0") == {m: state["drafters"][m] for m in ("eagle2", "hass", "prism")}
     state["segments"].append({"level": 1, "save": "eagle2", "start": 4, "stop": 8, "reached": 5})
     with pytest.raises(ValueError, match="not kept"):
-        camp.level_drafters(state, "0")
+        ev.level_drafters(state, "0")
     with pytest.raises(ValueError, match="no evaluated level"):
-        camp.plot_learning_curves(state, tmp_path / "x.png")
+        ev.plot_learning_curves(state, tmp_path / "x.png")
 
 
 def test_a_continued_stage_keeps_its_schedule_and_data_order(setup, tmp_path, monkeypatch):

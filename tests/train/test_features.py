@@ -228,31 +228,3 @@ def test_collate_feature_batches(target, examples, tmp_path):
     assert capped["hidden"].shape == (4, 6, 32) and capped["hidden"].dtype == torch.bfloat16
     with pytest.raises(ValueError, match="some examples"):
         collate([ds[0], {"input_ids": torch.tensor([1]), "loss_mask": torch.tensor([1])}])
-
-
-def test_shared_features_hand_a_batch_from_a_writer_to_one_reader(tmp_path, target):
-    from prism_spec.train.features import SharedFeatures
-
-    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]])
-    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
-    feats = capture_batch(target, ids, mask)
-    writer = SharedFeatures(tmp_path, "write", target)
-    reader = SharedFeatures(tmp_path, "read", target)
-    key = writer.key(ids, mask)
-    assert reader.key(ids, mask) == key
-    assert writer.key(ids, torch.ones_like(mask)) != key and writer.key(ids.flip(0), mask.flip(0)) != key
-    assert SharedFeatures(tmp_path, "write", target, feature_layers=[1]).key(ids, mask) != key
-    assert writer.get(key) is None  # a writer never reads
-    writer.put(key, feats)
-    assert writer.written == 1 and len(list(tmp_path.glob("*.safetensors"))) == 1
-    assert not list(tmp_path.glob(".*.tmp"))
-    got = reader.get(key)
-    assert torch.equal(got["hidden"], feats["hidden"])
-    assert reader.get(key) is None and reader.hits == 1 and reader.misses == 1  # read once, then gone
-    reader.put(key, feats)  # a reader never writes
-    assert not list(tmp_path.glob("*.safetensors"))
-    capped = SharedFeatures(tmp_path, "write", target, max_bytes=16)
-    capped.put(key, feats)
-    assert capped.written == 0 and not list(tmp_path.glob("*.safetensors"))
-    with pytest.raises(ValueError, match="role"):
-        SharedFeatures(tmp_path, "both", target)

@@ -210,7 +210,7 @@ class Trainer:
                                        parse_dtype(self.config.data.feature_dtype), self.is_main and not self.quiet)
         shared = None
         if self.config.data.feature_share and split == "train":
-            from .features import SharedFeatures
+            from .shared_features import SharedFeatures
 
             # Per process: each rank's batches are its own.
             folder = Path(self.config.data.feature_share) / f"rank-{self.rank}"

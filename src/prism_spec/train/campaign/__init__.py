@@ -32,7 +32,6 @@ import dataclasses
 import json
 import os
 import shutil
-import signal
 import time
 from pathlib import Path
 from typing import Callable
@@ -87,7 +86,7 @@ def read_state(folder: str | os.PathLike) -> dict:
     return json.loads(path.read_text())
 
 
-def _write_state(folder: Path, state: dict) -> None:
+def write_state(folder: Path, state: dict) -> None:
     tmp = folder / f".{STATE}.tmp"
     tmp.write_text(json.dumps(state, indent=1) + "\n")
     os.replace(tmp, folder / STATE)
@@ -105,7 +104,7 @@ def init_campaign(folder: str | os.PathLike, config: CampaignConfig) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     state = {"config": dataclasses.asdict(config), "levels": {}, "drafters": {}, "steps_per_s": {},
              "segments": []}
-    _write_state(folder, state)
+    write_state(folder, state)
     return state
 
 
@@ -140,7 +139,7 @@ def hass_to_prism(hass_dir: Path, out_dir: Path, num_modules: int = 2) -> Path:
 def _segment_config(cfg: CampaignConfig, recipe: str, steps: int, seed: int, init_from: str | None,
                     output_dir: Path, tuning_only: bool = False, corpus_shards: list[int] | None = None,
                     start_step: int = 0, feature_share: str | None = None, share_role: str = "read"):
-    from .config import build_config
+    from ..config import build_config
 
     values = {
         "target": cfg.target, "dtype": cfg.dtype, "mixed_precision": cfg.mixed_precision, "save_dtype": "bf16",
@@ -180,7 +179,7 @@ def _train(cfg: CampaignConfig, recipe: str, steps: int, seed: int, init_from: s
     """One segment (from ``start_step`` of its ``steps`` when continuing a cut one); returns
     (drafter folder, held-out metrics, seconds, the step of the segment it reached, what
     shared features saved or None)."""
-    from .loop import Trainer
+    from ..loop import Trainer
 
     shutil.rmtree(work, ignore_errors=True)
     config = _segment_config(cfg, recipe, steps, seed, init_from, work, tuning_only, corpus_shards, start_step,
@@ -237,8 +236,8 @@ def pin_level_data(state: dict, cfg: CampaignConfig, level: int) -> list[int] | 
     """The corpus shards every segment of ``level`` trains on: those finished when the level
     began (recorded in the state, so a corpus that grows meanwhile, here or on another machine,
     does not give one method more data than another). None when the data is not a corpus."""
-    from .corpus.read import finished_shards
-    from .corpus.store import is_corpus
+    from ..corpus.read import finished_shards
+    from ..corpus.store import is_corpus
 
     pinned = state.setdefault("level_data", {})
     if str(level) in pinned:
@@ -296,7 +295,7 @@ def run_campaign(folder: str | os.PathLike, time_budget_s: float | None = None, 
     work = folder / "work"
     while max_levels is None or len(state["levels"]) < max_levels:
         shards = pin_level_data(state, cfg, len(state["levels"]))
-        _write_state(folder, state)
+        write_state(folder, state)
         for seg in planned_segments(state):
             left = None if time_budget_s is None else time_budget_s - (time.perf_counter() - t0)
             if _stop_requested():
@@ -328,7 +327,7 @@ def run_campaign(folder: str | os.PathLike, time_budget_s: float | None = None, 
             if role == "read" and reached == seg["stop"]:  # nothing else reads what is left
                 shutil.rmtree(folder / SHARED_FEATURES, ignore_errors=True)
             state["segments"].append({**seg, "reached": reached, "seconds": round(seconds, 1), "heldout": heldout,
-                                      "machine": _machine(), "precision": cfg.mixed_precision,
+                                      "machine": machine_label(), "precision": cfg.mixed_precision,
                                       **({"shared_features": shared} if shared else {}),
                                       "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
             progress_key = f"{seg['level']}:{seg['save']}"
@@ -336,7 +335,7 @@ def run_campaign(folder: str | os.PathLike, time_budget_s: float | None = None, 
                 state["progress"][progress_key] = reached
             else:
                 state["progress"].pop(progress_key, None)
-            _write_state(folder, state)
+            write_state(folder, state)
             shutil.rmtree(work, ignore_errors=True)
             shutil.rmtree(folder / "work-prism-init", ignore_errors=True)
             if reached < seg["stop"]:
@@ -355,7 +354,7 @@ def run_campaign(folder: str | os.PathLike, time_budget_s: float | None = None, 
                         if s["level"] == level and s["save"] in METHODS},
             "drafters": {m: _archive(folder, state["drafters"][m], level, m) for m in METHODS},
         }
-        _write_state(folder, state)
+        write_state(folder, state)
         log(f"[campaign] level {level} done: {level_steps(cfg, level)} steps per method")
     return state
 
@@ -380,195 +379,17 @@ def _archive(folder: Path, drafter: str, level: int, method: str) -> str:
 
 
 def _stop_requested() -> bool:
-    from .loop import stop_requested
+    from ..loop import stop_requested
 
     return stop_requested()
 
 
-def _machine() -> str:
+def machine_label() -> str:
     import torch
 
-    from ..bench.machine import machine_description
+    from ...bench.machine import machine_description
 
     return f"{machine_description()}, {torch.get_num_threads()} torch threads"
-
-
-# ----------------------------------------------------------------------------- evaluation
-def level_drafters(state: dict, level: str) -> dict[str, str]:
-    """The drafters (paths inside the campaign folder) of a finished level: its archive, or,
-    for a campaign state older than the archives, the working copies while it is the last."""
-    entry = state["levels"].get(level)
-    if entry is None:
-        raise ValueError(f"level {level} is not finished (levels done: {sorted(state['levels'], key=int)})")
-    if "drafters" in entry:
-        return entry["drafters"]
-    if int(level) != len(state["levels"]) - 1 or _next_level_started(state):
-        raise ValueError(f"level {level}'s drafters were not kept (an older campaign state); "
-                         "only the last level can be evaluated, before the next one trains")
-    return {m: state["drafters"][m] for m in METHODS}
-
-
-def _next_level_started(state: dict) -> bool:
-    return any(s["level"] == len(state["levels"]) for s in state["segments"])
-
-
-def evaluate_level(folder: str | os.PathLike, questions: int = 20, max_new_tokens: int = 128,
-                   tree: str = "paper", temperatures: tuple[float, ...] = (0.0,), dtype: str = "float32",
-                   device: str = "auto", threads: int | None = None, resume: bool = True,
-                   level: int | None = None) -> dict:
-    """Acceptance length of a finished level's drafters (default: the last level) and vanilla
-    decoding (for the T=0 identity check) on the six benchmarks with ``prism bench``; stored in
-    the level's entry under ``bench[tree]`` (the paper tree and a CPU-tuned one each have their
-    own; a dtype other than float32 is part of the key) and in ``bench-L<level>-<key>/`` inside
-    the campaign folder. Every level keeps its
-    drafters, so any level can be evaluated later (e.g. all of them on a lent GPU)."""
-    from ..bench.cli import main as bench_main
-
-    folder = Path(folder)
-    state = read_state(folder)
-    if not state["levels"]:
-        raise ValueError("no finished level to evaluate yet")
-    level = str(len(state["levels"]) - 1 if level is None else level)
-    drafters = level_drafters(state, level)
-    key = _bench_key(tree, dtype)
-    out = folder / f"bench-L{level}-{key.replace('/', '-').replace(' ', '-')}"
-    args = ["--target", state["config"]["target"], "--method", "vanilla"]
-    for method in METHODS:
-        args += ["--method", f"{method}={folder / drafters[method]}"]
-    for t in temperatures:
-        args += ["--temperature", str(t)]
-    args += ["--limit", str(questions), "--max-new-tokens", str(max_new_tokens), "--tree", tree,
-             "--dtype", dtype, "--device", device, "--out", str(out)]
-    if threads:
-        args += ["--threads", str(threads)]
-    if resume and (out / "bench.json").exists():
-        args.append("--resume")
-    code = bench_main(args)
-    if code != 0:
-        raise RuntimeError(f"prism bench exited with {code}")
-    summary = json.loads((out / "summary.json").read_text())
-    state = read_state(folder)
-    state["levels"][level].setdefault("bench", {})[key] = {
-        "settings": {"questions_per_benchmark": questions, "max_new_tokens": max_new_tokens, "tree": tree,
-                     "dtype": dtype, "machine": summary.get("machine", {}), "folder": out.name},
-        "rows": [{k: row.get(k) for k in ("method", "temperature", "mean_acceptance_length", "mean_speedup",
-                                          "t0_outputs_differing_from_vanilla", "t0_outputs_compared", "runs")}
-                 for row in summary["rows"]],
-    }
-    _write_state(folder, state)
-    return state["levels"][level]["bench"][key]
-
-
-def _bench_key(tree: str, dtype: str, replay: bool = False) -> str:
-    """A level's evaluations are kept per tree (and dtype, other than the float32 of record)."""
-    return tree + ("" if dtype == "float32" else f" {dtype}") + (" replay" if replay else "")
-
-
-def replay_level(folder: str | os.PathLike, questions: int = 20, max_new_tokens: int = 128, tree: str = "paper",
-                 dtype: str = "float32", device: str = "auto", threads: int | None = None,
-                 level: int | None = None) -> dict:
-    """T=0 acceptance of a finished level's drafters replayed from the target's greedy
-    continuations (prism_spec.bench.replay) instead of decoding: the same prompts and pooling
-    as ``prism bench``, a fraction of its time, and the continuations (``replay-continuations.json``
-    in the campaign folder) serve every later level. Stored beside the decoded evaluations as
-    ``bench["<tree> replay"]``."""
-    import torch
-
-    from ..bench.datasets import load_benchmarks
-    from ..bench.replay import ContinuationStore, replay_benchmarks
-    from ..bench.runner import resolve_device
-    from ..drafters.checkpoint import load_drafter
-    from ..runtime import TreeConfig
-    from ..targets import load_target
-
-    folder = Path(folder)
-    state = read_state(folder)
-    if not state["levels"]:
-        raise ValueError("no finished level to evaluate yet")
-    level = str(len(state["levels"]) - 1 if level is None else level)
-    drafters = level_drafters(state, level)
-    if threads:
-        torch.set_num_threads(threads)
-    target = load_target(state["config"]["target"], dtype=dtype, device=resolve_device(device))
-    shape = TreeConfig.parse(tree)
-    store = ContinuationStore(folder / f"replay-continuations-{dtype}.json", target, lookahead=16)
-    if shape.max_depth + 1 > store.lookahead:
-        raise ValueError(f"tree {tree} is deeper than the stored continuations' lookahead ({store.lookahead})")
-    benches = load_benchmarks(limit=questions, max_new_tokens=max_new_tokens)
-    results = replay_benchmarks(target, {m: load_drafter(folder / drafters[m], target) for m in METHODS},
-                                benches, shape, store)
-    state = read_state(folder)
-    key = _bench_key(tree, dtype, replay=True)
-    state["levels"][level].setdefault("bench", {})[key] = {
-        "settings": {"questions_per_benchmark": questions, "max_new_tokens": max_new_tokens, "tree": tree,
-                     "dtype": dtype, "al_source": "replay", "machine": _machine()},
-        "rows": [{"method": m, "temperature": 0.0, "mean_acceptance_length": r["mean"], "per_benchmark": r["per_benchmark"],
-                  "mean_speedup": None, "t0_outputs_differing_from_vanilla": None, "rounds": r["rounds"]}
-                 for m, r in results.items()],
-    }
-    _write_state(folder, state)
-    return state["levels"][level]["bench"][key]
-
-
-def learning_curves(state: dict) -> list[dict]:
-    """One row per evaluated (level, tree, method, temperature): the budget (steps and
-    examples per method) and the benchmark means, in level order."""
-    rows = []
-    for level in sorted(state["levels"], key=int):
-        entry = state["levels"][level]
-        examples = entry.get("examples", entry["steps"] * state["config"]["batch_size"])
-        for tree, bench in sorted(entry.get("bench", {}).items()):
-            for row in bench["rows"]:
-                if row["method"] not in METHODS:
-                    continue
-                rows.append({"level": int(level), "steps": entry["steps"], "examples": examples, "tree": tree,
-                             "method": row["method"], "temperature": row["temperature"],
-                             "mean_acceptance_length": row["mean_acceptance_length"],
-                             "t0_outputs_differing_from_vanilla": row.get("t0_outputs_differing_from_vanilla"),
-                             "questions_per_benchmark": bench["settings"]["questions_per_benchmark"]})
-    return rows
-
-
-def plot_learning_curves(state: dict, out: str | os.PathLike) -> list[dict]:
-    """The campaign's learning curves as an image: mean AL over the six benchmarks against the
-    examples each method trained on, one panel per tree, one line per method and temperature;
-    returns the rows plotted."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise ValueError("campaign plot needs matplotlib: pip install 'prism-spec[bench]'") from None
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = learning_curves(state)
-    if not rows:
-        raise ValueError("no evaluated level yet: run `campaign eval` after a level finishes")
-    trees = sorted({r["tree"] for r in rows})
-    fig, axes = plt.subplots(1, len(trees), figsize=(6.0 * len(trees), 4.2), squeeze=False)
-    styles = {0.0: "-", 1.0: "--"}
-    for ax, tree in zip(axes[0], trees):
-        mine = [r for r in rows if r["tree"] == tree]
-        for colour, method in enumerate(METHODS):  # one colour per method, one line style per T
-            for t in sorted({r["temperature"] for r in mine}):
-                pts = [(r["examples"], r["mean_acceptance_length"]) for r in mine
-                       if r["method"] == method and r["temperature"] == t]
-                if pts:
-                    xs, ys = zip(*pts)
-                    ax.plot(xs, ys, styles.get(t, ":"), color=f"C{colour}", marker="o", label=f"{method} T={t:g}")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("training examples per method (equal budget)")
-        ax.set_ylabel("mean acceptance length (6 benchmarks)")
-        questions = sorted({r["questions_per_benchmark"] for r in mine})
-        ax.set_title(f"{state['config']['target']}, tree {tree}, "
-                     f"{', '.join(map(str, questions))} questions per benchmark", fontsize=9)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return rows
 
 
 def status_lines(state: dict) -> list[str]:
@@ -602,92 +423,3 @@ def status_lines(state: dict) -> list[str]:
             hours = sum(n / rate for n, rate in left) / 3600
             lines.append(f"this level's remaining steps: about {hours:.1f} h at those rates")
     return lines
-
-
-def main(argv=None) -> int:
-    import argparse
-    import sys
-
-    parser = argparse.ArgumentParser(prog="python -m prism_spec.train.campaign", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    i = sub.add_parser("init", help="start a campaign folder from a JSON config")
-    i.add_argument("folder")
-    i.add_argument("--config", required=True, help="JSON file of CampaignConfig fields")
-    r = sub.add_parser("run", help="train the next segments within a time budget")
-    r.add_argument("folder")
-    r.add_argument("--time-budget", type=float, default=None, metavar="SECONDS")
-    r.add_argument("--max-levels", type=int, default=None)
-    r.add_argument("--precision", choices=["config", "float32"], default="config",
-                   help="float32: compute this run in float32 (faster on CPUs without bf16 instructions)")
-    r.add_argument("--data", nargs="+", default=None, metavar="PATH",
-                   help="where this machine holds the campaign's data (default: the configured paths)")
-    r.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice, every core); e.g. 1 beside a corpus job")
-    r.add_argument("--no-shared-features", action="store_true",
-                   help="HASS runs the target itself instead of reading the features EAGLE-2 left (saves disk)")
-    r.add_argument("--quiet", action="store_true")
-    e = sub.add_parser("eval", help="AL of the last level's drafters on the six benchmarks (prism bench)")
-    e.add_argument("folder")
-    e.add_argument("--questions", type=int, default=20)
-    e.add_argument("--max-new-tokens", type=int, default=128)
-    e.add_argument("--tree", default="paper")
-    e.add_argument("--temperature", type=float, action="append", default=None)
-    e.add_argument("--device", default="auto")
-    e.add_argument("--threads", type=int, default=None)
-    e.add_argument("--level", type=int, default=None, help="which finished level (default: the last)")
-    e.add_argument("--replay", action="store_true",
-                   help="T=0 only: replay acceptance from the target's greedy continuations instead of decoding "
-                        "(prism_spec.bench.replay; a fraction of the time, no speed or identity figures)")
-    pl = sub.add_parser("plot", help="learning curves of the evaluated levels (AL against examples per method)")
-    pl.add_argument("folder")
-    pl.add_argument("-o", "--out", required=True, help="image file (.png, .svg, .pdf)")
-    s = sub.add_parser("status", help="levels, held-out accuracy, AL, what comes next")
-    s.add_argument("folder")
-    args = parser.parse_args(argv)
-    try:
-        if args.cmd == "init":
-            config = CampaignConfig.from_dict(json.loads(Path(args.config).read_text()))
-            init_campaign(args.folder, config)
-            print("\n".join(status_lines(read_state(args.folder))))
-        elif args.cmd == "run":
-            if args.threads:
-                import torch
-
-                torch.set_num_threads(args.threads)
-            # SIGTERM / Ctrl-C: finish the current step, save the segment where it is, stop.
-            from .loop import request_stop
-
-            signal.signal(signal.SIGTERM, request_stop)
-            signal.signal(signal.SIGINT, request_stop)
-            state = run_campaign(args.folder, args.time_budget, args.max_levels, quiet=args.quiet,
-                                 data_paths=args.data, precision=args.precision,
-                                 share_features=not args.no_shared_features)
-            print("\n".join(status_lines(state)))
-        elif args.cmd == "eval":
-            if args.replay:
-                if any(t != 0 for t in args.temperature or [0.0]):
-                    raise ValueError("--replay measures T=0 acceptance only")
-                replay_level(args.folder, args.questions, args.max_new_tokens, args.tree, device=args.device,
-                             threads=args.threads, level=args.level)
-            else:
-                evaluate_level(args.folder, args.questions, args.max_new_tokens, args.tree,
-                               tuple(args.temperature or [0.0]), device=args.device, threads=args.threads,
-                               level=args.level)
-            print("\n".join(status_lines(read_state(args.folder))))
-        elif args.cmd == "plot":
-            rows = plot_learning_curves(read_state(args.folder), args.out)
-            for r in rows:
-                print(f"L{r['level']} {r['examples']:>7} examples  tree {r['tree']}  {r['method']:<7} T={r['temperature']:g}  "
-                      f"AL {r['mean_acceptance_length']:.3f}")
-            print(f"wrote {args.out}")
-        else:
-            print("\n".join(status_lines(read_state(args.folder))))
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,0 +1,187 @@
+"""A campaign's evaluation: acceptance length of each finished level's drafters on the six
+benchmarks (decoded with ``prism bench``, or T=0 replayed from greedy continuations), and the
+learning curves drawn from them. The state and training side live in the package itself."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from . import METHODS, machine_label, read_state, write_state
+
+def level_drafters(state: dict, level: str) -> dict[str, str]:
+    """The drafters (paths inside the campaign folder) of a finished level: its archive, or,
+    for a campaign state older than the archives, the working copies while it is the last."""
+    entry = state["levels"].get(level)
+    if entry is None:
+        raise ValueError(f"level {level} is not finished (levels done: {sorted(state['levels'], key=int)})")
+    if "drafters" in entry:
+        return entry["drafters"]
+    if int(level) != len(state["levels"]) - 1 or _next_level_started(state):
+        raise ValueError(f"level {level}'s drafters were not kept (an older campaign state); "
+                         "only the last level can be evaluated, before the next one trains")
+    return {m: state["drafters"][m] for m in METHODS}
+
+
+def _next_level_started(state: dict) -> bool:
+    return any(s["level"] == len(state["levels"]) for s in state["segments"])
+
+
+def evaluate_level(folder: str | os.PathLike, questions: int = 20, max_new_tokens: int = 128,
+                   tree: str = "paper", temperatures: tuple[float, ...] = (0.0,), dtype: str = "float32",
+                   device: str = "auto", threads: int | None = None, resume: bool = True,
+                   level: int | None = None) -> dict:
+    """Acceptance length of a finished level's drafters (default: the last level) and vanilla
+    decoding (for the T=0 identity check) on the six benchmarks with ``prism bench``; stored in
+    the level's entry under ``bench[tree]`` (the paper tree and a CPU-tuned one each have their
+    own; a dtype other than float32 is part of the key) and in ``bench-L<level>-<key>/`` inside
+    the campaign folder. Every level keeps its
+    drafters, so any level can be evaluated later (e.g. all of them on a lent GPU)."""
+    from ...bench.cli import main as bench_main
+
+    folder = Path(folder)
+    state = read_state(folder)
+    if not state["levels"]:
+        raise ValueError("no finished level to evaluate yet")
+    level = str(len(state["levels"]) - 1 if level is None else level)
+    drafters = level_drafters(state, level)
+    key = _bench_key(tree, dtype)
+    out = folder / f"bench-L{level}-{key.replace('/', '-').replace(' ', '-')}"
+    args = ["--target", state["config"]["target"], "--method", "vanilla"]
+    for method in METHODS:
+        args += ["--method", f"{method}={folder / drafters[method]}"]
+    for t in temperatures:
+        args += ["--temperature", str(t)]
+    args += ["--limit", str(questions), "--max-new-tokens", str(max_new_tokens), "--tree", tree,
+             "--dtype", dtype, "--device", device, "--out", str(out)]
+    if threads:
+        args += ["--threads", str(threads)]
+    if resume and (out / "bench.json").exists():
+        args.append("--resume")
+    code = bench_main(args)
+    if code != 0:
+        raise RuntimeError(f"prism bench exited with {code}")
+    summary = json.loads((out / "summary.json").read_text())
+    state = read_state(folder)
+    state["levels"][level].setdefault("bench", {})[key] = {
+        "settings": {"questions_per_benchmark": questions, "max_new_tokens": max_new_tokens, "tree": tree,
+                     "dtype": dtype, "machine": summary.get("machine", {}), "folder": out.name},
+        "rows": [{k: row.get(k) for k in ("method", "temperature", "mean_acceptance_length", "mean_speedup",
+                                          "t0_outputs_differing_from_vanilla", "t0_outputs_compared", "runs")}
+                 for row in summary["rows"]],
+    }
+    write_state(folder, state)
+    return state["levels"][level]["bench"][key]
+
+
+def _bench_key(tree: str, dtype: str, replay: bool = False) -> str:
+    """A level's evaluations are kept per tree (and dtype, other than the float32 of record)."""
+    return tree + ("" if dtype == "float32" else f" {dtype}") + (" replay" if replay else "")
+
+
+def replay_level(folder: str | os.PathLike, questions: int = 20, max_new_tokens: int = 128, tree: str = "paper",
+                 dtype: str = "float32", device: str = "auto", threads: int | None = None,
+                 level: int | None = None) -> dict:
+    """T=0 acceptance of a finished level's drafters replayed from the target's greedy
+    continuations (prism_spec.bench.replay) instead of decoding: the same prompts and pooling
+    as ``prism bench``, a fraction of its time, and the continuations (``replay-continuations.json``
+    in the campaign folder) serve every later level. Stored beside the decoded evaluations as
+    ``bench["<tree> replay"]``."""
+    import torch
+
+    from ...bench.datasets import load_benchmarks
+    from ...bench.replay import ContinuationStore, replay_benchmarks
+    from ...bench.runner import resolve_device
+    from ...drafters.checkpoint import load_drafter
+    from ...runtime import TreeConfig
+    from ...targets import load_target
+
+    folder = Path(folder)
+    state = read_state(folder)
+    if not state["levels"]:
+        raise ValueError("no finished level to evaluate yet")
+    level = str(len(state["levels"]) - 1 if level is None else level)
+    drafters = level_drafters(state, level)
+    if threads:
+        torch.set_num_threads(threads)
+    target = load_target(state["config"]["target"], dtype=dtype, device=resolve_device(device))
+    shape = TreeConfig.parse(tree)
+    store = ContinuationStore(folder / f"replay-continuations-{dtype}.json", target, lookahead=16)
+    if shape.max_depth + 1 > store.lookahead:
+        raise ValueError(f"tree {tree} is deeper than the stored continuations' lookahead ({store.lookahead})")
+    benches = load_benchmarks(limit=questions, max_new_tokens=max_new_tokens)
+    results = replay_benchmarks(target, {m: load_drafter(folder / drafters[m], target) for m in METHODS},
+                                benches, shape, store)
+    state = read_state(folder)
+    key = _bench_key(tree, dtype, replay=True)
+    state["levels"][level].setdefault("bench", {})[key] = {
+        "settings": {"questions_per_benchmark": questions, "max_new_tokens": max_new_tokens, "tree": tree,
+                     "dtype": dtype, "al_source": "replay", "machine": machine_label()},
+        "rows": [{"method": m, "temperature": 0.0, "mean_acceptance_length": r["mean"], "per_benchmark": r["per_benchmark"],
+                  "mean_speedup": None, "t0_outputs_differing_from_vanilla": None, "rounds": r["rounds"]}
+                 for m, r in results.items()],
+    }
+    write_state(folder, state)
+    return state["levels"][level]["bench"][key]
+
+
+def learning_curves(state: dict) -> list[dict]:
+    """One row per evaluated (level, tree, method, temperature): the budget (steps and
+    examples per method) and the benchmark means, in level order."""
+    rows = []
+    for level in sorted(state["levels"], key=int):
+        entry = state["levels"][level]
+        examples = entry.get("examples", entry["steps"] * state["config"]["batch_size"])
+        for tree, bench in sorted(entry.get("bench", {}).items()):
+            for row in bench["rows"]:
+                if row["method"] not in METHODS:
+                    continue
+                rows.append({"level": int(level), "steps": entry["steps"], "examples": examples, "tree": tree,
+                             "method": row["method"], "temperature": row["temperature"],
+                             "mean_acceptance_length": row["mean_acceptance_length"],
+                             "t0_outputs_differing_from_vanilla": row.get("t0_outputs_differing_from_vanilla"),
+                             "questions_per_benchmark": bench["settings"]["questions_per_benchmark"]})
+    return rows
+
+
+def plot_learning_curves(state: dict, out: str | os.PathLike) -> list[dict]:
+    """The campaign's learning curves as an image: mean AL over the six benchmarks against the
+    examples each method trained on, one panel per tree, one line per method and temperature;
+    returns the rows plotted."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ValueError("campaign plot needs matplotlib: pip install 'prism-spec[bench]'") from None
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = learning_curves(state)
+    if not rows:
+        raise ValueError("no evaluated level yet: run `campaign eval` after a level finishes")
+    trees = sorted({r["tree"] for r in rows})
+    fig, axes = plt.subplots(1, len(trees), figsize=(6.0 * len(trees), 4.2), squeeze=False)
+    styles = {0.0: "-", 1.0: "--"}
+    for ax, tree in zip(axes[0], trees):
+        mine = [r for r in rows if r["tree"] == tree]
+        for colour, method in enumerate(METHODS):  # one colour per method, one line style per T
+            for t in sorted({r["temperature"] for r in mine}):
+                pts = [(r["examples"], r["mean_acceptance_length"]) for r in mine
+                       if r["method"] == method and r["temperature"] == t]
+                if pts:
+                    xs, ys = zip(*pts)
+                    ax.plot(xs, ys, styles.get(t, ":"), color=f"C{colour}", marker="o", label=f"{method} T={t:g}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("training examples per method (equal budget)")
+        ax.set_ylabel("mean acceptance length (6 benchmarks)")
+        questions = sorted({r["questions_per_benchmark"] for r in mine})
+        ax.set_title(f"{state['config']['target']}, tree {tree}, "
+                     f"{', '.join(map(str, questions))} questions per benchmark", fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return rows
