@@ -24,6 +24,14 @@ def level_drafters(state: dict, level: str) -> dict[str, str]:
     return {m: state["drafters"][m] for m in METHODS}
 
 
+def _level_to_evaluate(state: dict, level: int | None) -> tuple[str, dict[str, str]]:
+    """(the level, its drafters): ``level``, or the last finished one."""
+    if not state["levels"]:
+        raise ValueError("no finished level to evaluate yet")
+    level = str(len(state["levels"]) - 1 if level is None else level)
+    return level, level_drafters(state, level)
+
+
 def _next_level_started(state: dict) -> bool:
     return any(s["level"] == len(state["levels"]) for s in state["segments"])
 
@@ -36,16 +44,13 @@ def evaluate_level(folder: str | os.PathLike, questions: int = 20, max_new_token
     decoding (for the T=0 identity check) on the six benchmarks with ``prism bench``; stored in
     the level's entry under ``bench[tree]`` (the paper tree and a CPU-tuned one each have their
     own; a dtype other than float32 is part of the key) and in ``bench-L<level>-<key>/`` inside
-    the campaign folder. Every level keeps its
-    drafters, so any level can be evaluated later (e.g. all of them on a lent GPU)."""
+    the campaign folder. Every level keeps its drafters, so any level can be evaluated later
+    (e.g. all of them on a lent GPU)."""
     from ...bench.cli import main as bench_main
 
     folder = Path(folder)
     state = read_state(folder)
-    if not state["levels"]:
-        raise ValueError("no finished level to evaluate yet")
-    level = str(len(state["levels"]) - 1 if level is None else level)
-    drafters = level_drafters(state, level)
+    level, drafters = _level_to_evaluate(state, level)
     key = _bench_key(tree, dtype)
     out = folder / f"bench-L{level}-{key.replace('/', '-').replace(' ', '-')}"
     args = ["--target", state["config"]["target"], "--method", "vanilla"]
@@ -99,10 +104,7 @@ def replay_level(folder: str | os.PathLike, questions: int = 20, max_new_tokens:
 
     folder = Path(folder)
     state = read_state(folder)
-    if not state["levels"]:
-        raise ValueError("no finished level to evaluate yet")
-    level = str(len(state["levels"]) - 1 if level is None else level)
-    drafters = level_drafters(state, level)
+    level, drafters = _level_to_evaluate(state, level)
     if threads:
         torch.set_num_threads(threads)
     target = load_target(state["config"]["target"], dtype=dtype, device=resolve_device(device))
