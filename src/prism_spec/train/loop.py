@@ -59,6 +59,7 @@ KILL_ENV = "PRISM_TRAIN_KILL_AFTER_CHECKPOINT"
 DIGEST_ENV = "PRISM_TRAIN_RANK_DIGEST"
 
 LOG_FILE = "train_log.jsonl"
+CONFIG_FILE = "train_config.json"
 
 #: Set by :func:`request_stop` (a signal handler): a run with a time limit stops after its
 #: current step as if the limit had passed, saving the drafter where it is.
@@ -73,7 +74,6 @@ def request_stop(*_signal_args) -> None:
 
 def stop_requested() -> bool:
     return _STOP["requested"]
-CONFIG_FILE = "train_config.json"
 
 
 def _stage_folder(output_dir: Path, index: int, stage: StageConfig) -> Path:

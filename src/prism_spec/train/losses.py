@@ -62,7 +62,7 @@ class TargetDistribution:
     CE (their restricted distribution is still a valid teacher).
     """
 
-    argmax: torch.Tensor  # [N] long (a draft id, -1 = none, with a reduced vocabulary)
+    argmax: torch.Tensor | None  # [N] long (a draft id, -1 = none, with a reduced vocabulary); None: not wanted
     probs: torch.Tensor | None = None  # [N, V] (generic path: a drafter with its own head)
     head_proj: torch.Tensor | None = None  # [N, h] p @ W (shared-head path)
     head_bias: torch.Tensor | None = None  # [N] p . b, when the head has a bias
@@ -72,23 +72,28 @@ class TargetDistribution:
     @classmethod
     @torch.no_grad()
     def from_logits(
-        cls, logits: torch.Tensor, topk: int = 0, head: nn.Module | None = None, d2t: torch.Tensor | None = None
+        cls, logits: torch.Tensor, topk: int = 0, head: nn.Module | None = None, d2t: torch.Tensor | None = None,
+        with_argmax: bool = True,
     ) -> TargetDistribution:
         """From the target's logits [N, V]; with ``head`` (an nn.Linear the drafter shares, or
         any object with ``weight`` [V or N, h] / ``bias``), keep p @ W instead of p. With ``d2t``
         (a sorted draft -> target id map [N]) p is restricted to those ids and renormalised,
-        and ``head`` must be the drafter's head over the draft vocabulary (rows d2t)."""
+        and ``head`` must be the drafter's head over the draft vocabulary (rows d2t).
+        ``with_argmax=False``: no argmax (the loss does not need it; nor do the accuracy
+        metrics of steps nobody logs), so ``logits`` may already be the draft rows alone."""
         logits = logits.detach().to(accumulation_dtype(logits.dtype))
+        argmax = None
         if d2t is not None:
             d2t = d2t.to(logits.device)
-            argmax = draft_ids_for(logits.max(-1).indices, d2t)
+            if with_argmax:
+                argmax = draft_ids_for(logits.max(-1).indices, d2t)
             logits = logits[:, d2t]
+        elif with_argmax:
+            argmax = logits.max(-1).indices
         probs = torch.softmax(logits, dim=-1)
         ids = vals = None
         if topk > 0:
             vals, ids = probs.topk(min(topk, probs.shape[-1]), dim=-1)
-        if d2t is None:
-            argmax = logits.max(-1).indices
         if head is None:
             return cls(argmax, probs, None, None, ids, vals)
         proj = probs @ head.weight.detach().to(probs.dtype)
@@ -105,11 +110,12 @@ class TargetDistribution:
 def distillation_terms(
     draft_logits: torch.Tensor, target: TargetDistribution, draft_features: torch.Tensor | None = None
 ) -> dict[str, torch.Tensor]:
-    """Per-row soft CE, optional top-K CE and argmax agreement for draft logits [N, V].
+    """Per-row soft CE, optional top-K CE and argmax agreement (``correct``, when the target
+    distribution has its argmax) for draft logits [N, V].
 
     ``draft_features`` [N, h] (the head's input) is needed on the shared-head path."""
     z = draft_logits.to(accumulation_dtype(draft_logits.dtype))
-    out = {"correct": z.detach().max(-1).indices == target.argmax}
+    out = {} if target.argmax is None else {"correct": z.detach().max(-1).indices == target.argmax}
     if target.head_proj is not None:
         if draft_features is None:
             raise ValueError("this target distribution keeps p @ W: pass the draft features too")

@@ -254,6 +254,8 @@ def _target_logits(model: FeatureDrafterModel, features: torch.Tensor) -> torch.
 
 def _accumulate(metrics: dict, terms: dict, j: int, rows: int) -> None:
     metrics[f"count_step{j}"] = float(rows)
+    if "correct" not in terms:  # no accuracy asked for
+        return
     correct = float(terms["correct"].sum()) if rows else 0.0
     metrics[f"correct_step{j}"] = correct
     metrics[f"acc_step{j}"] = correct / rows if rows else 0.0
@@ -332,20 +334,18 @@ def compute_loss(
     rows1 = select.reshape(-1).nonzero().squeeze(-1)  # pass-1 rows; later passes use a subset
     row_pos = rows1 % m
     target_feat = hidden[:, 1:].reshape(-1, hidden.shape[-1]).detach()[rows1]
-    d2t = getattr(model, "d2t", None)
+    topk = cfg.topk if cfg.topk_weight > 0 else 0
     with torch.no_grad():
-        if accuracy or d2t is None:
+        if accuracy:
             # Reduced draft vocabulary (model.d2t): p restricted to the d2t ids and renormalised,
             # accuracy against the target's full-vocabulary argmax (see TargetDistribution).
-            target_logits = _target_logits(model, target_feat)
+            target_dist = TargetDistribution.from_logits(
+                _target_logits(model, target_feat), topk, _shared_head(model), d2t=getattr(model, "d2t", None))
         else:
             # The loss alone (an unlogged training step): the target's logits over the draft
-            # vocabulary only. The full-vocabulary product served only the accuracy's argmax,
-            # and costs (vocabulary / draft vocabulary) times this one.
-            target_logits, d2t = _logits(model, target_feat), None
-        target_dist = TargetDistribution.from_logits(
-            target_logits, cfg.topk if cfg.topk_weight > 0 else 0, _shared_head(model), d2t=d2t,
-        )
+            # vocabulary only; the full-vocabulary product served only the accuracy's argmax.
+            target_dist = TargetDistribution.from_logits(
+                _logits(model, target_feat), topk, _shared_head(model), with_argmax=False)
 
     metrics: dict[str, float] = {}
     zero = hidden.new_zeros((), dtype=torch.promote_types(dtype, torch.float32))
@@ -371,10 +371,7 @@ def compute_loss(
             tk = masked_mean(terms["topk"], count)
             total["topk"] = total["topk"] + w * tk
             metrics[f"topk_loss_step{j}"] = float(tk.detach())
-        if accuracy:
-            _accumulate(metrics, terms, j, count)
-        else:
-            metrics[f"count_step{j}"] = float(count)
+        _accumulate(metrics, terms, j, count)
 
     loss = cfg.ce_weight * total["ce"]
     if train_feature:
