@@ -171,7 +171,7 @@ def test_every_level_keeps_its_drafters_and_any_level_can_be_evaluated_and_plott
     replayed = ev.replay_level(folder, questions=1, max_new_tokens=8, tree="4/0/3", device="cpu", dtype="float64")
     want = {r["method"]: r["mean_acceptance_length"] for r in decoded["rows"] if r["method"] != "vanilla"}
     assert {r["method"]: r["mean_acceptance_length"] for r in replayed["rows"]} == pytest.approx(want, abs=1e-12)
-    assert (folder / "replay-continuations-float64.json").is_file()
+    assert (folder / "replay-continuations-float64.jsonl").is_file()
     assert {"4/0/3 float64", "4/0/3 float64 replay"} <= set(camp.read_state(folder)["levels"]["1"]["bench"])
     assert (tmp_path / "curves.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="not finished"):
@@ -256,7 +256,7 @@ def test_a_level_trains_on_the_corpus_shards_finished_when_it_began(setup, tmp_p
     real_train = camp._train
 
     def train(*args, **kw):
-        seen.append(args[9] if len(args) > 9 else kw.get("corpus_shards"))
+        seen.append(kw["corpus_shards"])
         if len(seen) == 2:  # shard 0 finishes while level 0 is under way
             build_corpus(corpus, HFEngine(target, batch_size=20), shards=[0], progress=False)
         return real_train(*args, **kw)

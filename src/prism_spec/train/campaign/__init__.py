@@ -172,34 +172,37 @@ def _last_eval(run_dir: Path) -> dict:
     return evals[-1]["metrics"] | {"loss": evals[-1]["loss"]} if evals else {}
 
 
-def _train(cfg: CampaignConfig, recipe: str, steps: int, seed: int, init_from: str | None, work: Path,
-           quiet: bool, tuning_only: bool = False, time_limit_s: float | None = None,
-           corpus_shards: list[int] | None = None, start_step: int = 0, feature_share: str | None = None,
-           share_role: str = "read"):
-    """One segment (from ``start_step`` of its ``steps`` when continuing a cut one); returns
-    (drafter folder, held-out metrics, seconds, the step of the segment it reached, what
-    shared features saved or None)."""
+def _train(cfg: CampaignConfig, work: Path, quiet: bool, time_limit_s: float | None, **segment):
+    """One segment (``segment``: :func:`_segment_config`'s keywords; from its ``start_step``
+    when continuing a cut one); returns (drafter folder, held-out metrics, seconds, the step of
+    the segment it reached, what shared features saved or None)."""
     from ..loop import Trainer
 
     shutil.rmtree(work, ignore_errors=True)
-    config = _segment_config(cfg, recipe, steps, seed, init_from, work, tuning_only, corpus_shards, start_step,
-                             feature_share, share_role)
+    config = _segment_config(cfg, output_dir=work, **segment)
     config.time_limit_s = time_limit_s
     t0 = time.perf_counter()
     trainer = Trainer(config, quiet=quiet)
     final = trainer.run()
-    reached = steps if trainer.stopped_at is None else trainer.stopped_at[1]
+    reached = segment["steps"] if trainer.stopped_at is None else trainer.stopped_at[1]
     return Path(final), _last_eval(work), time.perf_counter() - t0, reached, trainer.shared_features
 
 
-def _keep(src: Path, folder: Path, name: str) -> str:
-    dest = folder / "drafters" / name
-    tmp = dest.with_name(name + ".tmp")
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or no hard links there
+        shutil.copy2(src, dst)
+
+
+def _replace_folder(src: Path, dest: Path, copy_function=shutil.copy2) -> None:
+    """``dest`` becomes a copy of ``src`` in one move (a crash leaves the old or the new one)."""
+    tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(src, tmp, copy_function=copy_function)
     shutil.rmtree(dest, ignore_errors=True)
     os.replace(tmp, dest)
-    return str(dest.relative_to(folder))
 
 
 def planned_segments(state: dict) -> list[dict]:
@@ -317,10 +320,12 @@ def run_campaign(folder: str | os.PathLike, time_budget_s: float | None = None, 
             limit = 1e12 if left is None else left - SEGMENT_OVERHEAD_S
             role = SHARE_ROLES.get(seg["save"]) if share_features else None
             final, heldout, seconds, done, shared = _train(
-                cfg, seg["recipe"], steps, cfg.seed + seg["start"], init_dir, work, quiet,
-                seg.get("tuning_only", False), limit, shards, first - seg["start"],
-                str(folder / SHARED_FEATURES) if role else None, role or "read")
-            state["drafters"][seg["save"]] = _keep(final, folder, seg["save"])
+                cfg, work, quiet, limit, recipe=seg["recipe"], steps=steps, seed=cfg.seed + seg["start"],
+                init_from=init_dir, tuning_only=seg.get("tuning_only", False), corpus_shards=shards,
+                start_step=first - seg["start"], feature_share=str(folder / SHARED_FEATURES) if role else None,
+                share_role=role or "read")
+            _replace_folder(final, folder / "drafters" / seg["save"])
+            state["drafters"][seg["save"]] = f"drafters/{seg['save']}"
             key = seg["recipe"] + ("-tuning" if seg["method"] == "prism" else "")
             state["steps_per_s"][key] = round((seg["start"] + done - first) / max(seconds - 10.0, 1e-3), 4)
             reached = seg["start"] + done
@@ -347,35 +352,21 @@ def run_campaign(folder: str | os.PathLike, time_budget_s: float | None = None, 
         snapshot = state["drafters"].pop("hass-snapshot", None)
         if snapshot:
             shutil.rmtree(folder / snapshot, ignore_errors=True)
+        # Each method's drafter is kept apart from the working copy the next level trains on:
+        # hard links where the file system allows (git stores the same bytes once either way).
+        kept = {m: f"levels/L{level}/{m}" for m in METHODS}
+        for m, path in kept.items():
+            _replace_folder(folder / state["drafters"][m], folder / path, _link_or_copy)
         state["levels"][str(level)] = {
             "steps": level_steps(cfg, level),
             "examples": level_steps(cfg, level) * cfg.batch_size,
             "heldout": {s["save"]: s["heldout"] for s in state["segments"]
                         if s["level"] == level and s["save"] in METHODS},
-            "drafters": {m: _archive(folder, state["drafters"][m], level, m) for m in METHODS},
+            "drafters": kept,
         }
         write_state(folder, state)
         log(f"[campaign] level {level} done: {level_steps(cfg, level)} steps per method")
     return state
-
-
-def _archive(folder: Path, drafter: str, level: int, method: str) -> str:
-    """Keep a finished level's drafter as ``levels/L<level>/<method>`` (the next level trains
-    on from the working copy): hard links where the file system allows (git stores the same
-    bytes once either way, and tar keeps links as links), copies otherwise."""
-    src, dest = folder / drafter, folder / "levels" / f"L{level}" / method
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for item in src.iterdir():
-        if item.is_file():
-            try:
-                os.link(item, tmp / item.name)
-            except OSError:
-                shutil.copyfile(item, tmp / item.name)
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(tmp, dest)
-    return str(dest.relative_to(folder))
 
 
 def _stop_requested() -> bool:
