@@ -6,7 +6,7 @@ drafter's acceptance is then replayed from them (prism_spec.bench.replay, docs/b
 The same prompts and pooling as ``prism bench``; AL only.
 
     python benchmarks/replay_al.py --method packaged=auto --method hass=results/smollm2-135m/drafters/hass \
-        [--questions 20] [--max-new-tokens 128] [--tree paper] [--store runs/replay-store.json] [--json out.json]
+        [--questions 20] [--max-new-tokens 128] [--tree paper] [--store runs/replay-store.jsonl] [--json out.json]
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def main(argv=None):
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--tree", default="paper")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--store", default=None, help="JSON file of greedy continuations (created, resumed)")
+    parser.add_argument("--store", default=None, help="JSONL file of greedy continuations (created, appended to)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)

@@ -320,7 +320,7 @@ case "${1:-}" in
   replay)  # T=0 AL, paper tree, float32, replayed from stored greedy continuations (docs/bench.md)
     python benchmarks/replay_al.py --method packaged=auto --method eagle2=$OUT/drafters/eagle2 \
       --method hass=$OUT/drafters/hass --method prism=$OUT/drafters/prism --questions "${LIMIT:-5}" \
-      --max-new-tokens 128 --tree paper --store $OUT/replay/continuations-float32.json --threads "${THREADS:-1}" \
+      --max-new-tokens 128 --tree paper --store $OUT/replay/continuations-float32.jsonl --threads "${THREADS:-1}" \
       --json $OUT/replay/replay_al_${LIMIT:-5}q_paper_fp32.json ;;
   *)
     echo "usage: $0 regen|features|eagle2|hass|prism|prism3|prism-star|stacked2|standard|scaling|bench|bench-fp32|bench-ablations|bench-cpu|profile|regen-gpu|prism-gpu|bench-gpu-prism|packing|prism-star-norm|bench-star-norm|prism-ft|prism-ft2|bench-ft|bench-ft2|bench-cpu-ft2|attention|bench-cpu-packaged|bench-cpu-baselines|summary|campaign|curves|data-mix|replay" >&2

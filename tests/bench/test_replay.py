@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import NoisyDrafter, RandomDrafter, tiny_llama
+from helpers import NoisyDrafter, RandomDrafter, feature_drafter, tiny_llama
 from prism_spec.bench.replay import greedy_continuation, replay_acceptance
-from prism_spec.drafters import FeatureDrafter, FeatureDrafterModel, StandardDrafter, prism_config
+from prism_spec.drafters import StandardDrafter
 from prism_spec.runtime import DecodeOptions, GenerationConfig, TreeConfig, generate
 from prism_spec.targets import default_feature_layers
 
@@ -16,11 +16,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 MAX_NEW = 24
 SHAPES = {"chain4": TreeConfig.parse("chain:4"), "small": TreeConfig(depth=3, top_k=3, total_tokens=10),
           "paper": TreeConfig.parse("paper")}
-
-
-def feature_drafter(target, seed=0, **config):
-    torch.manual_seed(seed)
-    return FeatureDrafter(FeatureDrafterModel(prism_config(target, **config), target))
 
 
 DRAFTERS = {
@@ -87,3 +82,21 @@ def test_a_short_lookahead_is_refused(target, prompts):
     cont = greedy_continuation(target, prompts[0], MAX_NEW, lookahead=2)
     with pytest.raises(ValueError, match="lookahead"):
         replay_acceptance(target, RandomDrafter(target.vocab_size), prompts[0], cont, SHAPES["paper"])
+
+
+def test_the_store_computes_a_continuation_once_and_survives_a_torn_line(target, prompts, tmp_path):
+    from prism_spec.bench.replay import ContinuationStore
+
+    path = tmp_path / "store.jsonl"
+    store = ContinuationStore(path, target, lookahead=8)
+    first = store.get(prompts[1], MAX_NEW)
+    assert store.get(prompts[1], MAX_NEW) == first and store.computed == 1
+    with open(path, "a") as f:
+        f.write('{"key": "cut sho')  # a crash in the middle of a line
+    again = ContinuationStore(path, target, lookahead=8)
+    assert again.get(prompts[1], MAX_NEW) == first and again.computed == 0
+    assert again.get(prompts[1], MAX_NEW - 1) != first and again.computed == 1  # other settings, other key
+    reread = ContinuationStore(path, target, lookahead=8)  # the line after the cut one reads back
+    assert reread.get(prompts[1], MAX_NEW - 1) == again.get(prompts[1], MAX_NEW - 1) and reread.computed == 0
+    deeper = ContinuationStore(path, target, lookahead=12)  # not enough lookahead stored: computed again
+    assert deeper.get(prompts[1], MAX_NEW).tokens[: len(first.tokens)] == first.tokens and deeper.computed == 1

@@ -19,7 +19,6 @@ of record; a replay is the cheap way to follow acceptance across many drafters.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from typing import Sequence
@@ -30,7 +29,9 @@ from ..drafters.base import Drafter
 from ..runtime import DecodeOptions, GenerationConfig, TreeConfig
 from ..runtime.decode import checked_prompts, stream_generate_batch
 from ..runtime.tree import draft_tree
+from ..runtime.verify import greedy_path
 from ..targets.hf import Target
+from .runs import append_run, read_runs
 
 
 @dataclass
@@ -70,30 +71,43 @@ def greedy_continuation(target: Target, prompt_ids: Sequence[int] | torch.Tensor
     return GreedyContinuation(tokens[: committed + lookahead], committed)
 
 
+def replay_features(target: Target, drafter: Drafter, prompt: torch.Tensor,
+                    continuation: GreedyContinuation) -> torch.Tensor | None:
+    """What ``drafter`` reads of the target at every position of prompt + continuation (its
+    features or intermediate layers; None for drafters that read none): one forward, which
+    every drafter with the same ``feature_layers`` can share."""
+    spec = drafter.feature_layers
+    if spec is None:
+        return None
+    layers = spec if isinstance(spec, tuple) else None
+    device = target.device
+    full = torch.cat([prompt.to(device), torch.tensor(continuation.tokens, dtype=torch.long, device=device)])[None]
+    kv = target.new_kv(1, None)
+    with torch.inference_mode():
+        out = target.forward(full, torch.arange(full.shape[1], device=device)[None], kv.cache, None, kv.lengths,
+                             feature_layers=layers, logits=False, features=True)
+    kv.release()
+    return (out.layer_features if layers else out.features)[0]
+
+
 def replay_acceptance(target: Target, drafter: Drafter, prompt_ids: Sequence[int] | torch.Tensor,
-                      continuation: GreedyContinuation, tree: TreeConfig) -> list[int]:
+                      continuation: GreedyContinuation, tree: TreeConfig,
+                      features: torch.Tensor | None = None) -> list[int]:
     """Drafted tokens accepted per round when ``drafter`` decodes ``prompt_ids`` at T=0 with
-    ``tree``: the decode loop's rounds, with each tree checked against the known continuation."""
+    ``tree``: the decode loop's rounds, each tree checked against the known continuation by
+    the runtime's own greedy rule. ``features``: :func:`replay_features`, when already computed."""
     prompt = checked_prompts(target, [prompt_ids])[0]
     cont = continuation.tokens
-    if len(cont) < continuation.committed + tree.max_depth:
-        raise ValueError(f"the continuation needs {tree.max_depth} tokens past the output "
-                         f"(a lookahead of at least the tree's depth), has {len(cont) - continuation.committed}")
+    # A round that accepts the whole depth reads the greedy token after its deepest node.
+    if len(cont) < continuation.committed + tree.max_depth + 1:
+        raise ValueError(f"the continuation needs {tree.max_depth + 1} tokens past the output "
+                         f"(a lookahead of the tree's depth + 1), has {len(cont) - continuation.committed}")
     drafter.check_target(target)
     device = target.device
-    spec = drafter.feature_layers
-    layers = spec if isinstance(spec, tuple) else None
+    if features is None:
+        features = replay_features(target, drafter, prompt, continuation)
     n_prompt = prompt.numel()
-    full = torch.cat([prompt.to(device), torch.tensor(cont, dtype=torch.long, device=device)])[None]
-    features = None
-    if spec is not None:
-        kv = target.new_kv(1, None)
-        positions = torch.arange(full.shape[1], device=device)[None]
-        with torch.inference_mode():
-            out = target.forward(full, positions, kv.cache, None, kv.lengths, feature_layers=layers, logits=False,
-                                 features=True)
-        features = (out.layer_features if layers else out.features)[0]
-        kv.release()
+    greedy = torch.tensor(cont, dtype=torch.long, device=device)
 
     def feats(start: int, stop: int):
         return None if features is None else features[start:stop]
@@ -103,23 +117,16 @@ def replay_acceptance(target: Target, drafter: Drafter, prompt_ids: Sequence[int
         root_logits = drafter.begin([prompt], [cont[0]], [feats(0, n_prompt)])
         pos, committed, accepted = 0, 1, []  # pos: index in cont of the round's root token
         while committed < continuation.committed:
-            room = target.max_context - (n_prompt + pos) - 1
-            shape = tree
-            if shape.total_tokens > room:
-                shape = TreeConfig(min(shape.depth, room - 1), shape.top_k, room)
+            shape = tree.fitting(target.max_context - (n_prompt + pos) - 1)
             trees = draft_tree(drafter, torch.tensor([cont[pos]], device=device), root_logits, shape)
             drafter.end_round()
             row = trees.row(0)
-            tokens, parents = row.tokens.tolist(), row.parents.tolist()
-            node, k = 0, 0
-            while True:  # follow the child that spells the next greedy token, if any
-                want = cont[pos + k + 1]
-                child = next((c for c in range(1, len(tokens)) if parents[c] == node and tokens[c] == want), None)
-                if child is None:
-                    break
-                node, k = child, k + 1
+            # The target's greedy token after each node, were the node on the greedy path (the
+            # rule only reads it at nodes whose ancestors all are).
+            path, bonus = greedy_path(row, greedy[pos + 1 + row.depths])
+            k = len(path) - 1
             accepted.append(k)
-            new = torch.tensor(cont[pos + 1: pos + k + 2], dtype=torch.long, device=device)
+            new = torch.tensor(cont[pos + 1: pos + k + 1] + [bonus], dtype=torch.long, device=device)
             root_logits = drafter.extend([new], [feats(n_prompt + pos, n_prompt + pos + k + 1)])
             pos += k + 1
             committed += k + 1
@@ -128,17 +135,17 @@ def replay_acceptance(target: Target, drafter: Drafter, prompt_ids: Sequence[int
 
 # ----------------------------------------------------------------------------- benchmarks
 class ContinuationStore:
-    """Greedy continuations of benchmark turns, kept in a JSON file so that every drafter and
-    every later evaluation on the same prompts reuses them (vanilla decoding of the prompts is
-    then paid once). A continuation is keyed by its prompt's token ids and the setting that
-    decide it (target, dtype, max_new_tokens); a store with enough lookahead serves any tree."""
+    """Greedy continuations of benchmark turns, kept in a JSONL file (one line per
+    continuation, appended as each is computed) so that every drafter and every later
+    evaluation on the same prompts reuses them: vanilla decoding of the prompts is paid once.
+    A continuation is keyed by its prompt's token ids and what decides it (target, dtype,
+    device kind, max_new_tokens); one with enough lookahead serves any tree. Read and written
+    like a bench's runs file (``bench.runs``): a line cut short by a crash is computed again."""
 
     def __init__(self, path: str | os.PathLike | None, target: Target, lookahead: int):
         self.path, self.target, self.lookahead = path, target, lookahead
-        self.items: dict[str, dict] = {}
-        if path and os.path.exists(path):
-            with open(path) as f:
-                self.items = json.load(f)["continuations"]
+        # A line cut short by a crash is cut from the file, so appends start on a clean line.
+        self.items = {item["key"]: item for item in read_runs(path, repair=True)} if path else {}
         param = next(target.model.parameters())
         self.salt = f"{target.name}|{param.dtype}|{param.device.type}"
         self.computed = 0
@@ -148,19 +155,13 @@ class ContinuationStore:
         item = self.items.get(key)
         if item is None or len(item["tokens"]) - item["committed"] < self.lookahead:
             cont = greedy_continuation(self.target, prompt_ids, max_new_tokens, self.lookahead)
-            self.items[key] = {"tokens": cont.tokens, "committed": cont.committed}
+            item = {"key": key, "tokens": cont.tokens, "committed": cont.committed}
+            self.items[key] = item
             self.computed += 1
-            self._save()
-            return cont
+            if self.path:
+                with open(self.path, "a") as f:  # a later line for the same key wins on reading
+                    append_run(f, item)
         return GreedyContinuation(item["tokens"], item["committed"])
-
-    def _save(self) -> None:
-        if not self.path:
-            return
-        tmp = f"{self.path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({"target": self.salt, "continuations": self.items}, f)
-        os.replace(tmp, self.path)
 
 
 def replay_benchmarks(target: Target, drafters: dict[str, Drafter], benchmarks, tree: TreeConfig,
@@ -181,8 +182,12 @@ def replay_benchmarks(target: Target, drafters: dict[str, Drafter], benchmarks, 
         for i in range(len(question.turns)):
             prompt = conversation_prompt(target, question.turns[: i + 1], answers)
             cont = store.get(list(prompt), bench.max_new_tokens)
+            features: dict = {}  # one target forward per kind of input the drafters read
             for name, drafter in drafters.items():
-                accepted = replay_acceptance(target, drafter, prompt, cont, tree)
+                spec = drafter.feature_layers
+                if spec not in features:
+                    features[spec] = replay_features(target, drafter, torch.as_tensor(prompt), cont)
+                accepted = replay_acceptance(target, drafter, prompt, cont, tree, features[spec])
                 turns_of[name].setdefault(bench.name, []).append({"accepted": accepted})
             answers.append(target.decode(cont.tokens[: cont.committed]).strip())
     out = {}

@@ -260,10 +260,7 @@ class _BatchDecode:
         else:
             # Tree nodes that fit: the root and drafted tokens take positions lengths.., and the
             # bonus token after the deepest accepted node needs a position too.
-            room = self.kv.capacity - int(self.kv.lengths.max()) - 1
-            shape = self.options.tree
-            if shape.total_tokens > room:
-                shape = TreeConfig(min(shape.depth, room - 1), shape.top_k, room)
+            shape = self.options.tree.fitting(self.kv.capacity - int(self.kv.lengths.max()) - 1)
             with profiled("draft_tree"):
                 trees = draft_tree(self.drafter, roots, self.root_logits, shape)
                 self.drafter.end_round()

@@ -37,6 +37,12 @@ class TreeConfig:
         """Deepest drafted level (the first level counts as depth 1)."""
         return self.depth + 1
 
+    def fitting(self, room: int) -> "TreeConfig":
+        """This shape cut to at most ``room`` nodes (near the end of the context)."""
+        if self.total_tokens <= room:
+            return self
+        return TreeConfig(min(self.depth, room - 1), self.top_k, room)
+
     @classmethod
     def parse(cls, spec: str) -> "TreeConfig":
         """``paper``, ``cpu``, ``chain:N`` or ``total/depth/top_k`` such as ``60/5/10``."""

@@ -64,7 +64,12 @@ def verify_greedy(tree: DraftTree, logits: torch.Tensor) -> tuple[list[int], int
     """Longest path whose every node equals the target's argmax at its parent."""
     if tree.size == 1:  # the root alone (vanilla decoding, prefill): its argmax is the token
         return [0], int(argmax_rows(logits[0]))
-    argmax = argmax_rows(logits)
+    return greedy_path(tree, argmax_rows(logits))
+
+
+def greedy_path(tree: DraftTree, argmax: torch.Tensor) -> tuple[list[int], int]:
+    """:func:`verify_greedy` given the target's greedy token after every node (``argmax`` [n]):
+    the accepted path (node indices from the root) and the bonus token after it."""
     parents = tree.parents.clamp(min=0)
     correct = tree.tokens == argmax[parents]
     correct[0] = True

@@ -90,7 +90,7 @@ def replay_level(folder: str | os.PathLike, questions: int = 20, max_new_tokens:
                  level: int | None = None) -> dict:
     """T=0 acceptance of a finished level's drafters replayed from the target's greedy
     continuations (prism_spec.bench.replay) instead of decoding: the same prompts and pooling
-    as ``prism bench``, a fraction of its time, and the continuations (``replay-continuations.json``
+    as ``prism bench``, a fraction of its time, and the continuations (``replay-continuations-<dtype>.jsonl``
     in the campaign folder) serve every later level. Stored beside the decoded evaluations as
     ``bench["<tree> replay"]``."""
     import torch
@@ -109,7 +109,7 @@ def replay_level(folder: str | os.PathLike, questions: int = 20, max_new_tokens:
         torch.set_num_threads(threads)
     target = load_target(state["config"]["target"], dtype=dtype, device=resolve_device(device))
     shape = TreeConfig.parse(tree)
-    store = ContinuationStore(folder / f"replay-continuations-{dtype}.json", target, lookahead=16)
+    store = ContinuationStore(folder / f"replay-continuations-{dtype}.jsonl", target, lookahead=16)
     if shape.max_depth + 1 > store.lookahead:
         raise ValueError(f"tree {tree} is deeper than the stored continuations' lookahead ({store.lookahead})")
     benches = load_benchmarks(limit=questions, max_new_tokens=max_new_tokens)
