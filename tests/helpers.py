@@ -38,6 +38,14 @@ def tiny_llama(vocab_size=96, hidden_size=32, layers=2, seed=0, dtype=torch.floa
     return Target(model, None, name=f"tiny-llama-{seed}")
 
 
+def feature_drafter(target, seed=0, **config):
+    """An untrained PRISM-style feature drafter for ``target`` (``config``: prism_config's)."""
+    from prism_spec.drafters import FeatureDrafter, FeatureDrafterModel, prism_config
+
+    torch.manual_seed(seed)  # the untrained weights
+    return FeatureDrafter(FeatureDrafterModel(prism_config(target, **config), target))
+
+
 def forward_one(target, input_ids, positions, cache, tree_mask=None, feature_layers=None):
     """``Target.forward`` for one sequence: 1-D tokens and positions, a [n, t] tree mask; the
     outputs without their batch dimension."""

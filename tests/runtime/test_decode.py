@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 import torch
 
-from helpers import NoisyDrafter, RandomDrafter, forward_one, tiny_llama
+from helpers import NoisyDrafter, RandomDrafter, feature_drafter, forward_one, tiny_llama
 from prism_spec.drafters import (
     Drafter,
     DrafterMismatchError,
@@ -38,11 +38,6 @@ SHAPES = {
     "small": TreeConfig(depth=3, top_k=3, total_tokens=10),
     "paper": TreeConfig.parse("paper"),
 }
-
-
-def feature_drafter(target, seed=0, **config):
-    torch.manual_seed(seed)  # the untrained weights
-    return FeatureDrafter(FeatureDrafterModel(prism_config(target, **config), target))
 
 
 DRAFTERS = {
