@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 from pathlib import Path
 
@@ -20,5 +21,7 @@ def write_rows(path: str | None, settings: dict, rows: list[dict]) -> None:
     meta = {"settings": settings, "cpu": cpu_name(), "torch": torch.__version__,
             "python": platform.python_version(), "date": str(datetime.date.today())}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps({**meta, "rows": rows}, indent=1))
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps({**meta, "rows": rows}, indent=1))
+    os.replace(tmp, path)  # whole files only, also for scripts that rewrite it as rows finish
     print(f"\nwrote {path}")

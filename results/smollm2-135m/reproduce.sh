@@ -40,6 +40,7 @@
 #   SECONDS_BUDGET=S bash results/smollm2-135m/reproduce.sh campaign   # train on within S seconds
 #   LEVEL=L LIMIT=N bash results/smollm2-135m/reproduce.sh curves      # AL of level L, then the learning-curve figure
 #   bash results/smollm2-135m/reproduce.sh data-mix        # own replies only vs dataset answers mixed in (EAGLE-2, equal budget)
+#   bash results/smollm2-135m/reproduce.sh levers          # learning rate, batch size, drafter layer copied from the target (EAGLE-2, equal budget)
 #   LIMIT=N bash results/smollm2-135m/reproduce.sh replay  # T=0 AL of the current drafters replayed (no decoding), N questions
 # Runs superseded by a later run of the same measurement are kept under results/archive/smollm2-135m
 # (results/archive/README.md); the commands that made them write there.
@@ -309,20 +310,32 @@ case "${1:-}" in
     python -m prism_spec.train.campaign eval $OUT/campaign ${LEVEL:+--level $LEVEL} --questions "${LIMIT:-20}" \
       --temperature 0 --temperature 1 --threads "${THREADS:-2}"
     python -m prism_spec.train.campaign plot $OUT/campaign -o $OUT/campaign/learning_curves.png ;;
-  data-mix)  # does mixing the datasets' own answers into the target's replies help, at equal budget?
+  data-mix)  # does mixing the datasets' own answers into the target's replies help, at equal budget? (recipe LR 3e-5)
     T=../shared/data/train
-    python benchmarks/data_mix.py --corpus $OUT/corpus --train-shards 0:56 --eval-shards 56 \
-      --mix $T/gsm8k_train.jsonl $T/math_test.jsonl $T/code_alpaca_2k.json $T/gpteacher_codegen.json \
-        $T/gpteacher_roleplay.json $T/mbpp.jsonl $T/self_instruct_seed_tasks.jsonl \
-        $T/t0_subset/cnn_dailymail_3_0_0_news_summary.jsonl $T/t0_subset/xsum_summarize_DOC.jsonl \
-        $T/t0_subset/samsum_Summarize_.jsonl \
+    MIX=$OUT/corpus,$T/gsm8k_train.jsonl,$T/math_test.jsonl,$T/code_alpaca_2k.json,$T/gpteacher_codegen.json,$T/gpteacher_roleplay.json,$T/mbpp.jsonl,$T/self_instruct_seed_tasks.jsonl,$T/t0_subset/cnn_dailymail_3_0_0_news_summary.jsonl,$T/t0_subset/xsum_summarize_DOC.jsonl,$T/t0_subset/samsum_Summarize_.jsonl
+    python benchmarks/train_levers.py --corpus $OUT/corpus --train-shards 0:56 --eval-shards 56 --lr 3e-5 \
+      --variant "target replies only" --variant "target replies + dataset answers: data.paths=$MIX" \
       --steps 120 --batch-size 8 --max-length 512 --threads "${THREADS:-1}" --json results/cpu/data_mix_eagle2_intel.json ;;
+  levers)  # learning rate, batch size, a drafter layer copied from the target (EAGLE-2, equal budget: 1,920 examples)
+    L="python benchmarks/train_levers.py --corpus $OUT/corpus --train-shards 0:56 --eval-shards 56 --eval-examples 128
+       --max-length 512 --threads ${THREADS:-2} --features runs/levers-features --keep runs/levers"
+    $L --steps 240 --batch-size 8 --variant "lr 2e-4" --variant "lr 6e-4: lr=6e-4" --variant "lr 1.2e-3: lr=1.2e-3" \
+      --variant "layer copy, lr 2e-4: drafter.init_from_target_layer=-1" \
+      --variant "layer copy, lr 6e-4: drafter.init_from_target_layer=-1 lr=6e-4" --json results/cpu/train_levers_eagle2_intel.json
+    $L --steps 240 --batch-size 8 --variant "lr 2.4e-3: lr=2.4e-3" --variant "lr 4.8e-3: lr=4.8e-3" \
+      --variant "lr 4.8e-3, warm-up 10%: lr=4.8e-3 warmup_ratio=0.1" --json results/cpu/train_levers_eagle2_lr_intel.json
+    $L --steps 60 --batch-size 32 --variant "batch 32, lr 1.2e-3: lr=1.2e-3" --variant "batch 32, lr 2.4e-3: lr=2.4e-3" \
+      --variant "batch 32, lr 4.8e-3: lr=4.8e-3" --json results/cpu/train_levers_eagle2_batch32_intel.json
+    python benchmarks/replay_al.py --method "lr 2e-4=runs/levers/lr-2e-4" --method "lr 6e-4=runs/levers/lr-6e-4" \
+      --method "lr 1.2e-3=runs/levers/lr-1.2e-3" --method "lr 2.4e-3=runs/levers/lr-2.4e-3" --questions 5 \
+      --max-new-tokens 128 --tree paper --store $OUT/replay/continuations-float32.jsonl --threads 1 \
+      --json results/cpu/train_levers_eagle2_replay_5q_paper_fp32.json ;;
   replay)  # T=0 AL, paper tree, float32, replayed from stored greedy continuations (docs/bench.md)
     python benchmarks/replay_al.py --method packaged=auto --method eagle2=$OUT/drafters/eagle2 \
       --method hass=$OUT/drafters/hass --method prism=$OUT/drafters/prism --questions "${LIMIT:-5}" \
       --max-new-tokens 128 --tree paper --store $OUT/replay/continuations-float32.jsonl --threads "${THREADS:-1}" \
       --json $OUT/replay/replay_al_${LIMIT:-5}q_paper_fp32.json ;;
   *)
-    echo "usage: $0 regen|features|eagle2|hass|prism|prism3|prism-star|stacked2|standard|scaling|bench|bench-fp32|bench-ablations|bench-cpu|profile|regen-gpu|prism-gpu|bench-gpu-prism|packing|prism-star-norm|bench-star-norm|prism-ft|prism-ft2|bench-ft|bench-ft2|bench-cpu-ft2|attention|bench-cpu-packaged|bench-cpu-baselines|summary|campaign|curves|data-mix|replay" >&2
+    echo "usage: $0 regen|features|eagle2|hass|prism|prism3|prism-star|stacked2|standard|scaling|bench|bench-fp32|bench-ablations|bench-cpu|profile|regen-gpu|prism-gpu|bench-gpu-prism|packing|prism-star-norm|bench-star-norm|prism-ft|prism-ft2|bench-ft|bench-ft2|bench-cpu-ft2|attention|bench-cpu-packaged|bench-cpu-baselines|summary|campaign|curves|data-mix|levers|replay" >&2
     exit 2 ;;
 esac

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers import tiny_llama
+
 from prism_spec.train.features import capture_batch
 from prism_spec.train.shared_features import SharedFeatures
 
@@ -39,3 +39,19 @@ def test_shared_features_hand_a_batch_from_a_writer_to_one_reader(tmp_path, targ
     assert capped.written == 0 and not list(tmp_path.glob("*.safetensors"))
     with pytest.raises(ValueError, match="role"):
         SharedFeatures(tmp_path, "both", target)
+
+
+def test_shared_features_reuse_is_a_cache_for_every_later_run(tmp_path, target):
+    ids, mask = torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long)
+    feats = capture_batch(target, ids, mask)
+    first = SharedFeatures(tmp_path, "reuse", target)
+    key = first.key(ids, mask)
+    assert first.get(key) is None and first.misses == 1
+    first.put(key, feats)  # computed on a miss: stored for the runs after it
+    assert first.written == 1
+    for _ in range(2):  # two more variants over the same batches
+        again = SharedFeatures(tmp_path, "reuse", target)
+        assert torch.equal(again.get(key)["hidden"], feats["hidden"]) and again.hits == 1
+        again.put(key, {"hidden": torch.zeros(1)})  # already there: kept as it was
+    assert len(list(tmp_path.glob("*.safetensors"))) == 1
+    assert torch.equal(SharedFeatures(tmp_path, "read", target).get(key)["hidden"], feats["hidden"])

@@ -9,7 +9,12 @@ import copy
 import torch
 from torch import nn
 
-from ..drafters.checkpoint import CheckpointError, read_feature_drafter, save_feature_drafter, save_standard_drafter
+from ..drafters.checkpoint import (
+    CheckpointError,
+    read_feature_drafter,
+    save_feature_drafter,
+    save_standard_drafter,
+)
 from ..drafters.feature import FeatureDrafterConfig, FeatureDrafterModel
 from ..drafters.standard import StandardDrafter
 from ..targets.default import DEFAULT_TARGET, default_target_path
@@ -60,6 +65,8 @@ def build_drafter(
             draft_vocab_size=d.draft_vocab_size,
         )
         model = FeatureDrafterModel(fcfg, target, d2t=d2t)
+        if d.init_from_target_layer is not None:
+            copy_target_layer(model, target, d.init_from_target_layer)
     model = model.float()
     if d.trains_as == "standard":
         from .objectives import attach_target_head
@@ -68,6 +75,28 @@ def build_drafter(
     for p in model.parameters():
         p.requires_grad_(True)
     return model.train()
+
+
+def copy_target_layer(drafter: FeatureDrafterModel, target: Target, index: int) -> None:
+    """Start every decoder layer of every processing module of ``drafter`` as a copy of target
+    layer ``index`` (negative: from the end): trained attention and MLP weights instead of
+    random ones. The first layer of a module has no input norm (its input is the fc output),
+    so that one weight is not copied; the fc stays random."""
+    layers = target.family.layers
+    if not -len(layers) <= index < len(layers):
+        raise ConfigError(f"drafter.init_from_target_layer {index}: {target.name} has {len(layers)} layers "
+                          f"(0..{len(layers) - 1}, or -1..-{len(layers)} from the end)")
+    source = layers[index].state_dict()
+    with torch.no_grad():
+        for module in drafter.processing:
+            for layer in module.layers:
+                own = layer.state_dict()
+                odd = [k for k, v in own.items() if k not in source or source[k].shape != v.shape]
+                if odd:
+                    raise ConfigError(
+                        f"drafter.init_from_target_layer: the drafter's layers are not {target.family.model_type} "
+                        f"layers ({', '.join(odd[:3])} differ), so they cannot start as a copy of one")
+                layer.load_state_dict({k: source[k] for k in own}, strict=True)
 
 
 def read_init_state(config: TrainConfig, target: Target, input_layers: list[int] | None) -> dict:

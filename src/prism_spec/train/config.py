@@ -70,6 +70,9 @@ class DrafterSpec:
     #: Feature drafters only: predict over the N most frequent target tokens of the training
     #: data (EAGLE-3-style reduced vocabulary; cuts the LM-head cost). None: full vocabulary.
     draft_vocab_size: int | None = None
+    #: Feature drafters only: start every decoder layer as a copy of this target layer
+    #: (negative: from the end) instead of a random initialisation; None: random.
+    init_from_target_layer: int | None = None
 
     def resolved_step_mapping(self) -> list[int]:
         return list(self.step_mapping) if self.step_mapping else list(range(self.num_modules))
@@ -114,9 +117,11 @@ class DataConfig:
     #: Online features handed between runs on one machine (features.SharedFeatures): a folder
     #: where a run in role "write" leaves each training batch's features and a later run in
     #: role "read" takes them instead of running the target again for the same batch (a
-    #: campaign's EAGLE-2 and HASS segments walk the same batches). None: off.
+    #: campaign's EAGLE-2 and HASS segments walk the same batches); role "reuse" is a plain
+    #: cache (reads and keeps, writes what it computed) for many runs over the same batches.
+    #: None: off.
     feature_share: str | None = None
-    feature_share_role: Literal["write", "read"] = "read"
+    feature_share_role: Literal["write", "read", "reuse"] = "read"
 
 
 @dataclass
@@ -228,6 +233,8 @@ class TrainConfig:
         need(d.draft_vocab_size is None or d.draft_vocab_size >= 1, "drafter.draft_vocab_size must be >= 1")
         need(d.draft_vocab_size is None or not standard,
              "drafter.draft_vocab_size applies to feature drafters, not the standard drafter")
+        need(d.init_from_target_layer is None or not standard,
+             "drafter.init_from_target_layer applies to feature drafters (the standard drafter is a copy already)")
         if d.step_mapping is not None:
             need(bool(d.step_mapping) and all(0 <= m < d.num_modules for m in d.step_mapping),
                  f"drafter.step_mapping {d.step_mapping} must name modules 0..{d.num_modules - 1}")
@@ -255,8 +262,8 @@ class TrainConfig:
         need(data.max_examples is None or data.max_examples >= 1, "data.max_examples must be >= 1")
         need(not (data.feature_share and data.feature_cache),
              "data.feature_share applies to online features; data.feature_cache is set (offline)")
-        need(data.feature_share_role in ("write", "read"),
-             f"data.feature_share_role must be 'write' or 'read', got {data.feature_share_role!r}")
+        need(data.feature_share_role in ("write", "read", "reuse"),
+             f"data.feature_share_role must be 'write', 'read' or 'reuse', got {data.feature_share_role!r}")
         need(data.corpus_shards is None or all(isinstance(k, int) and k >= 0 for k in data.corpus_shards),
              f"data.corpus_shards must be a list of shard indices (>= 0), got {data.corpus_shards}")
         need(data.holdout >= 0 and (data.holdout < 1 or float(data.holdout).is_integer()),

@@ -22,13 +22,16 @@ class SharedFeatures:
     decides them (target, dtype, device kind, feature layers, the padded token ids and mask);
     a run in role ``"read"`` takes a batch's features from there when present (and deletes the
     file: each batch is read once) and runs the target otherwise. A campaign's EAGLE-2 and HASS
-    segments of one level walk the same data order, so HASS reads what EAGLE-2 wrote. Writing
+    segments of one level walk the same data order, so HASS reads what EAGLE-2 wrote. Role
+    ``"reuse"`` is a plain cache: it reads and keeps a batch's file, and writes the ones it
+    had to compute, for any number of runs over the same batches (the variants of an A/B
+    study); whoever made the folder removes it. Writing
     stops quietly at ``max_bytes`` in the folder or when the disk keeps less than
     ``min_free_bytes``; reading never needs the file to be there. Files are written to a
     temporary name and moved into place, so a crash leaves whole files only.
     """
 
-    ROLES = ("write", "read")
+    ROLES = ("write", "read", "reuse")
 
     def __init__(self, folder: str | os.PathLike, role: str, target, feature_layers=None,
                  max_bytes: int = 16 << 30, min_free_bytes: int = 8 << 30):
@@ -54,7 +57,7 @@ class SharedFeatures:
         return h.hexdigest()[:40]
 
     def get(self, key: str) -> dict[str, torch.Tensor] | None:
-        if self.role != "read":
+        if self.role == "write":
             return None
         path = self.folder / f"{key}.safetensors"
         try:
@@ -64,14 +67,15 @@ class SharedFeatures:
         except (OSError, ValueError, RuntimeError):  # absent (or torn by a crash): compute it
             self.misses += 1
             return None
-        size = path.stat().st_size
-        path.unlink(missing_ok=True)
-        self._bytes -= size
         self.hits += 1
+        if self.role == "read":
+            size = path.stat().st_size
+            path.unlink(missing_ok=True)
+            self._bytes -= size
         return feats
 
     def put(self, key: str, feats: dict[str, torch.Tensor]) -> None:
-        if self.role != "write":
+        if self.role == "read":
             return
         path = self.folder / f"{key}.safetensors"
         size = sum(v.numel() * v.element_size() for v in feats.values())

@@ -385,9 +385,10 @@ def machine_label() -> str:
 
 def status_lines(state: dict) -> list[str]:
     cfg = CampaignConfig.from_dict(state["config"])
-    lines = [f"levels done: {len(state['levels'])} (budget per method: "
-             + ", ".join(str(v["steps"]) for v in state["levels"].values()) + " steps)",
-             f"batch {cfg.batch_size}, max length {cfg.max_length}, data {cfg.data}"]
+    budgets = ", ".join(str(v["steps"]) for v in state["levels"].values())
+    lines = [f"levels done: {len(state['levels'])}" + (f" (budget per method: {budgets} steps)" if budgets else ""),
+             f"batch {cfg.batch_size}, lr {cfg.lr:g} (PRISM tuning {cfg.tuning_lr:g}), max length {cfg.max_length}, "
+             f"data {cfg.data}"]
     for level, entry in state["levels"].items():
         accs = {m: entry["heldout"].get(m, {}).get("acc_step1") for m in METHODS}
         lines.append(f"  L{level} ({entry['steps']} steps): held-out step-1 top-1 "
