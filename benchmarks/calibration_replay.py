@@ -2,7 +2,7 @@
 length each tree shape would reach, replayed from wide-tree rounds (as ``--tree auto`` does)
 on the built-in calibration prompts and on the benchmarks' first turns.
 
-    python benchmarks/calibration_replay.py [--drafter auto] [--shapes 4/0/3,10/1/6] \
+    python benchmarks/calibration_replay.py [--drafter auto] [--shapes 4/0/3,10/1/6] \\
         [--per-bench 5] [--builtin-first 4] [--json out.json]
 
 Greedy generations with the calibration tree record which drafted nodes the target confirms;

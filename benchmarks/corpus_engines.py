@@ -1,7 +1,7 @@
 """Reply tokens per second of `prism corpus build`'s engines on the same corpus prompts.
 
     python benchmarks/corpus_engines.py [--corpus results/smollm2-135m/corpus] [--prompts 64]
-        [--max-new-tokens 128] [--llama-cpp-batches 1,8,16,32] [--torch-batches 48] [--torch-dtypes float32] \
+        [--max-new-tokens 128] [--llama-cpp-batches 1,8,16,32] [--torch-batches 48] [--torch-dtypes float32] \\
         [--threads 2] [--json out.json]
 
 Each engine answers the same ``--prompts`` prompts (the first ones of the corpus's last shard,

@@ -8,7 +8,7 @@ the share of held-out reply tokens inside it, and the chance that a run of 4 con
 tokens lies wholly inside (what a depth-4 chain of accepted drafts needs). A bigger vocabulary
 costs the drafter's head: ``size x hidden`` multiply-adds per drafted token.
 
-    python benchmarks/draft_vocab_coverage.py --corpus results/smollm2-135m/corpus \
+    python benchmarks/draft_vocab_coverage.py --corpus results/smollm2-135m/corpus \\
         [--sizes 4096,8192,16384,32768] [--json out.json]
 """
 

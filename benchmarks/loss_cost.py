@@ -7,7 +7,7 @@ draft-vocabulary rows. Training steps whose metrics are not logged skip it
 backward) both ways on the same real batches, interleaved, and the target's feature forward
 for scale.
 
-    python benchmarks/loss_cost.py --data results/smollm2-135m/corpus [--recipe hass] \
+    python benchmarks/loss_cost.py --data results/smollm2-135m/corpus [--recipe hass] \\
         [--batch-size 8] [--batches 4] [--repeats 2] [--threads 2] [--json out.json]
 
 Run it on an idle machine.

@@ -1,7 +1,7 @@
 """Where a decode round's time goes: drafting per step, tree building, verify, acceptance,
 cache compaction and the drafter's catch-up, for vanilla and speculative decoding (batch 1).
 
-    python benchmarks/profile_round.py [--drafter auto] [--dtype float32] [--tree cpu] \
+    python benchmarks/profile_round.py [--drafter auto] [--dtype float32] [--tree cpu] \\
         [--prompts 4] [--max-new-tokens 64] [--threads 2] [--json out.json]
 
 The decode loop labels its phases with ``torch.profiler.record_function`` while a profiler

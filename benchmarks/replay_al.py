@@ -5,7 +5,7 @@ The target's greedy continuation of every benchmark turn is computed once and ke
 drafter's acceptance is then replayed from them (prism_spec.bench.replay, docs/bench.md).
 The same prompts and pooling as ``prism bench``; AL only.
 
-    python benchmarks/replay_al.py --method packaged=auto --method hass=results/smollm2-135m/drafters/hass \
+    python benchmarks/replay_al.py --method packaged=auto --method hass=results/smollm2-135m/drafters/hass \\
         [--questions 20] [--max-new-tokens 128] [--tree paper] [--store runs/replay-store.jsonl] [--json out.json]
 """
 

@@ -7,7 +7,7 @@ continuation. Reports both acceptance lengths per benchmark, the turns whose per
 counts differ (float rounding of the features can move a near-tie), and the time each took
 (the replay's with and without computing the continuation, which later evaluations reuse).
 
-    python benchmarks/replay_vs_decode.py [--drafter auto] [--questions 2] [--tree paper] \
+    python benchmarks/replay_vs_decode.py [--drafter auto] [--questions 2] [--tree paper] \\
         [--dtype float32] [--json out.json]
 """
 

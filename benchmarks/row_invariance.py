@@ -2,7 +2,7 @@
 give a token different bits when it is computed with other tokens (tree verification) than
 alone (a decode step), on this machine's kernels.
 
-    python benchmarks/row_invariance.py [--prompts 2] [--max-new-tokens 64] [--trees 4/0/3,paper] \
+    python benchmarks/row_invariance.py [--prompts 2] [--max-new-tokens 64] [--trees 4/0/3,paper] \\
         [--modes today,attention,exact] [--skip-linear] [--batch-size 4] [--json out.json]
 
 1. Linear layers at the default target's shapes: the share of output elements of one M-row

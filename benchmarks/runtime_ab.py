@@ -1,7 +1,7 @@
 """Two runtime settings A/B, vanilla and speculative decoding, interleaved in one process so
 that drifting machine load hits every configuration alike.
 
-    python benchmarks/runtime_ab.py [--compare packing|attention|exact|exact-attention|drafter-int8] [--bench mt_bench] \
+    python benchmarks/runtime_ab.py [--compare packing|attention|exact|exact-attention|drafter-int8] [--bench mt_bench] \\
         [--dtype bfloat16] [--tree 4/0/3] [--prompts 4] [--max-new-tokens 64] [--repeats 3] [--json out.json]
 
 ``--compare packing``: prepacked against plain linear layers (docs/performance.md, "Prepacked

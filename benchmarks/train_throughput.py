@@ -1,7 +1,7 @@
 """Training throughput of the EAGLE-2, HASS and PRISM recipes: trained tokens per second with
 the frozen target computing features online, as the campaign trains.
 
-    python benchmarks/train_throughput.py --data results/smollm2-135m/corpus [--batch-size 8] \
+    python benchmarks/train_throughput.py --data results/smollm2-135m/corpus [--batch-size 8] \\
         [--max-length 512] [--steps 6] [--precisions bf16,no] [--json out.json]
 
 Each (recipe, precision) runs ``--steps`` optimizer steps (the first is a warm-up and not

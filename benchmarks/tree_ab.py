@@ -1,7 +1,7 @@
 """Tree shapes side by side: vanilla and speculative decoding with each shape, interleaved in
 one process so that drifting machine load hits every shape alike.
 
-    python benchmarks/tree_ab.py --trees 4/0/3,6/1/3,10/1/6 [--drafter auto] [--dtype bfloat16] \
+    python benchmarks/tree_ab.py --trees 4/0/3,6/1/3,10/1/6 [--drafter auto] [--dtype bfloat16] \\
         [--per-bench 3] [--max-new-tokens 64] [--repeats 2] [--json out.json]
 
 Prompts: the first turns of the first ``--per-bench`` questions of each of the six

@@ -1,7 +1,7 @@
 """One tree-verify forward and one decode step of the default target, batched verification
 against bit-identical verification (``--row-invariant``), interleaved in one process.
 
-    python benchmarks/verify_latency.py [--dtype bfloat16] [--past 300] [--trees star4,chain4,paper60] \
+    python benchmarks/verify_latency.py [--dtype bfloat16] [--past 300] [--trees star4,chain4,paper60] \\
         [--repeats 40] [--threads 2] [--json out.json]
 
 Two copies of the target (one per setting) prefill the same random ``--past``-token prefix; each

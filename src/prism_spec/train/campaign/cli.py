@@ -37,12 +37,14 @@ def main(argv=None) -> int:
     r.add_argument("--quiet", action="store_true")
     e = sub.add_parser("eval", help="AL of the last level's drafters on the six benchmarks (prism bench)")
     e.add_argument("folder")
-    e.add_argument("--questions", type=int, default=20)
-    e.add_argument("--max-new-tokens", type=int, default=128)
-    e.add_argument("--tree", default="paper")
-    e.add_argument("--temperature", type=float, action="append", default=None)
-    e.add_argument("--device", default="auto")
-    e.add_argument("--threads", type=int, default=None)
+    e.add_argument("--questions", type=int, default=20, help="questions per benchmark (default 20)")
+    e.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per answer (default 128)")
+    e.add_argument("--tree", default="paper",
+                   help="tree shape, as prism bench takes it: paper, serving, cpu, chain:N, TOTAL/DEPTH/TOP_K or auto (default paper)")
+    e.add_argument("--temperature", type=float, action="append", default=None,
+                   help="sampling temperature; repeat for several (default: 0 only)")
+    e.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto: a GPU when there is one)")
+    e.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     e.add_argument("--level", type=int, default=None, help="which finished level (default: the last)")
     e.add_argument("--replay", action="store_true",
                    help="T=0 only: replay acceptance from the target's greedy continuations instead of decoding "
