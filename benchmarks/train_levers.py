@@ -17,7 +17,9 @@ variant that trains on other data (``data.paths=...``) computes its own.
         --variant "layer copy: drafter.init_from_target_layer=-1" --keep runs/levers --json out.json
 
 ``--variant "NAME: KEY=VALUE KEY=VALUE"`` (NAME alone: the recipe's settings plus the common
-ones). ``--keep DIR`` keeps each variant's drafter in DIR/<name> (for ``benchmarks/replay_al.py``).
+ones). A variant may start from a trained drafter (``init_from=DIR``) and train only some of
+the recipe's stages (``stages.warmup.enabled=false``): PRISM's tuning stage from a HASS
+snapshot, as the campaign trains it. ``--keep DIR`` keeps each variant's drafter in DIR/<name> (for ``benchmarks/replay_al.py``).
 Run it on an idle machine, or say it was not; accuracies do not depend on the machine's load.
 """
 
@@ -104,7 +106,8 @@ def evaluate(args, variant: Variant, drafter: Path, folder: Path, share: Path) -
     stages, dotted = variant.split()
     values = {**common_values(args, args.eval_shards, folder, share), "init_from": str(drafter),
               "data.max_examples": args.eval_examples}
-    dotted = [d for d in dotted if not d.startswith("data.paths=")]  # scored on the eval shards alone
+    # Scored on the eval shards alone, and the trained drafter scored, not the one it started from.
+    dotted = [d for d in dotted if not d.startswith(("data.paths=", "init_from="))]
     config = build_config(args.recipe, values=values, all_stages={"steps": 1, "batch_size": args.batch_size, **stages},
                           overrides=dotted)
     trainer = Trainer(config, quiet=True)

@@ -94,10 +94,14 @@ def test_time_budget_cuts_a_segment_and_the_next_run_goes_on_from_it(setup, tmp_
     state = camp.run_campaign(folder, time_budget_s=1e6, quiet=True, log=lambda m: None)
     assert [(s["save"], s["start"], s["reached"]) for s in state["segments"]] == [("eagle2", 0, 1)]
     assert state["progress"] == {"0:eagle2": 1} and (folder / state["drafters"]["eagle2"]).is_dir()
+    assert state["steps_per_s"] == {}  # one step, mostly loading and evaluation: no rate from it
     status = "\n".join(camp.status_lines(state))
     assert "next: eagle2 1->4, hass-snapshot 0->3" in status and "pinned corpus shards" in status
     monkeypatch.undo()
+    monkeypatch.setattr(camp, "MIN_RATE_STEPS", 2)
     state = camp.run_campaign(folder, max_levels=1, quiet=True, log=lambda m: None)
+    # Rates from the segments of at least 2 steps (EAGLE-2 1 -> 4, HASS 0 -> 3), not PRISM's one step.
+    assert sorted(state["steps_per_s"]) == ["eagle2", "hass"] and all(v > 0 for v in state["steps_per_s"].values())
     segs = [(s["save"], s["start"], s.get("continue_at"), s["reached"]) for s in state["segments"]]
     # The cut segment goes on at the step it reached, inside its own schedule (start 0 -> 4).
     assert segs == [("eagle2", 0, None, 1), ("eagle2", 0, 1, 4), ("hass-snapshot", 0, None, 3),
@@ -194,11 +198,9 @@ def test_a_state_without_archives_evaluates_only_its_last_level_before_the_next_
 def test_a_continued_stage_keeps_its_schedule_and_data_order(setup, tmp_path, monkeypatch):
     """Cut after 3 of 10 steps and continued from the saved drafter: the learning rate is the
     uncut run's from the re-warm's end on, and the batches are the uncut run's."""
-    from prism_spec.train import engine
     from prism_spec.train.examples import BatchSource
     from prism_spec.train.loop import Trainer
 
-    monkeypatch.setattr(engine, "RESTART_REWARM_STEPS", 2)
     cfg = config(setup)
     batches = []
     real_batch = BatchSource.batch
@@ -211,6 +213,8 @@ def test_a_continued_stage_keeps_its_schedule_and_data_order(setup, tmp_path, mo
     def run(out, **kw):
         c = camp._segment_config(cfg, "hass", 10, 0, kw.pop("init_from", None), out, start_step=kw.pop("start_step", 0))
         c.log_every = 1
+        for stage in c.stages:
+            stage.rewarm_steps = 2
         for k, v in kw.items():
             setattr(c, k, v)
         trainer = Trainer(c, quiet=True)

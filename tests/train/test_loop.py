@@ -538,6 +538,31 @@ def test_init_from_a_trained_drafter(tiny_target, data_files, tmp_path, one_thre
         tiny_config(tiny_target, [data_files["qa"]], tmp_path / "d", "prism", init_from=str(tmp_path)).validate()
 
 
+def test_a_fresh_optimizer_on_trained_weights_ramps_its_learning_rate(tiny_target, data_files, tmp_path, one_thread):
+    """From scratch the first stage starts at its full rate (no warm-up steps here); a later
+    stage, or a first stage started from a trained drafter, ramps up over rewarm_steps."""
+    def lrs(out):
+        log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+        rows = [r for r in log if r["split"] == "train"]
+        return [r["stage_name"] for r in rows], pytest.approx([r["lr"] for r in rows])
+
+    settings = [f"stages.{stage}.{key}" for stage in ("warmup", "tuning")
+                for key in ("lr=1e-3", "warmup_ratio=0", "rewarm_steps=4")]
+    fresh = tiny_config(tiny_target, [data_files["qa"]], tmp_path / "a", "prism", steps=2, overrides=settings)
+    first = train(fresh, quiet=True)
+    # Step k of 2 steps at rate 1e-3: decay (2 - k + 1) / 2, times the ramp min(1, k / 4) where there is one.
+    assert lrs(tmp_path / "a") == (["warmup", "warmup", "tuning", "tuning"], [1e-3, 5e-4, 2.5e-4, 2.5e-4])
+    tuned = tiny_config(tiny_target, [data_files["qa"]], tmp_path / "b", "prism", steps=2,
+                        overrides=[*settings, "stages.warmup.enabled=false"], init_from=str(first))
+    train(tuned, quiet=True)
+    assert lrs(tmp_path / "b") == (["tuning", "tuning"], [2.5e-4, 2.5e-4])
+    off = tiny_config(tiny_target, [data_files["qa"]], tmp_path / "c", "prism", steps=2,
+                      overrides=[*settings, "stages.warmup.enabled=false", "stages.tuning.rewarm_steps=0"],
+                      init_from=str(first))
+    train(off, quiet=True)
+    assert lrs(tmp_path / "c") == (["tuning", "tuning"], [1e-3, 5e-4])
+
+
 def test_data_order_grouped_by_length_covers_each_example_once_with_less_padding():
     rng = random.Random(0)
     lengths = [rng.randint(10, 500) for _ in range(1000)]

@@ -11,7 +11,7 @@ A run is described by one :class:`TrainConfig` tree::
                              feature_cache (a folder: offline features; None: online)
       stages:  [StageConfig] name, objective, aligned_steps, feature_weight, ce_weight,
                              topk_weight, topk, noise_std, step_weights, steps | epochs, lr,
-                             batch_size, grad_accum, warmup_ratio, weight_decay, betas,
+                             batch_size, grad_accum, warmup_ratio, rewarm_steps, weight_decay, betas,
                              clip, clip_mode, copy_module0_after, enabled
 
 Layering, each on top of the previous one: a recipe (registered with its drafter kind, see
@@ -147,6 +147,11 @@ class StageConfig:
     #: Micro-batches per optimizer step.
     grad_accum: int = 1
     warmup_ratio: float = 0.01
+    #: A stage whose fresh optimizer starts on trained weights (``init_from``, a continued
+    #: ``start_step``, or any stage after the first) ramps its learning rate up over this many
+    #: steps as well (0: off): Adam's first steps from empty moments move every weight by about
+    #: the full rate, which undoes part of the training it starts from.
+    rewarm_steps: int = 16
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
     #: Gradient clipping threshold (None or 0: off); by value (paper) or by global norm.
@@ -190,8 +195,8 @@ class TrainConfig:
     #: For time-boxed jobs (a GPU call, a CPU session); None: no limit.
     time_limit_s: float | None = None
     #: Begin the first enabled stage at this step of its schedule and data order, from
-    #: ``init_from``'s weights with a fresh optimizer (its learning rate re-warmed over
-    #: ``RESTART_REWARM_STEPS`` steps): how a campaign continues a stage that a time limit cut,
+    #: ``init_from``'s weights with a fresh optimizer (its learning rate re-warmed over the
+    #: stage's ``rewarm_steps``): how a campaign continues a stage that a time limit cut,
     #: on another machine, without carrying optimizer state. 0: from the start.
     start_step: int = 0
 
@@ -286,6 +291,7 @@ class TrainConfig:
             need(s.batch_size >= 1, f"{where}: batch_size must be >= 1")
             need(s.grad_accum >= 1, f"{where}: grad_accum must be >= 1")
             need(0 <= s.warmup_ratio < 1, f"{where}: warmup_ratio must be in [0, 1)")
+            need(s.rewarm_steps >= 0, f"{where}: rewarm_steps must be >= 0")
             need(s.weight_decay >= 0, f"{where}: weight_decay must be >= 0")
             need(all(0 <= b < 1 for b in s.betas), f"{where}: betas must be in [0, 1), got {list(s.betas)}")
             need(s.clip is None or s.clip >= 0, f"{where}: clip must be >= 0 (or null: off)")

@@ -93,25 +93,17 @@ def make_accelerator(config: TrainConfig):
     return Accelerator(mixed_precision=mp, kwargs_handlers=[ddp], step_scheduler_with_optimizer=False, cpu=cpu)
 
 
-#: Steps over which a stage continued with a fresh optimizer (``start_step``) ramps its
-#: learning rate back up: Adam's first steps from empty moments move every weight by about
-#: the full learning rate.
-RESTART_REWARM_STEPS = 16
-
-
-def linear_schedule(optimizer, warmup: int, total: int, start: int = 0):
+def linear_schedule(optimizer, warmup: int, total: int, start: int = 0, rewarm: int = 0):
     """Linear warm-up over ``warmup`` steps, then linear decay to 0 at ``total``. ``start``: the
-    optimizer takes over at that step of the schedule (a continued stage), its factor ramped
-    up over ``RESTART_REWARM_STEPS`` steps."""
+    optimizer takes over at that step of the schedule (a continued stage). ``rewarm``: a fresh
+    optimizer on trained weights ramps the factor up over that many of its own steps as well."""
     def factor(step: int) -> float:
         if warmup > 0 and step < warmup:
             return step / warmup
         return max(0.0, (total - step) / max(1, total - warmup))
 
-    if start == 0:
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda i: factor(start + i) * min(1.0, (i + 1) / RESTART_REWARM_STEPS))
+        optimizer, lambda i: factor(start + i) * (min(1.0, (i + 1) / rewarm) if rewarm else 1.0))
 
 
 @contextlib.contextmanager

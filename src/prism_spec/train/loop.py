@@ -256,11 +256,14 @@ class Trainer:
         return evaluate_heldout(self.model, self.eval_source, stage, self.accelerator)
 
     # ------------------------------------------------------------------ training
-    def _optimizer(self, stage: StageConfig, total: int, start: int = 0):
+    def _optimizer(self, index: int, stage: StageConfig, total: int, start: int = 0):
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=stage.lr, betas=tuple(stage.betas), weight_decay=stage.weight_decay)
         warmup = int(stage.warmup_ratio * total)
-        scheduler = linear_schedule(optimizer, warmup, total, start)
+        # Decided by the config alone, so a run resumed from a checkpoint rebuilds the same schedule.
+        first = self.config.enabled_stages()[0][0]
+        on_trained_weights = index != first or self.config.init_from is not None
+        scheduler = linear_schedule(optimizer, warmup, total, start, stage.rewarm_steps if on_trained_weights else 0)
         return self.accelerator.prepare_optimizer(optimizer), scheduler
 
     def run(self) -> Path:
@@ -301,6 +304,7 @@ class Trainer:
         t_start = time.perf_counter() - elapsed0
         self._t_started = time.perf_counter()  # the time limit counts this run's training only
         self.stopped_at = None
+        self.step_seconds = 0.0  # this run's optimizer steps alone (no loading, evaluation or saving)
         self.shared_features = None  # what data.feature_share saved this run (role, batches read, written)
         last_folder = None
         for index, stage in enumerate(config.stages):
@@ -342,7 +346,7 @@ class Trainer:
         unwrapped.objective = ObjectiveConfig.for_stage(stage)
         unwrapped.generator = self.generator
         continued = resume_state is None and start_step > 0  # config.start_step: fresh optimizer
-        optimizer, scheduler = self._optimizer(stage, total, start_step if continued else 0)
+        optimizer, scheduler = self._optimizer(index, stage, total, start_step if continued else 0)
         if resume_state is not None:
             if start_step > 0:  # mid-stage: the optimizer and schedule go on where they were
                 restore_training_state(self.resume_from, self.rank, self.generator, optimizer, scheduler, acc.scaler)
@@ -365,6 +369,7 @@ class Trainer:
                            disable=not self.is_main or self.quiet, dynamic_ncols=True, leave=True)
         self.model.train()
         for step in range(start_step, total):
+            t_step = time.perf_counter()
             sums: dict[str, float] = {}
             # Only logged steps report metrics: the others skip the accuracy's extra work.
             unwrapped.accuracy = (step + 1) % config.log_every == 0 or step + 1 == total
@@ -388,6 +393,7 @@ class Trainer:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             global_step += 1
+            self.step_seconds += time.perf_counter() - t_step
             done = step + 1
             if self.is_main:
                 bar.set_postfix(loss=f"{sums['loss'] / stage.grad_accum:.4f}", lr=f"{lr:.2e}", refresh=False)

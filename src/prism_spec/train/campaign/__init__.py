@@ -174,8 +174,8 @@ def _last_eval(run_dir: Path) -> dict:
 
 def _train(cfg: CampaignConfig, work: Path, quiet: bool, time_limit_s: float | None, **segment):
     """One segment (``segment``: :func:`_segment_config`'s keywords; from its ``start_step``
-    when continuing a cut one); returns (drafter folder, held-out metrics, seconds, the step of
-    the segment it reached, what shared features saved or None)."""
+    when continuing a cut one); returns (drafter folder, held-out metrics, seconds, seconds of
+    optimizer steps alone, the step of the segment it reached, what shared features saved or None)."""
     from ..loop import Trainer
 
     shutil.rmtree(work, ignore_errors=True)
@@ -185,7 +185,8 @@ def _train(cfg: CampaignConfig, work: Path, quiet: bool, time_limit_s: float | N
     trainer = Trainer(config, quiet=quiet)
     final = trainer.run()
     reached = segment["steps"] if trainer.stopped_at is None else trainer.stopped_at[1]
-    return Path(final), _last_eval(work), time.perf_counter() - t0, reached, trainer.shared_features
+    return (Path(final), _last_eval(work), time.perf_counter() - t0, trainer.step_seconds, reached,
+            trainer.shared_features)
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -257,6 +258,8 @@ def pin_level_data(state: dict, cfg: CampaignConfig, level: int) -> list[int] | 
     return shards
 
 
+#: Steps a segment must have trained for its rate to replace the one measured before.
+MIN_RATE_STEPS = 8
 #: Seconds a segment spends outside its training steps (loading the target, saving), and the
 #: least training time worth starting a segment for.
 SEGMENT_OVERHEAD_S = 25.0
@@ -319,7 +322,7 @@ def run_campaign(folder: str | os.PathLike, time_budget_s: float | None = None, 
             # Always a limit, so a stop request (SIGTERM) can cut the segment cleanly.
             limit = 1e12 if left is None else left - SEGMENT_OVERHEAD_S
             role = SHARE_ROLES.get(seg["save"]) if share_features else None
-            final, heldout, seconds, done, shared = _train(
+            final, heldout, seconds, step_seconds, done, shared = _train(
                 cfg, work, quiet, limit, recipe=seg["recipe"], steps=steps, seed=cfg.seed + seg["start"],
                 init_from=init_dir, tuning_only=seg.get("tuning_only", False), corpus_shards=shards,
                 start_step=first - seg["start"], feature_share=str(folder / SHARED_FEATURES) if role else None,
@@ -327,7 +330,9 @@ def run_campaign(folder: str | os.PathLike, time_budget_s: float | None = None, 
             _replace_folder(final, folder / "drafters" / seg["save"])
             state["drafters"][seg["save"]] = f"drafters/{seg['save']}"
             key = seg["recipe"] + ("-tuning" if seg["method"] == "prism" else "")
-            state["steps_per_s"][key] = round((seg["start"] + done - first) / max(seconds - 10.0, 1e-3), 4)
+            trained = seg["start"] + done - first
+            if trained >= MIN_RATE_STEPS:  # a step or two cut short says little about the rate
+                state["steps_per_s"][key] = round(trained / max(step_seconds, 1e-3), 4)
             reached = seg["start"] + done
             if role == "read" and reached == seg["stop"]:  # nothing else reads what is left
                 shutil.rmtree(folder / SHARED_FEATURES, ignore_errors=True)
