@@ -19,7 +19,8 @@ variant that trains on other data (``data.paths=...``) computes its own.
 ``--variant "NAME: KEY=VALUE KEY=VALUE"`` (NAME alone: the recipe's settings plus the common
 ones). A variant may start from a trained drafter (``init_from=DIR``) and train only some of
 the recipe's stages (``stages.warmup.enabled=false``): PRISM's tuning stage from a HASS
-snapshot, as the campaign trains it. ``--keep DIR`` keeps each variant's drafter in DIR/<name> (for ``benchmarks/replay_al.py``).
+snapshot, as the campaign trains it; ``--start DIR`` scores that drafter untrained first (with
+``--steps 0``, alone). ``--keep DIR`` keeps each variant's drafter in DIR/<name> (for ``benchmarks/replay_al.py``).
 Run it on an idle machine, or say it was not; accuracies do not depend on the machine's load.
 """
 
@@ -127,9 +128,12 @@ def main(argv=None):
     parser.add_argument("--train-shards", required=True, help="A:B, the corpus shards to train on")
     parser.add_argument("--eval-shards", required=True, help="A:B or A, the held-out corpus shards")
     parser.add_argument("--variant", action="append", required=True, metavar="'NAME[: KEY=VALUE ...]'")
+    parser.add_argument("--start", default=None, metavar="DRAFTER",
+                        help="score this drafter first, untrained, with the first variant's settings: the "
+                             "point the variants start from (their init_from)")
     parser.add_argument("--eval-examples", type=int, default=None, help="score on this many of them (default: all)")
     parser.add_argument("--recipe", default="eagle2")
-    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--steps", type=int, default=120, help="optimizer steps per variant (0: score --start only)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-4, help="every variant's learning rate unless it sets lr "
                         "(default: the campaign's; the recipes' own 3e-5 is for tens of epochs)")
@@ -148,6 +152,8 @@ def main(argv=None):
         variants = [Variant.parse(v) for v in args.variant]
     except (ValueError, ConfigError) as e:  # no name, or a malformed KEY=VALUE
         parser.error(str(e))
+    if args.steps == 0 and not args.start:
+        parser.error("--steps 0 trains nothing: it scores the --start drafter alone")
     if len({v.slug for v in variants}) != len(variants):
         parser.error("variant names must differ")
     if args.threads:
@@ -155,7 +161,16 @@ def main(argv=None):
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         share = Path(args.features) if args.features else Path(scratch) / "features"
-        for variant in variants:
+        if args.start:
+            metrics = evaluate(args, variants[0], Path(args.start), Path(scratch) / "start", share)
+            rows.append({"variant": f"start: {args.start}", "settings": [], "train_seconds": 0.0,
+                         "eval_examples": metrics.pop("examples"),
+                         **{k: round(v, 4) for k, v in sorted(metrics.items()) if k.startswith(("acc_step", "loss"))}})
+            if args.json:
+                write_rows(args.json, {k: v for k, v in vars(args).items() if k != "json"}, rows)
+            print(f"{'start (untrained)':<28} held-out " + "  ".join(
+                f"{k}={v:.3f}" for k, v in rows[-1].items() if k.startswith("acc_step")), flush=True)
+        for variant in variants if args.steps else []:  # --steps 0: score --start alone
             with tempfile.TemporaryDirectory() as tmp:
                 t0 = time.perf_counter()
                 drafter, trainer = train_variant(args, variant, Path(tmp) / "train", share)

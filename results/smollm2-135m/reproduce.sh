@@ -41,6 +41,7 @@
 #   LEVEL=L LIMIT=N bash results/smollm2-135m/reproduce.sh curves      # AL of level L, then the learning-curve figure
 #   bash results/smollm2-135m/reproduce.sh data-mix        # own replies only vs dataset answers mixed in (EAGLE-2, equal budget)
 #   bash results/smollm2-135m/reproduce.sh levers          # learning rate, batch size, drafter layer copied from the target (EAGLE-2, equal budget)
+#   bash results/smollm2-135m/reproduce.sh tuning-levers   # PRISM tuning rate and re-warm, HASS going on (from the level-0 HASS snapshot)
 #   LIMIT=N bash results/smollm2-135m/reproduce.sh replay  # T=0 AL of the current drafters replayed (no decoding), N questions
 # Runs superseded by a later run of the same measurement are kept under results/archive/smollm2-135m
 # (results/archive/README.md); the commands that made them write there.
@@ -330,12 +331,28 @@ case "${1:-}" in
       --method "lr 1.2e-3=runs/levers/lr-1.2e-3" --method "lr 2.4e-3=runs/levers/lr-2.4e-3" --questions 5 \
       --max-new-tokens 128 --tree paper --store $OUT/replay/continuations-float32.jsonl --threads 1 \
       --json results/cpu/train_levers_eagle2_replay_5q_paper_fp32.json ;;
+  tuning-levers)  # PRISM's tuning stage (lr, re-warm) and HASS going on, from the campaign's level-0 HASS snapshot
+    S=$OUT/levers/L0-hass-snapshot  # kept from the campaign (drafters/hass-snapshot after level 0's 192 steps)
+    python -c "import sys; from pathlib import Path; from prism_spec.train.campaign import hass_to_prism; \
+hass_to_prism(Path(sys.argv[1]), Path(sys.argv[2]))" $S runs/prism-tuning/prism-init
+    L="python benchmarks/train_levers.py --corpus $OUT/corpus --train-shards 0:59 --eval-shards 66 --eval-examples 128
+       --steps 64 --batch-size 8 --max-length 1024 --threads ${THREADS:-1} --keep runs/prism-tuning/drafters"
+    T="init_from=runs/prism-tuning/prism-init stages.warmup.enabled=false"
+    $L --recipe prism --features runs/prism-tuning/features-prism \
+      --variant "PRISM tuning lr 1.2e-4, no re-warm: $T lr=1.2e-4 rewarm_steps=0" --variant "PRISM tuning lr 1.2e-4: $T lr=1.2e-4" \
+      --variant "PRISM tuning lr 4e-4: $T lr=4e-4" --variant "PRISM tuning lr 1.2e-3: $T lr=1.2e-3" \
+      --variant "PRISM tuning lr 4e-4, no re-warm: $T lr=4e-4 rewarm_steps=0" --json results/cpu/train_levers_prism_tuning_intel.json
+    $L --recipe prism --features runs/prism-tuning/features-prism --steps 0 --start runs/prism-tuning/prism-init \
+      --variant "start: stages.warmup.enabled=false" --json results/cpu/train_levers_prism_tuning_start_intel.json
+    $L --recipe hass --features runs/prism-tuning/features-hass \
+      --variant "HASS lr 1.2e-3, no re-warm: init_from=$S lr=1.2e-3 rewarm_steps=0" --variant "HASS lr 1.2e-3: init_from=$S lr=1.2e-3" \
+      --json results/cpu/train_levers_hass_continued_intel.json ;;
   replay)  # T=0 AL, paper tree, float32, replayed from stored greedy continuations (docs/bench.md)
     python benchmarks/replay_al.py --method packaged=auto --method eagle2=$OUT/drafters/eagle2 \
       --method hass=$OUT/drafters/hass --method prism=$OUT/drafters/prism --questions "${LIMIT:-5}" \
       --max-new-tokens 128 --tree paper --store $OUT/replay/continuations-float32.jsonl --threads "${THREADS:-1}" \
       --json $OUT/replay/replay_al_${LIMIT:-5}q_paper_fp32.json ;;
   *)
-    echo "usage: $0 regen|features|eagle2|hass|prism|prism3|prism-star|stacked2|standard|scaling|bench|bench-fp32|bench-ablations|bench-cpu|profile|regen-gpu|prism-gpu|bench-gpu-prism|packing|prism-star-norm|bench-star-norm|prism-ft|prism-ft2|bench-ft|bench-ft2|bench-cpu-ft2|attention|bench-cpu-packaged|bench-cpu-baselines|summary|campaign|curves|data-mix|levers|replay" >&2
+    echo "usage: $0 regen|features|eagle2|hass|prism|prism3|prism-star|stacked2|standard|scaling|bench|bench-fp32|bench-ablations|bench-cpu|profile|regen-gpu|prism-gpu|bench-gpu-prism|packing|prism-star-norm|bench-star-norm|prism-ft|prism-ft2|bench-ft|bench-ft2|bench-cpu-ft2|attention|bench-cpu-packaged|bench-cpu-baselines|summary|campaign|curves|data-mix|levers|tuning-levers|replay" >&2
     exit 2 ;;
 esac

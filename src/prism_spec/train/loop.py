@@ -261,8 +261,7 @@ class Trainer:
         optimizer = torch.optim.AdamW(params, lr=stage.lr, betas=tuple(stage.betas), weight_decay=stage.weight_decay)
         warmup = int(stage.warmup_ratio * total)
         # Decided by the config alone, so a run resumed from a checkpoint rebuilds the same schedule.
-        first = self.config.enabled_stages()[0][0]
-        on_trained_weights = index != first or self.config.init_from is not None
+        on_trained_weights = index != self.config.enabled_stages()[0][0] or self.config.init_from is not None
         scheduler = linear_schedule(optimizer, warmup, total, start, stage.rewarm_steps if on_trained_weights else 0)
         return self.accelerator.prepare_optimizer(optimizer), scheduler
 
