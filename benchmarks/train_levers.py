@@ -162,14 +162,11 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as scratch:
         share = Path(args.features) if args.features else Path(scratch) / "features"
         if args.start:
-            metrics = evaluate(args, variants[0], Path(args.start), Path(scratch) / "start", share)
-            rows.append({"variant": f"start: {args.start}", "settings": [], "train_seconds": 0.0,
-                         "eval_examples": metrics.pop("examples"),
-                         **{k: round(v, 4) for k, v in sorted(metrics.items()) if k.startswith(("acc_step", "loss"))}})
-            if args.json:
-                write_rows(args.json, {k: v for k, v in vars(args).items() if k != "json"}, rows)
-            print(f"{'start (untrained)':<28} held-out " + "  ".join(
-                f"{k}={v:.3f}" for k, v in rows[-1].items() if k.startswith("acc_step")), flush=True)
+            row = {"variant": f"start: {args.start}", "settings": [], "train_seconds": 0.0,
+                   **scores(evaluate(args, variants[0], Path(args.start), Path(scratch) / "start", share))}
+            rows.append(row)
+            print(f"{'start (untrained)':<28} held-out {accuracies(row)}", flush=True)
+            save(args, rows)
         for variant in variants if args.steps else []:  # --steps 0: score --start alone
             with tempfile.TemporaryDirectory() as tmp:
                 t0 = time.perf_counter()
@@ -183,16 +180,26 @@ def main(argv=None):
             stats = trainer.data_stats
             row = {"variant": variant.name, "settings": variant.settings,
                    "train_conversations": stats["train_conversations"], "corpus_replies": stats.get("corpus_replies"),
-                   "train_seconds": round(seconds, 1), "features": trainer.shared_features,
-                   "eval_examples": metrics.pop("examples"),
-                   **{k: round(v, 4) for k, v in sorted(metrics.items()) if k.startswith(("acc_step", "loss"))}}
+                   "train_seconds": round(seconds, 1), "features": trainer.shared_features, **scores(metrics)}
             rows.append(row)
-            accs = "  ".join(f"{k}={v:.3f}" for k, v in row.items() if k.startswith("acc_step"))
             print(f"{variant.name:<28} {row['train_conversations']:>6} conversations, {args.steps} x {args.batch_size} "
-                  f"in {seconds:.0f} s: held-out {accs}", flush=True)
-            if args.json:  # after every variant: a run cut short keeps what it finished
-                write_rows(args.json, {k: v for k, v in vars(args).items() if k != "json"}, rows)
+                  f"in {seconds:.0f} s: held-out {accuracies(row)}", flush=True)
+            save(args, rows)  # after every variant: a run cut short keeps what it finished
 
+
+def scores(metrics: dict) -> dict:
+    """A row's held-out part: the examples scored, accuracy per aligned step, losses."""
+    return {"eval_examples": metrics["examples"],
+            **{k: round(v, 4) for k, v in sorted(metrics.items()) if k.startswith(("acc_step", "loss"))}}
+
+
+def accuracies(row: dict) -> str:
+    return "  ".join(f"{k}={v:.3f}" for k, v in row.items() if k.startswith("acc_step"))
+
+
+def save(args, rows: list[dict]) -> None:
+    if args.json:
+        write_rows(args.json, {k: v for k, v in vars(args).items() if k != "json"}, rows)
 
 if __name__ == "__main__":
     main()
