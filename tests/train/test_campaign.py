@@ -315,3 +315,25 @@ def test_a_stop_request_saves_the_running_segment_and_ends_the_run(setup, tmp_pa
     assert [(s["save"], s["reached"]) for s in state["segments"]] == [("eagle2", 2)]
     assert state["progress"] == {"0:eagle2": 2} and (folder / state["drafters"]["eagle2"]).is_dir()
     assert camp.read_state(folder) == state
+
+
+def test_an_evaluation_written_while_the_next_level_trains_is_kept(setup, tmp_path, monkeypatch):
+    """`campaign eval` of level 0 while `campaign run` trains level 1 (two processes): the run's
+    later writes of its own state keep the evaluation instead of the state it read at its start."""
+    folder = tmp_path / "c"
+    camp.init_campaign(folder, config(setup))
+    camp.run_campaign(folder, max_levels=1, quiet=True, log=lambda m: None)
+    real_train, evaluated = camp._train, []
+
+    def train(*args, **kw):
+        if not evaluated:  # the first segment of level 1 is under way
+            evaluated.append(ev.replay_level(folder, questions=1, max_new_tokens=8, tree="4/0/3", device="cpu",
+                                             level=0))
+        return real_train(*args, **kw)
+
+    monkeypatch.setattr(camp, "_train", train)
+    state = camp.run_campaign(folder, max_levels=2, quiet=True, log=lambda m: None)
+    assert sorted(state["levels"]) == ["0", "1"]
+    on_disk = camp.read_state(folder)
+    assert on_disk["levels"]["0"]["bench"] == {"4/0/3 replay": evaluated[0]}
+    assert "bench" not in on_disk["levels"]["1"]

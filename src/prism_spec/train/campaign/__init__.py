@@ -28,7 +28,9 @@ Segments that walk the same batches (``SHARE_ROLES``) compute the target's featu
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
@@ -37,6 +39,7 @@ from pathlib import Path
 from typing import Callable
 
 STATE = "campaign.json"
+STATE_LOCK = ".campaign.lock"
 SHARED_FEATURES = "work-features"
 METHODS = ("eagle2", "hass", "prism")
 PRISM_WARMUP_SHARE = 0.75
@@ -90,6 +93,38 @@ def write_state(folder: Path, state: dict) -> None:
     tmp = folder / f".{STATE}.tmp"
     tmp.write_text(json.dumps(state, indent=1) + "\n")
     os.replace(tmp, folder / STATE)
+
+
+@contextlib.contextmanager
+def state_lock(folder: str | os.PathLike):
+    """Held around every read-modify-write of the state: ``campaign run`` and ``campaign eval``
+    update it from two processes (an evaluation of a finished level while the next trains)."""
+    with open(Path(folder) / STATE_LOCK, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def update_state(folder: str | os.PathLike, change: Callable[[dict], None]) -> dict:
+    """Apply ``change`` to the state as it is on disk now and write it back, under the lock."""
+    with state_lock(folder):
+        state = read_state(folder)
+        change(state)
+        write_state(Path(folder), state)
+    return state
+
+
+def _save_run_state(folder: Path, state: dict) -> None:
+    """Write a run's state, keeping the evaluations (``levels[*].bench``) that ``campaign eval``
+    wrote since the run read it: the run owns everything else, the evaluations are eval's."""
+    with state_lock(folder):
+        on_disk = read_state(folder)
+        for level, entry in on_disk["levels"].items():
+            if "bench" in entry and level in state["levels"]:
+                state["levels"][level]["bench"] = entry["bench"]
+        write_state(folder, state)
 
 
 def init_campaign(folder: str | os.PathLike, config: CampaignConfig) -> dict:
@@ -301,7 +336,7 @@ def run_campaign(folder: str | os.PathLike, time_budget_s: float | None = None, 
     work = folder / "work"
     while max_levels is None or len(state["levels"]) < max_levels:
         shards = pin_level_data(state, cfg, len(state["levels"]))
-        write_state(folder, state)
+        _save_run_state(folder, state)
         for seg in planned_segments(state):
             left = None if time_budget_s is None else time_budget_s - (time.perf_counter() - t0)
             if _stop_requested():
@@ -345,7 +380,7 @@ def run_campaign(folder: str | os.PathLike, time_budget_s: float | None = None, 
                 state["progress"][progress_key] = reached
             else:
                 state["progress"].pop(progress_key, None)
-            write_state(folder, state)
+            _save_run_state(folder, state)
             shutil.rmtree(work, ignore_errors=True)
             shutil.rmtree(folder / "work-prism-init", ignore_errors=True)
             if reached < seg["stop"]:
@@ -369,7 +404,7 @@ def run_campaign(folder: str | os.PathLike, time_budget_s: float | None = None, 
                         if s["level"] == level and s["save"] in METHODS},
             "drafters": kept,
         }
-        write_state(folder, state)
+        _save_run_state(folder, state)
         log(f"[campaign] level {level} done: {level_steps(cfg, level)} steps per method")
     return state
 

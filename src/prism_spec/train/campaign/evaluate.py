@@ -8,7 +8,8 @@ import json
 import os
 from pathlib import Path
 
-from . import METHODS, machine_label, read_state, write_state
+from . import METHODS, machine_label, read_state, update_state
+
 
 def level_drafters(state: dict, level: str) -> dict[str, str]:
     """The drafters (paths inside the campaign folder) of a finished level: its archive, or,
@@ -68,16 +69,23 @@ def evaluate_level(folder: str | os.PathLike, questions: int = 20, max_new_token
     if code != 0:
         raise RuntimeError(f"prism bench exited with {code}")
     summary = json.loads((out / "summary.json").read_text())
-    state = read_state(folder)
-    state["levels"][level].setdefault("bench", {})[key] = {
+    entry = {
         "settings": {"questions_per_benchmark": questions, "max_new_tokens": max_new_tokens, "tree": tree,
                      "dtype": dtype, "machine": summary.get("machine", {}), "folder": out.name},
         "rows": [{k: row.get(k) for k in ("method", "temperature", "mean_acceptance_length", "mean_speedup",
                                           "t0_outputs_differing_from_vanilla", "t0_outputs_compared", "runs")}
                  for row in summary["rows"]],
     }
-    write_state(folder, state)
-    return state["levels"][level]["bench"][key]
+    _store_bench(folder, level, key, entry)
+    return entry
+
+
+def _store_bench(folder: Path, level: str, key: str, entry: dict) -> None:
+    """Into the state as it is now: a run training the next level may have written it since."""
+    def store(state: dict) -> None:
+        state["levels"][level].setdefault("bench", {})[key] = entry
+
+    update_state(folder, store)
 
 
 def _bench_key(tree: str, dtype: str, replay: bool = False) -> str:
@@ -115,17 +123,16 @@ def replay_level(folder: str | os.PathLike, questions: int = 20, max_new_tokens:
     benches = load_benchmarks(limit=questions, max_new_tokens=max_new_tokens)
     results = replay_benchmarks(target, {m: load_drafter(folder / drafters[m], target) for m in METHODS},
                                 benches, shape, store)
-    state = read_state(folder)
     key = _bench_key(tree, dtype, replay=True)
-    state["levels"][level].setdefault("bench", {})[key] = {
+    entry = {
         "settings": {"questions_per_benchmark": questions, "max_new_tokens": max_new_tokens, "tree": tree,
                      "dtype": dtype, "al_source": "replay", "machine": machine_label()},
         "rows": [{"method": m, "temperature": 0.0, "mean_acceptance_length": r["mean"], "per_benchmark": r["per_benchmark"],
                   "mean_speedup": None, "t0_outputs_differing_from_vanilla": None, "rounds": r["rounds"]}
                  for m, r in results.items()],
     }
-    write_state(folder, state)
-    return state["levels"][level]["bench"][key]
+    _store_bench(folder, level, key, entry)
+    return entry
 
 
 def learning_curves(state: dict) -> list[dict]:
