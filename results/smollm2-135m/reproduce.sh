@@ -331,6 +331,22 @@ case "${1:-}" in
       --method "lr 1.2e-3=runs/levers/lr-1.2e-3" --method "lr 2.4e-3=runs/levers/lr-2.4e-3" --questions 5 \
       --max-new-tokens 128 --tree paper --store $OUT/replay/continuations-float32.jsonl --threads 1 \
       --json results/cpu/train_levers_eagle2_replay_5q_paper_fp32.json ;;
+  hass-levers)  # HASS's aligned steps and their loss weights (from scratch, the EAGLE-2 lever study's batches and budget)
+    L="python benchmarks/train_levers.py --recipe hass --corpus $OUT/corpus --train-shards 0:56 --eval-shards 56
+       --eval-examples 128 --max-length 512 --threads ${THREADS:-1} --features runs/levers-features --keep runs/levers-hass
+       --steps 240 --batch-size 8 --lr 1.2e-3"
+    R="python benchmarks/replay_al.py --questions 5 --max-new-tokens 128 --tree paper
+       --store $OUT/replay/continuations-float32.jsonl --threads 1"
+    $L --variant "HASS" --variant "HASS, step weights 1/0.5/0.25: step_weights=[1.0,0.5,0.25]" \
+      --variant "HASS, 2 aligned steps: aligned_steps=2" --json results/cpu/train_levers_hass_intel.json
+    $R --method "HASS=runs/levers-hass/HASS" --method "HASS, step weights 1/0.5/0.25=runs/levers-hass/HASS-step-weights-1-0.5-0.25" \
+      --method "HASS, 2 aligned steps=runs/levers-hass/HASS-2-aligned-steps" --json results/cpu/train_levers_hass_replay_5q_paper_fp32.json
+    $L --variant "HASS, step weights 1/0.25/0.0625: step_weights=[1.0,0.25,0.0625]" \
+      --variant "HASS, 2 aligned steps, weights 1/0.5: aligned_steps=2 step_weights=[1.0,0.5]" \
+      --json results/cpu/train_levers_hass_weights_intel.json
+    $R --method "HASS, step weights 1/0.25/0.0625=runs/levers-hass/HASS-step-weights-1-0.25-0.0625" \
+      --method "HASS, 2 aligned steps, weights 1/0.5=runs/levers-hass/HASS-2-aligned-steps-weights-1-0.5" \
+      --json results/cpu/train_levers_hass_weights_replay_5q_paper_fp32.json ;;
   tuning-levers)  # PRISM's tuning stage (lr, re-warm) and HASS going on, from the campaign's level-0 HASS snapshot
     S=$OUT/levers/L0-hass-snapshot  # kept from the campaign (drafters/hass-snapshot after level 0's 192 steps)
     python -c "import sys; from pathlib import Path; from prism_spec.train.campaign import hass_to_prism; \
@@ -353,6 +369,6 @@ hass_to_prism(Path(sys.argv[1]), Path(sys.argv[2]))" $S runs/prism-tuning/prism-
       --max-new-tokens 128 --tree paper --store $OUT/replay/continuations-float32.jsonl --threads "${THREADS:-1}" \
       --json $OUT/replay/replay_al_${LIMIT:-5}q_paper_fp32.json ;;
   *)
-    echo "usage: $0 regen|features|eagle2|hass|prism|prism3|prism-star|stacked2|standard|scaling|bench|bench-fp32|bench-ablations|bench-cpu|profile|regen-gpu|prism-gpu|bench-gpu-prism|packing|prism-star-norm|bench-star-norm|prism-ft|prism-ft2|bench-ft|bench-ft2|bench-cpu-ft2|attention|bench-cpu-packaged|bench-cpu-baselines|summary|campaign|curves|data-mix|levers|tuning-levers|replay" >&2
+    echo "usage: $0 regen|features|eagle2|hass|prism|prism3|prism-star|stacked2|standard|scaling|bench|bench-fp32|bench-ablations|bench-cpu|profile|regen-gpu|prism-gpu|bench-gpu-prism|packing|prism-star-norm|bench-star-norm|prism-ft|prism-ft2|bench-ft|bench-ft2|bench-cpu-ft2|attention|bench-cpu-packaged|bench-cpu-baselines|summary|campaign|curves|data-mix|levers|hass-levers|tuning-levers|replay" >&2
     exit 2 ;;
 esac
