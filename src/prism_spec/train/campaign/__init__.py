@@ -119,12 +119,14 @@ def update_state(folder: str | os.PathLike, change: Callable[[dict], None]) -> d
 def _save_run_state(folder: Path, state: dict) -> None:
     """Write a run's state, keeping the evaluations (``levels[*].bench``) that ``campaign eval``
     wrote since the run read it: the run owns everything else, the evaluations are eval's."""
-    with state_lock(folder):
-        on_disk = read_state(folder)
+    def replace_keeping_evaluations(on_disk: dict) -> None:
         for level, entry in on_disk["levels"].items():
             if "bench" in entry and level in state["levels"]:
                 state["levels"][level]["bench"] = entry["bench"]
-        write_state(folder, state)
+        on_disk.clear()
+        on_disk.update(state)
+
+    update_state(folder, replace_keeping_evaluations)
 
 
 def init_campaign(folder: str | os.PathLike, config: CampaignConfig) -> dict:
