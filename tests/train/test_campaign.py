@@ -112,6 +112,56 @@ def test_time_budget_cuts_a_segment_and_the_next_run_goes_on_from_it(setup, tmp_
         camp.init_campaign(folder, config(setup, batch_size=3))
 
 
+def test_recipe_settings_shape_only_their_methods_segments(setup, tmp_path):
+    _, _, target = setup
+    folder = tmp_path / "c"
+    settings = {"hass": {"stages.hass.aligned_steps": 2, "stages.hass.step_weights": [1.0, 0.5]},
+                "prism": {"drafter.num_modules": 3, "drafter.step_mapping": [0, 1, 2]}}
+    camp.init_campaign(folder, config(setup, recipe_settings=settings))
+    state = camp.run_campaign(folder, max_levels=1, quiet=True, log=lambda m: None)
+
+    def stage(method):
+        return json.loads((folder / state["drafters"][method] / "train_config.json").read_text())["stages"][0]
+
+    assert (stage("hass")["aligned_steps"], stage("hass")["step_weights"]) == (2, [1.0, 0.5])
+    assert stage("eagle2")["step_weights"] is None and stage("prism")["objective"] == "tuning"
+    assert stage("prism")["step_weights"] is None  # HASS's weights shaped only its snapshot
+    heldout = state["levels"]["0"]["heldout"]
+    assert "acc_step2" in heldout["hass"] and "acc_step3" not in heldout["hass"]  # two aligned steps
+    prism = json.loads((folder / state["drafters"]["prism"] / "config.json").read_text())
+    assert prism["num_modules"] == 3 and prism["step_mapping"] == [0, 1, 2]
+    load_drafter(folder / state["drafters"]["prism"], target)
+    assert "hass settings: stages.hass.aligned_steps=2" in "\n".join(camp.status_lines(state))
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"medusa": {"stages.0.noise_std": 0.1}}, "unknown method 'medusa'"),
+    ({"hass": {"stages.hass.lr": 1e-3}}, "lr is set by the campaign"),
+    ({"eagle2": {"stages.0.batch_size": 4}}, "batch_size is set by the campaign"),
+    ({"hass": {"data.max_length": 64}}, "not a stage or drafter setting"),
+    ({"prism": {"stages.warmup.aligned_steps": 2}}, "set it under 'hass'"),
+    ({"hass": {"stages.hass.aligned_step": 2}}, "hass's segments cannot be configured.*aligned_step"),
+    ({"hass": {"stages.hass.aligned_steps": 2, "stages.hass.step_weights": [1.0, 0.5, 0.25]}},
+     "step_weights has 3 entries"),
+])
+def test_recipe_settings_a_campaign_cannot_honour_fail_before_anything_is_written(setup, tmp_path, settings,
+                                                                                   message):
+    with pytest.raises(ValueError, match=message):
+        camp.init_campaign(tmp_path / "c", config(setup, recipe_settings=settings))
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_state_written_before_a_setting_existed_still_matches_its_config(setup, tmp_path):
+    folder = tmp_path / "c"
+    camp.init_campaign(folder, config(setup))
+    state = json.loads((folder / "campaign.json").read_text())
+    del state["config"]["recipe_settings"]  # as campaign.json files written before the field
+    (folder / "campaign.json").write_text(json.dumps(state))
+    camp.init_campaign(folder, config(setup))  # the same campaign: no "other settings" error
+    with pytest.raises(ValueError, match="other settings"):
+        camp.init_campaign(folder, config(setup, recipe_settings={"hass": {"stages.hass.aligned_steps": 2}}))
+
+
 def test_trainer_time_limit_saves_the_drafter_where_it_stopped(setup, tmp_path, monkeypatch):
     from prism_spec.train.loop import Trainer
 

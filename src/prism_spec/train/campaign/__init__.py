@@ -38,47 +38,24 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from .config import METHODS, RECIPE_SETTINGS_FIXED, CampaignConfig, check_recipe_settings, level_steps  # noqa: F401
+
 STATE = "campaign.json"
 STATE_LOCK = ".campaign.lock"
 SHARED_FEATURES = "work-features"
-METHODS = ("eagle2", "hass", "prism")
 PRISM_WARMUP_SHARE = 0.75
 
 
-@dataclasses.dataclass
-class CampaignConfig:
-    target: str = "smollm2-135m"
-    data: list[str] = dataclasses.field(default_factory=list)
-    base_steps: int = 200
-    batch_size: int = 16
-    max_length: int = 1024
-    lr: float = 2e-4
-    tuning_lr: float = 2e-5
-    draft_vocab_size: int | None = 16384
-    holdout: int = 200
-    dtype: str = "bfloat16"
-    mixed_precision: str = "bf16"
-    seed: int = 0
-    #: Batches of similar-length examples (far less padding; see data_order.DataOrder).
-    group_by_length: bool = True
-
-    def __post_init__(self):
-        if self.base_steps < 4:
-            raise ValueError(f"base_steps must be >= 4 (PRISM's 3:1 split of a level needs room), got {self.base_steps}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "CampaignConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown campaign settings {unknown}; known: {sorted(names)}")
-        return cls(**data)
-
-
-def level_steps(config: CampaignConfig, level: int) -> int:
-    return config.base_steps * 2 ** level
+def check_segment_configs(cfg: CampaignConfig) -> None:
+    """Build every method's segment config once, so that a misspelt recipe setting fails when
+    the campaign starts, not hours later when that method's turn comes."""
+    for method, recipe, tuning_only in (("eagle2", "eagle2", False), ("hass", "hass", False),
+                                        ("prism", "prism", True)):
+        try:
+            _segment_config(cfg, recipe, steps=cfg.base_steps, seed=cfg.seed, init_from=None,
+                            output_dir=Path("unused"), tuning_only=tuning_only, check_files=False)
+        except Exception as err:  # ConfigError and the config's own validation
+            raise ValueError(f"{method}'s segments cannot be configured: {err}") from None
 
 
 # ----------------------------------------------------------------------------- state
@@ -133,11 +110,13 @@ def init_campaign(folder: str | os.PathLike, config: CampaignConfig) -> dict:
     folder = Path(folder)
     if (folder / STATE).exists():
         state = read_state(folder)
-        if state["config"] != dataclasses.asdict(config):
+        # Through from_dict, so that a setting added since the state was written reads as its default.
+        if dataclasses.asdict(CampaignConfig.from_dict(state["config"])) != dataclasses.asdict(config):
             raise ValueError(f"{folder} holds a campaign with other settings; use another folder")
         return state
     if not config.data:
         raise ValueError("a campaign needs training data (corpus folders or files)")
+    check_segment_configs(config)
     folder.mkdir(parents=True, exist_ok=True)
     state = {"config": dataclasses.asdict(config), "levels": {}, "drafters": {}, "steps_per_s": {},
              "segments": []}
@@ -146,7 +125,7 @@ def init_campaign(folder: str | os.PathLike, config: CampaignConfig) -> dict:
 
 
 # ----------------------------------------------------------------------------- segments
-def hass_to_prism(hass_dir: Path, out_dir: Path, num_modules: int = 2) -> Path:
+def hass_to_prism(hass_dir: Path, out_dir: Path, num_modules: int = 2, step_mapping: list[int] | None = None) -> Path:
     """A PRISM drafter whose every module is the HASS module (what the PRISM recipe's warmup
     stage ends with), ready for the tuning stage."""
     from safetensors.torch import load_file, save_file
@@ -162,7 +141,8 @@ def hass_to_prism(hass_dir: Path, out_dir: Path, num_modules: int = 2) -> Path:
                 out[f"processing.{m}." + key[len("processing.0."):]] = tensor.clone()
         else:
             out[key] = tensor
-    config.update(architecture="prism", num_modules=num_modules, step_mapping=list(range(num_modules)))
+    mapping = list(step_mapping) if step_mapping else list(range(num_modules))
+    config.update(architecture="prism", num_modules=num_modules, step_mapping=mapping)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -175,7 +155,8 @@ def hass_to_prism(hass_dir: Path, out_dir: Path, num_modules: int = 2) -> Path:
 
 def _segment_config(cfg: CampaignConfig, recipe: str, steps: int, seed: int, init_from: str | None,
                     output_dir: Path, tuning_only: bool = False, corpus_shards: list[int] | None = None,
-                    start_step: int = 0, feature_share: str | None = None, share_role: str = "read"):
+                    start_step: int = 0, feature_share: str | None = None, share_role: str = "read",
+                    check_files: bool = True):
     from ..config import build_config
 
     values = {
@@ -188,8 +169,9 @@ def _segment_config(cfg: CampaignConfig, recipe: str, steps: int, seed: int, ini
     }
     if cfg.draft_vocab_size:
         values["drafter.draft_vocab_size"] = cfg.draft_vocab_size
+    values.update(cfg.recipe_settings.get(recipe, {}))  # a segment's recipe is named as its method
     stage_values = {"steps": steps, "batch_size": cfg.batch_size}
-    config = build_config(recipe, values=values, all_stages=stage_values)
+    config = build_config(recipe, values=values, all_stages=stage_values, check_files=check_files)
     for stage in config.stages:
         stage.lr = cfg.tuning_lr if stage.objective == "tuning" else cfg.lr
     if tuning_only:
@@ -350,7 +332,10 @@ def run_campaign(folder: str | os.PathLike, time_budget_s: float | None = None, 
             init = state["drafters"].get(seg["from"])
             init_dir = str(folder / init) if init else None
             if seg.get("tuning_only") and "continue_at" not in seg:
-                init_dir = str(hass_to_prism(folder / state["drafters"]["hass-snapshot"], folder / "work-prism-init"))
+                spec = _segment_config(cfg, "prism", steps=1, seed=cfg.seed, init_from=None, output_dir=work,
+                                       tuning_only=True, check_files=False).drafter  # M (recipe_settings)
+                init_dir = str(hass_to_prism(folder / state["drafters"]["hass-snapshot"], folder / "work-prism-init",
+                                             spec.num_modules, spec.resolved_step_mapping()))
             steps = seg["stop"] - seg["start"]
             first = seg.get("continue_at", seg["start"])
             log(f"[campaign] level {seg['level']}: {seg['save']} steps {first} -> {seg['stop']}"
@@ -431,6 +416,8 @@ def status_lines(state: dict) -> list[str]:
     lines = [f"levels done: {len(state['levels'])}" + (f" (budget per method: {budgets} steps)" if budgets else ""),
              f"batch {cfg.batch_size}, lr {cfg.lr:g} (PRISM tuning {cfg.tuning_lr:g}), max length {cfg.max_length}, "
              f"data {cfg.data}"]
+    for method, settings in cfg.recipe_settings.items():
+        lines.append(f"{method} settings: " + ", ".join(f"{k}={json.dumps(v)}" for k, v in settings.items()))
     for level, entry in state["levels"].items():
         accs = {m: entry["heldout"].get(m, {}).get("acc_step1") for m in METHODS}
         lines.append(f"  L{level} ({entry['steps']} steps): held-out step-1 top-1 "
