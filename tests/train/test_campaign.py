@@ -209,24 +209,33 @@ def test_every_level_keeps_its_drafters_and_any_level_can_be_evaluated_and_plott
         assert rows["vanilla"]["mean_acceptance_length"] == 1.0
         for method in ("eagle2", "hass", "prism"):
             assert rows[method]["t0_outputs_differing_from_vanilla"] == 0 and rows[method]["runs"] == 6
-        assert camp.read_state(folder)["levels"][str(level)]["bench"]["8/3/3"]["rows"] == bench["rows"]
+        assert camp.read_state(folder)["levels"][str(level)]["bench"]["8/3/3 1q"]["rows"] == bench["rows"]
     # A second tree for the last level: its own entry and folder, the first one kept.
     ev.evaluate_level(folder, questions=1, max_new_tokens=8, tree="4/0/3", device="cpu")
     state = camp.read_state(folder)
-    assert sorted(state["levels"]["1"]["bench"]) == ["4/0/3", "8/3/3"] and sorted(state["levels"]["0"]["bench"]) == ["8/3/3"]
-    assert (folder / "bench-L1-4-0-3" / "summary.json").is_file() and (folder / "bench-L1-8-3-3").is_dir()
+    assert sorted(state["levels"]["1"]["bench"]) == ["4/0/3 1q", "8/3/3 1q"]
+    assert sorted(state["levels"]["0"]["bench"]) == ["8/3/3 1q"]
+    assert (folder / "bench-L1-4-0-3-1q" / "summary.json").is_file() and (folder / "bench-L1-8-3-3-1q").is_dir()
     curves = ev.plot_learning_curves(state, tmp_path / "curves.png")
     assert [(r["level"], r["examples"], r["tree"], r["method"]) for r in curves] == [
-        (0, 8, "8/3/3", m) for m in ("eagle2", "hass", "prism")] + [
-        (1, 16, tree, m) for tree in ("4/0/3", "8/3/3") for m in ("eagle2", "hass", "prism")]
-    assert "tree 4/0/3 prism" in "\n".join(camp.status_lines(state))
+        (0, 8, "8/3/3 1q", m) for m in ("eagle2", "hass", "prism")] + [
+        (1, 16, tree, m) for tree in ("4/0/3 1q", "8/3/3 1q") for m in ("eagle2", "hass", "prism")]
+    assert "tree 4/0/3 1q prism" in "\n".join(camp.status_lines(state))
     # T=0 acceptance replayed from the greedy continuations equals the decoded one (float64).
     decoded = ev.evaluate_level(folder, questions=1, max_new_tokens=8, tree="4/0/3", device="cpu", dtype="float64")
     replayed = ev.replay_level(folder, questions=1, max_new_tokens=8, tree="4/0/3", device="cpu", dtype="float64")
     want = {r["method"]: r["mean_acceptance_length"] for r in decoded["rows"] if r["method"] != "vanilla"}
     assert {r["method"]: r["mean_acceptance_length"] for r in replayed["rows"]} == pytest.approx(want, abs=1e-12)
     assert (folder / "replay-continuations-float64.jsonl").is_file()
-    assert {"4/0/3 float64", "4/0/3 float64 replay"} <= set(camp.read_state(folder)["levels"]["1"]["bench"])
+    assert {"4/0/3 float64 1q", "4/0/3 float64 replay 1q"} <= set(camp.read_state(folder)["levels"]["1"]["bench"])
+    # Another question count is an entry of its own; an entry under a key without its count
+    # (as stored before keys had one) is renamed, not duplicated, when the next one is stored.
+    bench = camp.read_state(folder)["levels"]["1"]["bench"]
+    old = bench.pop("4/0/3 float64 replay 1q")
+    camp.update_state(folder, lambda s: s["levels"]["1"]["bench"].update({"4/0/3 float64 replay": old}))
+    ev.replay_level(folder, questions=2, max_new_tokens=8, tree="4/0/3", device="cpu", dtype="float64")
+    keys = set(camp.read_state(folder)["levels"]["1"]["bench"])
+    assert {"4/0/3 float64 replay 1q", "4/0/3 float64 replay 2q"} <= keys and "4/0/3 float64 replay" not in keys
     assert (tmp_path / "curves.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="not finished"):
         ev.evaluate_level(folder, questions=1, level=2)

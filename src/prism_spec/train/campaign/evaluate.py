@@ -43,16 +43,15 @@ def evaluate_level(folder: str | os.PathLike, questions: int = 20, max_new_token
                    level: int | None = None) -> dict:
     """Acceptance length of a finished level's drafters (default: the last level) and vanilla
     decoding (for the T=0 identity check) on the six benchmarks with ``prism bench``; stored in
-    the level's entry under ``bench[tree]`` (the paper tree and a CPU-tuned one each have their
-    own; a dtype other than float32 is part of the key) and in ``bench-L<level>-<key>/`` inside
-    the campaign folder. Every level keeps its drafters, so any level can be evaluated later
+    the level's entry under ``bench[key]`` (each tree and question count has its own, see
+    :func:`bench_key`) and in ``bench-L<level>-<key>/`` inside the campaign folder. Every level keeps its drafters, so any level can be evaluated later
     (e.g. all of them on a lent GPU)."""
     from ...bench.cli import main as bench_main
 
     folder = Path(folder)
     state = read_state(folder)
     level, drafters = _level_to_evaluate(state, level)
-    key = _bench_key(tree, dtype)
+    key = bench_key(tree, dtype, questions)
     out = folder / f"bench-L{level}-{key.replace('/', '-').replace(' ', '-')}"
     args = ["--target", state["config"]["target"], "--method", "vanilla"]
     for method in METHODS:
@@ -76,21 +75,32 @@ def evaluate_level(folder: str | os.PathLike, questions: int = 20, max_new_token
                                           "t0_outputs_differing_from_vanilla", "t0_outputs_compared", "runs")}
                  for row in summary["rows"]],
     }
-    _store_bench(folder, level, key, entry)
+    _store_bench(folder, level, entry)
     return entry
 
 
-def _store_bench(folder: Path, level: str, key: str, entry: dict) -> None:
-    """Into the state as it is now: a run training the next level may have written it since."""
+def _store_bench(folder: Path, level: str, entry: dict) -> None:
+    """Into the state as it is now (a run training the next level may have written it since),
+    under the entry's key; entries stored under an older form of their key are renamed."""
     def store(state: dict) -> None:
-        state["levels"][level].setdefault("bench", {})[key] = entry
+        benches = state["levels"][level].get("bench", {})
+        benches = {entry_key(e): e for e in benches.values()}
+        benches[entry_key(entry)] = entry
+        state["levels"][level]["bench"] = dict(sorted(benches.items()))
 
     update_state(folder, store)
 
 
-def _bench_key(tree: str, dtype: str, replay: bool = False) -> str:
-    """A level's evaluations are kept per tree (and dtype, other than the float32 of record)."""
-    return tree + ("" if dtype == "float32" else f" {dtype}") + (" replay" if replay else "")
+def bench_key(tree: str, dtype: str, questions: int, replay: bool = False) -> str:
+    """A level's evaluations are kept per tree, question count, AL source (decoded or replayed)
+    and dtype (other than the float32 of record): a 20-question run never replaces a 5-question one."""
+    return tree + ("" if dtype == "float32" else f" {dtype}") + (" replay" if replay else "") + f" {questions}q"
+
+
+def entry_key(entry: dict) -> str:
+    """The key an evaluation belongs under, from its own settings."""
+    s = entry["settings"]
+    return bench_key(s["tree"], s["dtype"], s["questions_per_benchmark"], s.get("al_source") == "replay")
 
 
 def replay_level(folder: str | os.PathLike, questions: int = 20, max_new_tokens: int = 128, tree: str = "paper",
@@ -100,7 +110,7 @@ def replay_level(folder: str | os.PathLike, questions: int = 20, max_new_tokens:
     continuations (prism_spec.bench.replay) instead of decoding: the same prompts and pooling
     as ``prism bench``, a fraction of its time, and the continuations (``replay-continuations-<dtype>.jsonl``
     in the campaign folder) serve every later level. Stored beside the decoded evaluations as
-    ``bench["<tree> replay"]``."""
+    ``bench["<tree> replay <questions>q"]``."""
     import torch
 
     from ...bench.datasets import load_benchmarks
@@ -123,7 +133,6 @@ def replay_level(folder: str | os.PathLike, questions: int = 20, max_new_tokens:
     benches = load_benchmarks(limit=questions, max_new_tokens=max_new_tokens)
     results = replay_benchmarks(target, {m: load_drafter(folder / drafters[m], target) for m in METHODS},
                                 benches, shape, store)
-    key = _bench_key(tree, dtype, replay=True)
     entry = {
         "settings": {"questions_per_benchmark": questions, "max_new_tokens": max_new_tokens, "tree": tree,
                      "dtype": dtype, "al_source": "replay", "machine": machine_label()},
@@ -131,7 +140,7 @@ def replay_level(folder: str | os.PathLike, questions: int = 20, max_new_tokens:
                   "mean_speedup": None, "t0_outputs_differing_from_vanilla": None, "rounds": r["rounds"]}
                  for m, r in results.items()],
     }
-    _store_bench(folder, level, key, entry)
+    _store_bench(folder, level, entry)
     return entry
 
 
@@ -142,7 +151,8 @@ def learning_curves(state: dict) -> list[dict]:
     for level in sorted(state["levels"], key=int):
         entry = state["levels"][level]
         examples = entry.get("examples", entry["steps"] * state["config"]["batch_size"])
-        for tree, bench in sorted(entry.get("bench", {}).items()):
+        for bench in entry.get("bench", {}).values():
+            tree = entry_key(bench)  # the panel: tree, question count, AL source
             for row in bench["rows"]:
                 if row["method"] not in METHODS:
                     continue
