@@ -14,6 +14,7 @@ from prism_spec.drafters import load_drafter
 from prism_spec.targets import load_target
 from prism_spec.train import campaign as camp
 from prism_spec.train.campaign import evaluate as ev
+from prism_spec.train.campaign import export
 from prism_spec.train.corpus.build import build_corpus, create_corpus
 from prism_spec.train.corpus.engines import HFEngine
 from prism_spec.train.corpus.store import DecodingSettings
@@ -239,6 +240,22 @@ def test_every_level_keeps_its_drafters_and_any_level_can_be_evaluated_and_plott
     assert (tmp_path / "curves.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="not finished"):
         ev.evaluate_level(folder, questions=1, level=2)
+    # Shipping level 0's PRISM: the drafter loads, and its README says where it came from.
+    out = export.export_drafter(folder, tmp_path / "shipped", "prism", level=0, command="ship it")
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    load_drafter(out, setup[2])
+    readme = (out / "README.md").read_text()
+    assert "campaign level 0" in readme and "4 optimizer steps of 2 examples" in readme and "`ship it`" in readme
+    assert "| 8/3/3 1q | 8/3/3 | 1 | 8 | float32 | 0 |" in readme
+    # Level 1's PRISM carries HASS up to level 1's snapshot and level 1's tuning, not level 0's.
+    assert [(s["level"], s["save"]) for s in export.trained_by(state, "prism", 1)] == [
+        (0, "hass-snapshot"), (0, "hass"), (1, "hass-snapshot"), (1, "prism")]
+    assert [(s["level"], s["save"]) for s in export.trained_by(state, "hass", 0)] == [(0, "hass-snapshot"), (0, "hass")]
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("keep")
+    with pytest.raises(ValueError, match="not a drafter folder"):
+        export.export_drafter(folder, tmp_path / "notes")
+    assert (tmp_path / "notes" / "a.txt").read_text() == "keep"
 
 
 def test_a_state_without_archives_evaluates_only_its_last_level_before_the_next_trains(setup, tmp_path):

@@ -10,6 +10,7 @@ from pathlib import Path
 from .. import campaign
 from . import CampaignConfig, init_campaign, read_state, run_campaign, status_lines
 from .evaluate import evaluate_level, plot_learning_curves, replay_level
+from .export import export_drafter
 
 
 def main(argv=None) -> int:
@@ -52,6 +53,12 @@ def main(argv=None) -> int:
     pl = sub.add_parser("plot", help="learning curves of the evaluated levels (AL against examples per method)")
     pl.add_argument("folder")
     pl.add_argument("-o", "--out", required=True, help="image file (.png, .svg, .pdf)")
+    x = sub.add_parser("export", help="copy one level's drafter of one method into a folder of its own, "
+                                      "with a README of where it came from (e.g. to ship it)")
+    x.add_argument("folder")
+    x.add_argument("--method", default="prism", choices=list(campaign.METHODS), help="default prism")
+    x.add_argument("--level", type=int, default=None, help="which finished level (default: the last)")
+    x.add_argument("-o", "--out", required=True, help="drafter folder to write (replaced if it is one)")
     s = sub.add_parser("status", help="levels, held-out accuracy, AL, what comes next")
     s.add_argument("folder")
     args = parser.parse_args(argv)
@@ -91,6 +98,10 @@ def main(argv=None) -> int:
                 print(f"L{r['level']} {r['examples']:>7} examples  tree {r['tree']}  {r['method']:<7} T={r['temperature']:g}  "
                       f"AL {r['mean_acceptance_length']:.3f}")
             print(f"wrote {args.out}")
+        elif args.cmd == "export":
+            command = "python -m prism_spec.train.campaign " + " ".join(sys.argv[1:] if argv is None else argv)
+            out = export_drafter(args.folder, args.out, args.method, args.level, command=command)
+            print(f"wrote {out}")
         else:
             print("\n".join(status_lines(read_state(args.folder))))
     except (ValueError, FileNotFoundError) as exc:
