@@ -35,7 +35,10 @@
 #   bash results/smollm2-135m/reproduce.sh prism-ft3       # prism-ft2 fine-tuned on the target's own corpus, shards 0-19
 #   bash results/smollm2-135m/reproduce.sh bench-ft3       # fp32 paper-tree AL of prism-ft2 and prism-ft3, 128 new tokens
 # The canonical summary of the current drafters (summary.json; LIMIT questions per benchmark, default 20):
+# the packaged PRISM and the campaign's EAGLE-2, HASS and PRISM of its last finished level (or LEVEL)
 #   LIMIT=N bash results/smollm2-135m/reproduce.sh summary
+# Ship a campaign level's PRISM as the packaged drafter (default: the last finished level):
+#   LEVEL=L bash results/smollm2-135m/reproduce.sh ship
 # The equal-budget campaign on the target's own corpus (docs/gpu-campaign.md; resumable, any machine):
 #   SECONDS_BUDGET=S bash results/smollm2-135m/reproduce.sh campaign   # train on within S seconds
 #   LEVEL=L LIMIT=N bash results/smollm2-135m/reproduce.sh curves      # AL of level L, then the learning-curve figure
@@ -70,11 +73,9 @@ finish() {  # keep the 16-bit drafter and its training log under results/
   cp "$RUNS/$run/train_log.jsonl" "$RUNS/$run/train_config.json" "$OUT/drafters/$name/"
 }
 
-packaged_weights() {  # earlier packaged drafters' weights from git history, the current one from the package
-  [ -f "$OUT/drafters/prism-ft2/model.safetensors" ] || \
-    cp src/prism_spec/assets/drafters/smollm2-135m-prism/model.safetensors "$OUT/drafters/prism-ft2/"
+packaged_weights() {  # earlier packaged drafters' weights from git history (the commits that shipped them)
   local name commit
-  for name in prism-gpu:e890d8c prism-ft:0a7c96a; do
+  for name in prism-gpu:e890d8c prism-ft:0a7c96a prism-ft2:61816e4; do
     commit=${name#*:}; name=${name%%:*}
     [ -f "$OUT/drafters/$name/model.safetensors" ] && continue
     # Through a temporary file: a failed git show (a shallow clone lacks the commit) leaves nothing behind.
@@ -85,6 +86,10 @@ packaged_weights() {  # earlier packaged drafters' weights from git history, the
         exit 1; }
     mv "$OUT/drafters/$name/model.safetensors.tmp" "$OUT/drafters/$name/model.safetensors"
   done
+}
+
+campaign_last_level() {  # the campaign's last finished level
+  python -c "import json, sys; print(len(json.load(open(sys.argv[1]))['levels']) - 1)" $OUT/campaign/campaign.json
 }
 
 fine_tune() {  # the packaged drafter's fine-tuning runs: extra args (output dir, init, steps, lr, ...)
@@ -249,16 +254,20 @@ case "${1:-}" in
       --temperature 0 --tree paper --limit "${LIMIT:-5}" --max-new-tokens 128 --threads 2 --dtype float32 \
       --out "$OUT/bench-paper-tree-fp32-corpus-fine-tuning" ;;
   summary)  # the canonical summary of the current drafters: results/smollm2-135m/summary.json
-    # The packaged PRISM and the equal-budget EAGLE-2, HASS and PRISM, T=0 and T=1, float32, paper tree, 128 new
-    # tokens, LIMIT questions per benchmark (resumable: a larger LIMIT adds questions to the same
-    # run). The folder is named by the packaged weights' hash, so a new packaged drafter starts afresh.
+    # The packaged PRISM and the campaign's equal-budget EAGLE-2, HASS and PRISM (its last finished level, or
+    # LEVEL), T=0 and T=1, float32, paper tree, 128 new tokens, LIMIT questions per benchmark (resumable: a
+    # larger LIMIT adds questions to the same run). The folder is named by the level and the packaged
+    # weights' hash, so new drafters start afresh.
     packaged=src/prism_spec/assets/drafters/smollm2-135m-prism
-    bench_dir=$OUT/bench-summary-$(sha256sum "$packaged/model.safetensors" | cut -c1-8)
-    prism bench --method vanilla "${DRAFTERS[@]}" --method prism@packaged=$packaged \
+    level=${LEVEL:-$(campaign_last_level)}
+    bench_dir=$OUT/bench-summary-L$level-$(sha256sum "$packaged/model.safetensors" | cut -c1-8)
+    prism bench --method vanilla --method eagle2=$OUT/campaign/levels/L$level/eagle2 \
+      --method hass=$OUT/campaign/levels/L$level/hass --method prism=$OUT/campaign/levels/L$level/prism \
+      --method prism@packaged=$packaged \
       --temperature 0 --temperature 1 --tree paper --limit "${LIMIT:-20}" --max-new-tokens 128 \
       --threads "${THREADS:-2}" --dtype float32 --out "$bench_dir" --resume
     python scripts/bench_summary.py "$bench_dir" "$OUT/summary.json" \
-      --command "LIMIT=${LIMIT:-20} bash results/smollm2-135m/reproduce.sh summary" ;;
+      --command "LIMIT=${LIMIT:-20} LEVEL=$level bash results/smollm2-135m/reproduce.sh summary" ;;
   bench-ft)  # the packaged PRISM before (prism-gpu) and after (prism-ft) its first fine-tuning pass
     packaged_weights
     prism bench --method vanilla --method prism@prism-gpu=$OUT/drafters/prism-gpu --method prism@prism-ft=$OUT/drafters/prism-ft \
@@ -307,6 +316,9 @@ case "${1:-}" in
     [ "$(python -c 'import torch; print(torch.cuda.is_available())')" = True ] && precision=config
     python -m prism_spec.train.campaign run $OUT/campaign --time-budget "${SECONDS_BUDGET:-7200}" --precision $precision
     python -m prism_spec.train.campaign status $OUT/campaign ;;
+  ship)  # a campaign level's PRISM (default: the last finished) becomes the packaged drafter, with its provenance README
+    python -m prism_spec.train.campaign export $OUT/campaign --method prism ${LEVEL:+--level $LEVEL} \
+      -o src/prism_spec/assets/drafters/smollm2-135m-prism ;;
   curves)  # AL of a finished level (default: the last) on the paper tree, T=0 and T=1, then the figure
     python -m prism_spec.train.campaign eval $OUT/campaign ${LEVEL:+--level $LEVEL} --questions "${LIMIT:-20}" \
       --temperature 0 --temperature 1 --threads "${THREADS:-2}"
@@ -369,6 +381,6 @@ hass_to_prism(Path(sys.argv[1]), Path(sys.argv[2]))" $S runs/prism-tuning/prism-
       --max-new-tokens 128 --tree paper --store $OUT/replay/continuations-float32.jsonl --threads "${THREADS:-1}" \
       --json $OUT/replay/replay_al_${LIMIT:-5}q_paper_fp32.json ;;
   *)
-    echo "usage: $0 regen|features|eagle2|hass|prism|prism3|prism-star|stacked2|standard|scaling|bench|bench-fp32|bench-ablations|bench-cpu|profile|regen-gpu|prism-gpu|bench-gpu-prism|packing|prism-star-norm|bench-star-norm|prism-ft|prism-ft2|bench-ft|bench-ft2|bench-cpu-ft2|attention|bench-cpu-packaged|bench-cpu-baselines|summary|campaign|curves|data-mix|levers|hass-levers|tuning-levers|replay" >&2
+    echo "usage: $0 regen|features|eagle2|hass|prism|prism3|prism-star|stacked2|standard|scaling|bench|bench-fp32|bench-ablations|bench-cpu|profile|regen-gpu|prism-gpu|bench-gpu-prism|packing|prism-star-norm|bench-star-norm|prism-ft|prism-ft2|bench-ft|bench-ft2|bench-cpu-ft2|attention|bench-cpu-packaged|bench-cpu-baselines|summary|ship|campaign|curves|data-mix|levers|hass-levers|tuning-levers|replay" >&2
     exit 2 ;;
 esac
