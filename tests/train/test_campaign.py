@@ -222,6 +222,11 @@ def test_every_level_keeps_its_drafters_and_any_level_can_be_evaluated_and_plott
         (0, 8, "8/3/3 1q", m) for m in ("eagle2", "hass", "prism")] + [
         (1, 16, tree, m) for tree in ("4/0/3 1q", "8/3/3 1q") for m in ("eagle2", "hass", "prism")]
     assert "tree 4/0/3 1q prism" in "\n".join(camp.status_lines(state))
+    held = ev.heldout_curves(state)  # every finished level, evaluated or not: EAGLE-2 step 1, the others 1-3
+    assert [(r["level"], r["method"], r["step"]) for r in held] == [
+        (level, m, step) for level in (0, 1) for m, steps in (("eagle2", [1]), ("hass", [1, 2, 3]), ("prism", [1, 2, 3]))
+        for step in steps]
+    assert held[0]["accuracy"] == state["levels"]["0"]["heldout"]["eagle2"]["acc_step1"]
     # T=0 acceptance replayed from the greedy continuations equals the decoded one (float64).
     decoded = ev.evaluate_level(folder, questions=1, max_new_tokens=8, tree="4/0/3", device="cpu", dtype="float64")
     replayed = ev.replay_level(folder, questions=1, max_new_tokens=8, tree="4/0/3", device="cpu", dtype="float64")

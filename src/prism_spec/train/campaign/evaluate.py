@@ -164,10 +164,27 @@ def learning_curves(state: dict) -> list[dict]:
     return rows
 
 
+def heldout_curves(state: dict) -> list[dict]:
+    """One row per (level, method, aligned step): held-out top-1 accuracy against the examples
+    each method trained on (every finished level has it, evaluated or not)."""
+    rows = []
+    for level in sorted(state["levels"], key=int):
+        entry = state["levels"][level]
+        examples = entry.get("examples", entry["steps"] * state["config"]["batch_size"])
+        for method in METHODS:
+            metrics = entry.get("heldout", {}).get(method, {})
+            for step in (1, 2, 3):
+                if f"acc_step{step}" in metrics:
+                    rows.append({"level": int(level), "examples": examples, "method": method, "step": step,
+                                 "accuracy": metrics[f"acc_step{step}"]})
+    return rows
+
+
 def plot_learning_curves(state: dict, out: str | os.PathLike) -> list[dict]:
     """The campaign's learning curves as an image: mean AL over the six benchmarks against the
-    examples each method trained on, one panel per tree, one line per method and temperature;
-    returns the rows plotted."""
+    examples each method trained on, one panel per evaluation (tree, question count, AL source),
+    one line per method and temperature, and a last panel of held-out top-1 accuracy per
+    aligned step; returns the AL rows plotted."""
     try:
         import matplotlib
     except ImportError:
@@ -179,11 +196,11 @@ def plot_learning_curves(state: dict, out: str | os.PathLike) -> list[dict]:
     rows = learning_curves(state)
     if not rows:
         raise ValueError("no evaluated level yet: run `campaign eval` after a level finishes")
-    trees = sorted({r["tree"] for r in rows})
-    fig, axes = plt.subplots(1, len(trees), figsize=(6.0 * len(trees), 4.2), squeeze=False)
+    panels = sorted({r["tree"] for r in rows})
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(5.5 * (len(panels) + 1), 4.2), squeeze=False)
     styles = {0.0: "-", 1.0: "--"}
-    for ax, tree in zip(axes[0], trees):
-        mine = [r for r in rows if r["tree"] == tree]
+    for ax, panel in zip(axes[0], panels):
+        mine = [r for r in rows if r["tree"] == panel]
         for colour, method in enumerate(METHODS):  # one colour per method, one line style per T
             for t in sorted({r["temperature"] for r in mine}):
                 pts = [(r["examples"], r["mean_acceptance_length"]) for r in mine
@@ -191,16 +208,27 @@ def plot_learning_curves(state: dict, out: str | os.PathLike) -> list[dict]:
                 if pts:
                     xs, ys = zip(*pts)
                     ax.plot(xs, ys, styles.get(t, ":"), color=f"C{colour}", marker="o", label=f"{method} T={t:g}")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("training examples per method (equal budget)")
-        ax.set_ylabel("mean acceptance length (6 benchmarks)")
-        questions = sorted({r["questions_per_benchmark"] for r in mine})
-        ax.set_title(f"{state['config']['target']}, tree {tree}, "
-                     f"{', '.join(map(str, questions))} questions per benchmark", fontsize=9)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        _axes(ax, "mean acceptance length (6 benchmarks)", f"{state['config']['target']}: tree {panel}")
+    ax = axes[0][-1]
+    held = heldout_curves(state)
+    for colour, method in enumerate(METHODS):
+        for step, style in ((1, "-"), (2, "--"), (3, ":")):
+            pts = [(r["examples"], r["accuracy"]) for r in held if r["method"] == method and r["step"] == step]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, style, color=f"C{colour}", marker="o", label=f"{method} step {step}")
+    _axes(ax, "held-out top-1 accuracy", f"{state['config']['target']}: held-out split, per aligned step")
     fig.tight_layout()
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return rows
+
+
+def _axes(ax, ylabel: str, title: str) -> None:
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("training examples per method (equal budget)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
