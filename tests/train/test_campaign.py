@@ -416,5 +416,5 @@ def test_an_evaluation_written_while_the_next_level_trains_is_kept(setup, tmp_pa
     state = camp.run_campaign(folder, max_levels=2, quiet=True, log=lambda m: None)
     assert sorted(state["levels"]) == ["0", "1"]
     on_disk = camp.read_state(folder)
-    assert on_disk["levels"]["0"]["bench"] == {"4/0/3 replay": evaluated[0]}
+    assert on_disk["levels"]["0"]["bench"] == {"4/0/3 replay 1q": evaluated[0]}
     assert "bench" not in on_disk["levels"]["1"]
