@@ -218,7 +218,7 @@ def test_every_level_keeps_its_drafters_and_any_level_can_be_evaluated_and_plott
     assert sorted(state["levels"]["0"]["bench"]) == ["8/3/3 1q"]
     assert (folder / "bench-L1-4-0-3-1q" / "summary.json").is_file() and (folder / "bench-L1-8-3-3-1q").is_dir()
     curves = ev.plot_learning_curves(state, tmp_path / "curves.png")
-    assert [(r["level"], r["examples"], r["tree"], r["method"]) for r in curves] == [
+    assert [(r["level"], r["examples"], r["evaluation"], r["method"]) for r in curves] == [
         (0, 8, "8/3/3 1q", m) for m in ("eagle2", "hass", "prism")] + [
         (1, 16, tree, m) for tree in ("4/0/3 1q", "8/3/3 1q") for m in ("eagle2", "hass", "prism")]
     assert "tree 4/0/3 1q prism" in "\n".join(camp.status_lines(state))

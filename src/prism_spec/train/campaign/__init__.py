@@ -38,7 +38,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .config import METHODS, RECIPE_SETTINGS_FIXED, CampaignConfig, check_recipe_settings, level_steps  # noqa: F401
+from .config import (  # noqa: F401
+    METHODS,
+    RECIPE_SETTINGS_FIXED,
+    CampaignConfig,
+    check_recipe_settings,
+    level_steps,
+)
 
 STATE = "campaign.json"
 STATE_LOCK = ".campaign.lock"
@@ -49,11 +55,10 @@ PRISM_WARMUP_SHARE = 0.75
 def check_segment_configs(cfg: CampaignConfig) -> None:
     """Build every method's segment config once, so that a misspelt recipe setting fails when
     the campaign starts, not hours later when that method's turn comes."""
-    for method, recipe, tuning_only in (("eagle2", "eagle2", False), ("hass", "hass", False),
-                                        ("prism", "prism", True)):
+    for method in METHODS:  # a segment's recipe is named as its method; PRISM's segments tune only
         try:
-            _segment_config(cfg, recipe, steps=cfg.base_steps, seed=cfg.seed, init_from=None,
-                            output_dir=Path("unused"), tuning_only=tuning_only, check_files=False)
+            _segment_config(cfg, method, steps=cfg.base_steps, seed=cfg.seed, init_from=None,
+                            output_dir=Path("unused"), tuning_only=method == "prism", check_files=False)
         except Exception as err:  # ConfigError and the config's own validation
             raise ValueError(f"{method}'s segments cannot be configured: {err}") from None
 
@@ -143,13 +148,9 @@ def hass_to_prism(hass_dir: Path, out_dir: Path, num_modules: int = 2, step_mapp
             out[key] = tensor
     mapping = list(step_mapping) if step_mapping else list(range(num_modules))
     config.update(architecture="prism", num_modules=num_modules, step_mapping=mapping)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    save_file(out, str(tmp / "model.safetensors"))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    with staged_folder(out_dir) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        save_file(out, str(tmp / "model.safetensors"))
     return out_dir
 
 
@@ -215,14 +216,26 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def _replace_folder(src: Path, dest: Path, copy_function=shutil.copy2) -> None:
-    """``dest`` becomes a copy of ``src`` in one move (a crash leaves the old or the new one)."""
+@contextlib.contextmanager
+def staged_folder(dest: Path):
+    """Yields an empty folder beside ``dest`` to fill; on success it replaces ``dest`` in one move
+    (a crash leaves the old or the new one, never a half-written one)."""
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(src, tmp, copy_function=copy_function)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(dest, ignore_errors=True)
     os.replace(tmp, dest)
+
+
+def _replace_folder(src: Path, dest: Path, copy_function=shutil.copy2) -> None:
+    """``dest`` becomes a copy of ``src`` in one move."""
+    with staged_folder(dest) as tmp:
+        shutil.copytree(src, tmp, copy_function=copy_function, dirs_exist_ok=True)
 
 
 def planned_segments(state: dict) -> list[dict]:

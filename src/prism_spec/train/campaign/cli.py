@@ -95,7 +95,7 @@ def main(argv=None) -> int:
         elif args.cmd == "plot":
             rows = plot_learning_curves(read_state(args.folder), args.out)
             for r in rows:
-                print(f"L{r['level']} {r['examples']:>7} examples  tree {r['tree']}  {r['method']:<7} T={r['temperature']:g}  "
+                print(f"L{r['level']} {r['examples']:>7} examples  {r['evaluation']}  {r['method']:<7} T={r['temperature']:g}  "
                       f"AL {r['mean_acceptance_length']:.3f}")
             print(f"wrote {args.out}")
         elif args.cmd == "export":

@@ -38,7 +38,7 @@ class CampaignConfig:
         check_recipe_settings(self.recipe_settings)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "CampaignConfig":
+    def from_dict(cls, data: dict) -> CampaignConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:

@@ -25,6 +25,12 @@ def level_drafters(state: dict, level: str) -> dict[str, str]:
     return {m: state["drafters"][m] for m in METHODS}
 
 
+def level_examples(state: dict, level: str) -> int:
+    """Examples each method trained on up to a finished level (older states lack the field)."""
+    entry = state["levels"][level]
+    return entry.get("examples", entry["steps"] * state["config"]["batch_size"])
+
+
 def _level_to_evaluate(state: dict, level: int | None) -> tuple[str, dict[str, str]]:
     """(the level, its drafters): ``level``, or the last finished one."""
     if not state["levels"]:
@@ -44,8 +50,8 @@ def evaluate_level(folder: str | os.PathLike, questions: int = 20, max_new_token
     """Acceptance length of a finished level's drafters (default: the last level) and vanilla
     decoding (for the T=0 identity check) on the six benchmarks with ``prism bench``; stored in
     the level's entry under ``bench[key]`` (each tree and question count has its own, see
-    :func:`bench_key`) and in ``bench-L<level>-<key>/`` inside the campaign folder. Every level keeps its drafters, so any level can be evaluated later
-    (e.g. all of them on a lent GPU)."""
+    :func:`bench_key`) and in ``bench-L<level>-<key>/`` inside the campaign folder. Every level
+    keeps its drafters, so any level can be evaluated later (e.g. all of them on a lent GPU)."""
     from ...bench.cli import main as bench_main
 
     folder = Path(folder)
@@ -145,18 +151,16 @@ def replay_level(folder: str | os.PathLike, questions: int = 20, max_new_tokens:
 
 
 def learning_curves(state: dict) -> list[dict]:
-    """One row per evaluated (level, tree, method, temperature): the budget (steps and
+    """One row per evaluated (level, evaluation, method, temperature): the budget (steps and
     examples per method) and the benchmark means, in level order."""
     rows = []
     for level in sorted(state["levels"], key=int):
-        entry = state["levels"][level]
-        examples = entry.get("examples", entry["steps"] * state["config"]["batch_size"])
+        entry, examples = state["levels"][level], level_examples(state, level)
         for bench in entry.get("bench", {}).values():
-            tree = entry_key(bench)  # the panel: tree, question count, AL source
             for row in bench["rows"]:
                 if row["method"] not in METHODS:
                     continue
-                rows.append({"level": int(level), "steps": entry["steps"], "examples": examples, "tree": tree,
+                rows.append({"level": int(level), "steps": entry["steps"], "examples": examples, "evaluation": entry_key(bench),
                              "method": row["method"], "temperature": row["temperature"],
                              "mean_acceptance_length": row["mean_acceptance_length"],
                              "t0_outputs_differing_from_vanilla": row.get("t0_outputs_differing_from_vanilla"),
@@ -169,8 +173,7 @@ def heldout_curves(state: dict) -> list[dict]:
     each method trained on (every finished level has it, evaluated or not)."""
     rows = []
     for level in sorted(state["levels"], key=int):
-        entry = state["levels"][level]
-        examples = entry.get("examples", entry["steps"] * state["config"]["batch_size"])
+        entry, examples = state["levels"][level], level_examples(state, level)
         for method in METHODS:
             metrics = entry.get("heldout", {}).get(method, {})
             for step in (1, 2, 3):
@@ -196,11 +199,11 @@ def plot_learning_curves(state: dict, out: str | os.PathLike) -> list[dict]:
     rows = learning_curves(state)
     if not rows:
         raise ValueError("no evaluated level yet: run `campaign eval` after a level finishes")
-    panels = sorted({r["tree"] for r in rows})
+    panels = sorted({r["evaluation"] for r in rows})  # tree, question count, AL source
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(5.5 * (len(panels) + 1), 4.2), squeeze=False)
     styles = {0.0: "-", 1.0: "--"}
     for ax, panel in zip(axes[0], panels):
-        mine = [r for r in rows if r["tree"] == panel]
+        mine = [r for r in rows if r["evaluation"] == panel]
         for colour, method in enumerate(METHODS):  # one colour per method, one line style per T
             for t in sorted({r["temperature"] for r in mine}):
                 pts = [(r["examples"], r["mean_acceptance_length"]) for r in mine

@@ -10,8 +10,8 @@ import os
 import shutil
 from pathlib import Path
 
-from . import METHODS, CampaignConfig, read_state
-from .evaluate import level_drafters
+from . import METHODS, CampaignConfig, read_state, staged_folder
+from .evaluate import level_drafters, level_examples
 
 #: What a shipped drafter folder holds: the drafter itself (train logs stay in the campaign).
 DRAFTER_FILES = ("config.json", "model.safetensors")
@@ -32,14 +32,10 @@ def export_drafter(folder: str | os.PathLike, out: str | os.PathLike, method: st
     source = folder / level_drafters(state, level_key)[method]
     if out.exists() and not (out / "config.json").is_file():
         raise ValueError(f"{out} exists and is not a drafter folder: refusing to replace it")
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name in DRAFTER_FILES:
-        shutil.copy2(source / name, tmp / name)
-    (tmp / "README.md").write_text(provenance(state, level_key, method, folder, command))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with staged_folder(out) as tmp:
+        for name in DRAFTER_FILES:
+            shutil.copy2(source / name, tmp / name)
+        (tmp / "README.md").write_text(provenance(state, level_key, method, folder, command))
     return out
 
 
@@ -65,12 +61,11 @@ def provenance(state: dict, level: str, method: str, folder: Path, command: str 
         "",
         "## Training",
         "",
-        f"- Campaign `{folder}` ({'`' + command + '`' if command else 'python -m prism_spec.train.campaign'}),"
-        f" level {level}: {entry['steps']:,} optimizer steps of {cfg.batch_size} examples"
-        f" ({entry.get('examples', entry['steps'] * cfg.batch_size):,} examples), the same budget as the"
-        f" level's other methods.",
-        f"- Learning rate {cfg.lr:g} (PRISM's tuning stage {cfg.tuning_lr:g}), examples up to {cfg.max_length}"
-        f" tokens, seed {cfg.seed}.",
+        (f"- Campaign `{folder}` ({'`' + command + '`' if command else 'python -m prism_spec.train.campaign'}),"
+         f" level {level}: {entry['steps']:,} optimizer steps of {cfg.batch_size} examples"
+         f" ({level_examples(state, level):,} examples), the same budget as the level's other methods."),
+        (f"- Learning rate {cfg.lr:g} (PRISM's tuning stage {cfg.tuning_lr:g}), examples up to {cfg.max_length}"
+         f" tokens, seed {cfg.seed}."),
         f"- Data: {', '.join(cfg.data)}" + (f", corpus shards {_ranges(shards)} (pinned when the level began)"
                                           if shards else "") + ".",
     ]
