@@ -243,6 +243,16 @@ def test_every_level_keeps_its_drafters_and_any_level_can_be_evaluated_and_plott
     keys = set(camp.read_state(folder)["levels"]["1"]["bench"])
     assert {"4/0/3 float64 replay 1q", "4/0/3 float64 replay 2q"} <= keys and "4/0/3 float64 replay" not in keys
     assert (tmp_path / "curves.png").stat().st_size > 1000
+    # A sampled-only point: no vanilla runs, and an entry (and folder) of its own beside T=0's.
+    sampled = ev.evaluate_level(folder, questions=1, max_new_tokens=8, tree="4/0/3", device="cpu",
+                                temperatures=(1.0,), vanilla=False)
+    assert sorted(r["method"] for r in sampled["rows"]) == ["eagle2", "hass", "prism"]
+    assert all(r["temperature"] == 1.0 and r["mean_speedup"] is None for r in sampled["rows"])
+    assert {"4/0/3 1q", "4/0/3 T=1 1q"} <= set(camp.read_state(folder)["levels"]["1"]["bench"])
+    assert (folder / "bench-L1-4-0-3-T1-1q" / "summary.json").is_file()
+    assert ev.bench_key("paper", "float32", 20, temperatures=(1.0, 0.0)) == "paper T=0,1 20q"
+    with pytest.raises(ValueError, match="replay"):
+        ev.evaluate_level(folder, questions=1, temperatures=(0.0, 1.0), vanilla=False)
     with pytest.raises(ValueError, match="not finished"):
         ev.evaluate_level(folder, questions=1, level=2)
     # Shipping level 0's PRISM: the drafter loads, and its README says where it came from.

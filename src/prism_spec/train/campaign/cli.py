@@ -47,6 +47,8 @@ def main(argv=None) -> int:
     e.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto: a GPU when there is one)")
     e.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     e.add_argument("--level", type=int, default=None, help="which finished level (default: the last)")
+    e.add_argument("--no-vanilla", action="store_true",
+                   help="T>0 only: decode the drafters without vanilla (AL, no speedups; a quarter fewer runs)")
     e.add_argument("--replay", action="store_true",
                    help="T=0 only: replay acceptance from the target's greedy continuations instead of decoding "
                         "(prism_spec.bench.replay; a fraction of the time, no speed or identity figures)")
@@ -90,7 +92,7 @@ def main(argv=None) -> int:
             else:
                 evaluate_level(args.folder, args.questions, args.max_new_tokens, args.tree,
                                tuple(args.temperature or [0.0]), device=args.device, threads=args.threads,
-                               level=args.level)
+                               level=args.level, vanilla=not args.no_vanilla)
             print("\n".join(status_lines(read_state(args.folder))))
         elif args.cmd == "plot":
             rows = plot_learning_curves(read_state(args.folder), args.out)

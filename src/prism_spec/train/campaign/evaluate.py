@@ -46,20 +46,26 @@ def _next_level_started(state: dict) -> bool:
 def evaluate_level(folder: str | os.PathLike, questions: int = 20, max_new_tokens: int = 128,
                    tree: str = "paper", temperatures: tuple[float, ...] = (0.0,), dtype: str = "float32",
                    device: str = "auto", threads: int | None = None, resume: bool = True,
-                   level: int | None = None) -> dict:
+                   level: int | None = None, vanilla: bool = True) -> dict:
     """Acceptance length of a finished level's drafters (default: the last level) and vanilla
     decoding (for the T=0 identity check) on the six benchmarks with ``prism bench``; stored in
     the level's entry under ``bench[key]`` (each tree and question count has its own, see
     :func:`bench_key`) and in ``bench-L<level>-<key>/`` inside the campaign folder. Every level
-    keeps its drafters, so any level can be evaluated later (e.g. all of them on a lent GPU)."""
+    keeps its drafters, so any level can be evaluated later (e.g. all of them on a lent GPU).
+
+    ``vanilla=False`` skips vanilla decoding (a quarter of the runs) for a sampled-only curve
+    point: AL without speedups. A T=0 evaluation always decodes vanilla, since checking its
+    outputs against vanilla's is what it is for (replay gives T=0 AL cheaply)."""
     from ...bench.cli import main as bench_main
 
+    if not vanilla and 0.0 in temperatures:
+        raise ValueError("a T=0 evaluation decodes vanilla too, to check the outputs are identical; "
+                         "for T=0 acceptance without it, replay it (--replay)")
     folder = Path(folder)
     state = read_state(folder)
     level, drafters = _level_to_evaluate(state, level)
-    key = bench_key(tree, dtype, questions)
-    out = folder / f"bench-L{level}-{key.replace('/', '-').replace(' ', '-')}"
-    args = ["--target", state["config"]["target"], "--method", "vanilla"]
+    out = _bench_folder(folder, level, bench_key(tree, dtype, questions, temperatures=temperatures))
+    args = ["--target", state["config"]["target"]] + (["--method", "vanilla"] if vanilla else [])
     for method in METHODS:
         args += ["--method", f"{method}={folder / drafters[method]}"]
     for t in temperatures:
@@ -97,16 +103,27 @@ def _store_bench(folder: Path, level: str, entry: dict) -> None:
     update_state(folder, store)
 
 
-def bench_key(tree: str, dtype: str, questions: int, replay: bool = False) -> str:
-    """A level's evaluations are kept per tree, question count, AL source (decoded or replayed)
-    and dtype (other than the float32 of record): a 20-question run never replaces a 5-question one."""
-    return tree + ("" if dtype == "float32" else f" {dtype}") + (" replay" if replay else "") + f" {questions}q"
+def bench_key(tree: str, dtype: str, questions: int, replay: bool = False,
+              temperatures: tuple[float, ...] = (0.0,)) -> str:
+    """A level's evaluations are kept per tree, question count, AL source (decoded or replayed),
+    temperatures (other than T=0 alone) and dtype (other than the float32 of record): a
+    20-question run never replaces a 5-question one, nor a T=1 run a T=0 one."""
+    temps = sorted({float(t) for t in temperatures})
+    return (tree + ("" if dtype == "float32" else f" {dtype}") + (" replay" if replay else "")
+            + ("" if temps == [0.0] else " T=" + ",".join(f"{t:g}" for t in temps)) + f" {questions}q")
 
 
 def entry_key(entry: dict) -> str:
-    """The key an evaluation belongs under, from its own settings."""
+    """The key an evaluation belongs under, from its own settings (and its rows' temperatures)."""
     s = entry["settings"]
-    return bench_key(s["tree"], s["dtype"], s["questions_per_benchmark"], s.get("al_source") == "replay")
+    temps = tuple(r["temperature"] for r in entry["rows"]) or (0.0,)
+    return bench_key(s["tree"], s["dtype"], s["questions_per_benchmark"], s.get("al_source") == "replay", temps)
+
+
+def _bench_folder(folder: Path, level: str, key: str) -> Path:
+    """Where ``prism bench`` writes a decoded evaluation: ``bench-L<level>-<key>`` with the key's
+    separators made path-safe (``paper T=1 2q`` -> ``bench-L2-paper-T1-2q``)."""
+    return folder / ("bench-L" + level + "-" + key.replace("/", "-").replace(" ", "-").replace("=", "").replace(",", "-"))
 
 
 def replay_level(folder: str | os.PathLike, questions: int = 20, max_new_tokens: int = 128, tree: str = "paper",
