@@ -217,9 +217,14 @@ def plot_learning_curves(state: dict, out: str | os.PathLike) -> list[dict]:
     if not rows:
         raise ValueError("no evaluated level yet: run `campaign eval` after a level finishes")
     panels = sorted({r["evaluation"] for r in rows})  # tree, question count, AL source
-    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(5.5 * (len(panels) + 1), 4.2), squeeze=False)
+    ncols = min(3, len(panels) + 1)  # a grid, not one ever wider row, as evaluations are added
+    nrows = -(-(len(panels) + 1) // ncols)
+    fig, grid = plt.subplots(nrows, ncols, figsize=(5.5 * ncols, 4.2 * nrows), squeeze=False)
+    axes = list(grid.flat)
+    for spare in axes[len(panels) + 1:]:
+        spare.axis("off")
     styles = {0.0: "-", 1.0: "--"}
-    for ax, panel in zip(axes[0], panels):
+    for ax, panel in zip(axes, panels):
         mine = [r for r in rows if r["evaluation"] == panel]
         for colour, method in enumerate(METHODS):  # one colour per method, one line style per T
             for t in sorted({r["temperature"] for r in mine}):
@@ -229,7 +234,7 @@ def plot_learning_curves(state: dict, out: str | os.PathLike) -> list[dict]:
                     xs, ys = zip(*pts)
                     ax.plot(xs, ys, styles.get(t, ":"), color=f"C{colour}", marker="o", label=f"{method} T={t:g}")
         _axes(ax, "mean acceptance length (6 benchmarks)", f"{state['config']['target']}: tree {panel}")
-    ax = axes[0][-1]
+    ax = axes[len(panels)]
     held = heldout_curves(state)
     for colour, method in enumerate(METHODS):
         for step, style in ((1, "-"), (2, "--"), (3, ":")):
