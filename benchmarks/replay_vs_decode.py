@@ -21,7 +21,7 @@ import torch
 from common import write_rows
 from prism_spec.bench.datasets import conversation_prompt, load_benchmarks
 from prism_spec.bench.metrics import acceptance_length
-from prism_spec.bench.replay import greedy_continuation, replay_acceptance
+from prism_spec.bench.replay import replay_acceptance, vanilla_continuation
 from prism_spec.drafters.resolve import resolve_drafter
 from prism_spec.runtime import DecodeOptions, GenerationConfig, TreeConfig, generate
 from prism_spec.targets import load_target
@@ -55,7 +55,7 @@ def main(argv=None):
                 result = generate(target, prompt, drafter, GenerationConfig(max_new_tokens=bench.max_new_tokens),
                                   DecodeOptions(tree))
                 t1 = time.perf_counter()
-                cont = greedy_continuation(target, prompt, bench.max_new_tokens, lookahead=tree.max_depth + 1)
+                cont = vanilla_continuation(target, prompt, bench.max_new_tokens, lookahead=tree.max_depth + 1)
                 t2 = time.perf_counter()
                 accepted = replay_acceptance(target, drafter, prompt, cont, tree)
                 t3 = time.perf_counter()

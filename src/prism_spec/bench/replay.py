@@ -1,4 +1,4 @@
-"""T=0 acceptance length replayed from the target's known greedy output, without verifying trees.
+"""Acceptance length replayed from the target's own continuation of each prompt, without verifying trees.
 
 At temperature 0 speculative decoding commits exactly the target's greedy continuation, so
 which drafted nodes a round accepts is decided by that continuation alone: a node is accepted
@@ -6,8 +6,18 @@ when its path from the root spells the next greedy tokens. A replay therefore ne
 once per prompt (its greedy continuation, and one forward over prompt + continuation for the
 features the drafter reads) and, per round, only the drafter's own calls (``begin``,
 ``draft_tree``, ``extend``, as the decode loop makes them), not the verification forward over
-each tree that dominates a CPU round. The greedy continuation is shared by every drafter and
-every campaign level evaluated on the same prompts.
+each tree that dominates a CPU round. The continuation is shared by every drafter and every
+campaign level evaluated on the same prompts.
+
+At T > 0 the same walk over a continuation *sampled* from the target gives acceptance with the
+decode loop's distribution. The runtime's rule (``runtime.verify.verify_sampling``: a node's
+children tried in turn, each kept with its probability under the residual) commits at every
+node a token distributed as the target's p there, and descends exactly when that token is one
+of the node's children (siblings are distinct tokens). So a decode commits a sample of the
+target, and its accepted counts are a function of the trees and that sample; the trees are a
+function of the committed prefix. Replaying vanilla samples therefore draws (output, accepted
+counts) from the same joint distribution as decoding, and every drafter is measured on the
+same sampled outputs: paired, so their differences carry less noise than separate decodes'.
 
 The features come from one forward over the whole sequence instead of the prefill and the
 verification forwards: equal in exact arithmetic, so the accepted counts equal the decode
@@ -26,7 +36,7 @@ from typing import Sequence
 import torch
 
 from ..drafters.base import Drafter
-from ..runtime import DecodeOptions, GenerationConfig, TreeConfig
+from ..runtime import DecodeOptions, GenerationConfig, SamplingConfig, TreeConfig
 from ..runtime.decode import checked_prompts, stream_generate_batch
 from ..runtime.tree import draft_tree
 from ..runtime.verify import greedy_path
@@ -35,21 +45,27 @@ from .runs import append_run, read_runs
 
 
 @dataclass
-class GreedyContinuation:
-    """The target's greedy continuation of a prompt: ``tokens`` runs ``lookahead`` tokens past
-    what vanilla decoding commits (``committed``: up to the first EOS, or ``max_new_tokens``),
-    since a round may accept drafts beyond the end before the output is cut there."""
+class Continuation:
+    """The target's continuation of a prompt (greedy, or sampled): ``tokens`` runs ``lookahead``
+    tokens past what vanilla decoding commits (``committed``: up to the first EOS, or
+    ``max_new_tokens``), since a round may accept drafts beyond the end before the output is
+    cut there."""
 
     tokens: list[int]
     committed: int
 
 
-def greedy_continuation(target: Target, prompt_ids: Sequence[int] | torch.Tensor, max_new_tokens: int,
-                        lookahead: int) -> GreedyContinuation:
-    """Vanilla greedy decoding through the runtime, not stopping at EOS, until ``lookahead``
-    tokens past the committed output."""
+def vanilla_continuation(target: Target, prompt_ids: Sequence[int] | torch.Tensor, max_new_tokens: int,
+                         lookahead: int, sampling: SamplingConfig | None = None,
+                         seed: int | None = None) -> Continuation:
+    """Vanilla decoding through the runtime (greedy, or ``sampling`` from ``seed``), not
+    stopping at EOS, until ``lookahead`` tokens past the committed output."""
+    sampling = sampling or SamplingConfig()
+    if not sampling.greedy and seed is None:
+        raise ValueError("a sampled continuation needs a seed, so that it can be drawn again")
     eos = target.eos_token_ids
-    config = GenerationConfig(max_new_tokens=max_new_tokens + lookahead, stop_on_eos=False)
+    config = GenerationConfig(max_new_tokens=max_new_tokens + lookahead, stop_on_eos=False, sampling=sampling,
+                              seed=seed)
     tokens: list[int] = []
     committed = None
     stream = stream_generate_batch(target, [prompt_ids], None, config, DecodeOptions())
@@ -68,11 +84,11 @@ def greedy_continuation(target: Target, prompt_ids: Sequence[int] | torch.Tensor
     stream.close()
     if committed is None:
         committed = min(len(tokens), max_new_tokens)
-    return GreedyContinuation(tokens[: committed + lookahead], committed)
+    return Continuation(tokens[: committed + lookahead], committed)
 
 
 def replay_features(target: Target, drafter: Drafter, prompt: torch.Tensor,
-                    continuation: GreedyContinuation) -> torch.Tensor | None:
+                    continuation: Continuation) -> torch.Tensor | None:
     """What ``drafter`` reads of the target at every position of prompt + continuation (its
     features or intermediate layers; None for drafters that read none): one forward, which
     every drafter with the same ``feature_layers`` can share."""
@@ -91,14 +107,15 @@ def replay_features(target: Target, drafter: Drafter, prompt: torch.Tensor,
 
 
 def replay_acceptance(target: Target, drafter: Drafter, prompt_ids: Sequence[int] | torch.Tensor,
-                      continuation: GreedyContinuation, tree: TreeConfig,
+                      continuation: Continuation, tree: TreeConfig,
                       features: torch.Tensor | None = None) -> list[int]:
-    """Drafted tokens accepted per round when ``drafter`` decodes ``prompt_ids`` at T=0 with
-    ``tree``: the decode loop's rounds, each tree checked against the known continuation by
-    the runtime's own greedy rule. ``features``: :func:`replay_features`, when already computed."""
+    """Drafted tokens accepted per round when ``drafter`` decodes ``prompt_ids`` with ``tree``
+    and commits ``continuation`` (at T=0 the greedy one, which it always commits): the decode
+    loop's rounds, each tree walked along the continuation (a node is accepted when its path
+    spells the next committed tokens). ``features``: :func:`replay_features`, when already computed."""
     prompt = checked_prompts(target, [prompt_ids])[0]
     cont = continuation.tokens
-    # A round that accepts the whole depth reads the greedy token after its deepest node.
+    # A round that accepts the whole depth reads the committed token after its deepest node.
     if len(cont) < continuation.committed + tree.max_depth + 1:
         raise ValueError(f"the continuation needs {tree.max_depth + 1} tokens past the output "
                          f"(a lookahead of the tree's depth + 1), has {len(cont) - continuation.committed}")
@@ -107,7 +124,7 @@ def replay_acceptance(target: Target, drafter: Drafter, prompt_ids: Sequence[int
     if features is None:
         features = replay_features(target, drafter, prompt, continuation)
     n_prompt = prompt.numel()
-    greedy = torch.tensor(cont, dtype=torch.long, device=device)
+    committed_tokens = torch.tensor(cont, dtype=torch.long, device=device)
 
     def feats(start: int, stop: int):
         return None if features is None else features[start:stop]
@@ -121,9 +138,9 @@ def replay_acceptance(target: Target, drafter: Drafter, prompt_ids: Sequence[int
             trees = draft_tree(drafter, torch.tensor([cont[pos]], device=device), root_logits, shape)
             drafter.end_round()
             row = trees.row(0)
-            # The target's greedy token after each node, were the node on the greedy path (the
-            # rule only reads it at nodes whose ancestors all are).
-            path, bonus = greedy_path(row, greedy[pos + 1 + row.depths])
+            # The committed token after each node, were the node on the committed path (the
+            # walk only reads it at nodes whose ancestors all are).
+            path, bonus = greedy_path(row, committed_tokens[pos + 1 + row.depths])
             k = len(path) - 1
             accepted.append(k)
             new = torch.tensor(cont[pos + 1: pos + k + 1] + [bonus], dtype=torch.long, device=device)
@@ -135,33 +152,45 @@ def replay_acceptance(target: Target, drafter: Drafter, prompt_ids: Sequence[int
 
 # ----------------------------------------------------------------------------- benchmarks
 class ContinuationStore:
-    """Greedy continuations of benchmark turns, kept in a JSONL file (one line per
-    continuation, appended as each is computed) so that every drafter and every later
-    evaluation on the same prompts reuses them: vanilla decoding of the prompts is paid once.
-    A continuation is keyed by its prompt's token ids and what decides it (target, dtype,
-    device kind, max_new_tokens); one with enough lookahead serves any tree. Read and written
-    like a bench's runs file (``bench.runs``): a line cut short by a crash is computed again."""
+    """The target's continuations of benchmark turns (greedy, or sampled with ``sampling``),
+    kept in a JSONL file (one line per continuation, appended as each is computed) so that
+    every drafter and every later evaluation on the same prompts reuses them: vanilla decoding
+    of the prompts is paid once. A continuation is keyed by its prompt's token ids and what
+    decides it (target, dtype, device kind, max_new_tokens; when sampling, the sampling settings
+    and ``seed``, from which each prompt's own seed is derived); one with enough lookahead
+    serves any tree. Read and written like a bench's runs file (``bench.runs``): a line cut
+    short by a crash is computed again."""
 
-    def __init__(self, path: str | os.PathLike | None, target: Target, lookahead: int):
+    def __init__(self, path: str | os.PathLike | None, target: Target, lookahead: int,
+                 sampling: SamplingConfig | None = None, seed: int = 0):
         self.path, self.target, self.lookahead = path, target, lookahead
+        self.sampling = sampling or SamplingConfig()
         # A line cut short by a crash is cut from the file, so appends start on a clean line.
         self.items = {item["key"]: item for item in read_runs(path, repair=True)} if path else {}
         param = next(target.model.parameters())
         self.salt = f"{target.name}|{param.dtype}|{param.device.type}"
+        if not self.sampling.greedy:  # greedy keys stay as they were before sampling existed
+            s = self.sampling
+            self.salt += f"|T={s.temperature}|top_p={s.top_p}|top_k={s.top_k}|seed={seed}"
         self.computed = 0
 
-    def get(self, prompt_ids: list[int], max_new_tokens: int) -> GreedyContinuation:
+    def get(self, prompt_ids: list[int], max_new_tokens: int) -> Continuation:
         key = hashlib.sha256(f"{self.salt}|{max_new_tokens}|{prompt_ids}".encode()).hexdigest()[:32]
         item = self.items.get(key)
         if item is None or len(item["tokens"]) - item["committed"] < self.lookahead:
-            cont = greedy_continuation(self.target, prompt_ids, max_new_tokens, self.lookahead)
+            # Each prompt its own seed (from the key): prompts sample independently, reproducibly.
+            seed = None if self.sampling.greedy else int(key[:15], 16)
+            cont = vanilla_continuation(self.target, prompt_ids, max_new_tokens, self.lookahead, self.sampling, seed)
+            if item is not None and cont.tokens[: len(item["tokens"])] != item["tokens"]:
+                raise ValueError(f"{self.path}: a longer continuation of a stored one differs from it "
+                                 "(another torch build or machine?): use another store file")
             item = {"key": key, "tokens": cont.tokens, "committed": cont.committed}
             self.items[key] = item
             self.computed += 1
             if self.path:
                 with open(self.path, "a") as f:  # a later line for the same key wins on reading
                     append_run(f, item)
-        return GreedyContinuation(item["tokens"], item["committed"])
+        return Continuation(item["tokens"], item["committed"])
 
 
 def replay_benchmarks(target: Target, drafters: dict[str, Drafter], benchmarks, tree: TreeConfig,

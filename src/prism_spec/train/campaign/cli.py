@@ -50,8 +50,9 @@ def main(argv=None) -> int:
     e.add_argument("--no-vanilla", action="store_true",
                    help="T>0 only: decode the drafters without vanilla (AL, no speedups; a quarter fewer runs)")
     e.add_argument("--replay", action="store_true",
-                   help="T=0 only: replay acceptance from the target's greedy continuations instead of decoding "
-                        "(prism_spec.bench.replay; a fraction of the time, no speed or identity figures)")
+                   help="replay acceptance from the target's own continuations (greedy at T=0, seeded samples at "
+                        "T>0) instead of decoding (prism_spec.bench.replay; a fraction of the time, the same "
+                        "outputs for every drafter, no speed or identity figures)")
     pl = sub.add_parser("plot", help="learning curves of the evaluated levels (AL against examples per method)")
     pl.add_argument("folder")
     pl.add_argument("-o", "--out", required=True, help="image file (.png, .svg, .pdf)")
@@ -85,10 +86,11 @@ def main(argv=None) -> int:
             print("\n".join(status_lines(state)))
         elif args.cmd == "eval":
             if args.replay:
-                if any(t != 0 for t in args.temperature or [0.0]):
-                    raise ValueError("--replay measures T=0 acceptance only")
-                replay_level(args.folder, args.questions, args.max_new_tokens, args.tree, device=args.device,
-                             threads=args.threads, level=args.level)
+                if args.no_vanilla:
+                    raise ValueError("--no-vanilla is for decoded evaluations: a replay decodes nothing")
+                for temperature in args.temperature or [0.0]:
+                    replay_level(args.folder, args.questions, args.max_new_tokens, args.tree, device=args.device,
+                                 threads=args.threads, level=args.level, temperature=temperature)
             else:
                 evaluate_level(args.folder, args.questions, args.max_new_tokens, args.tree,
                                tuple(args.temperature or [0.0]), device=args.device, threads=args.threads,

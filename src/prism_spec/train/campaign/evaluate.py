@@ -128,19 +128,21 @@ def _bench_folder(folder: Path, level: str, key: str) -> Path:
 
 def replay_level(folder: str | os.PathLike, questions: int = 20, max_new_tokens: int = 128, tree: str = "paper",
                  dtype: str = "float32", device: str = "auto", threads: int | None = None,
-                 level: int | None = None) -> dict:
-    """T=0 acceptance of a finished level's drafters replayed from the target's greedy
-    continuations (prism_spec.bench.replay) instead of decoding: the same prompts and pooling
-    as ``prism bench``, a fraction of its time, and the continuations (``replay-continuations-<dtype>.jsonl``
-    in the campaign folder) serve every later level. Stored beside the decoded evaluations as
-    ``bench["<tree> replay <questions>q"]``."""
+                 level: int | None = None, temperature: float = 0.0) -> dict:
+    """Acceptance of a finished level's drafters replayed from the target's own continuations
+    (prism_spec.bench.replay) instead of decoding: greedy ones at T=0, seeded samples at T>0
+    (acceptance then has the decode loop's distribution, and every drafter and level is
+    measured on the same samples). The same prompts and pooling as ``prism bench``, a fraction
+    of its time; the continuations (``replay-continuations-<dtype>[-T<t>].jsonl`` in the
+    campaign folder) serve every later level. Stored beside the decoded evaluations as
+    ``bench["<tree> replay [T=<t> ]<questions>q"]``."""
     import torch
 
     from ...bench.datasets import load_benchmarks
     from ...bench.replay import ContinuationStore, replay_benchmarks
     from ...bench.runner import resolve_device
     from ...drafters.checkpoint import load_drafter
-    from ...runtime import TreeConfig
+    from ...runtime import SamplingConfig, TreeConfig
     from ...targets import load_target
 
     folder = Path(folder)
@@ -150,7 +152,9 @@ def replay_level(folder: str | os.PathLike, questions: int = 20, max_new_tokens:
         torch.set_num_threads(threads)
     target = load_target(state["config"]["target"], dtype=dtype, device=resolve_device(device))
     shape = TreeConfig.parse(tree)
-    store = ContinuationStore(folder / f"replay-continuations-{dtype}.jsonl", target, lookahead=16)
+    sampling = SamplingConfig(temperature=temperature)
+    name = f"replay-continuations-{dtype}" + ("" if sampling.greedy else f"-T{temperature:g}") + ".jsonl"
+    store = ContinuationStore(folder / name, target, lookahead=16, sampling=sampling, seed=0)
     if shape.max_depth + 1 > store.lookahead:
         raise ValueError(f"tree {tree} is deeper than the stored continuations' lookahead ({store.lookahead})")
     benches = load_benchmarks(limit=questions, max_new_tokens=max_new_tokens)
@@ -159,7 +163,8 @@ def replay_level(folder: str | os.PathLike, questions: int = 20, max_new_tokens:
     entry = {
         "settings": {"questions_per_benchmark": questions, "max_new_tokens": max_new_tokens, "tree": tree,
                      "dtype": dtype, "al_source": "replay", "machine": machine_label()},
-        "rows": [{"method": m, "temperature": 0.0, "mean_acceptance_length": r["mean"], "per_benchmark": r["per_benchmark"],
+        "rows": [{"method": m, "temperature": float(temperature), "mean_acceptance_length": r["mean"],
+                  "per_benchmark": r["per_benchmark"],
                   "mean_speedup": None, "t0_outputs_differing_from_vanilla": None, "rounds": r["rounds"]}
                  for m, r in results.items()],
     }
