@@ -323,6 +323,12 @@ case "${1:-}" in
     python -m prism_spec.train.campaign eval $OUT/campaign ${LEVEL:+--level $LEVEL} --questions "${LIMIT:-20}" \
       --temperature 0 --temperature 1 --threads "${THREADS:-2}"
     python -m prism_spec.train.campaign plot $OUT/campaign -o $OUT/campaign/learning_curves.png ;;
+  curves-replay)  # the CPU's way: a finished level's AL replayed (paper tree T=0 and T=1, CPU tree T=0), then the figure
+    for shape in "--tree paper --temperature 0 --temperature 1" "--tree cpu"; do
+      python -m prism_spec.train.campaign eval $OUT/campaign ${LEVEL:+--level $LEVEL} --replay $shape \
+        --questions "${LIMIT:-5}" --threads "${THREADS:-2}"
+    done
+    python -m prism_spec.train.campaign plot $OUT/campaign -o $OUT/campaign/learning_curves.png ;;
   data-mix)  # does mixing the datasets' own answers into the target's replies help, at equal budget? (recipe LR 3e-5)
     T=../shared/data/train
     MIX=$OUT/corpus,$T/gsm8k_train.jsonl,$T/math_test.jsonl,$T/code_alpaca_2k.json,$T/gpteacher_codegen.json,$T/gpteacher_roleplay.json,$T/mbpp.jsonl,$T/self_instruct_seed_tasks.jsonl,$T/t0_subset/cnn_dailymail_3_0_0_news_summary.jsonl,$T/t0_subset/xsum_summarize_DOC.jsonl,$T/t0_subset/samsum_Summarize_.jsonl
@@ -381,6 +387,6 @@ hass_to_prism(Path(sys.argv[1]), Path(sys.argv[2]))" $S runs/prism-tuning/prism-
       --max-new-tokens 128 --tree paper --store $OUT/replay/continuations-float32.jsonl --threads "${THREADS:-1}" \
       --json $OUT/replay/replay_al_${LIMIT:-5}q_paper_fp32.json ;;
   *)
-    echo "usage: $0 regen|features|eagle2|hass|prism|prism3|prism-star|stacked2|standard|scaling|bench|bench-fp32|bench-ablations|bench-cpu|profile|regen-gpu|prism-gpu|bench-gpu-prism|packing|prism-star-norm|bench-star-norm|prism-ft|prism-ft2|bench-ft|bench-ft2|bench-cpu-ft2|attention|bench-cpu-packaged|bench-cpu-baselines|summary|ship|campaign|curves|data-mix|levers|hass-levers|tuning-levers|replay" >&2
+    echo "usage: $0 regen|features|eagle2|hass|prism|prism3|prism-star|stacked2|standard|scaling|bench|bench-fp32|bench-ablations|bench-cpu|profile|regen-gpu|prism-gpu|bench-gpu-prism|packing|prism-star-norm|bench-star-norm|prism-ft|prism-ft2|bench-ft|bench-ft2|bench-cpu-ft2|attention|bench-cpu-packaged|bench-cpu-baselines|summary|ship|campaign|curves|curves-replay|data-mix|levers|hass-levers|tuning-levers|replay" >&2
     exit 2 ;;
 esac

@@ -13,6 +13,7 @@ from safetensors import safe_open
 from prism_spec.drafters import load_drafter
 from prism_spec.targets import load_target
 from prism_spec.train import campaign as camp
+from prism_spec.train.campaign import cli
 from prism_spec.train.campaign import evaluate as ev
 from prism_spec.train.campaign import export
 from prism_spec.train.corpus.build import build_corpus, create_corpus
@@ -251,10 +252,14 @@ def test_every_level_keeps_its_drafters_and_any_level_can_be_evaluated_and_plott
     assert {"4/0/3 1q", "4/0/3 T=1 1q"} <= set(camp.read_state(folder)["levels"]["1"]["bench"])
     assert (folder / "bench-L1-4-0-3-T1-1q" / "summary.json").is_file()
     assert ev.bench_key("paper", "float32", 20, temperatures=(1.0, 0.0)) == "paper T=0,1 20q"
-    replayed_hot = ev.replay_level(folder, questions=1, max_new_tokens=8, tree="4/0/3", device="cpu", temperature=1.0)
-    assert all(r["temperature"] == 1.0 for r in replayed_hot["rows"])
-    assert "4/0/3 replay T=1 1q" in camp.read_state(folder)["levels"]["1"]["bench"]
+    # From the command line, one replay per temperature, each its own entry and continuations.
+    replay = ["eval", str(folder), "--replay", "--questions", "1", "--max-new-tokens", "8", "--tree", "4/0/3",
+              "--device", "cpu"]
+    assert cli.main(replay + ["--temperature", "0", "--temperature", "1"]) == 0
+    hot = camp.read_state(folder)["levels"]["1"]["bench"]["4/0/3 replay T=1 1q"]
+    assert {r["temperature"] for r in hot["rows"]} == {1.0} and "4/0/3 replay 1q" in camp.read_state(folder)["levels"]["1"]["bench"]
     assert (folder / "replay-continuations-float32-T1.jsonl").is_file()
+    assert cli.main(replay + ["--temperature", "1", "--no-vanilla"]) == 2  # a replay decodes nothing
     with pytest.raises(ValueError, match="replay"):
         ev.evaluate_level(folder, questions=1, temperatures=(0.0, 1.0), vanilla=False)
     with pytest.raises(ValueError, match="not finished"):
