@@ -238,7 +238,8 @@ def plot_learning_curves(state: dict, out: str | os.PathLike) -> list[dict]:
                 if pts:
                     xs, ys = zip(*pts)
                     ax.plot(xs, ys, styles.get(t, ":"), color=f"C{colour}", marker="o", label=f"{method} T={t:g}")
-        _axes(ax, "mean acceptance length (6 benchmarks)", f"{state['config']['target']}: tree {panel}")
+        source = "" if " replay" in panel else " (decoded)"
+        _axes(ax, "mean acceptance length (6 benchmarks)", f"{state['config']['target']}: tree {panel}{source}")
     ax = axes[len(panels)]
     held = heldout_curves(state)
     for colour, method in enumerate(METHODS):
