@@ -96,7 +96,8 @@ def test_time_budget_cuts_a_segment_and_the_next_run_goes_on_from_it(setup, tmp_
     state = camp.run_campaign(folder, time_budget_s=1e6, quiet=True, log=lambda m: None)
     assert [(s["save"], s["start"], s["reached"]) for s in state["segments"]] == [("eagle2", 0, 1)]
     assert state["progress"] == {"0:eagle2": 1} and (folder / state["drafters"]["eagle2"]).is_dir()
-    assert state["steps_per_s"] == {}  # one step, mostly loading and evaluation: no rate from it
+    assert state["steps_per_s"] == {}  # one step, mostly loading: no rate from it
+    assert state["segments"][0]["heldout"] == {}  # a cut is not validated (eval_when_cut)
     status = "\n".join(camp.status_lines(state))
     assert "next: eagle2 1->4, hass-snapshot 0->3" in status and "pinned corpus shards" in status
     monkeypatch.undo()
@@ -175,6 +176,19 @@ def test_trainer_time_limit_saves_the_drafter_where_it_stopped(setup, tmp_path, 
     assert (final / "model.safetensors").is_file() and not (tmp_path / "run" / "stages" / "1-tuning").exists()
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in log if r["split"] == "train") == 1 and any(r["split"] == "eval" for r in log)
+
+
+def test_a_cut_is_validated_only_when_asked(setup, tmp_path):
+    from prism_spec.train.loop import Trainer
+
+    for eval_when_cut in (True, False):
+        cfg = camp._segment_config(config(setup), "eagle2", 6, 0, None, tmp_path / f"run-{eval_when_cut}")
+        cfg.time_limit_s, cfg.eval_when_cut = 1e-9, eval_when_cut
+        trainer = Trainer(cfg, quiet=True)
+        trainer.run()
+        assert trainer.stopped_at == (0, 1)
+        log = (tmp_path / f"run-{eval_when_cut}" / "train_log.jsonl").read_text().splitlines()
+        assert any(json.loads(line)["split"] == "eval" for line in log) == eval_when_cut
 
 
 def test_hass_to_prism_copies_module_0(setup, tmp_path):

@@ -194,6 +194,10 @@ class TrainConfig:
     #: drafter as it is (later stages are skipped); ``Trainer.stopped_at`` says where it stopped.
     #: For time-boxed jobs (a GPU call, a CPU session); None: no limit.
     time_limit_s: float | None = None
+    #: Validate where a time limit stopped training (the stage-end validation of a stage the
+    #: limit cut). A campaign turns it off: on a 2-core CPU it costs minutes of the budget, and
+    #: only a finished segment's validation enters a level.
+    eval_when_cut: bool = True
     #: Begin the first enabled stage at this step of its schedule and data order, from
     #: ``init_from``'s weights with a fresh optimizer (its learning rate re-warmed over the
     #: stage's ``rewarm_steps``): how a campaign continues a stage that a time limit cut,

@@ -405,7 +405,8 @@ class Trainer:
                     "loss": values.pop("loss"), "lr": lr, "metrics": values,
                     "elapsed": round(time.perf_counter() - t_start, 3),
                 })
-            if (config.eval_every and done % config.eval_every == 0) or done == total:
+            cut = done < total and self._out_of_time()
+            if (config.eval_every and done % config.eval_every == 0) or done == total or (cut and config.eval_when_cut):
                 self._eval_and_log(index, stage, done, global_step, t_start)
             if done == total:
                 if stage.copy_module0_after:
@@ -417,8 +418,7 @@ class Trainer:
                 self._checkpoint(index + 1, 0, global_step, None, None, time.perf_counter() - t_start)
             elif config.checkpoint_every and global_step % config.checkpoint_every == 0:
                 self._checkpoint(index, done, global_step, optimizer, scheduler, time.perf_counter() - t_start)
-            if done < total and self._out_of_time():
-                self._eval_and_log(index, stage, done, global_step, t_start)
+            if cut:
                 self.stopped_at = (index, done)
                 break
         bar.close()

@@ -201,6 +201,7 @@ def _train(cfg: CampaignConfig, work: Path, quiet: bool, time_limit_s: float | N
     shutil.rmtree(work, ignore_errors=True)
     config = _segment_config(cfg, output_dir=work, **segment)
     config.time_limit_s = time_limit_s
+    config.eval_when_cut = False  # minutes of a CPU session; a level records finished segments only
     t0 = time.perf_counter()
     trainer = Trainer(config, quiet=quiet)
     final = trainer.run()
