@@ -104,7 +104,9 @@ def test_time_budget_cuts_a_segment_and_the_next_run_goes_on_from_it(setup, tmp_
     monkeypatch.setattr(camp, "MIN_RATE_STEPS", 2)
     state = camp.run_campaign(folder, max_levels=1, quiet=True, log=lambda m: None)
     # Rates from the segments of at least 2 steps (EAGLE-2 1 -> 4, HASS 0 -> 3), not PRISM's one step.
-    assert sorted(state["steps_per_s"]) == ["eagle2", "hass"] and all(v > 0 for v in state["steps_per_s"].values())
+    # HASS read every batch's features from EAGLE-2: its rate is kept apart from a computing one.
+    assert sorted(state["steps_per_s"]) == ["eagle2", "hass reading features"]
+    assert all(v > 0 for v in state["steps_per_s"].values())
     segs = [(s["save"], s["start"], s.get("continue_at"), s["reached"]) for s in state["segments"]]
     # The cut segment goes on at the step it reached, inside its own schedule (start 0 -> 4).
     assert segs == [("eagle2", 0, None, 1), ("eagle2", 0, 1, 4), ("hass-snapshot", 0, None, 3),
@@ -176,6 +178,26 @@ def test_trainer_time_limit_saves_the_drafter_where_it_stopped(setup, tmp_path, 
     assert (final / "model.safetensors").is_file() and not (tmp_path / "run" / "stages" / "1-tuning").exists()
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in log if r["split"] == "train") == 1 and any(r["split"] == "eval" for r in log)
+
+
+def test_status_counts_time_left_with_the_features_this_machine_holds(setup, tmp_path):
+    folder = tmp_path / "c"
+    camp.init_campaign(folder, config(setup))
+    state = camp.run_campaign(folder, max_levels=1, quiet=True, log=lambda m: None)
+    state["steps_per_s"] = {"eagle2": 1e-3, "hass": 1e-3, "hass reading features": 4e-3,
+                            "prism-tuning": 1e-3, "prism-tuning reading features": 4e-3}
+    # Level 1 (8 steps): EAGLE-2 4 -> 8 writes what HASS 4 -> 6 reads; HASS 6 -> 8 what PRISM reads.
+    status = "\n".join(camp.status_lines(state, folder))
+    assert f"about {(4000 + 500 + 2000 + 500) / 3600:.1f} h" in status and "runs the target itself" not in status
+    # EAGLE-2 done on another machine: HASS 4 -> 6 finds no features here and runs the target.
+    state["segments"].append({"level": 1, "save": "eagle2", "reached": 8, "stop": 8})
+    status = "\n".join(camp.status_lines(state, folder))
+    assert f"about {(2000 + 2000 + 500) / 3600:.1f} h" in status
+    assert "no shared target features on this machine: hass-snapshot runs the target itself" in status
+    (folder / camp.SHARED_FEATURES).mkdir(exist_ok=True)
+    (folder / camp.SHARED_FEATURES / "batch.safetensors").write_bytes(b"")
+    status = "\n".join(camp.status_lines(state, folder))
+    assert f"about {(500 + 2000 + 500) / 3600:.1f} h" in status and "runs the target itself" not in status
 
 
 def test_a_cut_is_validated_only_when_asked(setup, tmp_path):

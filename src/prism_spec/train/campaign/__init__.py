@@ -305,6 +305,20 @@ MIN_SEGMENT_S = 30.0
 SHARE_ROLES = {"eagle2": "write", "hass-snapshot": "read", "hass": "write", "prism": "read"}
 
 
+#: Suffix of the rate of a segment that read every batch's target features (``SHARE_ROLES``):
+#: on a CPU several times the rate of one that runs the target.
+READ_RATE = " reading features"
+
+
+def _rate_key(seg: dict, shared: dict | None) -> str | None:
+    """Under which name a segment's measured rate is kept (None for a segment that read some
+    batches' features and computed others: its rate is neither)."""
+    key = seg["recipe"] + ("-tuning" if seg["method"] == "prism" else "")
+    if not shared or not shared.get("read"):
+        return key
+    return None if shared.get("computed") else key + READ_RATE
+
+
 def run_campaign(folder: str | os.PathLike, time_budget_s: float | None = None, max_levels: int | None = None,
                  quiet: bool = False, log: Callable[[str], None] = print,
                  data_paths: list[str] | None = None, precision: str | None = None,
@@ -365,9 +379,9 @@ def run_campaign(folder: str | os.PathLike, time_budget_s: float | None = None, 
                 share_role=role or "read")
             _replace_folder(final, folder / "drafters" / seg["save"])
             state["drafters"][seg["save"]] = f"drafters/{seg['save']}"
-            key = seg["recipe"] + ("-tuning" if seg["method"] == "prism" else "")
+            key = _rate_key(seg, shared)
             trained = seg["start"] + done - first
-            if trained >= MIN_RATE_STEPS:  # a step or two cut short says little about the rate
+            if key and trained >= MIN_RATE_STEPS:  # a step or two cut short says little about the rate
                 state["steps_per_s"][key] = round(trained / max(step_seconds, 1e-3), 4)
             reached = seg["start"] + done
             if role == "read" and reached == seg["stop"]:  # nothing else reads what is left
@@ -424,7 +438,9 @@ def machine_label() -> str:
     return f"{machine_description()}, {torch.get_num_threads()} torch threads"
 
 
-def status_lines(state: dict) -> list[str]:
+def status_lines(state: dict, folder: str | os.PathLike | None = None) -> list[str]:
+    """What ``campaign status`` prints; with the campaign's ``folder``, the time left counts
+    the shared target features this machine holds (``SHARE_ROLES``)."""
     cfg = CampaignConfig.from_dict(state["config"])
     budgets = ", ".join(str(v["steps"]) for v in state["levels"].values())
     lines = [f"levels done: {len(state['levels'])}" + (f" (budget per method: {budgets} steps)" if budgets else ""),
@@ -451,10 +467,19 @@ def status_lines(state: dict) -> list[str]:
     if rates:
         last = state["segments"][-1] if state["segments"] else {}
         lines.append(f"steps/s measured: {rates}" + (f" (last on {last['machine']})" if last.get("machine") else ""))
-        left = [(s["stop"] - s.get("continue_at", s["start"]),
-                 state["steps_per_s"].get(s["recipe"] + ("-tuning" if s["method"] == "prism" else "")))
-                for s in pending]
+        # A reader goes at the reading rate when its writer runs before it, or where the
+        # features it reads are on this machine already.
+        features_here = folder is not None and any((Path(folder) / SHARED_FEATURES).glob("*.safetensors"))
+        reading, left = features_here, []
+        for s in pending:
+            role = SHARE_ROLES.get(s["save"])
+            reading = reading or role == "write"
+            key = _rate_key(s, {"read": 1} if reading and role == "read" else None)
+            reading = reading and role != "read"
+            left.append((s["stop"] - s.get("continue_at", s["start"]), state["steps_per_s"].get(key)))
         if left and all(rate for _, rate in left):
             hours = sum(n / rate for n, rate in left) / 3600
             lines.append(f"this level's remaining steps: about {hours:.1f} h at those rates")
+        if folder is not None and pending and SHARE_ROLES.get(pending[0]["save"]) == "read" and not features_here:
+            lines.append(f"no shared target features on this machine: {pending[0]['save']} runs the target itself")
     return lines

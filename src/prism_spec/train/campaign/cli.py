@@ -69,7 +69,7 @@ def main(argv=None) -> int:
         if args.cmd == "init":
             config = CampaignConfig.from_dict(json.loads(Path(args.config).read_text()))
             init_campaign(args.folder, config)
-            print("\n".join(status_lines(read_state(args.folder))))
+            print("\n".join(status_lines(read_state(args.folder), args.folder)))
         elif args.cmd == "run":
             if args.threads:
                 import torch
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
             state = run_campaign(args.folder, args.time_budget, args.max_levels, quiet=args.quiet,
                                  data_paths=args.data, precision=args.precision,
                                  share_features=not args.no_shared_features)
-            print("\n".join(status_lines(state)))
+            print("\n".join(status_lines(state, args.folder)))
         elif args.cmd == "eval":
             if args.replay:
                 if args.no_vanilla:
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
                 evaluate_level(args.folder, args.questions, args.max_new_tokens, args.tree,
                                tuple(args.temperature or [0.0]), device=args.device, threads=args.threads,
                                level=args.level, vanilla=not args.no_vanilla)
-            print("\n".join(status_lines(read_state(args.folder))))
+            print("\n".join(status_lines(read_state(args.folder), args.folder)))
         elif args.cmd == "plot":
             rows = plot_learning_curves(read_state(args.folder), args.out)
             for r in rows:
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
             out = export_drafter(args.folder, args.out, args.method, args.level, command=command)
             print(f"wrote {out}")
         else:
-            print("\n".join(status_lines(read_state(args.folder))))
+            print("\n".join(status_lines(read_state(args.folder), args.folder)))
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
