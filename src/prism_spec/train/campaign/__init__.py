@@ -310,13 +310,9 @@ SHARE_ROLES = {"eagle2": "write", "hass-snapshot": "read", "hass": "write", "pri
 READ_RATE = " reading features"
 
 
-def _rate_key(seg: dict, shared: dict | None) -> str | None:
-    """Under which name a segment's measured rate is kept (None for a segment that read some
-    batches' features and computed others: its rate is neither)."""
-    key = seg["recipe"] + ("-tuning" if seg["method"] == "prism" else "")
-    if not shared or not shared.get("read"):
-        return key
-    return None if shared.get("computed") else key + READ_RATE
+def _rate_key(seg: dict, reads_features: bool) -> str:
+    """Under which name a segment's measured rate is kept."""
+    return seg["recipe"] + ("-tuning" if seg["method"] == "prism" else "") + (READ_RATE if reads_features else "")
 
 
 def run_campaign(folder: str | os.PathLike, time_budget_s: float | None = None, max_levels: int | None = None,
@@ -379,7 +375,9 @@ def run_campaign(folder: str | os.PathLike, time_budget_s: float | None = None, 
                 share_role=role or "read")
             _replace_folder(final, folder / "drafters" / seg["save"])
             state["drafters"][seg["save"]] = f"drafters/{seg['save']}"
-            key = _rate_key(seg, shared)
+            # A segment that read some batches' features and computed others has neither rate.
+            mixed = bool(shared and shared.get("read") and shared.get("computed"))
+            key = None if mixed else _rate_key(seg, bool(shared and shared.get("read")))
             trained = seg["start"] + done - first
             if key and trained >= MIN_RATE_STEPS:  # a step or two cut short says little about the rate
                 state["steps_per_s"][key] = round(trained / max(step_seconds, 1e-3), 4)
@@ -474,7 +472,7 @@ def status_lines(state: dict, folder: str | os.PathLike | None = None) -> list[s
         for s in pending:
             role = SHARE_ROLES.get(s["save"])
             reading = reading or role == "write"
-            key = _rate_key(s, {"read": 1} if reading and role == "read" else None)
+            key = _rate_key(s, reading and role == "read")
             reading = reading and role != "read"
             left.append((s["stop"] - s.get("continue_at", s["start"]), state["steps_per_s"].get(key)))
         if left and all(rate for _, rate in left):
